@@ -1,0 +1,253 @@
+//! Command line: subcommands and flags (clap derive), no logic. Daemon flags are also read
+//! from the config file (same names, `_` for `-`) and from `EDGESYNC_*` variables; flags win.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/edgesync/edgesync.sock";
+
+/// edgesync: EdgeNode pods replicated head ⇄ edge as Automerge documents over QUIC, run as
+/// kubelet static pods that keep going while the edge is offline.
+#[derive(Debug, Parser)]
+#[command(name = "edgesync", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format of the daemons.
+    #[arg(long, global = true, env = "EDGESYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a head node: CA, join tokens, documents for every edge.
+    Head(HeadArgs),
+    /// Run an edge node: sync its EdgeNodes and write them as static pod manifests.
+    Edge(EdgeArgs),
+    /// Manage join tokens (on a head).
+    Token {
+        /// Token action.
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Create or update EdgeNodes from a YAML or JSON file (several documents allowed).
+    Apply(ApplyArgs),
+    /// Show EdgeNodes.
+    Get(GetArgs),
+    /// Delete an EdgeNode (its pods are removed from the edge).
+    Delete(DeleteArgs),
+    /// Show peers, documents, last sync and applied pods of the local node.
+    Status(StatusArgs),
+    /// Print the EdgeNode CustomResourceDefinition (YAML).
+    Crd,
+    /// Run a head and an edge in this process on loopback with temporary state and show what
+    /// happens to the example EdgeNode.
+    Dev(DevArgs),
+}
+
+/// Flags of `edgesync head`.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadArgs {
+    /// TOML config file (see config/head.toml).
+    #[arg(long, env = "EDGESYNC_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// State directory (database, CA, join token). Default /var/lib/edgesync.
+    #[arg(long, env = "EDGESYNC_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// QUIC address for edges and peer heads (UDP). Default 0.0.0.0:7443.
+    #[arg(long, env = "EDGESYNC_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HTTPS API address (registration, AUP, kubeconfig). Default 0.0.0.0:7444.
+    #[arg(long, env = "EDGESYNC_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Control socket for the CLI. Default /run/edgesync/edgesync.sock.
+    #[arg(long, env = "EDGESYNC_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Kubeconfig for the EdgeNode CRD bridge (without it the head runs standalone).
+    #[arg(long, env = "EDGESYNC_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Another head to sync documents with (HOST:PORT); repeatable.
+    #[arg(long = "peer", env = "EDGESYNC_PEER", value_delimiter = ',')]
+    #[serde(alias = "peers")]
+    pub peer: Vec<String>,
+    /// This head's name in certificates and status. Default: the host name.
+    #[arg(long, env = "EDGESYNC_NAME")]
+    pub name: Option<String>,
+    /// Namespace whose pods may break the Pod Security baseline profile; repeatable.
+    #[arg(
+        long = "privileged-namespace",
+        env = "EDGESYNC_PRIVILEGED_NAMESPACES",
+        value_delimiter = ','
+    )]
+    #[serde(alias = "privileged_namespaces")]
+    pub privileged_namespace: Vec<String>,
+}
+
+/// Flags of `edgesync edge`.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeArgs {
+    /// This edge's node name; it serves every EdgeNode of this name.
+    #[arg(long, env = "EDGESYNC_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Head to sync with (HOST:PORT); repeatable, the first that answers is used.
+    #[arg(long = "head", env = "EDGESYNC_HEAD", value_delimiter = ',')]
+    #[serde(alias = "heads")]
+    pub head: Vec<String>,
+    /// Join token (needed only for the first start).
+    #[arg(long, env = "EDGESYNC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, env = "EDGESYNC_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Another peer to dial besides the heads (HOST:PORT); repeatable.
+    #[arg(long = "peer", env = "EDGESYNC_PEER", value_delimiter = ',')]
+    #[serde(alias = "peers")]
+    pub peer: Vec<String>,
+    /// Kubelet static pod directory. Default /etc/kubernetes/manifests.
+    #[arg(long, env = "EDGESYNC_MANIFEST_DIR")]
+    pub manifest_dir: Option<PathBuf>,
+    /// State directory (database, certificate). Default /var/lib/edgesync.
+    #[arg(long, env = "EDGESYNC_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Control socket for the CLI. Default /run/edgesync/edgesync.sock.
+    #[arg(long, env = "EDGESYNC_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// TOML config file (see config/edge.toml).
+    #[arg(long, env = "EDGESYNC_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address the head should publish for this edge.
+    #[arg(long, env = "EDGESYNC_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<std::net::IpAddr>,
+    /// Namespace whose pods may break the Pod Security baseline profile here; repeatable.
+    #[arg(
+        long = "privileged-namespace",
+        env = "EDGESYNC_PRIVILEGED_NAMESPACES",
+        value_delimiter = ','
+    )]
+    #[serde(alias = "privileged_namespaces")]
+    pub privileged_namespace: Vec<String>,
+    /// How often manifests are checked for hand edits (e.g. 10s, 500ms). Default 10s.
+    #[arg(long, env = "EDGESYNC_DRIFT_INTERVAL")]
+    pub drift_interval: Option<String>,
+}
+
+/// `edgesync token` actions.
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a join token and print it.
+    Create {
+        /// How long the token is valid (e.g. 24h, 30m, 7d).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+/// Flags of `edgesync apply`.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// EdgeNode file (YAML or JSON; `-` for standard input).
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub file: PathBuf,
+    /// Namespace for objects that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Control socket.
+    #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Output formats of `get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GetOutput {
+    /// Columns like kubectl.
+    Table,
+    /// JSON as kubectl prints it.
+    Json,
+    /// YAML as kubectl prints it.
+    Yaml,
+}
+
+/// Flags of `edgesync get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Resource type: edgenodes (also edgenode, en).
+    pub resource: String,
+    /// One EdgeNode by name.
+    pub name: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = GetOutput::Table)]
+    pub output: GetOutput,
+    /// Namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// All namespaces.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Control socket.
+    #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Flags of `edgesync delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Resource type: edgenode (also edgenodes, en).
+    pub resource: String,
+    /// EdgeNode name.
+    pub name: String,
+    /// Namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Control socket.
+    #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Output formats of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusOutput {
+    /// Human-readable.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Flags of `edgesync status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = StatusOutput::Table)]
+    pub output: StatusOutput,
+    /// Control socket.
+    #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Flags of `edgesync dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Run the scripted demo, print the result and exit instead of waiting for Ctrl-C.
+    #[arg(long)]
+    pub once: bool,
+}

@@ -1,0 +1,387 @@
+//! The CLI's client commands (apply, get, delete, status, token create): talk to the local
+//! control socket and print for people (tables) or scripts (JSON, YAML).
+
+use crate::cli::{ApplyArgs, DeleteArgs, GetArgs, GetOutput, StatusArgs, StatusOutput};
+use crate::control::{Client, ControlError};
+use crate::node::{ApplyOutcome, StatusReport};
+use hyper::{Method, StatusCode};
+use k8s_openapi::jiff::Timestamp;
+use serde_json::Value;
+use std::io::Read;
+use std::path::Path;
+
+/// A command failed; `usage` errors exit with 2, others with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Bad input or arguments (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else (exit 1).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl CommandError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CommandError::Usage(_) => 2,
+            CommandError::Runtime(_) => 1,
+        }
+    }
+}
+
+impl From<ControlError> for CommandError {
+    fn from(e: ControlError) -> Self {
+        CommandError::Runtime(e.to_string())
+    }
+}
+
+fn error_text(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string())
+}
+
+async fn call(
+    socket: &Path,
+    method: Method,
+    uri: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Value, CommandError> {
+    let (status, body) = Client::new(socket).request(method, uri, body).await?;
+    match status {
+        s if s.is_success() => serde_json::from_slice(&body).map_err(|e| {
+            CommandError::Runtime(format!("unreadable answer from {}: {e}", socket.display()))
+        }),
+        StatusCode::UNPROCESSABLE_ENTITY
+        | StatusCode::BAD_REQUEST
+        | StatusCode::PAYLOAD_TOO_LARGE => Err(CommandError::Usage(error_text(&body))),
+        _ => Err(CommandError::Runtime(error_text(&body))),
+    }
+}
+
+fn check_resource(resource: &str) -> Result<(), CommandError> {
+    match resource {
+        "edgenodes" | "edgenode" | "en" | "edgenodes.edgesync.io" | "edgenode.edgesync.io" => {
+            Ok(())
+        }
+        other => Err(CommandError::Usage(format!(
+            "the server doesn't have a resource type {other:?}; use edgenodes"
+        ))),
+    }
+}
+
+/// `edgesync apply -f FILE`.
+pub async fn apply(args: &ApplyArgs) -> Result<(), CommandError> {
+    let name = args.file.display().to_string();
+    let text = if name == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| CommandError::Usage(format!("standard input: {e}")))?;
+        text
+    } else {
+        std::fs::read_to_string(&args.file)
+            .map_err(|e| CommandError::Usage(format!("{name}: {e}")))?
+    };
+    let uri = format!("/v1/apply?namespace={}", args.namespace);
+    let result = call(&args.socket, Method::POST, &uri, Some(text.into_bytes())).await;
+    let outcomes: Vec<ApplyOutcome> = match result {
+        Ok(v) => serde_json::from_value(v).map_err(|e| CommandError::Runtime(e.to_string()))?,
+        Err(CommandError::Usage(message)) => {
+            return Err(CommandError::Usage(format!("{name}: {message}")));
+        }
+        Err(e) => return Err(e),
+    };
+    for outcome in outcomes {
+        let short = outcome
+            .key
+            .split_once('/')
+            .map_or(outcome.key.as_str(), |(_, n)| n);
+        println!("edgenode.edgesync.io/{short} {}", outcome.result);
+    }
+    Ok(())
+}
+
+/// `edgesync get edgenodes [NAME]`.
+pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
+    check_resource(&args.resource)?;
+    let value = match &args.name {
+        Some(name) => {
+            let uri = format!("/v1/edgenodes/{}/{name}", args.namespace);
+            match call(&args.socket, Method::GET, &uri, None).await {
+                Err(CommandError::Runtime(m)) if m.contains("not found") => {
+                    return Err(CommandError::Runtime(format!(
+                        "edgenodes.edgesync.io {name:?} not found in namespace {:?}",
+                        args.namespace
+                    )));
+                }
+                other => other?,
+            }
+        }
+        None if args.all_namespaces => {
+            call(&args.socket, Method::GET, "/v1/edgenodes", None).await?
+        }
+        None => {
+            let uri = format!("/v1/edgenodes?namespace={}", args.namespace);
+            call(&args.socket, Method::GET, &uri, None).await?
+        }
+    };
+    match args.output {
+        GetOutput::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON value prints")
+        ),
+        GetOutput::Yaml => print!(
+            "{}",
+            serde_saphyr::to_string(&value).map_err(|e| CommandError::Runtime(e.to_string()))?
+        ),
+        GetOutput::Table => {
+            let items = match &args.name {
+                Some(_) => vec![value],
+                None => value["items"].as_array().cloned().unwrap_or_default(),
+            };
+            if items.is_empty() {
+                eprintln!("No resources found in {} namespace.", args.namespace);
+            } else {
+                print!(
+                    "{}",
+                    edgenode_table(&items, args.all_namespaces, Timestamp::now())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `edgesync delete edgenode NAME`.
+pub async fn delete(args: &DeleteArgs) -> Result<(), CommandError> {
+    check_resource(&args.resource)?;
+    let uri = format!("/v1/edgenodes/{}/{}", args.namespace, args.name);
+    match call(&args.socket, Method::DELETE, &uri, None).await {
+        Ok(_) => {
+            println!("edgenode.edgesync.io {:?} deleted", args.name);
+            Ok(())
+        }
+        Err(CommandError::Runtime(m)) if m.contains("not found") => {
+            Err(CommandError::Runtime(format!(
+                "edgenodes.edgesync.io {:?} not found in namespace {:?}",
+                args.name, args.namespace
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `edgesync status`.
+pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
+    let value = call(&args.socket, Method::GET, "/v1/status", None).await?;
+    match args.output {
+        StatusOutput::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON value prints")
+        ),
+        StatusOutput::Table => {
+            let report: StatusReport =
+                serde_json::from_value(value).map_err(|e| CommandError::Runtime(e.to_string()))?;
+            print!("{}", status_text(&report, Timestamp::now()));
+        }
+    }
+    Ok(())
+}
+
+/// `edgesync token create`.
+pub async fn token_create(socket: &Path, ttl: &str) -> Result<(), CommandError> {
+    let ttl = crate::config::parse_duration("--ttl", ttl)
+        .map_err(|e| CommandError::Usage(e.to_string()))?;
+    let body = serde_json::json!({"ttlSeconds": ttl.as_secs()})
+        .to_string()
+        .into_bytes();
+    let value = call(socket, Method::POST, "/v1/tokens", Some(body)).await?;
+    println!("{}", value["token"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+/// `5s`, `3m`, `2h`, `4d`, as kubectl prints ages; `<unknown>` without a time.
+pub fn age(since: Option<&str>, now: Timestamp) -> String {
+    let Some(then) = since.and_then(|s| s.parse::<Timestamp>().ok()) else {
+        return "<unknown>".into();
+    };
+    let secs = now.as_second().saturating_sub(then.as_second()).max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn table(rows: Vec<Vec<String>>) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The `get` table: NAME, PHASE, PODS, ONLINE, LAST SYNC, AGE (and NAMESPACE first with -A).
+pub fn edgenode_table(items: &[Value], with_namespace: bool, now: Timestamp) -> String {
+    let mut header = vec!["NAME", "PHASE", "PODS", "ONLINE", "LAST SYNC", "AGE"];
+    if with_namespace {
+        header.insert(0, "NAMESPACE");
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
+    for item in items {
+        let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+        let status = &item["status"];
+        let mut row = vec![
+            text(&item["metadata"]["name"]),
+            text(&status["phase"]),
+            text(&status["podsReady"]),
+            status["online"]
+                .as_bool()
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
+            status["lastSyncedAt"]
+                .as_str()
+                .map_or("never".into(), |t| age(Some(t), now)),
+            age(item["metadata"]["creationTimestamp"].as_str(), now),
+        ];
+        if with_namespace {
+            row.insert(0, text(&item["metadata"]["namespace"]));
+        }
+        rows.push(row);
+    }
+    table(rows)
+}
+
+/// The human `status` output.
+pub fn status_text(report: &StatusReport, now: Timestamp) -> String {
+    let mut out = format!("Node:   {} ({})\n\nPeers:\n", report.node, report.role);
+    if report.peers.is_empty() {
+        out.push_str("  (none yet)\n");
+    } else {
+        let mut rows = vec![
+            [
+                "NAME",
+                "ROLE",
+                "ADDRESS",
+                "STATE",
+                "LAST SEEN",
+                "BYTES IN",
+                "BYTES OUT",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for p in &report.peers {
+            rows.push(vec![
+                p.name.clone(),
+                p.role.to_string(),
+                p.address.clone(),
+                if p.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .into(),
+                age(p.last_seen.as_deref(), now),
+                p.bytes_in.to_string(),
+                p.bytes_out.to_string(),
+            ]);
+        }
+        out.push_str(&indent(&table(rows)));
+    }
+    out.push_str("\nDocuments:\n");
+    if report.documents.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let mut rows = vec![
+            ["EDGENODE", "GENERATION", "PODS", "LAST SYNC"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for d in &report.documents {
+            let key = if d.deleted {
+                format!("{} (deleted)", d.key)
+            } else {
+                d.key.clone()
+            };
+            let synced = d
+                .last_synced_at
+                .as_deref()
+                .map_or("never".into(), |t| age(Some(t), now));
+            rows.push(vec![
+                key,
+                d.generation.to_string(),
+                d.pods.to_string(),
+                synced,
+            ]);
+        }
+        out.push_str(&indent(&table(rows)));
+    }
+    if report.role == crate::transport::tls::Role::Edge {
+        out.push_str("\nApplied pods:\n");
+        if report.applied_pods.is_empty() {
+            out.push_str("  (none)\n");
+        } else {
+            let mut rows = vec![
+                ["EDGENODE", "POD", "STATE", "FILE", "REASON"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for p in &report.applied_pods {
+                rows.push(vec![
+                    p.edgenode.clone(),
+                    p.pod.clone(),
+                    p.state.clone(),
+                    p.file.clone().unwrap_or_else(|| "-".into()),
+                    p.reason.clone().unwrap_or_default(),
+                ]);
+            }
+            out.push_str(&indent(&table(rows)));
+        }
+    }
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        let now: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
+        assert_eq!(age(Some("2026-01-01T23:59:30Z"), now), "30s");
+        assert_eq!(age(Some("2026-01-01T23:00:00Z"), now), "60m");
+        assert_eq!(age(Some("2025-12-30T00:00:00Z"), now), "3d");
+        assert_eq!(age(None, now), "<unknown>");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let item = serde_json::json!({"metadata": {"name": "edge01", "namespace": "default", "creationTimestamp": "2026-01-01T23:59:00Z"},
+            "status": {"phase": "Running", "podsReady": "1/1", "online": true, "lastSyncedAt": "2026-01-01T23:59:58Z"}});
+        let now: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
+        let text = edgenode_table(&[item], false, now);
+        assert_eq!(
+            text,
+            "NAME     PHASE     PODS   ONLINE   LAST SYNC   AGE\nedge01   Running   1/1    true     2s          60s\n"
+        );
+    }
+}

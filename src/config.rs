@@ -1,0 +1,322 @@
+//! Daemon configuration: flags and `EDGESYNC_*` variables (via clap) over the TOML config file
+//! over defaults, validated into [`HeadConfig`] and [`EdgeConfig`]. Defaults suit tests.
+
+use crate::cli::{DEFAULT_SOCKET, EdgeArgs, HeadArgs};
+use crate::input;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgesync";
+/// Default QUIC address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Default head API address.
+pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:7444";
+/// Default kubelet static pod directory.
+pub const DEFAULT_MANIFEST_DIR: &str = "/etc/kubernetes/manifests";
+
+/// A configuration problem; shown as one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ConfigError {
+    /// The file or flag at fault.
+    pub source_name: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn config_err(source_name: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        source_name: source_name.into(),
+        message: message.into(),
+    }
+}
+
+/// A validated head configuration.
+#[derive(Debug, Clone)]
+pub struct HeadConfig {
+    /// Name in certificates and status.
+    pub name: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// QUIC address.
+    pub listen: SocketAddr,
+    /// Head API address.
+    pub api_listen: SocketAddr,
+    /// Control socket.
+    pub socket: PathBuf,
+    /// Kubeconfig for the CRD bridge.
+    pub kubeconfig: Option<PathBuf>,
+    /// Peer heads.
+    pub peers: Vec<String>,
+    /// Namespaces exempt from the baseline profile.
+    pub privileged_namespaces: Vec<String>,
+}
+
+impl HeadConfig {
+    /// A standalone head with everything under `dir` and ephemeral loopback ports (for tests).
+    pub fn for_test(dir: &Path) -> HeadConfig {
+        HeadConfig {
+            name: "head".into(),
+            state_dir: dir.join("state"),
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            api_listen: "127.0.0.1:0".parse().expect("valid address"),
+            socket: dir.join("head.sock"),
+            kubeconfig: None,
+            peers: Vec::new(),
+            privileged_namespaces: Vec::new(),
+        }
+    }
+}
+
+/// A validated edge configuration.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// Node name.
+    pub node_name: String,
+    /// Heads to dial.
+    pub heads: Vec<String>,
+    /// Join token, if given.
+    pub token: Option<String>,
+    /// Extra peers to dial.
+    pub peers: Vec<String>,
+    /// Static pod directory.
+    pub manifest_dir: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Control socket.
+    pub socket: PathBuf,
+    /// Address to publish.
+    pub advertise_address: Option<String>,
+    /// Namespaces exempt from the baseline profile on this edge.
+    pub privileged_namespaces: Vec<String>,
+    /// How often manifests are checked for hand edits.
+    pub drift_interval: Duration,
+}
+
+impl EdgeConfig {
+    /// An edge with everything under `dir` (for tests).
+    pub fn for_test(
+        dir: &Path,
+        node_name: &str,
+        head: SocketAddr,
+        token: Option<String>,
+    ) -> EdgeConfig {
+        EdgeConfig {
+            node_name: node_name.into(),
+            heads: vec![head.to_string()],
+            token,
+            peers: Vec::new(),
+            manifest_dir: dir.join("manifests"),
+            state_dir: dir.join("state"),
+            socket: dir.join("edge.sock"),
+            advertise_address: None,
+            privileged_namespaces: Vec::new(),
+            drift_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+fn read_file<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&Path>,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| config_err(&name, e.to_string()))?;
+    toml::from_str(&text).map_err(|e| config_err(&name, e.message().to_string()))
+}
+
+fn merge_list(flag: Vec<String>, file: Vec<String>) -> Vec<String> {
+    if flag.is_empty() { file } else { flag }
+}
+
+fn check_namespaces(names: &[String]) -> Result<(), ConfigError> {
+    for ns in names {
+        input::check_label(ns).map_err(|r| config_err("privileged_namespaces", r))?;
+    }
+    Ok(())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| input::check_subdomain(h).is_ok())
+        .unwrap_or_else(|| "head".into())
+}
+
+impl HeadArgs {
+    /// Merges flags over the config file over defaults and validates.
+    pub fn resolve(self) -> Result<HeadConfig, ConfigError> {
+        let file: HeadArgs = read_file(self.config.as_deref())?;
+        let name = self.name.or(file.name).unwrap_or_else(host_name);
+        input::check_subdomain(&name).map_err(|r| config_err("--name", r))?;
+        let privileged_namespaces =
+            merge_list(self.privileged_namespace, file.privileged_namespace);
+        check_namespaces(&privileged_namespaces)?;
+        Ok(HeadConfig {
+            name,
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            api_listen: self
+                .api_listen
+                .or(file.api_listen)
+                .unwrap_or_else(|| DEFAULT_API_LISTEN.parse().expect("valid default")),
+            socket: self
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            kubeconfig: self.kubeconfig.or(file.kubeconfig),
+            peers: merge_list(self.peer, file.peer),
+            privileged_namespaces,
+        })
+    }
+}
+
+impl EdgeArgs {
+    /// Merges flags over the config file over defaults and validates.
+    pub fn resolve(self) -> Result<EdgeConfig, ConfigError> {
+        let file: EdgeArgs = read_file(self.config.as_deref())?;
+        let node_name = self.node_name.or(file.node_name).ok_or_else(|| {
+            config_err("--node-name", "required (or node_name in the config file)")
+        })?;
+        input::check_subdomain(&node_name).map_err(|r| config_err("--node-name", r))?;
+        let heads = merge_list(self.head, file.head);
+        if heads.is_empty() {
+            return Err(config_err("--head", "at least one HOST:PORT is required"));
+        }
+        for head in &heads {
+            if head
+                .rsplit_once(':')
+                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+            {
+                return Err(config_err("--head", format!("{head:?} is not HOST:PORT")));
+            }
+        }
+        let token = match (
+            self.token.or(file.token),
+            self.token_file.or(file.token_file),
+        ) {
+            (Some(token), _) => Some(token),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| config_err(path.display().to_string(), e.to_string()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(token) = &token {
+            crate::transport::tls::JoinToken::parse(token)
+                .map_err(|e| config_err("--token", e.to_string()))?;
+        }
+        let drift = self
+            .drift_interval
+            .or(file.drift_interval)
+            .unwrap_or_else(|| "10s".into());
+        let drift_interval = humantime::parse_duration(&drift)
+            .map_err(|e| config_err("--drift-interval", format!("{drift:?}: {e}")))?;
+        if drift_interval < Duration::from_millis(50) {
+            return Err(config_err("--drift-interval", "must be at least 50ms"));
+        }
+        let privileged_namespaces =
+            merge_list(self.privileged_namespace, file.privileged_namespace);
+        check_namespaces(&privileged_namespaces)?;
+        Ok(EdgeConfig {
+            node_name,
+            heads,
+            token,
+            peers: merge_list(self.peer, file.peer),
+            manifest_dir: self
+                .manifest_dir
+                .or(file.manifest_dir)
+                .unwrap_or_else(|| DEFAULT_MANIFEST_DIR.into()),
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            socket: self
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            advertise_address: self
+                .advertise_address
+                .or(file.advertise_address)
+                .map(|a| a.to_string()),
+            privileged_namespaces,
+            drift_interval,
+        })
+    }
+}
+
+/// Parses a duration such as `24h`, `30m` or `7d`, naming `flag` on error.
+pub fn parse_duration(flag: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|e| config_err(flag, format!("{text:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_configs_parse() {
+        let head: HeadArgs = toml::from_str(include_str!("../config/head.toml")).unwrap();
+        assert!(head.resolve().is_ok());
+        let edge: EdgeArgs = toml::from_str(include_str!("../config/edge.toml")).unwrap();
+        let edge = EdgeArgs {
+            token: None,
+            ..edge
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(edge.node_name, "edge01");
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_bad_values_name_their_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(
+            &file,
+            "node_name = \"from-file\"\nhead = [\"h:7443\"]\ndrift_interval = \"2s\"\n",
+        )
+        .unwrap();
+        let args = EdgeArgs {
+            node_name: Some("from-flag".into()),
+            config: Some(file.clone()),
+            ..EdgeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.node_name, "from-flag");
+        assert_eq!(config.heads, ["h:7443"]);
+        assert_eq!(config.drift_interval, Duration::from_secs(2));
+        std::fs::write(&file, "nodename = \"x\"\n").unwrap();
+        let err = EdgeArgs {
+            config: Some(file.clone()),
+            ..EdgeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("edge.toml") && err.to_string().contains("nodename"),
+            "{err}"
+        );
+        let err = EdgeArgs {
+            node_name: Some("Bad_Name".into()),
+            head: vec!["h:1".into()],
+            ..EdgeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().starts_with("--node-name:"), "{err}");
+    }
+}

@@ -1,0 +1,277 @@
+//! The local control socket: a small HTTP/JSON API on a unix socket (mode 0600) that the CLI
+//! uses, and the client side of it.
+
+use crate::head::create_token;
+use crate::node::{Node, NodeError};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Largest request body the socket accepts.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// Errors of the control socket, both sides.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be set up.
+    #[error("control socket {path}: {reason}")]
+    Bind {
+        /// Socket path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The daemon could not be reached.
+    #[error("cannot reach edgesync at {path}: {source} (is it running? see --socket)")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("control socket {path}: {reason}")]
+    Http {
+        /// Socket path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Clone)]
+struct Ctx {
+    node: Node,
+    ca_hash: Option<String>,
+}
+
+/// Binds the socket and returns the server future (run it as a task). `ca_hash` is set on
+/// heads, which can create join tokens.
+pub async fn serve(
+    path: &Path,
+    node: Node,
+    ca_hash: Option<String>,
+    shutdown: CancellationToken,
+) -> Result<impl Future<Output = ()> + Send + 'static, ControlError> {
+    let bind_err = |reason: String| ControlError::Bind {
+        path: path.display().to_string(),
+        reason,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        crate::fsutil::ensure_dir(parent, 0o755).map_err(|e| bind_err(e.to_string()))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(bind_err(
+                "exists and is not a socket; choose another --socket".into(),
+            ));
+        }
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(bind_err(
+                "another edgesync is serving it; stop it or choose another --socket".into(),
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| bind_err(format!("stale socket cannot be removed: {e}")))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| bind_err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| bind_err(e.to_string()))?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/status", get(status))
+        .route("/v1/edgenodes", get(list))
+        .route(
+            "/v1/edgenodes/{namespace}/{name}",
+            get(get_one).delete(delete),
+        )
+        .route("/v1/apply", post(apply))
+        .route("/v1/tokens", post(token))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(Ctx { node, ca_hash });
+    let socket = path.to_path_buf();
+    Ok(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(socket = %socket.display(), error = %e, "control socket failed");
+        }
+        let _ = std::fs::remove_file(&socket);
+    })
+}
+
+struct ApiError(StatusCode, serde_json::Value);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Invalid(invalid) => ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"error": invalid.to_string(), "object": invalid.object, "field": invalid.field}),
+            ),
+            NodeError::NotFound(_) => {
+                ApiError(StatusCode::NOT_FOUND, json!({"error": e.to_string()}))
+            }
+            other => ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": other.to_string()}),
+            ),
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+async fn status(State(ctx): State<Ctx>) -> ApiResult {
+    Ok(Json(ctx.node.status().await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct NamespaceQuery {
+    namespace: Option<String>,
+}
+
+async fn list(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>) -> ApiResult {
+    let items = ctx.node.edgenodes(q.namespace.as_deref()).await?;
+    Ok(Json(json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items})).into_response())
+}
+
+async fn get_one(
+    State(ctx): State<Ctx>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+) -> ApiResult {
+    let key = format!("{namespace}/{name}");
+    match ctx.node.edgenode(&key).await? {
+        Some(node) => Ok(Json(node).into_response()),
+        None => Err(NodeError::NotFound(key).into()),
+    }
+}
+
+async fn delete(
+    State(ctx): State<Ctx>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+) -> ApiResult {
+    ctx.node.delete(&format!("{namespace}/{name}")).await?;
+    Ok(Json(json!({"deleted": format!("{namespace}/{name}")})).into_response())
+}
+
+async fn apply(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: String) -> ApiResult {
+    let namespace = q.namespace.unwrap_or_else(|| "default".into());
+    let outcomes = ctx.node.apply_text(&body, &namespace).await?;
+    Ok(Json(outcomes).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenRequest {
+    ttl_seconds: u64,
+}
+
+async fn token(State(ctx): State<Ctx>, Json(req): Json<TokenRequest>) -> ApiResult {
+    let Some(ca_hash) = &ctx.ca_hash else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": "join tokens are created on a head; this node is an edge"}),
+        ));
+    };
+    if req.ttl_seconds == 0 || req.ttl_seconds > 365 * 24 * 3600 {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"error": "ttl must be between 1s and 365 days", "field": "ttl"}),
+        ));
+    }
+    let ttl = Duration::from_secs(req.ttl_seconds);
+    let token = create_token(ctx.node.store(), ca_hash, ttl)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            )
+        })?;
+    let expires = k8s_openapi::jiff::Timestamp::now()
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
+            req.ttl_seconds as i64,
+        ))
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Ok(Json(json!({"token": token.to_string(), "expiresAt": expires})).into_response())
+}
+
+/// Client of the control socket.
+pub struct Client {
+    path: PathBuf,
+}
+
+impl Client {
+    /// A client for the socket at `path`.
+    pub fn new(path: &Path) -> Client {
+        Client {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Sends one request and returns the status and body.
+    pub async fn request(
+        &self,
+        method: hyper::Method,
+        uri: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Vec<u8>), ControlError> {
+        let http = |reason: String| ControlError::Http {
+            path: self.path.display().to_string(),
+            reason,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ControlError::Connect {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| http(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "edgesync")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(e.to_string()))?
+            .to_bytes()
+            .to_vec();
+        driver.abort();
+        Ok((status, body))
+    }
+}

@@ -1,0 +1,418 @@
+//! Edge wiring: join once with a token, then dial the heads with backoff, and keep the
+//! kubelet's static pod manifests equal to the documents, with no network needed.
+
+pub mod manifests;
+pub mod policy;
+
+use crate::config::EdgeConfig;
+use crate::control;
+use crate::crd::{POD_APPLIED, POD_REFUSED, PodState};
+use crate::fsutil;
+use crate::input::{self, Rules};
+use crate::link;
+use crate::node::{AppliedPod, Node, NodeError};
+use crate::store::{OwnedFile, Store, StoreError};
+use crate::sync::wire::{Frame, read_frame, write_frame};
+use crate::transport::tls::{self, JoinToken, KeyedCert, Role, TlsError};
+use crate::transport::{self, Backoff, TransportError};
+use manifests::Desired;
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Errors starting or running an edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// State directory problem.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: String,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The head refused to let this node join.
+    #[error("join refused by {head}: {reason}")]
+    JoinRefused {
+        /// Head address.
+        head: String,
+        /// The head's reason.
+        reason: String,
+    },
+    /// Database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Certificates.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// QUIC.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Node core.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// Control socket.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+}
+
+/// A running edge.
+pub struct Edge {
+    node: Node,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Edge {
+    /// Joins if needed, loads the cache, writes manifests from it at once, then links to the heads.
+    pub async fn start(config: EdgeConfig) -> Result<Edge, EdgeError> {
+        let dir = &config.state_dir;
+        input::check_subdomain(&config.node_name)
+            .map_err(|r| EdgeError::Config(format!("--node-name: {r}")))?;
+        fsutil::ensure_dir(dir, 0o700).map_err(|source| io_err(dir, source))?;
+        fsutil::ensure_dir(&config.manifest_dir, 0o755)
+            .map_err(|source| io_err(&config.manifest_dir, source))?;
+        let shutdown = CancellationToken::new();
+        let (cert, ca) = credentials(&config, &shutdown).await?;
+        let store = Store::open(dir)?;
+        let rules = Rules {
+            default_namespace: "default".into(),
+            privileged_namespaces: config.privileged_namespaces.clone(),
+        };
+        let node = Node::open(Role::Edge, &config.node_name, store, rules).await?;
+        let mut tasks = JoinSet::new();
+        let reconciler = Reconciler {
+            node: node.clone(),
+            dir: config.manifest_dir.clone(),
+        };
+        reconciler.run_once().await;
+        tasks.spawn(reconciler.run(config.drift_interval, shutdown.child_token()));
+        let mut targets = config.heads.clone();
+        targets.extend(config.peers.iter().cloned());
+        let client = tls::client_config(&ca, &cert)?;
+        tasks.spawn(link::dial(
+            node.clone(),
+            targets,
+            client,
+            shutdown.child_token(),
+        ));
+        tasks.spawn(
+            control::serve(&config.socket, node.clone(), None, shutdown.child_token()).await?,
+        );
+        info!(node = %config.node_name, manifests = %config.manifest_dir.display(), "edge ready");
+        Ok(Edge {
+            node,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The node core.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Stops linking and reconciling (manifests stay, so the kubelet keeps the pods running).
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> EdgeError {
+    EdgeError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The node's certificate: stored from an earlier join, or obtained now with the token.
+async fn credentials(
+    config: &EdgeConfig,
+    shutdown: &CancellationToken,
+) -> Result<(KeyedCert, rustls::pki_types::CertificateDer<'static>), EdgeError> {
+    if let Some((cert, ca)) = tls::load_node_cert(&config.state_dir)? {
+        let identity = tls::identity(&cert.chain[0])?;
+        if identity.name != config.node_name {
+            return Err(EdgeError::Config(format!(
+                "--node-name is {:?} but {} belongs to node {:?}; use that name or another --state-dir",
+                config.node_name,
+                config.state_dir.display(),
+                identity.name
+            )));
+        }
+        let expired =
+            tls::not_after(&cert.chain[0]).is_some_and(|t| t <= time::OffsetDateTime::now_utc());
+        if !expired {
+            if config.token.is_some() {
+                info!("already joined; the token is not needed any more");
+            }
+            return Ok((cert, ca));
+        }
+        if config.token.is_none() {
+            return Err(EdgeError::Config(format!(
+                "the certificate in {} has expired; start once with --token (a new one from `edgesync token create`) to join again",
+                config.state_dir.display()
+            )));
+        }
+        warn!("certificate expired; joining again with the token");
+    }
+    let Some(token) = &config.token else {
+        return Err(EdgeError::Config(format!(
+            "{} holds no certificate yet: give --token (from <head state dir>/join-token or `edgesync token create`) to join",
+            config.state_dir.display()
+        )));
+    };
+    let token = JoinToken::parse(token)?;
+    if config.heads.is_empty() {
+        return Err(EdgeError::Config(
+            "give at least one --head HOST:PORT".into(),
+        ));
+    }
+    join(config, &token, shutdown).await?;
+    tls::load_node_cert(&config.state_dir)?.ok_or_else(|| {
+        EdgeError::Config("join succeeded but the certificate was not stored".into())
+    })
+}
+
+/// Presents the token to whichever head answers and stores the certificate it issues.
+async fn join(
+    config: &EdgeConfig,
+    token: &JoinToken,
+    shutdown: &CancellationToken,
+) -> Result<(), EdgeError> {
+    let (key, csr) = tls::new_request(&config.node_name)?;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        for addr in transport::resolve(&config.heads).await {
+            match join_once(
+                addr,
+                token,
+                &config.node_name,
+                &csr,
+                config.advertise_address.as_deref(),
+            )
+            .await
+            {
+                Ok((cert_pem, ca_pem)) => {
+                    tls::save_node_cert(&config.state_dir, &key, &cert_pem, &ca_pem)?;
+                    info!(head = %addr, "joined");
+                    return Ok(());
+                }
+                Err(JoinAttempt::Refused(reason)) => {
+                    return Err(EdgeError::JoinRefused {
+                        head: addr.to_string(),
+                        reason,
+                    });
+                }
+                Err(JoinAttempt::Unreachable(reason)) => {
+                    warn!(head = %addr, %reason, "cannot join yet")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(EdgeError::Config("stopped before joining".into())),
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+enum JoinAttempt {
+    Refused(String),
+    Unreachable(String),
+}
+
+async fn join_once(
+    addr: std::net::SocketAddr,
+    token: &JoinToken,
+    node: &str,
+    csr: &[u8],
+    advertise: Option<&str>,
+) -> Result<(String, String), JoinAttempt> {
+    let unreachable = |e: &dyn std::fmt::Display| JoinAttempt::Unreachable(e.to_string());
+    let (client, pin_failed) =
+        tls::join_client_config(&token.ca_hash).map_err(|e| unreachable(&e))?;
+    let endpoint = transport::client(addr).map_err(|e| unreachable(&e))?;
+    let conn = match transport::connect(&endpoint, addr, client).await {
+        Ok(conn) => conn,
+        Err(_) if pin_failed.load(std::sync::atomic::Ordering::SeqCst) => {
+            return Err(JoinAttempt::Refused(
+                "the head's CA certificate does not match the CA hash in the token; check the token and --head".into(),
+            ));
+        }
+        Err(e) => return Err(unreachable(&e)),
+    };
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
+        let request = Frame::JoinRequest {
+            node: node.to_string(),
+            token_id: token.id.clone(),
+            secret: token.secret.clone(),
+            csr: csr.to_vec(),
+            advertise: advertise.unwrap_or_default().to_string(),
+        };
+        write_frame(&mut send, &request)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let _ = send.finish();
+        read_frame(&mut recv).await.map_err(|e| unreachable(&e))
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| JoinAttempt::Unreachable("no answer within 10s".into()))??;
+    conn.close(0u32.into(), b"joined");
+    match reply {
+        Some(Frame::JoinAccepted { cert_pem, ca_pem }) => {
+            let ca = tls::pem_to_der(&ca_pem).map_err(|e| JoinAttempt::Refused(e.to_string()))?;
+            if hex::encode(sha2::Sha256::digest(&ca)) != token.ca_hash {
+                return Err(JoinAttempt::Refused(
+                    "the head sent a CA that does not match the token".into(),
+                ));
+            }
+            Ok((cert_pem, ca_pem))
+        }
+        Some(Frame::Error { message }) => Err(JoinAttempt::Refused(message)),
+        other => Err(JoinAttempt::Unreachable(format!(
+            "unexpected answer {other:?}"
+        ))),
+    }
+}
+
+/// Keeps the manifest directory equal to the documents of this node.
+struct Reconciler {
+    node: Node,
+    dir: PathBuf,
+}
+
+impl Reconciler {
+    async fn run(self, drift_interval: Duration, shutdown: CancellationToken) {
+        let mut changes = self.node.subscribe();
+        let mut tick = tokio::time::interval(drift_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = changes.recv() => while changes.try_recv().is_ok() {},
+                _ = tick.tick() => {}
+            }
+            self.run_once().await;
+        }
+    }
+
+    async fn run_once(&self) {
+        if let Err(e) = self.reconcile().await {
+            warn!(error = %e, "reconcile failed; will retry");
+        }
+    }
+
+    async fn reconcile(&self) -> Result<(), EdgeError> {
+        let node = &self.node;
+        let mut desired = Vec::new();
+        let mut states: Vec<(String, i64, Vec<PodState>)> = Vec::new();
+        let mut refused_files = Vec::new();
+        for key in node.keys() {
+            if crate::model::split_key(&key).map(|(_, n)| n) != Some(node.name()) {
+                continue;
+            }
+            let Some((view, _)) = node.view(&key).await? else {
+                continue;
+            };
+            let privileged =
+                view.privileged || node.rules().privileged_namespaces.contains(&view.namespace);
+            let mut pods = Vec::new();
+            for (name, pod) in &view.pods {
+                match input::normalise_pod(pod, &view.name, privileged) {
+                    Ok((_, pod)) => {
+                        desired.push(Desired::render(&view.namespace, &view.name, name, &pod));
+                        pods.push(PodState {
+                            name: name.clone(),
+                            state: POD_APPLIED.into(),
+                            reason: None,
+                        });
+                    }
+                    Err((field, reason)) => {
+                        refused_files.push(manifests::file_name(&view.namespace, name));
+                        pods.push(PodState {
+                            name: name.clone(),
+                            state: POD_REFUSED.into(),
+                            reason: Some(format!("spec.pods[{name}]{field}: {reason}")),
+                        });
+                    }
+                }
+            }
+            states.push((key, view.generation, pods));
+        }
+        let owned = node.store().owned_files().await?;
+        let plan = manifests::plan(&desired, &owned, &refused_files, |f| {
+            manifests::disk_sha(&self.dir, f)
+        });
+        for want in &plan.write {
+            let Some(path) = manifests::path_in(&self.dir, &want.file) else {
+                continue;
+            };
+            node.store()
+                .own_file(OwnedFile {
+                    file: want.file.clone(),
+                    key: want.key.clone(),
+                    pod: want.pod.clone(),
+                    sha256: want.sha256(),
+                })
+                .await?;
+            fsutil::write_atomic(&path, &want.content, 0o600)
+                .map_err(|source| io_err(&path, source))?;
+            info!(file = %path.display(), doc = %want.key, "manifest written");
+        }
+        for gone in &plan.remove {
+            if let Some(path) = manifests::path_in(&self.dir, &gone.file) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => info!(file = %path.display(), "manifest removed"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(io_err(&path, source)),
+                }
+            }
+            node.store().disown_file(gone.file.clone()).await?;
+        }
+        for blocked in &plan.blocked {
+            warn!(file = %blocked.file, "a file edgesync did not write has this name; leaving it alone");
+            for (key, _, pods) in &mut states {
+                if *key == blocked.key
+                    && let Some(p) = pods.iter_mut().find(|p| p.name == blocked.pod)
+                {
+                    p.state = POD_REFUSED.into();
+                    p.reason = Some(format!(
+                        "{} exists in the manifest directory and was not written by edgesync",
+                        blocked.file
+                    ));
+                }
+            }
+        }
+        let mut applied = Vec::new();
+        for (key, generation, pods) in &states {
+            node.report_status(key, *generation, pods).await?;
+            for p in pods {
+                let file = manifests::file_name(
+                    crate::model::split_key(key).map_or("", |(ns, _)| ns),
+                    &p.name,
+                );
+                let exists = manifests::disk_sha(&self.dir, &file).is_some()
+                    && !plan.blocked.iter().any(|b| b.file == file);
+                applied.push(AppliedPod {
+                    edgenode: key.clone(),
+                    pod: p.name.clone(),
+                    file: exists.then_some(file),
+                    state: p.state.clone(),
+                    reason: p.reason.clone(),
+                });
+            }
+        }
+        node.set_applied(applied);
+        Ok(())
+    }
+}

@@ -1,0 +1,241 @@
+//! Head wiring: CA and join tokens, the QUIC listener for edges and other heads, links to
+//! peer heads, and the local control socket. Without a kubeconfig it runs standalone.
+
+use crate::config::HeadConfig;
+use crate::control;
+use crate::fsutil;
+use crate::input::{self, Rules};
+use crate::link::{self, JoinHandler};
+use crate::node::{Node, NodeError};
+use crate::store::{Store, StoreError};
+use crate::sync::wire::Frame;
+use crate::transport::tls::{self, Ca, JoinToken, Role, TlsError};
+use crate::transport::{self, TransportError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Lifetime of the join token written at first start and the default of `token create`.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Errors starting or running a head.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    /// State directory problem.
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        /// Directory.
+        path: String,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Database problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Certificates.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// QUIC.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Node core.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// Control socket.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+}
+
+/// A running head.
+pub struct Head {
+    node: Node,
+    local_addr: SocketAddr,
+    ca_hash: String,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Head {
+    /// Creates state (CA, database, first join token) as needed and starts serving.
+    pub async fn start(config: HeadConfig) -> Result<Head, HeadError> {
+        let dir = &config.state_dir;
+        fsutil::ensure_dir(dir, 0o700).map_err(|source| HeadError::StateDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let store = Store::open(dir)?;
+        let ca = Arc::new(Ca::load_or_create(dir)?);
+        let token_file = dir.join("join-token");
+        if !token_file.exists() {
+            let token = create_token(&store, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
+            fsutil::write_private(&token_file, format!("{token}\n").as_bytes()).map_err(
+                |source| HeadError::StateDir {
+                    path: token_file.display().to_string(),
+                    source,
+                },
+            )?;
+            info!(file = %token_file.display(), "wrote a join token valid for 24h");
+        }
+        let rules = Rules {
+            default_namespace: "default".into(),
+            privileged_namespaces: config.privileged_namespaces.clone(),
+        };
+        let node = Node::open(Role::Head, &config.name, store.clone(), rules).await?;
+        let cert = ca.issue_head(&config.name)?;
+        let endpoint = transport::server(config.listen, tls::server_config(&ca.cert, &cert)?)?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let join = join_handler(store, ca.clone());
+        tasks.spawn(link::serve(
+            endpoint,
+            node.clone(),
+            Some(join),
+            shutdown.child_token(),
+        ));
+        for peer in &config.peers {
+            let client = tls::client_config(&ca.cert, &cert)?;
+            tasks.spawn(link::dial(
+                node.clone(),
+                vec![peer.clone()],
+                client,
+                shutdown.child_token(),
+            ));
+        }
+        let control = control::serve(
+            &config.socket,
+            node.clone(),
+            Some(ca.hash()),
+            shutdown.child_token(),
+        )
+        .await?;
+        tasks.spawn(control);
+        info!(quic = %local_addr, socket = %config.socket.display(), ca = %ca.hash(), "head ready");
+        Ok(Head {
+            node,
+            local_addr,
+            ca_hash: ca.hash(),
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The QUIC address edges dial.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The node core.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// SHA-256 of the CA certificate (what tokens pin).
+    pub fn ca_hash(&self) -> &str {
+        &self.ca_hash
+    }
+
+    /// Stops serving and waits for every task.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Creates and stores a join token valid for `ttl`.
+pub async fn create_token(
+    store: &Store,
+    ca_hash: &str,
+    ttl: Duration,
+) -> Result<JoinToken, StoreError> {
+    let token = JoinToken::generate(ca_hash);
+    let now = unix_now();
+    let expires = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+    store
+        .add_token(token.id.clone(), token.secret_hash(), expires, now)
+        .await?;
+    Ok(token)
+}
+
+fn unix_now() -> i64 {
+    k8s_openapi::jiff::Timestamp::now().as_second()
+}
+
+fn join_handler(store: Store, ca: Arc<Ca>) -> JoinHandler {
+    Arc::new(move |request, remote| {
+        let (store, ca) = (store.clone(), ca.clone());
+        Box::pin(async move {
+            match handle_join(&store, &ca, request).await {
+                Ok((frame, node)) => {
+                    info!(node = %node, peer = %remote, "edge joined");
+                    frame
+                }
+                Err(message) => {
+                    warn!(peer = %remote, reason = %message, "join refused");
+                    Frame::Error { message }
+                }
+            }
+        })
+    })
+}
+
+async fn handle_join(store: &Store, ca: &Ca, request: Frame) -> Result<(Frame, String), String> {
+    let Frame::JoinRequest {
+        node,
+        token_id,
+        secret,
+        csr,
+        ..
+    } = request
+    else {
+        return Err("not a join request".into());
+    };
+    const BAD_TOKEN: &str =
+        "join token is invalid or expired; create one on the head with `edgesync token create`";
+    let stored = store.token(token_id).await.map_err(|e| e.to_string())?;
+    let presented = JoinToken {
+        ca_hash: String::new(),
+        id: String::new(),
+        secret,
+    }
+    .secret_hash();
+    let valid = stored.is_some_and(|(hash, expires)| {
+        bool::from(subtle::ConstantTimeEq::ct_eq(
+            hash.as_slice(),
+            presented.as_slice(),
+        )) && expires > unix_now()
+    });
+    if !valid {
+        return Err(BAD_TOKEN.into());
+    }
+    input::check_subdomain(&node).map_err(|r| format!("node name: {r}"))?;
+    let key_hash = tls::csr_key_hash(&csr).map_err(|e| format!("certificate request: {e}"))?;
+    if let Some(existing) = store.node(node.clone()).await.map_err(|e| e.to_string())?
+        && existing.key_sha256 != key_hash
+    {
+        warn!(node = %node, "node joined again with a new key; its old certificate stays valid until it expires");
+    }
+    let cert_pem = ca
+        .sign_edge(&csr, &node)
+        .map_err(|e| format!("certificate request: {e}"))?;
+    store
+        .add_node(node.clone(), key_hash, unix_now())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        Frame::JoinAccepted {
+            cert_pem,
+            ca_pem: ca.cert_pem.clone(),
+        },
+        node,
+    ))
+}

@@ -1,0 +1,495 @@
+//! EdgeNode files from users: parse YAML/JSON, refuse anything invalid, normalise pods.
+
+use crate::crd::{API_VERSION, LEGACY_API_VERSION};
+use crate::edge::policy;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// A refused input: which object, which field, and why. Displays as one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: {field}: {reason}")]
+pub struct InvalidInput {
+    /// `EdgeNode default/edge01`, or `document 2` when the object has no name yet.
+    pub object: String,
+    /// JSON path of the field, e.g. `spec.pods[0].metadata.name`.
+    pub field: String,
+    /// What is wrong, and what to do about it.
+    pub reason: String,
+}
+
+/// An EdgeNode as edgesync stores it: identity plus pods keyed by name, each normalised JSON.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DesiredNode {
+    /// Namespace of the EdgeNode (and of every pod in it).
+    pub namespace: String,
+    /// Name of the EdgeNode, which is the edge node's name.
+    pub name: String,
+    /// Labels from the input's metadata.
+    pub labels: BTreeMap<String, String>,
+    /// Pods by name; each a v1 Pod object without namespace or status.
+    pub pods: BTreeMap<String, Value>,
+}
+
+impl DesiredNode {
+    /// `namespace/name`, the document key.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How to validate: the namespace to use when a document names none, and whether
+/// pods outside the Pod Security baseline are allowed (per namespace).
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Namespace for documents without `metadata.namespace`.
+    pub default_namespace: String,
+    /// Namespaces where pods may break the baseline profile.
+    pub privileged_namespaces: Vec<String>,
+}
+
+impl Rules {
+    /// Rules with the given default namespace and no privileged namespaces.
+    pub fn new(default_namespace: &str) -> Self {
+        Rules {
+            default_namespace: default_namespace.to_string(),
+            privileged_namespaces: Vec::new(),
+        }
+    }
+}
+
+/// Parses every EdgeNode in a YAML or JSON text (several documents, or a `List`).
+/// All or nothing: the first invalid field refuses the whole text.
+pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, InvalidInput> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| InvalidInput {
+        object: "input".into(),
+        field: "(syntax)".into(),
+        reason: format!("not valid YAML or JSON: {}", one_line(&e.to_string())),
+    })?;
+    let mut objects = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        let label = format!("document {}", i + 1);
+        if doc.get("kind").and_then(Value::as_str) == Some("List") {
+            let Some(items) = doc.get("items").and_then(Value::as_array) else {
+                return Err(invalid(&label, "items", "a List needs an items array"));
+            };
+            for (j, item) in items.iter().enumerate() {
+                objects.push((format!("{label} item {}", j + 1), item.clone()));
+            }
+        } else {
+            objects.push((label, doc));
+        }
+    }
+    if objects.is_empty() {
+        return Err(invalid("input", "(document)", "no EdgeNode found"));
+    }
+    let mut nodes: Vec<DesiredNode> = Vec::new();
+    for (label, object) in &objects {
+        let node = parse_edgenode(object, label, rules)?;
+        if nodes.iter().any(|n| n.key() == node.key()) {
+            return Err(invalid(
+                &format!("EdgeNode {}", node.key()),
+                "metadata.name",
+                "appears twice in the input",
+            ));
+        }
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
+
+/// Validates one EdgeNode object given as JSON.
+pub fn parse_edgenode(
+    object: &Value,
+    label: &str,
+    rules: &Rules,
+) -> Result<DesiredNode, InvalidInput> {
+    let Some(map) = object.as_object() else {
+        return Err(invalid(
+            label,
+            "(document)",
+            "must be a mapping with apiVersion, kind, metadata and spec",
+        ));
+    };
+    for key in map.keys() {
+        if !["apiVersion", "kind", "metadata", "spec", "status"].contains(&key.as_str()) {
+            return Err(invalid(label, key, "unknown field"));
+        }
+    }
+    match map.get("apiVersion").and_then(Value::as_str) {
+        Some(API_VERSION | LEGACY_API_VERSION) => {}
+        Some(other) => {
+            return Err(invalid(
+                label,
+                "apiVersion",
+                &format!("{other:?} is not supported; use {API_VERSION}"),
+            ));
+        }
+        None => {
+            return Err(invalid(
+                label,
+                "apiVersion",
+                &format!("missing; use {API_VERSION}"),
+            ));
+        }
+    }
+    match map.get("kind").and_then(Value::as_str) {
+        Some("EdgeNode") => {}
+        other => {
+            return Err(invalid(
+                label,
+                "kind",
+                &format!("{other:?} is not EdgeNode"),
+            ));
+        }
+    }
+    let metadata = map.get("metadata").and_then(Value::as_object);
+    let name = metadata
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(label, "metadata.name", "missing"))?;
+    check_subdomain(name).map_err(|r| invalid(label, "metadata.name", &r))?;
+    let namespace = match metadata.and_then(|m| m.get("namespace")) {
+        None | Some(Value::Null) => rules.default_namespace.as_str(),
+        Some(Value::String(ns)) => ns.as_str(),
+        Some(_) => return Err(invalid(label, "metadata.namespace", "must be a string")),
+    };
+    let object_name = format!("EdgeNode {namespace}/{name}");
+    check_label(namespace).map_err(|r| invalid(&object_name, "metadata.namespace", &r))?;
+    let labels = match metadata.and_then(|m| m.get("labels")) {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+            invalid(
+                &object_name,
+                "metadata.labels",
+                "must map strings to strings",
+            )
+        })?,
+    };
+
+    let spec = match map.get("spec") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(spec)) => spec.clone(),
+        Some(_) => return Err(invalid(&object_name, "spec", "must be a mapping")),
+    };
+    if let Some(key) = spec.keys().find(|k| k.as_str() != "pods") {
+        return Err(invalid(
+            &object_name,
+            &format!("spec.{key}"),
+            "unknown field",
+        ));
+    }
+    let pods = match spec.get("pods") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(pods)) => pods.clone(),
+        Some(_) => return Err(invalid(&object_name, "spec.pods", "must be a list of pods")),
+    };
+    let privileged = rules.privileged_namespaces.iter().any(|n| n == namespace);
+    let mut by_name = BTreeMap::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let path = format!("spec.pods[{i}]");
+        let (pod_name, pod) = normalise_pod(pod, name, privileged)
+            .map_err(|(field, reason)| invalid(&object_name, &format!("{path}{field}"), &reason))?;
+        if by_name.insert(pod_name.clone(), pod).is_some() {
+            return Err(invalid(
+                &object_name,
+                &format!("{path}.metadata.name"),
+                &format!("duplicate pod name {pod_name:?}"),
+            ));
+        }
+    }
+    Ok(DesiredNode {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        labels,
+        pods: by_name,
+    })
+}
+
+/// Checks one pod and returns its name and normalised JSON (typed round trip, no namespace,
+/// no status). Errors carry the field path below the pod (starting with `.`) and the reason.
+pub fn normalise_pod(
+    pod: &Value,
+    node: &str,
+    privileged: bool,
+) -> Result<(String, Value), (String, String)> {
+    let err = |field: &str, reason: &str| (field.to_string(), reason.to_string());
+    let Some(map) = pod.as_object() else {
+        return Err(err("", "must be a Pod mapping"));
+    };
+    match map.get("apiVersion") {
+        None => {}
+        Some(v) if v == "v1" => {}
+        Some(v) => return Err(err(".apiVersion", &format!("{v} is not v1"))),
+    }
+    match map.get("kind") {
+        None => {}
+        Some(v) if v == "Pod" => {}
+        Some(v) => return Err(err(".kind", &format!("{v} is not Pod"))),
+    }
+    let mut input = pod.clone();
+    if let Some(obj) = input.as_object_mut() {
+        obj.remove("status");
+        obj.insert("apiVersion".into(), "v1".into());
+        obj.insert("kind".into(), "Pod".into());
+    }
+    let typed: Pod = serde_path_to_error::deserialize(&input).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            String::new()
+        } else {
+            format!(".{path}")
+        };
+        err(&field, &one_line(&e.inner().to_string()))
+    })?;
+    let mut normal = serde_json::to_value(&typed).map_err(|e| err("", &e.to_string()))?;
+    if let Some(field) = first_unknown_field(&input, &normal, "") {
+        return Err(err(&field, "unknown field"));
+    }
+    let name = typed
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| err(".metadata.name", "missing"))?;
+    check_subdomain(&name).map_err(|r| err(".metadata.name", &r))?;
+    if name.len() + 1 + node.len() > 253 {
+        return Err(err(
+            ".metadata.name",
+            "too long: the mirror pod name <pod>-<node> must fit in 253 characters",
+        ));
+    }
+    let spec = typed.spec.as_ref().ok_or_else(|| err(".spec", "missing"))?;
+    if spec.containers.is_empty() {
+        return Err(err(
+            ".spec.containers",
+            "at least one container is required",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let all = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, c)| (format!(".spec.initContainers[{i}]"), c))
+        .chain(
+            spec.containers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!(".spec.containers[{i}]"), c)),
+        );
+    for (path, container) in all {
+        check_label(&container.name).map_err(|r| err(&format!("{path}.name"), &r))?;
+        if !seen.insert(container.name.as_str()) {
+            return Err(err(
+                &format!("{path}.name"),
+                &format!("duplicate container name {:?}", container.name),
+            ));
+        }
+        if container.image.as_deref().is_none_or(str::is_empty) {
+            return Err(err(&format!("{path}.image"), "an image is required"));
+        }
+    }
+    if !privileged && let Some(v) = policy::baseline_violations(&typed).into_iter().next() {
+        return Err((
+            format!(".{}", v.field),
+            format!(
+                "{} (Pod Security baseline; allow it with policy.privileged_namespaces)",
+                v.reason
+            ),
+        ));
+    }
+    if let Some(meta) = normal.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("namespace");
+    }
+    Ok((name, normal))
+}
+
+/// The first field of `input` that the typed round trip dropped, i.e. a field the type does not
+/// know. Nulls count as absent.
+fn first_unknown_field(input: &Value, normal: &Value, path: &str) -> Option<String> {
+    match (input, normal) {
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| match b.get(k) {
+            None if v.is_null() => None,
+            None => Some(format!("{path}.{k}")),
+            Some(w) => first_unknown_field(v, w, &format!("{path}.{k}")),
+        }),
+        (Value::Array(a), Value::Array(b)) => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (v, w))| first_unknown_field(v, w, &format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+/// Checks a DNS-1123 label (namespaces, container names): lowercase alphanumerics and `-`,
+/// starting and ending alphanumeric, at most 63 characters.
+pub fn check_label(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a valid DNS-1123 label (lowercase letters, digits and '-', at most 63)"
+        ))
+    }
+}
+
+/// Checks a DNS-1123 subdomain (node and pod names): dot-separated labels, at most 253
+/// characters. Such a name can never contain `/` or `..`.
+pub fn check_subdomain(value: &str) -> Result<(), String> {
+    let ok =
+        !value.is_empty() && value.len() <= 253 && value.split('.').all(|l| check_label(l).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)"
+        ))
+    }
+}
+
+fn invalid(object: &str, field: &str, reason: &str) -> InvalidInput {
+    InvalidInput {
+        object: object.to_string(),
+        field: field.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../example/edge01.yaml");
+
+    fn parse(text: &str) -> Result<Vec<DesiredNode>, InvalidInput> {
+        parse_edgenodes(text, &Rules::new("default"))
+    }
+
+    fn refusal(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    fn with_pods(pods: &str) -> String {
+        format!(
+            "apiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: edge01\nspec:\n  pods:\n{pods}"
+        )
+    }
+
+    #[test]
+    fn legacy_example_parses() {
+        let nodes = parse(EXAMPLE).unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].key(), "default/edge01");
+        let nginx = &nodes[0].pods["nginx"];
+        assert_eq!(nginx["spec"]["containers"][0]["image"], "nginx");
+        assert_eq!(nginx["kind"], "Pod");
+    }
+
+    #[test]
+    fn several_documents_and_lists() {
+        let text = format!(
+            "{EXAMPLE}---\n{}",
+            EXAMPLE.replace("namespace: default", "namespace: team-a")
+        );
+        assert_eq!(parse(&text).unwrap().len(), 2);
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [serde_saphyr::from_str::<Value>(EXAMPLE).unwrap()]});
+        assert_eq!(parse(&list.to_string()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn refusals_name_object_and_field() {
+        let cases = [
+            ("kind: [", "input: (syntax)"),
+            (
+                "apiVersion: v1\nkind: EdgeNode\nmetadata: {name: a}\n",
+                "document 1: apiVersion",
+            ),
+            (
+                &EXAMPLE.replace("pods:", "podz:"),
+                "EdgeNode default/edge01: spec.podz: unknown field",
+            ),
+            (
+                &EXAMPLE.replace("image: nginx", "imagee: nginx"),
+                "spec.pods[0].spec.containers[0].imagee: unknown field",
+            ),
+            (
+                &EXAMPLE.replace("name: nginx\n      spec", "name: Nginx_1\n      spec"),
+                "spec.pods[0].metadata.name",
+            ),
+            (
+                &EXAMPLE.replace(
+                    "name: nginx\n      spec",
+                    "name: ../../etc/passwd\n      spec",
+                ),
+                "spec.pods[0].metadata.name",
+            ),
+            (
+                &EXAMPLE.replace("name: edge01", "name: ../edge01"),
+                "document 1: metadata.name",
+            ),
+            (
+                &EXAMPLE.replace(
+                    "imagePullPolicy: IfNotPresent",
+                    "ports: [{containerPort: \"http\"}]",
+                ),
+                "spec.pods[0].spec.containers[0].ports[0].containerPort",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = refusal(text);
+            assert!(
+                message.contains(expected),
+                "{message:?} should contain {expected:?}"
+            );
+            assert!(!message.contains('\n'), "one line: {message:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_pods_are_refused() {
+        let pod =
+            "    - metadata: {name: web}\n      spec: {containers: [{name: c, image: nginx}]}\n";
+        let message = refusal(&with_pods(&format!("{pod}{pod}")));
+        assert!(
+            message.contains("spec.pods[1].metadata.name: duplicate pod name"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn baseline_is_enforced_unless_namespace_is_privileged() {
+        let pod = "    - metadata: {name: web}\n      spec:\n        hostNetwork: true\n        containers: [{name: c, image: nginx}]\n";
+        let message = refusal(&with_pods(pod));
+        assert!(
+            message.contains("spec.pods[0].spec.hostNetwork"),
+            "{message}"
+        );
+        let rules = Rules {
+            default_namespace: "default".into(),
+            privileged_namespaces: vec!["default".into()],
+        };
+        assert!(parse_edgenodes(&with_pods(pod), &rules).is_ok());
+    }
+
+    #[test]
+    fn pod_namespace_and_status_are_dropped() {
+        let pod = "    - metadata: {name: web, namespace: kube-system}\n      spec: {containers: [{name: c, image: nginx}]}\n      status: {phase: Running}\n";
+        let nodes = parse(&with_pods(pod)).unwrap();
+        let web = &nodes[0].pods["web"];
+        assert!(web["metadata"].get("namespace").is_none());
+        assert!(web.get("status").is_none());
+    }
+}

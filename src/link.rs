@@ -1,0 +1,197 @@
+//! Links between peers: the accept loop (sync sessions and joins on one QUIC port) and the
+//! dial loop with capped, jittered backoff. Both run a sync session per connection.
+
+use crate::node::Node;
+use crate::sync::wire::{Frame, read_frame, write_frame};
+use crate::sync::{log_end, run_session};
+use crate::transport::tls::{Identity, Role};
+use crate::transport::{self, Backoff};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+
+/// Answers a join request (the first frame of a stream from a peer without a certificate).
+pub type JoinHandler =
+    Arc<dyn Fn(Frame, SocketAddr) -> Pin<Box<dyn Future<Output = Frame> + Send>> + Send + Sync>;
+
+/// How long a new connection may take to open its first stream and send its first frame.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections on `endpoint` until `shutdown`: certified peers get a sync session,
+/// others may only join (if `join` is set).
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    node: Node,
+    join: Option<JoinHandler>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let remote = incoming.remote_address();
+        let (node, join, shutdown) = (node.clone(), join.clone(), shutdown.child_token());
+        tokio::spawn(
+            async move {
+                if let Err(e) = handle_incoming(incoming, node, join, shutdown).await {
+                    warn!(error = %e, "connection refused");
+                }
+            }
+            .instrument(tracing::info_span!("conn", peer = %remote)),
+        );
+    }
+    endpoint.close(0u32.into(), b"shutting down");
+}
+
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    node: Node,
+    join: Option<JoinHandler>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let conn = incoming.await.map_err(|e| e.to_string())?;
+    let remote = conn.remote_address();
+    let identity = transport::peer_identity(&conn);
+    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let frame = read_frame(&mut recv).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((send, recv, frame))
+    })
+    .await
+    .map_err(|_| "no request within 10s".to_string())??;
+    let (mut send, recv, frame) = first;
+    match (frame, identity) {
+        (Some(Frame::Hello { .. }), Some(peer)) => {
+            info!(peer = %peer.name, role = %peer.role, "peer connected");
+            let result =
+                run_session(node, peer.clone(), remote.to_string(), recv, send, shutdown).await;
+            log_end(&peer, &result);
+            conn.close(0u32.into(), b"bye");
+            Ok(())
+        }
+        (Some(request @ Frame::JoinRequest { .. }), _) if join.is_some() => {
+            let handler = join.expect("checked above");
+            let reply = handler(request, remote).await;
+            let _ = write_frame(&mut send, &reply).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            Ok(())
+        }
+        (frame, identity) => {
+            let message = match (&frame, &identity) {
+                (Some(Frame::Hello { .. }), None) => {
+                    "a client certificate is required; join with a token first"
+                }
+                (Some(Frame::JoinRequest { .. }), _) => {
+                    "this node does not accept joins; join through a head"
+                }
+                _ => "unexpected first frame",
+            };
+            let _ = write_frame(
+                &mut send,
+                &Frame::Error {
+                    message: message.into(),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            Err(message.to_string())
+        }
+    }
+}
+
+/// Keeps one link to whichever of `targets` answers first, reconnecting with backoff until
+/// `shutdown`. `tls` must present this node's certificate.
+pub async fn dial(
+    node: Node,
+    targets: Vec<String>,
+    tls: rustls::ClientConfig,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+    let mut endpoints: Vec<(bool, quinn::Endpoint)> = Vec::new();
+    while !shutdown.is_cancelled() {
+        for addr in transport::resolve(&targets).await {
+            let endpoint = match endpoint_for(&mut endpoints, addr) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, "cannot open a QUIC client socket");
+                    continue;
+                }
+            };
+            match transport::connect(&endpoint, addr, tls.clone()).await {
+                Ok(conn) => {
+                    backoff.reset();
+                    let span = tracing::info_span!("link", peer = %addr);
+                    run_link(&node, conn, shutdown.child_token())
+                        .instrument(span)
+                        .await;
+                    break;
+                }
+                Err(e) => warn!(error = %e, "peer unreachable"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+fn endpoint_for(
+    endpoints: &mut Vec<(bool, quinn::Endpoint)>,
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint, transport::TransportError> {
+    if let Some((_, e)) = endpoints.iter().find(|(v6, _)| *v6 == addr.is_ipv6()) {
+        return Ok(e.clone());
+    }
+    let endpoint = transport::client(addr)?;
+    endpoints.push((addr.is_ipv6(), endpoint.clone()));
+    Ok(endpoint)
+}
+
+async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationToken) {
+    let remote = conn.remote_address();
+    let peer = transport::peer_identity(&conn).unwrap_or(Identity {
+        role: Role::Head,
+        name: remote.to_string(),
+    });
+    let opened = async {
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(
+            &mut send,
+            &Frame::Hello {
+                name: node.name().to_string(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>((send, recv))
+    };
+    match opened.await {
+        Ok((send, recv)) => {
+            info!(peer = %peer.name, "connected");
+            let result = run_session(
+                node.clone(),
+                peer.clone(),
+                remote.to_string(),
+                recv,
+                send,
+                shutdown,
+            )
+            .await;
+            log_end(&peer, &result);
+        }
+        Err(e) => warn!(error = %e, "could not open a sync stream"),
+    }
+    conn.close(0u32.into(), b"bye");
+}

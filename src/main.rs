@@ -1,0 +1,89 @@
+//! The `edgesync` binary: parse the command line, set up tracing, dispatch.
+
+use anyhow::Context;
+use clap::Parser;
+use edgesync::cli::{Cli, Command, TokenAction};
+use edgesync::commands::{self, CommandError};
+use edgesync::config::ConfigError;
+use edgesync::{crd, dev, edge, head, runtime};
+
+fn main() {
+    let cli = Cli::parse();
+    runtime::init_tracing(cli.log_format);
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    let code = match tokio.block_on(dispatch(cli.command)) {
+        Ok(()) => 0,
+        Err(e) => {
+            let code = if let Some(c) = e.downcast_ref::<CommandError>() {
+                c.exit_code()
+            } else if e.downcast_ref::<ConfigError>().is_some() {
+                2
+            } else {
+                1
+            };
+            eprintln!("error: {}", one_line(&e));
+            code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    let mut text = chain[0].clone();
+    for cause in &chain[1..] {
+        if !text.contains(cause.as_str()) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text.replace('\n', " ")
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Head(args) => {
+            let config = args.resolve()?;
+            if let Some(path) = &config.kubeconfig {
+                return Err(ConfigError {
+                    source_name: "--kubeconfig".into(),
+                    message: format!(
+                        "{}: the Kubernetes bridge is not part of this build yet; run without a kubeconfig (standalone)",
+                        path.display()
+                    ),
+                }
+                .into());
+            }
+            let head = head::Head::start(config)
+                .await
+                .context("head failed to start")?;
+            runtime::notify_ready();
+            runtime::terminated().await;
+            runtime::notify_stopping();
+            head.shutdown().await;
+        }
+        Command::Edge(args) => {
+            let config = args.resolve()?;
+            let edge = edge::Edge::start(config)
+                .await
+                .context("edge failed to start")?;
+            runtime::notify_ready();
+            runtime::terminated().await;
+            runtime::notify_stopping();
+            edge.shutdown().await;
+        }
+        Command::Token {
+            action: TokenAction::Create { ttl, socket },
+        } => commands::token_create(&socket, &ttl).await?,
+        Command::Apply(args) => commands::apply(&args).await?,
+        Command::Get(args) => commands::get(&args).await?,
+        Command::Delete(args) => commands::delete(&args).await?,
+        Command::Status(args) => commands::status(&args).await?,
+        Command::Crd => print!("{}", crd::crd_yaml()),
+        Command::Dev(args) => dev::run(args.once).await?,
+    }
+    Ok(())
+}

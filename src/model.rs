@@ -1,0 +1,555 @@
+//! EdgeNode ⇄ Automerge document, pure: layout, minimal-diff edits, reading, conflicts.
+//!
+//! Layout of one document (key `namespace/name`):
+//! ```text
+//! meta:       { namespace, name, createdAt, labels: {..} }
+//! spec:       { pods: { <pod name>: <v1 Pod as JSON> } }
+//! deleted:    bool                      tombstone, so a resync never resurrects
+//! generation: counter                   +1 per spec edit, merges additively
+//! policy:     { privileged: bool }      written by the head from its policy
+//! status:     { observedGeneration, pods: { <name>: { state, reason } } }   written by the edge
+//! ```
+//! Every document starts with the same deterministic genesis change, so two sides that
+//! create it independently (head by `apply`, edge by an offline `apply`) share the
+//! top-level maps instead of producing conflicting ones.
+
+use crate::crd::PodState;
+use crate::input::DesiredNode;
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{
+    ActorId, AutoCommit, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, Value as AmValue,
+};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Errors from editing or reading a document.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Automerge refused an operation.
+    #[error("document operation failed: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// The document does not have the edgesync layout.
+    #[error("document {key} is malformed: {what}")]
+    Malformed {
+        /// Document key.
+        key: String,
+        /// What is missing or wrong.
+        what: String,
+    },
+}
+
+/// What a document says, read out as plain values.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DocView {
+    /// Namespace of the EdgeNode.
+    pub namespace: String,
+    /// Name of the EdgeNode (the edge node's name).
+    pub name: String,
+    /// When the object was first created (RFC 3339), if known.
+    pub created_at: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Desired pods by name.
+    pub pods: BTreeMap<String, Value>,
+    /// Deleted (tombstone).
+    pub deleted: bool,
+    /// Spec generation.
+    pub generation: i64,
+    /// Pods may break the baseline profile (head policy).
+    pub privileged: bool,
+    /// Generation the edge last applied.
+    pub observed_generation: Option<i64>,
+    /// Per-pod state reported by the edge.
+    pub pod_states: Vec<PodState>,
+    /// Fields where concurrent edits disagreed: `path: kept X, lost Y`.
+    pub conflicts: Vec<String>,
+}
+
+/// Splits `namespace/name` into its parts.
+pub fn split_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once('/')
+}
+
+/// A new document for `key` made of the shared genesis change, continuing as `actor`.
+pub fn genesis(key: &str, actor: &ActorId) -> AutoCommit {
+    let (namespace, name) = split_key(key).unwrap_or(("", key));
+    let mut doc = AutoCommit::new();
+    let seed: [u8; 32] = Sha256::digest(format!("edgesync genesis v1 {key}")).into();
+    doc.set_actor(ActorId::from(&seed[..16]));
+    let build = |doc: &mut AutoCommit| -> Result<(), automerge::AutomergeError> {
+        let meta = doc.put_object(ROOT, "meta", ObjType::Map)?;
+        doc.put(&meta, "namespace", namespace)?;
+        doc.put(&meta, "name", name)?;
+        doc.put_object(&meta, "labels", ObjType::Map)?;
+        let spec = doc.put_object(ROOT, "spec", ObjType::Map)?;
+        doc.put_object(&spec, "pods", ObjType::Map)?;
+        doc.put(ROOT, "deleted", false)?;
+        doc.put(ROOT, "generation", ScalarValue::counter(0))?;
+        let policy = doc.put_object(ROOT, "policy", ObjType::Map)?;
+        doc.put(&policy, "privileged", false)?;
+        let status = doc.put_object(ROOT, "status", ObjType::Map)?;
+        doc.put_object(&status, "pods", ObjType::Map)?;
+        Ok(())
+    };
+    build(&mut doc).expect("genesis operations on a fresh document cannot fail");
+    doc.commit_with(CommitOptions::default().with_time(0));
+    doc.set_actor(actor.clone());
+    doc
+}
+
+/// Writes the desired spec as a minimal diff. Returns whether anything changed; a change
+/// bumps `generation` and clears the tombstone.
+pub fn set_spec(
+    doc: &mut AutoCommit,
+    desired: &DesiredNode,
+    now: &str,
+) -> Result<bool, ModelError> {
+    doc.commit();
+    let meta = map_at(doc, &ROOT, "meta")?;
+    if doc.get(&meta, "createdAt")?.is_none() {
+        doc.put(&meta, "createdAt", now)?;
+    }
+    let labels = Value::Object(
+        desired
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    );
+    reconcile(doc, &meta, "labels".into(), &labels)?;
+    let spec = map_at(doc, &ROOT, "spec")?;
+    let pods = Value::Object(
+        desired
+            .pods
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    reconcile(doc, &spec, "pods".into(), &pods)?;
+    reconcile(doc, &ROOT, "deleted".into(), &Value::Bool(false))?;
+    Ok(finish_spec_edit(doc)?)
+}
+
+/// Marks the document deleted and empties its pods. Returns whether anything changed.
+pub fn mark_deleted(doc: &mut AutoCommit) -> Result<bool, ModelError> {
+    doc.commit();
+    let spec = map_at(doc, &ROOT, "spec")?;
+    reconcile(doc, &spec, "pods".into(), &Value::Object(Map::new()))?;
+    reconcile(doc, &ROOT, "deleted".into(), &Value::Bool(true))?;
+    Ok(finish_spec_edit(doc)?)
+}
+
+/// Commits a spec edit as one change together with its generation bump; no ops, no change.
+fn finish_spec_edit(doc: &mut AutoCommit) -> Result<bool, automerge::AutomergeError> {
+    if doc.pending_ops() == 0 {
+        return Ok(false);
+    }
+    doc.increment(ROOT, "generation", 1)?;
+    doc.commit();
+    Ok(true)
+}
+
+/// Sets the head's policy flag. Returns whether it changed.
+pub fn set_privileged(doc: &mut AutoCommit, privileged: bool) -> Result<bool, ModelError> {
+    let policy = map_at(doc, &ROOT, "policy")?;
+    let changed = reconcile(doc, &policy, "privileged".into(), &Value::Bool(privileged))?;
+    doc.commit();
+    Ok(changed)
+}
+
+/// Writes the edge's report (observed generation and per-pod state) as a minimal diff.
+/// Returns whether anything changed.
+pub fn set_status(
+    doc: &mut AutoCommit,
+    observed_generation: i64,
+    pods: &[PodState],
+) -> Result<bool, ModelError> {
+    let status = map_at(doc, &ROOT, "status")?;
+    let mut changed = reconcile(
+        doc,
+        &status,
+        "observedGeneration".into(),
+        &Value::from(observed_generation),
+    )?;
+    let pods = Value::Object(
+        pods.iter()
+            .map(|p| {
+                let mut state = Map::new();
+                state.insert("state".into(), Value::String(p.state.clone()));
+                if let Some(reason) = &p.reason {
+                    state.insert("reason".into(), Value::String(reason.clone()));
+                }
+                (p.name.clone(), Value::Object(state))
+            })
+            .collect(),
+    );
+    changed |= reconcile(doc, &status, "pods".into(), &pods)?;
+    doc.commit();
+    Ok(changed)
+}
+
+/// Reads a document into a [`DocView`].
+pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
+    let json = serde_json::to_value(automerge::AutoSerde::from(doc))
+        .map_err(|e| malformed(key, &e.to_string()))?;
+    let meta = &json["meta"];
+    let text = |v: &Value| v.as_str().map(str::to_string);
+    let namespace =
+        text(&meta["namespace"]).ok_or_else(|| malformed(key, "meta.namespace missing"))?;
+    let name = text(&meta["name"]).ok_or_else(|| malformed(key, "meta.name missing"))?;
+    let labels = serde_json::from_value(meta["labels"].clone()).unwrap_or_default();
+    let pods = json["spec"]["pods"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    let status = &json["status"];
+    let pod_states = status["pods"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(name, s)| PodState {
+                    name: name.clone(),
+                    state: text(&s["state"]).unwrap_or_default(),
+                    reason: text(&s["reason"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut conflicts = Vec::new();
+    let spec = map_at_read(doc, &ROOT, "spec").ok_or_else(|| malformed(key, "spec missing"))?;
+    collect_conflicts(doc, &spec, "spec", &mut conflicts)?;
+    Ok(DocView {
+        namespace,
+        name,
+        created_at: text(&meta["createdAt"]),
+        labels,
+        pods,
+        deleted: json["deleted"].as_bool().unwrap_or(false),
+        generation: json["generation"].as_i64().unwrap_or(0),
+        privileged: json["policy"]["privileged"].as_bool().unwrap_or(false),
+        observed_generation: status["observedGeneration"].as_i64(),
+        pod_states,
+        conflicts,
+    })
+}
+
+fn malformed(key: &str, what: &str) -> ModelError {
+    ModelError::Malformed {
+        key: key.to_string(),
+        what: what.to_string(),
+    }
+}
+
+fn map_at(doc: &mut AutoCommit, obj: &ObjId, prop: &str) -> Result<ObjId, ModelError> {
+    match doc.get(obj, prop)? {
+        Some((AmValue::Object(ObjType::Map), id)) => Ok(id),
+        _ => Ok(doc.put_object(obj, prop, ObjType::Map)?),
+    }
+}
+
+fn map_at_read(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Option<ObjId> {
+    match doc.get(obj, prop).ok()? {
+        Some((AmValue::Object(ObjType::Map), id)) => Some(id),
+        _ => None,
+    }
+}
+
+/// Makes `obj[prop]` equal to `value` with as few operations as possible: unchanged scalars
+/// are not written, maps and lists are edited in place. A field in conflict is rewritten, so
+/// applying a value settles the conflict. Returns whether anything was written.
+pub fn reconcile(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    prop: Prop,
+    value: &Value,
+) -> Result<bool, automerge::AutomergeError> {
+    let current = match doc.get(obj, prop.clone())? {
+        None => Current::Absent,
+        Some((AmValue::Object(ObjType::Map), id)) => Current::Map(id),
+        Some((AmValue::Object(ObjType::List), id)) => Current::List(id),
+        Some((AmValue::Scalar(s), _)) => Current::Scalar(s.into_owned()),
+        Some(_) => Current::Other,
+    };
+    let conflicted = doc.get_all(obj, prop.clone())?.len() > 1;
+    match value {
+        Value::Object(map) => {
+            let (id, mut changed) = match current {
+                Current::Map(id) if !conflicted => (id, false),
+                _ => (put_object(doc, obj, prop, ObjType::Map)?, true),
+            };
+            let stale: Vec<String> = doc.keys(&id).filter(|k| !map.contains_key(k)).collect();
+            for key in stale {
+                doc.delete(&id, key.as_str())?;
+                changed = true;
+            }
+            for (key, child) in map {
+                changed |= reconcile(doc, &id, key.as_str().into(), child)?;
+            }
+            Ok(changed)
+        }
+        Value::Array(items) => {
+            let (id, mut changed) = match current {
+                Current::List(id) if !conflicted => (id, false),
+                _ => (put_object(doc, obj, prop, ObjType::List)?, true),
+            };
+            let len = doc.length(&id);
+            for index in (items.len()..len).rev() {
+                doc.delete(&id, index)?;
+                changed = true;
+            }
+            for (index, item) in items.iter().enumerate() {
+                if index >= doc.length(&id) {
+                    insert_placeholder(doc, &id, index, item)?;
+                    changed = true;
+                }
+                changed |= reconcile(doc, &id, index.into(), item)?;
+            }
+            Ok(changed)
+        }
+        scalar => {
+            let new = to_scalar(scalar);
+            let same = matches!(&current, Current::Scalar(old) if *old == new);
+            if same && !conflicted {
+                return Ok(false);
+            }
+            match prop {
+                Prop::Map(key) => doc.put(obj, key, new)?,
+                Prop::Seq(index) => doc.put(obj, index, new)?,
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// What a property holds now, detached from the document borrow.
+enum Current {
+    Absent,
+    Map(ObjId),
+    List(ObjId),
+    Scalar(ScalarValue),
+    Other,
+}
+
+fn put_object(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    prop: Prop,
+    kind: ObjType,
+) -> Result<ObjId, automerge::AutomergeError> {
+    match prop {
+        Prop::Map(key) => doc.put_object(obj, key, kind),
+        Prop::Seq(index) => doc.put_object(obj, index, kind),
+    }
+}
+
+fn insert_placeholder(
+    doc: &mut AutoCommit,
+    list: &ObjId,
+    index: usize,
+    item: &Value,
+) -> Result<(), automerge::AutomergeError> {
+    match item {
+        Value::Object(_) => doc.insert_object(list, index, ObjType::Map).map(drop),
+        Value::Array(_) => doc.insert_object(list, index, ObjType::List).map(drop),
+        scalar => doc.insert(list, index, to_scalar(scalar)),
+    }
+}
+
+fn to_scalar(value: &Value) -> ScalarValue {
+    match value {
+        Value::Bool(b) => ScalarValue::Boolean(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => ScalarValue::Int(i),
+            (None, Some(u), _) => ScalarValue::Uint(u),
+            (_, _, f) => ScalarValue::F64(f.unwrap_or_default()),
+        },
+        Value::String(s) => ScalarValue::Str(s.as_str().into()),
+        _ => ScalarValue::Null,
+    }
+}
+
+fn collect_conflicts(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    path: &str,
+    out: &mut Vec<String>,
+) -> Result<(), automerge::AutomergeError> {
+    let props: Vec<(Prop, String)> = match doc.object_type(obj)? {
+        ObjType::Map | ObjType::Table => doc
+            .keys(obj)
+            .map(|k| (Prop::Map(k.clone()), format!("{path}.{k}")))
+            .collect(),
+        _ => (0..doc.length(obj))
+            .map(|i| (Prop::Seq(i), format!("{path}[{i}]")))
+            .collect(),
+    };
+    for (prop, child_path) in props {
+        let all = doc.get_all(obj, prop.clone())?;
+        if all.len() > 1 {
+            let kept = doc
+                .get(obj, prop)?
+                .map(|(v, _)| describe(&v))
+                .unwrap_or_default();
+            let lost: Vec<String> = all
+                .iter()
+                .map(|(v, _)| describe(v))
+                .filter(|v| *v != kept)
+                .collect();
+            out.push(format!(
+                "{child_path}: kept {kept}, lost {}",
+                lost.join(", ")
+            ));
+        }
+        if let Some((AmValue::Object(_), id)) = all.last() {
+            collect_conflicts(doc, id, &child_path, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn describe(value: &AmValue<'_>) -> String {
+    match value {
+        AmValue::Scalar(s) => match s.as_ref() {
+            ScalarValue::Str(s) => format!("{:?}", s.as_str()),
+            other => other.to_string(),
+        },
+        AmValue::Object(kind) => format!("another {kind}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::{Rules, parse_edgenodes};
+    use automerge::sync::{self, SyncDoc};
+
+    fn desired(image: &str) -> DesiredNode {
+        let text = include_str!("../example/edge01.yaml")
+            .replace("image: nginx", &format!("image: {image}"));
+        parse_edgenodes(&text, &Rules::new("default"))
+            .unwrap()
+            .remove(0)
+    }
+
+    fn merge(a: &mut AutoCommit, b: &mut AutoCommit) {
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        loop {
+            let ab = a.sync().generate_sync_message(&mut sa);
+            if let Some(m) = ab.clone() {
+                b.sync().receive_sync_message(&mut sb, m).unwrap();
+            }
+            let ba = b.sync().generate_sync_message(&mut sb);
+            if let Some(m) = ba.clone() {
+                a.sync().receive_sync_message(&mut sa, m).unwrap();
+            }
+            if ab.is_none() && ba.is_none() {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn spec_round_trips_and_reapply_is_a_no_op() {
+        let mut doc = genesis("default/edge01", &ActorId::random());
+        assert!(set_spec(&mut doc, &desired("nginx"), "2026-01-01T00:00:00Z").unwrap());
+        let heads = doc.get_heads();
+        assert!(!set_spec(&mut doc, &desired("nginx"), "later").unwrap());
+        assert_eq!(doc.get_heads(), heads);
+        let view = read(&doc, "default/edge01").unwrap();
+        assert_eq!(view.pods, desired("nginx").pods);
+        assert_eq!(view.generation, 1);
+        assert_eq!(view.created_at.as_deref(), Some("2026-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn one_field_change_is_a_small_change() {
+        let mut doc = genesis("default/edge01", &ActorId::random());
+        set_spec(&mut doc, &desired("nginx"), "t").unwrap();
+        doc.save();
+        set_spec(&mut doc, &desired("nginx:1.27"), "t").unwrap();
+        let change = doc.get_last_local_change().unwrap().clone();
+        assert_eq!(
+            change.len(),
+            2,
+            "one put for the image, one generation increment"
+        );
+        let bytes = doc.save_incremental();
+        assert!(
+            bytes.len() < 300,
+            "one-field edit took {} bytes",
+            bytes.len()
+        );
+    }
+
+    #[test]
+    fn independent_genesis_and_concurrent_edits_merge() {
+        let mut head = genesis("default/edge01", &ActorId::random());
+        let mut edge = genesis("default/edge01", &ActorId::random());
+        set_spec(&mut head, &desired("nginx"), "t").unwrap();
+        merge(&mut head, &mut edge);
+        let mut with_redis = desired("nginx");
+        let redis = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "redis"},
+            "spec": {"containers": [{"name": "redis", "image": "redis"}]}});
+        with_redis.pods.insert("redis".into(), redis);
+        set_spec(&mut edge, &with_redis, "t").unwrap();
+        set_spec(&mut head, &desired("nginx:1.27"), "t").unwrap();
+        merge(&mut head, &mut edge);
+        let (h, e) = (
+            read(&head, "default/edge01").unwrap(),
+            read(&edge, "default/edge01").unwrap(),
+        );
+        assert_eq!(h, e);
+        assert_eq!(
+            h.pods["nginx"]["spec"]["containers"][0]["image"],
+            "nginx:1.27"
+        );
+        assert!(h.pods.contains_key("redis"));
+        assert_eq!(h.generation, 3, "concurrent generation bumps add up");
+        assert!(h.conflicts.is_empty(), "{:?}", h.conflicts);
+    }
+
+    #[test]
+    fn same_field_conflict_is_reported_and_settled_by_reapply() {
+        let mut head = genesis("default/edge01", &ActorId::random());
+        let mut edge = genesis("default/edge01", &ActorId::random());
+        set_spec(&mut head, &desired("nginx"), "t").unwrap();
+        merge(&mut head, &mut edge);
+        set_spec(&mut head, &desired("nginx:head"), "t").unwrap();
+        set_spec(&mut edge, &desired("nginx:edge"), "t").unwrap();
+        merge(&mut head, &mut edge);
+        let view = read(&head, "default/edge01").unwrap();
+        assert_eq!(view.conflicts.len(), 1, "{:?}", view.conflicts);
+        let conflict = &view.conflicts[0];
+        assert!(
+            conflict.starts_with("spec.pods.nginx.spec.containers[0].image: kept"),
+            "{conflict}"
+        );
+        assert!(
+            conflict.contains("nginx:head") && conflict.contains("nginx:edge"),
+            "{conflict}"
+        );
+        set_spec(&mut head, &desired("nginx:final"), "t").unwrap();
+        merge(&mut head, &mut edge);
+        assert!(read(&edge, "default/edge01").unwrap().conflicts.is_empty());
+    }
+
+    #[test]
+    fn delete_is_a_tombstone_and_status_is_stored() {
+        let mut doc = genesis("team-a/edge01", &ActorId::random());
+        set_spec(&mut doc, &desired("nginx"), "t").unwrap();
+        let states = [PodState {
+            name: "nginx".into(),
+            state: "Applied".into(),
+            reason: None,
+        }];
+        assert!(set_status(&mut doc, 1, &states).unwrap());
+        assert!(!set_status(&mut doc, 1, &states).unwrap());
+        assert!(mark_deleted(&mut doc).unwrap());
+        let view = read(&doc, "team-a/edge01").unwrap();
+        assert!(view.deleted && view.pods.is_empty());
+        assert_eq!(view.namespace, "team-a");
+        assert_eq!(view.observed_generation, Some(1));
+        assert_eq!(view.pod_states, states);
+    }
+}

@@ -1,0 +1,616 @@
+//! The node core shared by both roles: documents in memory backed by SQLite, change
+//! notifications, peers, and the EdgeNode views built from them.
+
+use crate::crd::{
+    Condition, EdgeNode, EdgeNodeSpec, EdgeNodeStatus, POD_APPLIED, POD_REFUSED, Phase, PodState,
+};
+use crate::input::{self, DesiredNode, InvalidInput, Rules};
+use crate::model::{self, DocView};
+use crate::store::{COMPACT_AFTER_CHUNKS, DocWrite, Store, StoreError};
+use crate::transport::tls::Role;
+use automerge::sync::{self, SyncDoc};
+use automerge::{ActorId, AutoCommit};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+/// Errors from node operations.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The input was refused.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A document operation failed.
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    /// A peer sent something unusable.
+    #[error("document {key}: {reason}")]
+    Sync {
+        /// Document key.
+        key: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No such EdgeNode.
+    #[error("edgenode {0:?} not found")]
+    NotFound(String),
+}
+
+/// One document and what the node knows about it.
+pub struct DocEntry {
+    /// The Automerge document.
+    pub doc: AutoCommit,
+    /// When a peer last synced it.
+    pub last_synced_at: Option<String>,
+    chunks: usize,
+}
+
+/// A peer as shown by `edgesync status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerInfo {
+    /// Node name from its certificate.
+    pub name: String,
+    /// head or edge.
+    pub role: Role,
+    /// Remote address.
+    pub address: String,
+    /// Connected now.
+    pub connected: bool,
+    /// Last time anything was received (RFC 3339).
+    pub last_seen: Option<String>,
+    /// Bytes sent to this peer over the current connection.
+    pub bytes_out: u64,
+    /// Bytes received from this peer over the current connection.
+    pub bytes_in: u64,
+}
+
+/// One manifest file as the edge reconciler left it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedPod {
+    /// EdgeNode key.
+    pub edgenode: String,
+    /// Pod name.
+    pub pod: String,
+    /// Manifest file, if one is written.
+    pub file: Option<String>,
+    /// Applied or Refused.
+    pub state: String,
+    /// Why it was refused.
+    pub reason: Option<String>,
+}
+
+/// What `edgesync status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// head or edge.
+    pub role: Role,
+    /// This node's name.
+    pub node: String,
+    /// Known peers.
+    pub peers: Vec<PeerInfo>,
+    /// Documents held.
+    pub documents: Vec<DocSummary>,
+    /// Pods applied on this edge (empty on a head).
+    pub applied_pods: Vec<AppliedPod>,
+}
+
+/// One document in the status report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DocSummary {
+    /// `namespace/name`.
+    pub key: String,
+    /// Spec generation.
+    pub generation: i64,
+    /// Pods in the spec.
+    pub pods: usize,
+    /// Deleted (tombstone kept for sync).
+    pub deleted: bool,
+    /// Last sync with a peer.
+    pub last_synced_at: Option<String>,
+}
+
+/// What `apply` did to one EdgeNode.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// `namespace/name`.
+    pub key: String,
+    /// created, configured or unchanged (as kubectl says).
+    pub result: String,
+}
+
+struct Inner {
+    role: Role,
+    name: String,
+    actor: ActorId,
+    store: Store,
+    rules: Rules,
+    docs: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<DocEntry>>>>,
+    changes: broadcast::Sender<String>,
+    peers: Mutex<BTreeMap<String, PeerInfo>>,
+    applied: Mutex<Vec<AppliedPod>>,
+}
+
+/// Handle to the node core; cheap to clone.
+#[derive(Clone)]
+pub struct Node(Arc<Inner>);
+
+/// Current time, RFC 3339.
+pub fn now() -> String {
+    Timestamp::now().to_string()
+}
+
+impl Node {
+    /// Loads every stored document. `rules.privileged_namespaces` is this node's policy.
+    pub async fn open(
+        role: Role,
+        name: &str,
+        store: Store,
+        rules: Rules,
+    ) -> Result<Node, NodeError> {
+        let actor = store
+            .meta_or_init(
+                "actor",
+                crate::transport::tls::random_bytes::<16>().to_vec(),
+            )
+            .await?;
+        let actor = ActorId::from(actor);
+        let mut docs = BTreeMap::new();
+        for stored in store.load_docs().await? {
+            let key = stored.key.clone();
+            let bad = |e: automerge::AutomergeError| NodeError::Sync {
+                key: key.clone(),
+                reason: format!("stored document does not load: {e}"),
+            };
+            let mut doc = AutoCommit::load(&stored.snapshot).map_err(bad)?;
+            for chunk in &stored.chunks {
+                doc.load_incremental(chunk).map_err(bad)?;
+            }
+            doc.set_actor(actor.clone());
+            let entry = DocEntry {
+                doc,
+                last_synced_at: stored.last_synced_at,
+                chunks: stored.chunks.len(),
+            };
+            docs.insert(stored.key, Arc::new(tokio::sync::Mutex::new(entry)));
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Node(Arc::new(Inner {
+            role,
+            name: name.to_string(),
+            actor,
+            store,
+            rules,
+            docs: Mutex::new(docs),
+            changes,
+            peers: Mutex::new(BTreeMap::new()),
+            applied: Mutex::new(Vec::new()),
+        })))
+    }
+
+    /// head or edge.
+    pub fn role(&self) -> Role {
+        self.0.role
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    /// This node's validation rules.
+    pub fn rules(&self) -> &Rules {
+        &self.0.rules
+    }
+
+    /// Notifications of changed document keys (local edits and received changes, after they are
+    /// stored).
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.0.changes.subscribe()
+    }
+
+    /// Every document key.
+    pub fn keys(&self) -> Vec<String> {
+        lock(&self.0.docs).keys().cloned().collect()
+    }
+
+    fn entry(&self, key: &str) -> Option<Arc<tokio::sync::Mutex<DocEntry>>> {
+        lock(&self.0.docs).get(key).cloned()
+    }
+
+    fn entry_or_genesis(&self, key: &str) -> Arc<tokio::sync::Mutex<DocEntry>> {
+        let mut docs = lock(&self.0.docs);
+        docs.entry(key.to_string())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(DocEntry {
+                    doc: model::genesis(key, &self.0.actor),
+                    last_synced_at: None,
+                    chunks: COMPACT_AFTER_CHUNKS,
+                }))
+            })
+            .clone()
+    }
+
+    /// Stores what changed in `entry` since its last save (and the given sync states), then
+    /// tells subscribers. Nothing is announced before it is on disk.
+    async fn persist(
+        &self,
+        key: &str,
+        entry: &mut DocEntry,
+        sync_states: Vec<(String, Vec<u8>)>,
+        synced: bool,
+    ) -> Result<(), NodeError> {
+        let write = if entry.chunks >= COMPACT_AFTER_CHUNKS {
+            entry.chunks = 0;
+            DocWrite::Snapshot(entry.doc.save())
+        } else {
+            let chunk = entry.doc.save_incremental();
+            entry.chunks += usize::from(!chunk.is_empty());
+            DocWrite::Chunk(chunk)
+        };
+        let changed = !matches!(&write, DocWrite::Chunk(c) if c.is_empty());
+        let synced_at = synced.then(now);
+        if let Some(at) = &synced_at {
+            entry.last_synced_at = Some(at.clone());
+        }
+        if changed || !sync_states.is_empty() || synced_at.is_some() {
+            self.0
+                .store
+                .save_doc(key.to_string(), write, sync_states, synced_at)
+                .await?;
+        }
+        if changed {
+            let _ = self.0.changes.send(key.to_string());
+        }
+        Ok(())
+    }
+
+    /// Parses and applies EdgeNode text: all objects are validated before any is written.
+    /// On an edge, objects for another node are refused.
+    pub async fn apply_text(
+        &self,
+        text: &str,
+        default_namespace: &str,
+    ) -> Result<Vec<ApplyOutcome>, NodeError> {
+        let rules = Rules {
+            default_namespace: default_namespace.to_string(),
+            privileged_namespaces: self.0.rules.privileged_namespaces.clone(),
+        };
+        let nodes = input::parse_edgenodes(text, &rules)?;
+        if self.0.role == Role::Edge
+            && let Some(other) = nodes.iter().find(|n| n.name != self.0.name)
+        {
+            return Err(InvalidInput {
+                object: format!("EdgeNode {}", other.key()),
+                field: "metadata.name".into(),
+                reason: format!(
+                    "this edge is {:?} and only serves EdgeNodes of that name; apply it on the head",
+                    self.0.name
+                ),
+            }
+            .into());
+        }
+        let mut outcomes = Vec::new();
+        for node in &nodes {
+            outcomes.push(self.apply_one(node).await?);
+        }
+        Ok(outcomes)
+    }
+
+    async fn apply_one(&self, desired: &DesiredNode) -> Result<ApplyOutcome, NodeError> {
+        let key = desired.key();
+        let entry = self.entry_or_genesis(&key);
+        let mut entry = entry.lock().await;
+        let before = model::read(&entry.doc, &key)?;
+        let mut changed = model::set_spec(&mut entry.doc, desired, &now())?;
+        if self.0.role == Role::Head {
+            let privileged = self
+                .0
+                .rules
+                .privileged_namespaces
+                .contains(&desired.namespace);
+            changed |= model::set_privileged(&mut entry.doc, privileged)?;
+        }
+        self.persist(&key, &mut entry, Vec::new(), false).await?;
+        let result = match (before.generation == 0 || before.deleted, changed) {
+            (true, _) => "created",
+            (false, true) => "configured",
+            (false, false) => "unchanged",
+        };
+        Ok(ApplyOutcome {
+            key,
+            result: result.into(),
+        })
+    }
+
+    /// Deletes an EdgeNode (a tombstone that syncs). On an edge only its own.
+    pub async fn delete(&self, key: &str) -> Result<(), NodeError> {
+        let entry = self
+            .entry(key)
+            .ok_or_else(|| NodeError::NotFound(key.to_string()))?;
+        let mut entry = entry.lock().await;
+        if model::read(&entry.doc, key)?.deleted {
+            return Err(NodeError::NotFound(key.to_string()));
+        }
+        if self.0.role == Role::Edge
+            && model::split_key(key).map(|(_, n)| n) != Some(self.0.name.as_str())
+        {
+            return Err(NodeError::NotFound(key.to_string()));
+        }
+        model::mark_deleted(&mut entry.doc)?;
+        self.persist(key, &mut entry, Vec::new(), false).await
+    }
+
+    /// The document `key` read out, with its last sync time.
+    pub async fn view(&self, key: &str) -> Result<Option<(DocView, Option<String>)>, NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let entry = entry.lock().await;
+        Ok(Some((
+            model::read(&entry.doc, key)?,
+            entry.last_synced_at.clone(),
+        )))
+    }
+
+    /// Writes the edge's report into document `key` if it differs.
+    pub async fn report_status(
+        &self,
+        key: &str,
+        observed: i64,
+        pods: &[PodState],
+    ) -> Result<(), NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(());
+        };
+        let mut entry = entry.lock().await;
+        if model::set_status(&mut entry.doc, observed, pods)? {
+            self.persist(key, &mut entry, Vec::new(), false).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a sync message from `peer` to document `key` (created from genesis if new), stores
+    /// the result and the sync state, then announces the change.
+    pub async fn receive_sync(
+        &self,
+        peer: &str,
+        key: &str,
+        message: sync::Message,
+        state: &mut sync::State,
+    ) -> Result<(), NodeError> {
+        if model::split_key(key).is_none_or(|(ns, name)| {
+            input::check_label(ns).is_err() || input::check_subdomain(name).is_err()
+        }) {
+            return Err(NodeError::Sync {
+                key: key.to_string(),
+                reason: "not a valid namespace/name key".into(),
+            });
+        }
+        let entry = self.entry_or_genesis(key);
+        let mut entry = entry.lock().await;
+        entry
+            .doc
+            .sync()
+            .receive_sync_message(state, message)
+            .map_err(|e| NodeError::Sync {
+                key: key.to_string(),
+                reason: e.to_string(),
+            })?;
+        let states = vec![(peer.to_string(), state.encode())];
+        self.persist(key, &mut entry, states, true).await
+    }
+
+    /// The next sync message for `key` towards a peer, if any.
+    pub async fn generate_sync(&self, key: &str, state: &mut sync::State) -> Option<sync::Message> {
+        let entry = self.entry(key)?;
+        let mut entry = entry.lock().await;
+        entry.doc.sync().generate_sync_message(state)
+    }
+
+    /// Records a peer's connection state.
+    pub fn peer_update(&self, info: PeerInfo) {
+        lock(&self.0.peers).insert(info.name.clone(), info);
+    }
+
+    /// Changes a known peer's record.
+    pub fn peer_touch(&self, name: &str, f: impl FnOnce(&mut PeerInfo)) {
+        if let Some(info) = lock(&self.0.peers).get_mut(name) {
+            f(info);
+        }
+    }
+
+    /// Whether a peer of this name is connected now.
+    pub fn peer_connected(&self, name: &str) -> bool {
+        lock(&self.0.peers).get(name).is_some_and(|p| p.connected)
+    }
+
+    fn any_head_connected(&self) -> bool {
+        lock(&self.0.peers)
+            .values()
+            .any(|p| p.connected && p.role == Role::Head)
+    }
+
+    /// Replaces the reconciler's report.
+    pub fn set_applied(&self, applied: Vec<AppliedPod>) {
+        *lock(&self.0.applied) = applied;
+    }
+
+    /// The status report.
+    pub async fn status(&self) -> Result<StatusReport, NodeError> {
+        let mut documents = Vec::new();
+        for key in self.keys() {
+            if let Some((view, last_synced_at)) = self.view(&key).await? {
+                documents.push(DocSummary {
+                    key,
+                    generation: view.generation,
+                    pods: view.pods.len(),
+                    deleted: view.deleted,
+                    last_synced_at,
+                });
+            }
+        }
+        Ok(StatusReport {
+            role: self.0.role,
+            node: self.0.name.clone(),
+            peers: lock(&self.0.peers).values().cloned().collect(),
+            documents,
+            applied_pods: lock(&self.0.applied).clone(),
+        })
+    }
+
+    /// EdgeNodes as kubectl would show them; `namespace` None means all.
+    pub async fn edgenodes(&self, namespace: Option<&str>) -> Result<Vec<EdgeNode>, NodeError> {
+        let mut out = Vec::new();
+        for key in self.keys() {
+            if namespace.is_some_and(|ns| model::split_key(&key).map(|(n, _)| n) != Some(ns)) {
+                continue;
+            }
+            if let Some(node) = self.edgenode(&key).await? {
+                out.push(node);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One EdgeNode as kubectl would show it, unless absent or deleted.
+    pub async fn edgenode(&self, key: &str) -> Result<Option<EdgeNode>, NodeError> {
+        let Some((view, last_synced_at)) = self.view(key).await? else {
+            return Ok(None);
+        };
+        if view.deleted || view.generation == 0 {
+            return Ok(None);
+        }
+        let online = match self.0.role {
+            Role::Head => self.peer_connected(&view.name),
+            Role::Edge => self.any_head_connected(),
+        };
+        Ok(Some(to_edgenode(&view, last_synced_at, online)))
+    }
+}
+
+/// Builds the kubectl-shaped object from a document and what the node knows about the link.
+pub fn to_edgenode(view: &DocView, last_synced_at: Option<String>, online: bool) -> EdgeNode {
+    let pods = view
+        .pods
+        .values()
+        .filter_map(|p| serde_json::from_value(p.clone()).ok())
+        .collect();
+    let metadata = ObjectMeta {
+        name: Some(view.name.clone()),
+        namespace: Some(view.namespace.clone()),
+        labels: (!view.labels.is_empty()).then(|| view.labels.clone()),
+        generation: Some(view.generation),
+        creation_timestamp: view
+            .created_at
+            .as_deref()
+            .and_then(|t| t.parse().ok())
+            .map(Time),
+        ..ObjectMeta::default()
+    };
+    let mut node = EdgeNode::new(&view.name, EdgeNodeSpec { pods });
+    node.metadata = metadata;
+    node.status = Some(derive_status(view, last_synced_at, online));
+    node
+}
+
+/// Phase and conditions from the edge's report and the link state.
+pub fn derive_status(
+    view: &DocView,
+    last_synced_at: Option<String>,
+    online: bool,
+) -> EdgeNodeStatus {
+    let pods: Vec<PodState> = view
+        .pods
+        .keys()
+        .map(|name| {
+            view.pod_states
+                .iter()
+                .find(|s| &s.name == name)
+                .cloned()
+                .unwrap_or_else(|| PodState {
+                    name: name.clone(),
+                    state: "Pending".into(),
+                    reason: None,
+                })
+        })
+        .collect();
+    let applied = pods.iter().filter(|p| p.state == POD_APPLIED).count();
+    let refused: Vec<&PodState> = pods.iter().filter(|p| p.state == POD_REFUSED).collect();
+    let synced = view.observed_generation == Some(view.generation);
+    let phase = if !online && last_synced_at.is_some() {
+        Phase::Offline
+    } else if !synced {
+        Phase::Pending
+    } else if !refused.is_empty() {
+        Phase::Degraded
+    } else {
+        Phase::Running
+    };
+    let mut conditions = vec![
+        Condition::new(
+            "Synced",
+            synced,
+            if synced { "Applied" } else { "Pending" },
+            match view.observed_generation {
+                Some(g) => format!("edge applied generation {g} of {}", view.generation),
+                None => "edge has not reported yet".into(),
+            },
+        ),
+        Condition::new(
+            "Online",
+            online,
+            if online { "Connected" } else { "Disconnected" },
+            "",
+        ),
+        Condition::new(
+            "Valid",
+            refused.is_empty(),
+            if refused.is_empty() {
+                "AllPodsAccepted"
+            } else {
+                "PodsRefused"
+            },
+            refused
+                .iter()
+                .map(|p| format!("{}: {}", p.name, p.reason.as_deref().unwrap_or("refused")))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    ];
+    if !view.conflicts.is_empty() {
+        conditions.push(Condition::new(
+            "Conflict",
+            true,
+            "ConcurrentEdits",
+            view.conflicts.join("; "),
+        ));
+    }
+    EdgeNodeStatus {
+        phase: Some(phase),
+        conditions,
+        observed_generation: view.observed_generation,
+        last_synced_at,
+        online: Some(online),
+        pods_ready: Some(format!("{applied}/{}", pods.len())),
+        pods,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

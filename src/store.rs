@@ -1,0 +1,467 @@
+//! SQLite state: open and migrate, one writer thread with batched transactions, documents,
+//! per-peer sync state, owned manifest files, join tokens and joined nodes.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use tokio::sync::{mpsc, oneshot};
+
+/// Schema version this build knows.
+pub const SCHEMA_VERSION: i64 = 1;
+/// Incremental chunks kept per document before it is compacted into one snapshot.
+pub const COMPACT_AFTER_CHUNKS: usize = 64;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+     CREATE TABLE docs (key TEXT PRIMARY KEY, snapshot BLOB NOT NULL, last_synced_at TEXT);
+     CREATE TABLE doc_chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, data BLOB NOT NULL);
+     CREATE INDEX doc_chunks_key ON doc_chunks (key, id);
+     CREATE TABLE sync_states (peer TEXT NOT NULL, key TEXT NOT NULL, state BLOB NOT NULL, PRIMARY KEY (peer, key));
+     CREATE TABLE manifests (file TEXT PRIMARY KEY, key TEXT NOT NULL, pod TEXT NOT NULL, sha256 TEXT NOT NULL);
+     CREATE TABLE tokens (id TEXT PRIMARY KEY, secret_sha256 BLOB NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
+     CREATE TABLE nodes (name TEXT PRIMARY KEY, key_sha256 BLOB NOT NULL, joined_at INTEGER NOT NULL, address TEXT, last_seen INTEGER);",
+];
+
+/// Errors from the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// Database file.
+        path: PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer edgesync.
+    #[error(
+        "database {path} has schema version {found}, newer than this edgesync knows ({known}); upgrade edgesync or point --state-dir elsewhere"
+    )]
+    TooNew {
+        /// Database file.
+        path: PathBuf,
+        /// Version found.
+        found: i64,
+        /// Version known.
+        known: i64,
+    },
+    /// The database failed its integrity check.
+    #[error(
+        "database {path} is corrupt ({detail}); restore it from a backup or move it away to start empty"
+    )]
+    Corrupt {
+        /// Database file.
+        path: PathBuf,
+        /// What SQLite reported.
+        detail: String,
+    },
+    /// The writer thread is gone (the node is shutting down).
+    #[error("database writer has stopped")]
+    Closed,
+}
+
+/// Told, after the batch's commit, whether the commit failed.
+type Reply = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
+/// Runs inside the batch's transaction; says whether it succeeded and how to reply.
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+
+/// Handle to the database; cheap to clone. All access goes through one writer thread,
+/// which runs whatever is queued in one transaction (each job in its own savepoint).
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::UnboundedSender<Job>,
+    path: PathBuf,
+}
+
+/// A stored document: its snapshot and the incremental chunks saved after it.
+#[derive(Debug, Clone)]
+pub struct StoredDoc {
+    /// Document key.
+    pub key: String,
+    /// `Automerge::save()` output.
+    pub snapshot: Vec<u8>,
+    /// `save_incremental()` outputs since, in order.
+    pub chunks: Vec<Vec<u8>>,
+    /// When a peer last synced it (RFC 3339).
+    pub last_synced_at: Option<String>,
+}
+
+/// What to store for a document.
+#[derive(Debug)]
+pub enum DocWrite {
+    /// `save_incremental()` output, appended after the snapshot.
+    Chunk(Vec<u8>),
+    /// `save()` output, replacing the snapshot and every chunk.
+    Snapshot(Vec<u8>),
+}
+
+/// A manifest file edgesync wrote and owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedFile {
+    /// File name inside the manifest dir.
+    pub file: String,
+    /// Document key it came from.
+    pub key: String,
+    /// Pod name.
+    pub pod: String,
+    /// SHA-256 (hex) of the content written.
+    pub sha256: String,
+}
+
+/// A node that joined this head.
+#[derive(Debug, Clone)]
+pub struct JoinedNode {
+    /// Node name.
+    pub name: String,
+    /// SHA-256 of the public key its certificate was issued for.
+    pub key_sha256: Vec<u8>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `<dir>/edgesync.db`, checks it and migrates it.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join("edgesync.db");
+        let conn = open_connection(&path)?;
+        let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name("edgesync-db".into())
+            .spawn(move || writer_loop(conn, &mut queue, &thread_path))
+            .map_err(|e| sqlite_err(&path, rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        Ok(Store { jobs, path })
+    }
+
+    /// Runs `f` on the writer thread inside a transaction and returns its result once committed.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit_error| {
+                let result = match commit_error {
+                    Some(e) => Err(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                        Some(format!("commit failed: {e}")),
+                    )),
+                    None => result,
+                };
+                let _ = tx.send(result);
+            });
+            (ok, reply)
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|source| sqlite_err(&self.path, source))
+    }
+
+    /// A value from the meta table, or `init()` stored first if absent.
+    pub async fn meta_or_init(
+        &self,
+        key: &'static str,
+        init: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.call(move |t| {
+            t.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
+                params![key, init],
+            )?;
+            t.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        })
+        .await
+    }
+
+    /// Every stored document with its chunks.
+    pub async fn load_docs(&self) -> Result<Vec<StoredDoc>, StoreError> {
+        self.call(|t| {
+            let mut docs = Vec::new();
+            let mut stmt =
+                t.prepare("SELECT key, snapshot, last_synced_at FROM docs ORDER BY key")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(StoredDoc {
+                    key: r.get(0)?,
+                    snapshot: r.get(1)?,
+                    chunks: Vec::new(),
+                    last_synced_at: r.get(2)?,
+                })
+            })?;
+            for row in rows {
+                docs.push(row?);
+            }
+            let mut chunks = t.prepare("SELECT data FROM doc_chunks WHERE key = ?1 ORDER BY id")?;
+            for doc in &mut docs {
+                doc.chunks = chunks
+                    .query_map([&doc.key], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+            }
+            Ok(docs)
+        })
+        .await
+    }
+
+    /// Persists changes to one document, with the given sync states and sync time, in one
+    /// transaction.
+    pub async fn save_doc(
+        &self,
+        key: String,
+        write: DocWrite,
+        sync_states: Vec<(String, Vec<u8>)>,
+        synced_at: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.call(move |t| {
+            match write {
+                DocWrite::Chunk(chunk) if chunk.is_empty() => {}
+                DocWrite::Chunk(chunk) => {
+                    t.execute(
+                        "INSERT INTO doc_chunks (key, data) VALUES (?1, ?2)",
+                        params![key, chunk],
+                    )?;
+                }
+                DocWrite::Snapshot(snapshot) => {
+                    t.execute(
+                        "INSERT INTO docs (key, snapshot) VALUES (?1, ?2)
+                         ON CONFLICT (key) DO UPDATE SET snapshot = excluded.snapshot",
+                        params![key, snapshot],
+                    )?;
+                    t.execute("DELETE FROM doc_chunks WHERE key = ?1", [&key])?;
+                }
+            }
+            if let Some(at) = synced_at {
+                t.execute(
+                    "UPDATE docs SET last_synced_at = ?2 WHERE key = ?1",
+                    params![key, at],
+                )?;
+            }
+            for (peer, state) in sync_states {
+                t.execute(
+                    "INSERT INTO sync_states (peer, key, state) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (peer, key) DO UPDATE SET state = excluded.state",
+                    params![peer, key, state],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stored sync states with `peer`, by document key.
+    pub async fn sync_states(&self, peer: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let peer = peer.to_string();
+        self.call(move |t| {
+            let mut stmt = t.prepare("SELECT key, state FROM sync_states WHERE peer = ?1")?;
+            let rows = stmt.query_map([peer], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Manifest files edgesync owns.
+    pub async fn owned_files(&self) -> Result<Vec<OwnedFile>, StoreError> {
+        self.call(|t| {
+            let mut stmt =
+                t.prepare("SELECT file, key, pod, sha256 FROM manifests ORDER BY file")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(OwnedFile {
+                    file: r.get(0)?,
+                    key: r.get(1)?,
+                    pod: r.get(2)?,
+                    sha256: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Records that edgesync owns `file` (before writing it, so a crash never orphans it).
+    pub async fn own_file(&self, file: OwnedFile) -> Result<(), StoreError> {
+        self.call(move |t| {
+            t.execute(
+                "INSERT INTO manifests (file, key, pod, sha256) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (file) DO UPDATE SET key = excluded.key, pod = excluded.pod, sha256 = excluded.sha256",
+                params![file.file, file.key, file.pod, file.sha256],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Forgets `file` (after deleting it).
+    pub async fn disown_file(&self, file: String) -> Result<(), StoreError> {
+        self.call(move |t| {
+            t.execute("DELETE FROM manifests WHERE file = ?1", [file])
+                .map(drop)
+        })
+        .await
+    }
+
+    /// Stores a join token (only the hash of its secret).
+    pub async fn add_token(
+        &self,
+        id: String,
+        secret_sha256: Vec<u8>,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.call(move |t| {
+            t.execute("DELETE FROM tokens WHERE expires_at < ?1", [now])?;
+            t.execute(
+                "INSERT INTO tokens (id, secret_sha256, expires_at, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, secret_sha256, expires_at, now],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// The stored secret hash and expiry of token `id`.
+    pub async fn token(&self, id: String) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        self.call(move |t| {
+            t.query_row(
+                "SELECT secret_sha256, expires_at FROM tokens WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// The node called `name`, if it joined.
+    pub async fn node(&self, name: String) -> Result<Option<JoinedNode>, StoreError> {
+        self.call(move |t| {
+            t.query_row(
+                "SELECT name, key_sha256 FROM nodes WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(JoinedNode {
+                        name: r.get(0)?,
+                        key_sha256: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// Records a node that joined (or re-joined with the same key).
+    pub async fn add_node(
+        &self,
+        name: String,
+        key_sha256: Vec<u8>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.call(move |t| {
+            t.execute(
+                "INSERT INTO nodes (name, key_sha256, joined_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET key_sha256 = excluded.key_sha256",
+                params![name, key_sha256, now],
+            )
+            .map(drop)
+        })
+        .await
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let err = |source| sqlite_err(path, source);
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(err)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    if check != "ok" {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: check,
+        });
+    }
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+    )
+    .map_err(err)?;
+    restrict_permissions(path);
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(err)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let target = i as i64 + 1;
+        conn.execute_batch(&format!(
+            "BEGIN; {migration} PRAGMA user_version = {target}; COMMIT;"
+        ))
+        .map_err(err)?;
+    }
+    Ok(conn)
+}
+
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        let _ = std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+fn writer_loop(mut conn: Connection, queue: &mut mpsc::UnboundedReceiver<Job>, path: &Path) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = run_batch(&mut conn, batch) {
+            tracing::error!(db = %path.display(), error = %e, "database transaction failed");
+        }
+    }
+}
+
+/// Runs a batch in one transaction, each job in its own savepoint (a failed job rolls back
+/// alone), and replies to every job only after the commit.
+fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> Result<(), rusqlite::Error> {
+    let mut replies = Vec::with_capacity(batch.len());
+    let outcome = (|| {
+        let mut tx = conn.transaction()?;
+        for job in batch {
+            let mut sp = tx.savepoint()?;
+            let (ok, reply) = job(&sp);
+            replies.push(reply);
+            if ok {
+                sp.commit()?;
+            } else {
+                sp.rollback()?;
+            }
+        }
+        tx.commit()
+    })();
+    let error = outcome.as_ref().err();
+    for reply in replies {
+        reply(error);
+    }
+    outcome
+}
+
+fn sqlite_err(path: &Path, source: rusqlite::Error) -> StoreError {
+    StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}

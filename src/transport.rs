@@ -1,0 +1,180 @@
+//! QUIC endpoints (quinn): transport settings with keep-alive, dialing, peer identity, and
+//! capped exponential backoff with jitter for reconnects.
+
+pub mod tls;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tls::{Identity, TlsError};
+
+/// Errors setting up or using QUIC.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// QUIC could not use the TLS configuration.
+    #[error("quic tls: {0}")]
+    QuicTls(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// A socket could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("connect to {addr}: {reason}")]
+    Connect {
+        /// Address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How often an idle connection sends a keep-alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How long a silent connection lives before it is considered dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut config = quinn::TransportConfig::default();
+    config.keep_alive_interval(Some(KEEP_ALIVE));
+    config.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("idle timeout fits QUIC's range"),
+    ));
+    config.max_concurrent_bidi_streams(8u32.into());
+    config.max_concurrent_uni_streams(0u32.into());
+    Arc::new(config)
+}
+
+/// A QUIC server endpoint on `addr` presenting `tls`.
+pub fn server(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<quinn::Endpoint, TransportError> {
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport_config());
+    quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// A QUIC client endpoint on an ephemeral port of the right address family.
+pub fn client(for_addr: SocketAddr) -> Result<quinn::Endpoint, TransportError> {
+    let bind: SocketAddr = if for_addr.is_ipv6() {
+        "[::]:0".parse().expect("valid address")
+    } else {
+        "0.0.0.0:0".parse().expect("valid address")
+    };
+    quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })
+}
+
+/// Dials `addr` with `tls`, asking for the head's server name.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+) -> Result<quinn::Connection, TransportError> {
+    let err = |reason: String| TransportError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let crypto = QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport_config());
+    let connecting = endpoint
+        .connect_with(config, addr, tls::HEAD_SERVER_NAME)
+        .map_err(|e| err(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(err(e.to_string())),
+        Err(_) => Err(err("timed out".into())),
+    }
+}
+
+/// Resolves `host:port` strings to addresses, keeping order and dropping duplicates.
+pub async fn resolve(targets: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for target in targets {
+        match tokio::net::lookup_host(target.as_str()).await {
+            Ok(addrs) => {
+                for addr in addrs {
+                    if !out.contains(&addr) {
+                        out.push(addr);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(target = %target, error = %e, "cannot resolve"),
+        }
+    }
+    out
+}
+
+/// The identity in the peer's client certificate, if it presented one.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<Identity> {
+    let certs = conn.peer_identity()?;
+    let certs = certs
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tls::identity(certs.first()?).ok()
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Starts at `base`, doubles per attempt up to `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay: random in [ceiling/2, ceiling], ceiling = min(cap, base·2^attempt).
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let [r] = tls::random_bytes::<1>();
+        ceiling / 2 + ceiling.mul_f64(f64::from(r) / 510.0)
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..20 {
+            assert!(b.next_delay() <= Duration::from_secs(2));
+        }
+        assert!(b.next_delay() >= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

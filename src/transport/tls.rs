@@ -1,0 +1,571 @@
+//! Certificates: the head's CA, issued certificates, join tokens pinning the CA, peer
+//! identities, and the rustls configurations built from them.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// ALPN protocol of edgesync's QUIC connections.
+pub const ALPN: &[u8] = b"edgesync/1";
+/// Server name every head certificate carries and every client asks for.
+pub const HEAD_SERVER_NAME: &str = "edgesync-head";
+/// Lifetime of a certificate issued to a node.
+pub const NODE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const TOKEN_PREFIX: &str = "edgesync1";
+
+/// Errors about certificates and tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Certificate generation or parsing failed.
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// rustls refused a configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// Client verifier could not be built.
+    #[error("tls client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A join token is malformed.
+    #[error(
+        "join token is malformed: expected {TOKEN_PREFIX}.<ca sha256>.<id>.<secret> as printed by `edgesync token create`"
+    )]
+    BadToken,
+    /// A certificate does not carry an edgesync identity.
+    #[error("certificate has no edgesync identity (CN and OU)")]
+    NoIdentity,
+}
+
+/// Role of a peer, carried as the certificate's OU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A head node: may sync every document.
+    Head,
+    /// An edge node: may sync only documents named after it.
+    Edge,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Head => "head",
+            Role::Edge => "edge",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who is on the other end of a connection, from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Head or edge.
+    pub role: Role,
+    /// Node name (CN).
+    pub name: String,
+}
+
+impl Identity {
+    /// Whether this peer may read and write document `key` (`namespace/name`).
+    pub fn may_access(&self, key: &str) -> bool {
+        match self.role {
+            Role::Head => true,
+            Role::Edge => key
+                .split_once('/')
+                .is_some_and(|(_, name)| name == self.name),
+        }
+    }
+}
+
+/// A certificate chain and its private key, ready for rustls.
+#[derive(Debug)]
+pub struct KeyedCert {
+    /// Leaf first, then the CA.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 private key.
+    pub key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl Clone for KeyedCert {
+    fn clone(&self) -> Self {
+        KeyedCert {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// The head's certificate authority.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, DER.
+    pub cert: CertificateDer<'static>,
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+}
+
+impl Ca {
+    /// Loads `ca.crt`/`ca.key` from `dir`, or creates them (key mode 0600) on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Ca, TlsError> {
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if cert_path.exists() || key_path.exists() {
+            let cert_pem = read(&cert_path)?;
+            let key = KeyPair::from_pem(&read(&key_path)?)?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+            let cert = pem_to_der(&cert_pem)?;
+            return Ok(Ca {
+                issuer,
+                cert,
+                cert_pem,
+            });
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn("edgesync CA", None);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        set_validity(&mut params, CA_LIFETIME);
+        let cert = params.self_signed(&key)?;
+        crate::fsutil::write_private(&key_path, key.serialize_pem().as_bytes())
+            .map_err(|source| io_err(&key_path, source))?;
+        crate::fsutil::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)
+            .map_err(|source| io_err(&cert_path, source))?;
+        let cert_pem = cert.pem();
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            cert: cert.der().clone(),
+            cert_pem,
+        })
+    }
+
+    /// SHA-256 of the CA certificate, hex: what join tokens pin.
+    pub fn hash(&self) -> String {
+        hex::encode(Sha256::digest(&self.cert))
+    }
+
+    /// A fresh certificate for this head (server and client use), key kept in memory only.
+    pub fn issue_head(&self, name: &str) -> Result<KeyedCert, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![HEAD_SERVER_NAME.to_string()])?;
+        params.distinguished_name = dn(name, Some(Role::Head));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        set_validity(&mut params, NODE_CERT_LIFETIME);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(KeyedCert {
+            chain: vec![cert.der().clone(), self.cert.clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+
+    /// Signs an edge's certificate request as `name`; subject and extensions in the request are
+    /// ignored. Returns the certificate PEM.
+    pub fn sign_edge(&self, csr_der: &[u8], name: &str) -> Result<String, TlsError> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
+        let mut csr = CertificateSigningRequestParams::from_der(&der)?;
+        csr.params = CertificateParams::default();
+        csr.params.distinguished_name = dn(name, Some(Role::Edge));
+        csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut csr.params, NODE_CERT_LIFETIME);
+        Ok(csr.signed_by(&self.issuer)?.pem())
+    }
+}
+
+/// SHA-256 of the public key in a certificate request, to recognise a retried join.
+pub fn csr_key_hash(csr_der: &[u8]) -> Result<Vec<u8>, TlsError> {
+    let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
+    let csr = CertificateSigningRequestParams::from_der(&der)?;
+    Ok(Sha256::digest(rcgen::PublicKeyData::der_bytes(&csr.public_key)).to_vec())
+}
+
+/// A new key pair and a certificate request for it (DER), made on the edge.
+pub fn new_request(name: &str) -> Result<(KeyPair, Vec<u8>), TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(name, Some(Role::Edge));
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.der().to_vec()))
+}
+
+/// A join token: the CA hash to pin, a token id, and the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// SHA-256 of the head's CA certificate, hex.
+    pub ca_hash: String,
+    /// Public token id.
+    pub id: String,
+    /// Secret part (the head stores only its hash).
+    pub secret: String,
+}
+
+impl JoinToken {
+    /// A new random token for a CA.
+    pub fn generate(ca_hash: &str) -> JoinToken {
+        JoinToken {
+            ca_hash: ca_hash.to_string(),
+            id: hex::encode(random_bytes::<4>()),
+            secret: hex::encode(random_bytes::<16>()),
+        }
+    }
+
+    /// SHA-256 of the secret, as stored by the head.
+    pub fn secret_hash(&self) -> Vec<u8> {
+        Sha256::digest(self.secret.as_bytes()).to_vec()
+    }
+
+    /// Parses `edgesync1.<ca sha256>.<id>.<secret>`.
+    pub fn parse(text: &str) -> Result<JoinToken, TlsError> {
+        let parts: Vec<&str> = text.trim().split('.').collect();
+        let hexish =
+            |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        match parts.as_slice() {
+            [TOKEN_PREFIX, ca, id, secret]
+                if hexish(ca, 64) && hexish(id, 8) && hexish(secret, 32) =>
+            {
+                Ok(JoinToken {
+                    ca_hash: ca.to_ascii_lowercase(),
+                    id: id.to_ascii_lowercase(),
+                    secret: secret.to_ascii_lowercase(),
+                })
+            }
+            _ => Err(TlsError::BadToken),
+        }
+    }
+}
+
+impl std::fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{TOKEN_PREFIX}.{}.{}.{}",
+            self.ca_hash, self.id, self.secret
+        )
+    }
+}
+
+/// Cryptographically secure random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).expect("the operating system's random source is available");
+    buf
+}
+
+/// Reads the identity (role from OU, name from CN) out of a certificate.
+pub fn identity(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|_| TlsError::NoIdentity)?;
+    let subject = parsed.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or(TlsError::NoIdentity)?;
+    let role = match subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|a| a.as_str().ok())
+    {
+        Some("head") => Role::Head,
+        Some("edge") => Role::Edge,
+        _ => return Err(TlsError::NoIdentity),
+    };
+    Ok(Identity {
+        role,
+        name: name.to_string(),
+    })
+}
+
+/// When a certificate stops being valid.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<OffsetDateTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    OffsetDateTime::from_unix_timestamp(parsed.validity().not_after.timestamp()).ok()
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    Ok(Arc::new(roots))
+}
+
+/// Server side: present `cert`; ask for a client certificate from `ca`, but let clients without
+/// one in (they may only join).
+pub fn server_config(
+    ca: &CertificateDer<'static>,
+    cert: &KeyedCert,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            cert.chain.clone(),
+            PrivateKeyDer::Pkcs8(cert.key.clone_key()),
+        )?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Client side with a certificate: trust only `ca`.
+pub fn client_config(
+    ca: &CertificateDer<'static>,
+    cert: &KeyedCert,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(
+            cert.chain.clone(),
+            PrivateKeyDer::Pkcs8(cert.key.clone_key()),
+        )?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Client side for joining: no certificate yet; trust the head only if its chain carries a CA
+/// whose SHA-256 is `ca_hash` (from the token) and the leaf is signed by it. The flag is set
+/// when a head was refused for presenting another CA.
+pub fn join_client_config(
+    ca_hash: &str,
+) -> Result<(rustls::ClientConfig, Arc<AtomicBool>), TlsError> {
+    let mismatch = Arc::new(AtomicBool::new(false));
+    let verifier = PinnedCa {
+        pin: ca_hash.to_ascii_lowercase(),
+        provider: provider(),
+        mismatch: mismatch.clone(),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok((config, mismatch))
+}
+
+#[derive(Debug)]
+struct PinnedCa {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+    mismatch: Arc<AtomicBool>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.pin)
+            .ok_or_else(|| {
+                self.mismatch.store(true, Ordering::SeqCst);
+                rustls::Error::General(
+                    "the head's CA does not match the CA hash in the join token".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Parses the first certificate of a PEM text.
+pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Io {
+        path: "(certificate)".into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    })
+}
+
+/// Loads a node's certificate, key and CA from `dir` (`node.crt`, `node.key`, `ca.crt`), if present.
+pub fn load_node_cert(
+    dir: &Path,
+) -> Result<Option<(KeyedCert, CertificateDer<'static>)>, TlsError> {
+    let (cert_path, key_path, ca_path) = (
+        dir.join("node.crt"),
+        dir.join("node.key"),
+        dir.join("ca.crt"),
+    );
+    if !cert_path.exists() {
+        return Ok(None);
+    }
+    let cert = pem_to_der(&read(&cert_path)?)?;
+    let ca = pem_to_der(&read(&ca_path)?)?;
+    let key = KeyPair::from_pem(&read(&key_path)?)?;
+    Ok(Some((
+        KeyedCert {
+            chain: vec![cert],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        },
+        ca,
+    )))
+}
+
+/// Stores a node's key (0600), certificate and CA in `dir`, key first so a crash never leaves a
+/// certificate without its key.
+pub fn save_node_cert(
+    dir: &Path,
+    key: &KeyPair,
+    cert_pem: &str,
+    ca_pem: &str,
+) -> Result<(), TlsError> {
+    let write = |name: &str, data: &str, mode| {
+        let path = dir.join(name);
+        crate::fsutil::write_atomic(&path, data.as_bytes(), mode)
+            .map_err(|source| io_err(&path, source))
+    };
+    write("node.key", &key.serialize_pem(), 0o600)?;
+    write("ca.crt", ca_pem, 0o644)?;
+    write("node.crt", cert_pem, 0o644)
+}
+
+fn dn(common_name: &str, role: Option<Role>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "edgesync");
+    if let Some(role) = role {
+        dn.push(DnType::OrganizationalUnitName, role.as_str());
+    }
+    dn
+}
+
+fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::from_secs(3600);
+    params.not_after = now + lifetime;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_bytes::<16>()));
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| io_err(path, source))
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> TlsError {
+    TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trips_and_rejects_garbage() {
+        let token = JoinToken::generate(&"ab".repeat(32));
+        assert_eq!(JoinToken::parse(&token.to_string()).unwrap(), token);
+        for bad in [
+            "",
+            "edgesync1.x.y.z",
+            &token.to_string().replace("edgesync1", "k10"),
+        ] {
+            assert!(JoinToken::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn issued_certificates_carry_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let head = ca.issue_head("head-a").unwrap();
+        assert_eq!(
+            identity(&head.chain[0]).unwrap(),
+            Identity {
+                role: Role::Head,
+                name: "head-a".into()
+            }
+        );
+        let (_, csr) = new_request("ignored").unwrap();
+        let edge = pem_to_der(&ca.sign_edge(&csr, "edge01").unwrap()).unwrap();
+        let id = identity(&edge).unwrap();
+        assert_eq!((id.role, id.name.as_str()), (Role::Edge, "edge01"));
+        assert!(id.may_access("team-a/edge01") && !id.may_access("team-a/edge02"));
+        let again = Ca::load_or_create(dir.path()).unwrap();
+        assert_eq!(again.hash(), ca.hash(), "the CA survives a restart");
+        let mode = std::fs::metadata(dir.path().join("ca.key")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+    }
+}
