@@ -112,7 +112,8 @@ async fn step(
         .await
         .map_err(runtime)?
     {
-        println!("edgenode.edgesync.io/{} {}", outcome.key, outcome.result);
+        let name = outcome.key.rsplit('/').next().unwrap_or_default();
+        println!("edgenode.edgesync.io/{name} {}", outcome.result);
     }
     let deadline = started + Duration::from_secs(10);
     loop {

@@ -18,6 +18,8 @@ use tracing::{Instrument, info, warn};
 pub type JoinHandler =
     Arc<dyn Fn(Frame, SocketAddr) -> Pin<Box<dyn Future<Output = Frame> + Send>> + Send + Sync>;
 
+/// How long shutdown waits for close frames to reach peers.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How long a new connection may take to open its first stream and send its first frame.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,6 +51,7 @@ pub async fn serve(
         );
     }
     endpoint.close(0u32.into(), b"shutting down");
+    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
 }
 
 async fn handle_incoming(
@@ -144,6 +147,10 @@ pub async fn dial(
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+    // Let the close reach the peer, so it sees us go at once rather than after the idle timeout.
+    for (_, endpoint) in endpoints {
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     }
 }
 

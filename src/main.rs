@@ -9,7 +9,8 @@ use edgesync::{crd, dev, edge, head, runtime};
 
 fn main() {
     let cli = Cli::parse();
-    runtime::init_tracing(cli.log_format);
+    let quiet = matches!(cli.command, Command::Dev(_));
+    runtime::init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

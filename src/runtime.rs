@@ -4,11 +4,11 @@ use crate::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global tracing subscriber: `EDGESYNC_LOG` (or `RUST_LOG`) filters, default
-/// `info`; logs go to stderr, as text or JSON lines.
-pub fn init_tracing(format: LogFormat) {
+/// `default`; logs go to stderr, as text or JSON lines.
+pub fn init_tracing(format: LogFormat, default: &str) {
     let filter = std::env::var("EDGESYNC_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| default.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr);

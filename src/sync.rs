@@ -194,10 +194,13 @@ impl Session {
     }
 }
 
-/// Logs the end of a session at a fitting level.
+/// Logs the end of a session: a broken link is routine (info), a misbehaving peer is not (warn).
 pub fn log_end(peer: &Identity, result: &Result<(), SessionError>) {
     match result {
         Ok(()) => info!(peer = %peer.name, role = %peer.role, "peer disconnected"),
+        Err(SessionError::Wire(WireError::Io(e))) => {
+            info!(peer = %peer.name, role = %peer.role, reason = %e, "peer disconnected")
+        }
         Err(e) => warn!(peer = %peer.name, role = %peer.role, error = %e, "peer session ended"),
     }
 }

@@ -1,0 +1,379 @@
+//! Test harness: the built `edgesync` binary run as real head and edge processes on loopback,
+//! the CLI as a user runs it, and condition waits with timeouts.
+
+use serde_json::Value;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_edgesync")
+}
+
+/// Waits until `check` returns Some, polling; panics with `what` after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (bound and released).
+pub fn free_udp_addr() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Runs the CLI to completion.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env_remove("EDGESYNC_SOCKET")
+        .output()
+        .expect("edgesync runs")
+}
+
+/// Runs the CLI with `input` on stdin.
+pub fn cli_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("edgesync runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// stdout of a successful CLI run; panics with stderr otherwise.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "edgesync failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A daemon process, killed on drop; its stderr goes to a log file.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its control socket.
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(args: Vec<String>, log: PathBuf, socket: PathBuf) -> Daemon {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(bin())
+            .args(&args)
+            .env(
+                "EDGESYNC_LOG",
+                "debug,quinn=info,quinn_proto=info,rustls=info",
+            )
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("edgesync starts");
+        Daemon {
+            child: Some(child),
+            log,
+            socket,
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the control socket answers.
+    pub async fn ready(self) -> Self {
+        let socket = self.socket.clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if cli(&["status", "-o", "json", "--socket", socket.to_str().unwrap()])
+                .status
+                .success()
+            {
+                return self;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not become ready:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the process to exit on its own and returns its exit code.
+    pub async fn exit_code(mut self, timeout: Duration) -> i32 {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "process did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Kills the process at once (as a crash or power cut would).
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs a CLI command against this daemon's socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--socket", self.socket.to_str().unwrap()]);
+        cli(&all)
+    }
+
+    /// Runs a CLI command against this daemon and parses its JSON output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&ok(self.cli(args))).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- log of {}:\n{}", self.log.display(), self.log_text());
+            }
+        }
+    }
+}
+
+/// A head process with its files under `dir`.
+pub struct HeadProc {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// Its state dir.
+    pub state: PathBuf,
+}
+
+impl HeadProc {
+    /// Starts a standalone head in `dir` on `addr` and waits until it is ready.
+    pub async fn start(dir: &Path, addr: SocketAddr, extra: &[&str]) -> HeadProc {
+        let state = dir.join("head-state");
+        let socket = dir.join("head.sock");
+        let mut args: Vec<String> = vec![
+            "head".into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--api-listen".into(),
+            "127.0.0.1:0".into(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--name".into(),
+            "head-1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let daemon = Daemon::spawn(args, dir.join("head.log"), socket)
+            .ready()
+            .await;
+        HeadProc {
+            daemon,
+            addr,
+            state,
+        }
+    }
+
+    /// The join token written at first start.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.state.join("join-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+/// An edge process's files under `dir`.
+#[derive(Clone)]
+pub struct EdgeDirs {
+    /// State dir.
+    pub state: PathBuf,
+    /// Manifest dir.
+    pub manifests: PathBuf,
+    /// Control socket.
+    pub socket: PathBuf,
+    /// Log file.
+    pub log: PathBuf,
+}
+
+impl EdgeDirs {
+    /// Paths for an edge under `dir`.
+    pub fn new(dir: &Path, name: &str) -> EdgeDirs {
+        EdgeDirs {
+            state: dir.join(format!("{name}-state")),
+            manifests: dir.join(format!("{name}-manifests")),
+            socket: dir.join(format!("{name}.sock")),
+            log: dir.join(format!("{name}.log")),
+        }
+    }
+
+    /// Spawns `edgesync edge` for node `name` dialing `heads` (token optional), not waiting.
+    pub fn spawn(
+        &self,
+        name: &str,
+        heads: &[SocketAddr],
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> Daemon {
+        let mut args: Vec<String> = vec![
+            "edge".into(),
+            "--node-name".into(),
+            name.into(),
+            "--state-dir".into(),
+            self.state.display().to_string(),
+            "--manifest-dir".into(),
+            self.manifests.display().to_string(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--drift-interval".into(),
+            "200ms".into(),
+        ];
+        for head in heads {
+            args.extend(["--head".into(), head.to_string()]);
+        }
+        if let Some(token) = token {
+            args.extend(["--token".into(), token.into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Daemon::spawn(args, self.log.clone(), self.socket.clone())
+    }
+
+    /// Spawns and waits until ready.
+    pub async fn start(&self, name: &str, heads: &[SocketAddr], token: Option<&str>) -> Daemon {
+        self.spawn(name, heads, token, &[]).ready().await
+    }
+
+    /// A manifest's parsed content, if the file exists.
+    pub fn manifest(&self, namespace: &str, pod: &str) -> Option<Value> {
+        let text = std::fs::read_to_string(
+            self.manifests
+                .join(format!("edgesync_{namespace}_{pod}.json")),
+        )
+        .ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// File names in the manifest dir.
+    pub fn files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.manifests)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+/// The image of the first container of a manifest.
+pub fn image(manifest: &Value) -> &str {
+    manifest["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap_or("")
+}
+
+/// Writes a file into `dir` and returns its path as a string.
+pub fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The example EdgeNode with the image replaced.
+pub fn example(image: &str) -> String {
+    include_str!("../../example/edge01.yaml").replace("image: nginx", &format!("image: {image}"))
+}
+
+/// An EdgeNode with the given pods (name, image), in `namespace`, for `node`.
+pub fn edgenode(namespace: &str, node: &str, pods: &[(&str, &str)]) -> String {
+    let mut text = format!(
+        "apiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: {node}\n  namespace: {namespace}\nspec:\n  pods:\n"
+    );
+    for (name, image) in pods {
+        text.push_str(&format!(
+            "    - apiVersion: v1\n      kind: Pod\n      metadata:\n        name: {name}\n      spec:\n        containers:\n          - name: main\n            image: {image}\n"
+        ));
+    }
+    text
+}
+
+/// Pod names in `get -o json` output.
+pub fn pod_names(node: &Value) -> Vec<String> {
+    node["spec"]["pods"]
+        .as_array()
+        .map(|pods| {
+            pods.iter()
+                .map(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
