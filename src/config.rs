@@ -79,6 +79,8 @@ pub struct EdgeConfig {
     pub heads: Vec<String>,
     /// Join token, if given.
     pub token: Option<String>,
+    /// File holding the join token, read only when a join is needed.
+    pub token_file: Option<PathBuf>,
     /// Extra peers to dial.
     pub peers: Vec<String>,
     /// Static pod directory.
@@ -107,6 +109,7 @@ impl EdgeConfig {
             node_name: node_name.into(),
             heads: vec![head.to_string()],
             token,
+            token_file: None,
             peers: Vec::new(),
             manifest_dir: dir.join("manifests"),
             state_dir: dir.join("state"),
@@ -202,19 +205,7 @@ impl EdgeArgs {
                 return Err(config_err("--head", format!("{head:?} is not HOST:PORT")));
             }
         }
-        let token = match (
-            self.token.or(file.token),
-            self.token_file.or(file.token_file),
-        ) {
-            (Some(token), _) => Some(token),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(&path)
-                    .map_err(|e| config_err(path.display().to_string(), e.to_string()))?
-                    .trim()
-                    .to_string(),
-            ),
-            (None, None) => None,
-        };
+        let token = self.token.or(file.token);
         if let Some(token) = &token {
             crate::transport::tls::JoinToken::parse(token)
                 .map_err(|e| config_err("--token", e.to_string()))?;
@@ -235,6 +226,7 @@ impl EdgeArgs {
             node_name,
             heads,
             token,
+            token_file: self.token_file.or(file.token_file),
             peers: merge_list(self.peer, file.peer),
             manifest_dir: self
                 .manifest_dir

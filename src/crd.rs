@@ -17,6 +17,8 @@ pub const MANAGED_ANNOTATION: &str = "edgesync.io/managed";
 pub const SOURCE_ANNOTATION: &str = "edgesync.io/edgenode";
 
 /// Which pods must run on one edge node (`metadata.name` is the node's name).
+// Each printer column repeats `type_`, which the lint mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "edgesync.io",

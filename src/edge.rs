@@ -156,7 +156,7 @@ async fn credentials(
             }
             return Ok((cert, ca));
         }
-        if config.token.is_none() {
+        if config.token.is_none() && config.token_file.is_none() {
             return Err(EdgeError::Config(format!(
                 "the certificate in {} has expired; start once with --token (a new one from `edgesync token create`) to join again",
                 config.state_dir.display()
@@ -164,13 +164,20 @@ async fn credentials(
         }
         warn!("certificate expired; joining again with the token");
     }
-    let Some(token) = &config.token else {
-        return Err(EdgeError::Config(format!(
-            "{} holds no certificate yet: give --token (from <head state dir>/join-token or `edgesync token create`) to join",
-            config.state_dir.display()
-        )));
+    let token = match (&config.token, &config.token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|source| io_err(path, source))?
+            .trim()
+            .to_string(),
+        (None, None) => {
+            return Err(EdgeError::Config(format!(
+                "{} holds no certificate yet: give --token (from <head state dir>/join-token or `edgesync token create`) to join",
+                config.state_dir.display()
+            )));
+        }
     };
-    let token = JoinToken::parse(token)?;
+    let token = JoinToken::parse(&token)?;
     if config.heads.is_empty() {
         return Err(EdgeError::Config(
             "give at least one --head HOST:PORT".into(),
