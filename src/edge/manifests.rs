@@ -174,9 +174,16 @@ mod tests {
         assert!(plan_.write.is_empty());
         assert_eq!(plan_.blocked, vec![b]);
         assert_eq!(plan_.remove, vec![gone.clone()]);
-        let drifted = plan(std::slice::from_ref(&a), &[owned(&a)], &[], |_| Some("edited".into()));
+        let drifted = plan(std::slice::from_ref(&a), &[owned(&a)], &[], |_| {
+            Some("edited".into())
+        });
         assert_eq!(drifted.write, vec![a.clone()]);
-        let kept = plan(&[], std::slice::from_ref(&gone), std::slice::from_ref(&gone.file), |_| None);
+        let kept = plan(
+            &[],
+            std::slice::from_ref(&gone),
+            std::slice::from_ref(&gone.file),
+            |_| None,
+        );
         assert!(kept.remove.is_empty());
     }
 
