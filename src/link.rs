@@ -123,25 +123,17 @@ pub async fn dial(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     let mut endpoints: Vec<(bool, quinn::Endpoint)> = Vec::new();
     while !shutdown.is_cancelled() {
-        for addr in transport::resolve(&targets).await {
-            let endpoint = match endpoint_for(&mut endpoints, addr) {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(error = %e, "cannot open a QUIC client socket");
-                    continue;
-                }
-            };
-            match transport::connect(&endpoint, addr, tls.clone()).await {
-                Ok(conn) => {
-                    backoff.reset();
-                    let span = tracing::info_span!("link", peer = %addr);
-                    run_link(&node, conn, shutdown.child_token())
-                        .instrument(span)
-                        .await;
-                    break;
-                }
-                Err(e) => warn!(error = %e, "peer unreachable"),
-            }
+        let addrs = transport::resolve(&targets).await;
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            conn = connect_any(&mut endpoints, &addrs, &tls) => conn,
+        };
+        if let Some(conn) = attempt {
+            backoff.reset();
+            let span = tracing::info_span!("link", peer = %conn.remote_address());
+            run_link(&node, conn, shutdown.child_token())
+                .instrument(span)
+                .await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -152,6 +144,33 @@ pub async fn dial(
     for (_, endpoint) in endpoints {
         let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     }
+}
+
+/// Dials every address at once and keeps the first connection that completes, so a dead
+/// head never delays reaching a live one.
+async fn connect_any(
+    endpoints: &mut Vec<(bool, quinn::Endpoint)>,
+    addrs: &[SocketAddr],
+    tls: &rustls::ClientConfig,
+) -> Option<quinn::Connection> {
+    let mut attempts = tokio::task::JoinSet::new();
+    for &addr in addrs {
+        match endpoint_for(endpoints, addr) {
+            Ok(endpoint) => {
+                let tls = tls.clone();
+                attempts.spawn(async move { transport::connect(&endpoint, addr, tls).await });
+            }
+            Err(e) => warn!(error = %e, "cannot open a QUIC client socket"),
+        }
+    }
+    while let Some(done) = attempts.join_next().await {
+        match done {
+            Ok(Ok(conn)) => return Some(conn),
+            Ok(Err(e)) => warn!(error = %e, "peer unreachable"),
+            Err(e) => warn!(error = %e, "dial task failed"),
+        }
+    }
+    None
 }
 
 fn endpoint_for(

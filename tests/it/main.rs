@@ -108,12 +108,21 @@ async fn join_push_update_remove_touch_only_owned_files() {
 
         // A restart needs no token: the stored certificate is used.
         edge.stop().await;
-        let edge = edge_dirs.start("edge01", &[head.addr], None).await;
+        // A dead head listed first does not delay the live one.
+        let edge = edge_dirs
+            .start("edge01", &[free_udp_addr(), head.addr], None)
+            .await;
+        let started = Instant::now();
         ok(head.daemon.cli(&["apply", "-f", &file]));
         wait_for("manifest after restart", SOON, || {
             edge_dirs.manifest("default", "nginx")
         })
         .await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "reached the live head after {took:?}"
+        );
         drop(edge);
     })
     .await;
@@ -262,13 +271,13 @@ async fn edits_made_apart_merge_when_head_and_edge_meet_again() {
         let edge = dirs
             .start("edge01", &[relay.local_addr()], Some(&head.token()))
             .await;
+        let pods = |list: &[(&str, &str)]| edgenode("default", "edge01", list);
         let base = write(
             dir.path(),
             "base.yaml",
-            &edgenode("default", "edge01", &[("web", "nginx"), ("db", "redis")]),
+            &pods(&[("web", "nginx"), ("db", "redis"), ("api", "api:1")]),
         );
         ok(head.daemon.cli(&["apply", "-f", &base]));
-        wait_for("base on the edge", SOON, || dirs.manifest("default", "db")).await;
         wait_for("edge applied (status back at the head)", SOON, || {
             let node = head
                 .daemon
@@ -278,25 +287,22 @@ async fn edits_made_apart_merge_when_head_and_edge_meet_again() {
         .await;
 
         relay.cut();
-        // Head: new web image. Edge (offline): adds cache, removes db.
+        // Head: new web image, api -> api:head. Edge (offline): adds cache, removes db,
+        // api -> api:edge (the same field as the head: a conflict).
         let on_head = write(
             dir.path(),
             "head.yaml",
-            &edgenode(
-                "default",
-                "edge01",
-                &[("web", "nginx:1.27"), ("db", "redis")],
-            ),
+            &pods(&[("web", "nginx:1.27"), ("db", "redis"), ("api", "api:head")]),
         );
         ok(head.daemon.cli(&["apply", "-f", &on_head]));
         let on_edge = write(
             dir.path(),
             "edge.yaml",
-            &edgenode(
-                "default",
-                "edge01",
-                &[("web", "nginx"), ("cache", "memcached")],
-            ),
+            &pods(&[
+                ("web", "nginx"),
+                ("cache", "memcached"),
+                ("api", "api:edge"),
+            ]),
         );
         ok(edge.cli(&["apply", "-f", &on_edge]));
         wait_for("offline edit on the edge", SOON, || {
@@ -309,14 +315,27 @@ async fn edits_made_apart_merge_when_head_and_edge_meet_again() {
         let merged = |node: &serde_json::Value| {
             let mut names = pod_names(node);
             names.sort();
-            let web = node["spec"]["pods"]
+            let image_of = |pod: &str| {
+                node["spec"]["pods"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["metadata"]["name"] == pod)
+                    .and_then(|p| {
+                        p["spec"]["containers"][0]["image"]
+                            .as_str()
+                            .map(str::to_string)
+                    })
+            };
+            let conflict = node["status"]["conditions"]
                 .as_array()?
                 .iter()
-                .find(|p| p["metadata"]["name"] == "web")
-                .map(|p| p["spec"]["containers"][0]["image"].clone())?;
-            (names == ["cache", "web"] && web == "nginx:1.27").then_some(())
+                .find(|c| c["type"] == "Conflict")?["message"]
+                .as_str()?
+                .to_string();
+            (names == ["api", "cache", "web"] && image_of("web")? == "nginx:1.27")
+                .then(|| (image_of("api"), conflict))
         };
-        wait_for("merged on the head", Duration::from_secs(40), || {
+        let (api_head, conflict) = wait_for("merged on the head", Duration::from_secs(40), || {
             merged(
                 &head
                     .daemon
@@ -324,24 +343,49 @@ async fn edits_made_apart_merge_when_head_and_edge_meet_again() {
             )
         })
         .await;
-        wait_for("merged on the edge", SOON, || {
+        assert!(
+            conflict.contains("api:head") && conflict.contains("api:edge"),
+            "{conflict}"
+        );
+        assert!(
+            conflict.contains("spec.pods.api.spec.containers[0].image"),
+            "{conflict}"
+        );
+        let (api_edge, _) = wait_for("merged on the edge", SOON, || {
             merged(&edge.json(&["get", "edgenodes", "edge01", "-o", "json"]))
         })
         .await;
+        assert_eq!(api_head, api_edge, "both sides pick the same winner");
+        let winner = api_head.unwrap();
         wait_for("merged manifests", SOON, || {
             let web = dirs.manifest("default", "web")?;
-            (image(&web) == "nginx:1.27" && dirs.manifest("default", "db").is_none())
-                .then(|| dirs.manifest("default", "cache"))?
+            let api = dirs.manifest("default", "api")?;
+            (image(&web) == "nginx:1.27"
+                && image(&api) == winner
+                && dirs.manifest("default", "db").is_none())
+            .then(|| dirs.manifest("default", "cache"))?
         })
         .await;
-        let node = head
-            .daemon
-            .json(&["get", "edgenodes", "edge01", "-o", "json"]);
-        let conditions = node["status"]["conditions"].as_array().unwrap();
-        assert!(
-            !conditions.iter().any(|c| c["type"] == "Conflict"),
-            "different fields merge without conflict"
+
+        // Applying a value settles the conflict.
+        let settled = write(
+            dir.path(),
+            "settled.yaml",
+            &pods(&[
+                ("web", "nginx:1.27"),
+                ("cache", "memcached"),
+                ("api", "api:2"),
+            ]),
         );
+        ok(head.daemon.cli(&["apply", "-f", &settled]));
+        wait_for("conflict settled on the edge", SOON, || {
+            let node = edge.json(&["get", "edgenodes", "edge01", "-o", "json"]);
+            let conditions = node["status"]["conditions"].as_array()?.clone();
+            (!conditions.iter().any(|c| c["type"] == "Conflict"))
+                .then(|| dirs.manifest("default", "api"))?
+                .filter(|api| image(api) == "api:2")
+        })
+        .await;
     })
     .await;
 }
