@@ -97,6 +97,9 @@ pub struct HeadArgs {
     )]
     #[serde(alias = "privileged_namespaces")]
     pub privileged_namespace: Vec<String>,
+    /// Lifetime of certificates issued to edges (e.g. 365d); edges renew after two thirds.
+    #[arg(long, env = "EDGESYNC_EDGE_CERT_LIFETIME")]
+    pub edge_cert_lifetime: Option<String>,
 }
 
 /// Flags of `edgesync edge`.

@@ -52,6 +52,8 @@ pub struct HeadConfig {
     pub peers: Vec<String>,
     /// Namespaces exempt from the baseline profile.
     pub privileged_namespaces: Vec<String>,
+    /// Lifetime of certificates issued to edges.
+    pub edge_cert_lifetime: Duration,
 }
 
 impl HeadConfig {
@@ -66,6 +68,7 @@ impl HeadConfig {
             kubeconfig: None,
             peers: Vec::new(),
             privileged_namespaces: Vec::new(),
+            edge_cert_lifetime: crate::transport::tls::NODE_CERT_LIFETIME,
         }
     }
 }
@@ -160,6 +163,13 @@ impl HeadArgs {
         let privileged_namespaces =
             merge_list(self.privileged_namespace, file.privileged_namespace);
         check_namespaces(&privileged_namespaces)?;
+        let edge_cert_lifetime = match self.edge_cert_lifetime.or(file.edge_cert_lifetime) {
+            None => crate::transport::tls::NODE_CERT_LIFETIME,
+            Some(text) => parse_duration("--edge-cert-lifetime", &text)?,
+        };
+        if edge_cert_lifetime < Duration::from_secs(3) {
+            return Err(config_err("--edge-cert-lifetime", "must be at least 3s"));
+        }
         Ok(HeadConfig {
             name,
             state_dir: self
@@ -181,6 +191,7 @@ impl HeadArgs {
             kubeconfig: self.kubeconfig.or(file.kubeconfig),
             peers: merge_list(self.peer, file.peer),
             privileged_namespaces,
+            edge_cert_lifetime,
         })
     }
 }

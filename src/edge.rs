@@ -1,6 +1,7 @@
 //! Edge wiring: join once with a token, then dial the heads with backoff, and keep the
 //! kubelet's static pod manifests equal to the documents, with no network needed.
 
+pub mod join;
 pub mod manifests;
 pub mod policy;
 
@@ -12,12 +13,11 @@ use crate::input::{self, Rules};
 use crate::link;
 use crate::node::{AppliedPod, Node, NodeError};
 use crate::store::{OwnedFile, Store, StoreError};
-use crate::sync::wire::{Frame, read_frame, write_frame};
-use crate::transport::tls::{self, JoinToken, KeyedCert, Role, TlsError};
-use crate::transport::{self, Backoff, TransportError};
+use crate::transport::TransportError;
+use crate::transport::tls::{self, Role, TlsError};
 use manifests::Desired;
-use sha2::Digest;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -80,7 +80,7 @@ impl Edge {
         fsutil::ensure_dir(&config.manifest_dir, 0o755)
             .map_err(|source| io_err(&config.manifest_dir, source))?;
         let shutdown = CancellationToken::new();
-        let (cert, ca) = credentials(&config, &shutdown).await?;
+        join::credentials(&config, &shutdown).await?;
         let store = Store::open(dir)?;
         let rules = Rules {
             default_namespace: "default".into(),
@@ -96,11 +96,22 @@ impl Edge {
         tasks.spawn(reconciler.run(config.drift_interval, shutdown.child_token()));
         let mut targets = config.heads.clone();
         targets.extend(config.peers.iter().cloned());
-        let client = tls::client_config(&ca, &cert)?;
+        let state = config.state_dir.clone();
+        let client: link::TlsSource = Arc::new(move || {
+            let (cert, ca) = tls::load_node_cert(&state)
+                .map_err(|e| e.to_string())?
+                .ok_or("the node certificate is gone from the state dir")?;
+            tls::client_config(&ca, &cert).map_err(|e| e.to_string())
+        });
         tasks.spawn(link::dial(
             node.clone(),
             targets,
             client,
+            shutdown.child_token(),
+        ));
+        tasks.spawn(join::renew_loop(
+            config.state_dir.clone(),
+            config.heads.clone(),
             shutdown.child_token(),
         ));
         tasks.spawn(
@@ -130,165 +141,6 @@ fn io_err(path: &Path, source: std::io::Error) -> EdgeError {
     EdgeError::Io {
         path: path.display().to_string(),
         source,
-    }
-}
-
-/// The node's certificate: stored from an earlier join, or obtained now with the token.
-async fn credentials(
-    config: &EdgeConfig,
-    shutdown: &CancellationToken,
-) -> Result<(KeyedCert, rustls::pki_types::CertificateDer<'static>), EdgeError> {
-    if let Some((cert, ca)) = tls::load_node_cert(&config.state_dir)? {
-        let identity = tls::identity(&cert.chain[0])?;
-        if identity.name != config.node_name {
-            return Err(EdgeError::Config(format!(
-                "--node-name is {:?} but {} belongs to node {:?}; use that name or another --state-dir",
-                config.node_name,
-                config.state_dir.display(),
-                identity.name
-            )));
-        }
-        let expired =
-            tls::not_after(&cert.chain[0]).is_some_and(|t| t <= time::OffsetDateTime::now_utc());
-        if !expired {
-            if config.token.is_some() {
-                info!("already joined; the token is not needed any more");
-            }
-            return Ok((cert, ca));
-        }
-        if config.token.is_none() && config.token_file.is_none() {
-            return Err(EdgeError::Config(format!(
-                "the certificate in {} has expired; start once with --token (a new one from `edgesync token create`) to join again",
-                config.state_dir.display()
-            )));
-        }
-        warn!("certificate expired; joining again with the token");
-    }
-    let token = match (&config.token, &config.token_file) {
-        (Some(token), _) => token.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|source| io_err(path, source))?
-            .trim()
-            .to_string(),
-        (None, None) => {
-            return Err(EdgeError::Config(format!(
-                "{} holds no certificate yet: give --token (from <head state dir>/join-token or `edgesync token create`) to join",
-                config.state_dir.display()
-            )));
-        }
-    };
-    let token = JoinToken::parse(&token)?;
-    if config.heads.is_empty() {
-        return Err(EdgeError::Config(
-            "give at least one --head HOST:PORT".into(),
-        ));
-    }
-    join(config, &token, shutdown).await?;
-    tls::load_node_cert(&config.state_dir)?.ok_or_else(|| {
-        EdgeError::Config("join succeeded but the certificate was not stored".into())
-    })
-}
-
-/// Presents the token to whichever head answers and stores the certificate it issues.
-async fn join(
-    config: &EdgeConfig,
-    token: &JoinToken,
-    shutdown: &CancellationToken,
-) -> Result<(), EdgeError> {
-    let (key, csr) = tls::new_request(&config.node_name)?;
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    loop {
-        for addr in transport::resolve(&config.heads).await {
-            match join_once(
-                addr,
-                token,
-                &config.node_name,
-                &csr,
-                config.advertise_address.as_deref(),
-            )
-            .await
-            {
-                Ok((cert_pem, ca_pem)) => {
-                    tls::save_node_cert(&config.state_dir, &key, &cert_pem, &ca_pem)?;
-                    info!(head = %addr, "joined");
-                    return Ok(());
-                }
-                Err(JoinAttempt::Refused(reason)) => {
-                    return Err(EdgeError::JoinRefused {
-                        head: addr.to_string(),
-                        reason,
-                    });
-                }
-                Err(JoinAttempt::Unreachable(reason)) => {
-                    warn!(head = %addr, %reason, "cannot join yet")
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(EdgeError::Config("stopped before joining".into())),
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-        }
-    }
-}
-
-enum JoinAttempt {
-    Refused(String),
-    Unreachable(String),
-}
-
-async fn join_once(
-    addr: std::net::SocketAddr,
-    token: &JoinToken,
-    node: &str,
-    csr: &[u8],
-    advertise: Option<&str>,
-) -> Result<(String, String), JoinAttempt> {
-    let unreachable = |e: &dyn std::fmt::Display| JoinAttempt::Unreachable(e.to_string());
-    let (client, pin_failed) =
-        tls::join_client_config(&token.ca_hash).map_err(|e| unreachable(&e))?;
-    let endpoint = transport::client(addr).map_err(|e| unreachable(&e))?;
-    let conn = match transport::connect(&endpoint, addr, client).await {
-        Ok(conn) => conn,
-        Err(_) if pin_failed.load(std::sync::atomic::Ordering::SeqCst) => {
-            return Err(JoinAttempt::Refused(
-                "the head's CA certificate does not match the CA hash in the token; check the token and --head".into(),
-            ));
-        }
-        Err(e) => return Err(unreachable(&e)),
-    };
-    let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
-        let request = Frame::JoinRequest {
-            node: node.to_string(),
-            token_id: token.id.clone(),
-            secret: token.secret.clone(),
-            csr: csr.to_vec(),
-            advertise: advertise.unwrap_or_default().to_string(),
-        };
-        write_frame(&mut send, &request)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let _ = send.finish();
-        read_frame(&mut recv).await.map_err(|e| unreachable(&e))
-    };
-    let reply = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .map_err(|_| JoinAttempt::Unreachable("no answer within 10s".into()))??;
-    conn.close(0u32.into(), b"joined");
-    match reply {
-        Some(Frame::JoinAccepted { cert_pem, ca_pem }) => {
-            let ca = tls::pem_to_der(&ca_pem).map_err(|e| JoinAttempt::Refused(e.to_string()))?;
-            if hex::encode(sha2::Sha256::digest(&ca)) != token.ca_hash {
-                return Err(JoinAttempt::Refused(
-                    "the head sent a CA that does not match the token".into(),
-                ));
-            }
-            Ok((cert_pem, ca_pem))
-        }
-        Some(Frame::Error { message }) => Err(JoinAttempt::Refused(message)),
-        other => Err(JoinAttempt::Unreachable(format!(
-            "unexpected answer {other:?}"
-        ))),
     }
 }
 

@@ -95,19 +95,20 @@ impl Head {
             })?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let join = join_handler(store, ca.clone());
+        let join = join_handler(store, ca.clone(), config.edge_cert_lifetime);
         tasks.spawn(link::serve(
             endpoint,
             node.clone(),
             Some(join),
             shutdown.child_token(),
         ));
+        let client = tls::client_config(&ca.cert, &cert)?;
+        let client: link::TlsSource = Arc::new(move || Ok(client.clone()));
         for peer in &config.peers {
-            let client = tls::client_config(&ca.cert, &cert)?;
             tasks.spawn(link::dial(
                 node.clone(),
                 vec![peer.clone()],
-                client,
+                client.clone(),
                 shutdown.child_token(),
             ));
         }
@@ -170,17 +171,31 @@ fn unix_now() -> i64 {
     k8s_openapi::jiff::Timestamp::now().as_second()
 }
 
-fn join_handler(store: Store, ca: Arc<Ca>) -> JoinHandler {
-    Arc::new(move |request, remote| {
+fn join_handler(store: Store, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
+    Arc::new(move |request, remote, identity| {
         let (store, ca) = (store.clone(), ca.clone());
         Box::pin(async move {
-            match handle_join(&store, &ca, request).await {
-                Ok((frame, node)) => {
+            let renewal = matches!(request, Frame::Renew { .. });
+            let outcome = match (request, identity) {
+                (Frame::Renew { csr }, Some(peer)) if peer.role == Role::Edge => {
+                    issue(&store, &ca, &peer.name, &csr, lifetime).await
+                }
+                (Frame::Renew { .. }, _) => {
+                    Err("renewal needs the edge's current, valid certificate".to_string())
+                }
+                (request, _) => join(&store, &ca, request, lifetime).await,
+            };
+            match (outcome, renewal) {
+                (Ok((frame, node)), false) => {
                     info!(node = %node, peer = %remote, "edge joined");
                     frame
                 }
-                Err(message) => {
-                    warn!(peer = %remote, reason = %message, "join refused");
+                (Ok((frame, node)), true) => {
+                    info!(node = %node, peer = %remote, "edge certificate renewed");
+                    frame
+                }
+                (Err(message), _) => {
+                    warn!(peer = %remote, reason = %message, "certificate request refused");
                     Frame::Error { message }
                 }
             }
@@ -188,7 +203,13 @@ fn join_handler(store: Store, ca: Arc<Ca>) -> JoinHandler {
     })
 }
 
-async fn handle_join(store: &Store, ca: &Ca, request: Frame) -> Result<(Frame, String), String> {
+/// Checks a join request's token and issues the node's certificate.
+async fn join(
+    store: &Store,
+    ca: &Ca,
+    request: Frame,
+    lifetime: Duration,
+) -> Result<(Frame, String), String> {
     let Frame::JoinRequest {
         node,
         token_id,
@@ -218,17 +239,31 @@ async fn handle_join(store: &Store, ca: &Ca, request: Frame) -> Result<(Frame, S
         return Err(BAD_TOKEN.into());
     }
     input::check_subdomain(&node).map_err(|r| format!("node name: {r}"))?;
-    let key_hash = tls::csr_key_hash(&csr).map_err(|e| format!("certificate request: {e}"))?;
-    if let Some(existing) = store.node(node.clone()).await.map_err(|e| e.to_string())?
-        && existing.key_sha256 != key_hash
+    if store
+        .node(node.clone())
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
     {
-        warn!(node = %node, "node joined again with a new key; its old certificate stays valid until it expires");
+        warn!(node = %node, "node joined again; its earlier certificate stays valid until it expires");
     }
+    issue(store, ca, &node, &csr, lifetime).await
+}
+
+/// Signs `csr` for edge `node` and records the node.
+async fn issue(
+    store: &Store,
+    ca: &Ca,
+    node: &str,
+    csr: &[u8],
+    lifetime: Duration,
+) -> Result<(Frame, String), String> {
+    let key_hash = tls::csr_key_hash(csr).map_err(|e| format!("certificate request: {e}"))?;
     let cert_pem = ca
-        .sign_edge(&csr, &node)
+        .sign_edge(csr, node, lifetime)
         .map_err(|e| format!("certificate request: {e}"))?;
     store
-        .add_node(node.clone(), key_hash, unix_now())
+        .add_node(node.to_string(), key_hash, unix_now())
         .await
         .map_err(|e| e.to_string())?;
     Ok((
@@ -236,6 +271,6 @@ async fn handle_join(store: &Store, ca: &Ca, request: Frame) -> Result<(Frame, S
             cert_pem,
             ca_pem: ca.cert_pem.clone(),
         },
-        node,
+        node.to_string(),
     ))
 }

@@ -14,9 +14,16 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-/// Answers a join request (the first frame of a stream from a peer without a certificate).
-pub type JoinHandler =
-    Arc<dyn Fn(Frame, SocketAddr) -> Pin<Box<dyn Future<Output = Frame> + Send>> + Send + Sync>;
+/// Answers a join or renewal request (the first frame of a stream), given the caller's
+/// certificate identity if it presented one.
+pub type JoinHandler = Arc<
+    dyn Fn(Frame, SocketAddr, Option<Identity>) -> Pin<Box<dyn Future<Output = Frame> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Builds the client TLS configuration for each dial, so a renewed certificate is picked up.
+pub type TlsSource = Arc<dyn Fn() -> Result<rustls::ClientConfig, String> + Send + Sync>;
 
 /// How long shutdown waits for close frames to reach peers.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -80,9 +87,11 @@ async fn handle_incoming(
             conn.close(0u32.into(), b"bye");
             Ok(())
         }
-        (Some(request @ Frame::JoinRequest { .. }), _) if join.is_some() => {
+        (Some(request @ (Frame::JoinRequest { .. } | Frame::Renew { .. })), identity)
+            if join.is_some() =>
+        {
             let handler = join.expect("checked above");
-            let reply = handler(request, remote).await;
+            let reply = handler(request, remote, identity).await;
             let _ = write_frame(&mut send, &reply).await;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
@@ -93,8 +102,8 @@ async fn handle_incoming(
                 (Some(Frame::Hello { .. }), None) => {
                     "a client certificate is required; join with a token first"
                 }
-                (Some(Frame::JoinRequest { .. }), _) => {
-                    "this node does not accept joins; join through a head"
+                (Some(Frame::JoinRequest { .. } | Frame::Renew { .. }), _) => {
+                    "this node does not issue certificates; join through a head"
                 }
                 _ => "unexpected first frame",
             };
@@ -114,19 +123,20 @@ async fn handle_incoming(
 
 /// Keeps one link to whichever of `targets` answers first, reconnecting with backoff until
 /// `shutdown`. `tls` must present this node's certificate.
-pub async fn dial(
-    node: Node,
-    targets: Vec<String>,
-    tls: rustls::ClientConfig,
-    shutdown: CancellationToken,
-) {
+pub async fn dial(node: Node, targets: Vec<String>, tls: TlsSource, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     let mut endpoints: Vec<(bool, quinn::Endpoint)> = Vec::new();
     while !shutdown.is_cancelled() {
         let addrs = transport::resolve(&targets).await;
-        let attempt = tokio::select! {
-            _ = shutdown.cancelled() => None,
-            conn = connect_any(&mut endpoints, &addrs, &tls) => conn,
+        let attempt = match tls() {
+            Ok(tls) => tokio::select! {
+                _ = shutdown.cancelled() => None,
+                conn = connect_any(&mut endpoints, &addrs, &tls) => conn,
+            },
+            Err(e) => {
+                warn!(error = %e, "no usable client certificate");
+                None
+            }
         };
         if let Some(conn) = attempt {
             backoff.reset();

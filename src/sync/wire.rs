@@ -39,7 +39,13 @@ pub enum Frame {
         /// Address the node wants to be reached at (may be empty).
         advertise: String,
     },
-    /// The head's answer to a join: the node's certificate and the CA.
+    /// Opens a renewal stream (on a connection with a valid client certificate): a certificate
+    /// request for a new key, to be signed for the same identity.
+    Renew {
+        /// DER certificate signing request.
+        csr: Vec<u8>,
+    },
+    /// The head's answer to a join or renewal: the node's certificate and the CA.
     JoinAccepted {
         /// Node certificate, PEM.
         cert_pem: String,
@@ -78,6 +84,7 @@ impl Frame {
             Frame::JoinRequest { .. } => 3,
             Frame::JoinAccepted { .. } => 4,
             Frame::Error { .. } => 5,
+            Frame::Renew { .. } => 6,
         }
     }
 
@@ -116,6 +123,7 @@ impl Frame {
                 put(ca_pem.as_bytes());
             }
             Frame::Error { message } => put(message.as_bytes()),
+            Frame::Renew { csr } => put(csr),
         }
         if payload.len() > MAX_FRAME {
             return Err(WireError::TooLarge(payload.len()));
@@ -152,6 +160,9 @@ impl Frame {
             },
             5 => Frame::Error {
                 message: fields.text(4096)?,
+            },
+            6 => Frame::Renew {
+                csr: fields.bytes(16 << 10)?,
             },
             _ => return Err(WireError::Malformed("unknown frame kind")),
         };
@@ -242,48 +253,62 @@ mod tests {
             Frame::Error {
                 message: "no".into(),
             },
+            Frame::Renew { csr: vec![7; 200] },
         ]
+    }
+
+    /// Every async test here runs under a deadline.
+    async fn bounded(body: impl std::future::Future<Output = ()>) {
+        tokio::time::timeout(std::time::Duration::from_secs(5), body)
+            .await
+            .expect("test timed out");
     }
 
     #[tokio::test]
     async fn frames_round_trip() {
-        let mut buf = Vec::new();
-        for frame in all_frames() {
-            write_frame(&mut buf, &frame).await.unwrap();
-        }
-        let mut reader = &buf[..];
-        for frame in all_frames() {
-            assert_eq!(read_frame(&mut reader).await.unwrap(), Some(frame));
-        }
-        assert_eq!(read_frame(&mut reader).await.unwrap(), None);
+        bounded(async {
+            let mut buf = Vec::new();
+            for frame in all_frames() {
+                write_frame(&mut buf, &frame).await.unwrap();
+            }
+            let mut reader = &buf[..];
+            for frame in all_frames() {
+                assert_eq!(read_frame(&mut reader).await.unwrap(), Some(frame));
+            }
+            assert_eq!(read_frame(&mut reader).await.unwrap(), None);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn bad_frames_are_refused_before_allocation() {
-        let too_big = [VERSION, 2, 0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(
-            read_frame(&mut &too_big[..]).await,
-            Err(WireError::TooLarge(_))
-        ));
-        let wrong_version = [9, 2, 0, 0, 0, 0];
-        assert!(matches!(
-            read_frame(&mut &wrong_version[..]).await,
-            Err(WireError::Version(9))
-        ));
-        let lying_field = [VERSION, 1, 0, 0, 0, 4, 0, 0, 0, 200];
-        assert!(matches!(
-            read_frame(&mut &lying_field[..]).await,
-            Err(WireError::Malformed(_))
-        ));
-        let unknown_kind = [VERSION, 77, 0, 0, 0, 0];
-        assert!(matches!(
-            read_frame(&mut &unknown_kind[..]).await,
-            Err(WireError::Malformed(_))
-        ));
-        for frame in all_frames() {
-            let bytes = frame.encode().unwrap();
-            let truncated = &bytes[..bytes.len() - 1];
-            assert!(read_frame(&mut &truncated[..]).await.is_err());
-        }
+        bounded(async {
+            let too_big = [VERSION, 2, 0xff, 0xff, 0xff, 0xff];
+            assert!(matches!(
+                read_frame(&mut &too_big[..]).await,
+                Err(WireError::TooLarge(_))
+            ));
+            let wrong_version = [9, 2, 0, 0, 0, 0];
+            assert!(matches!(
+                read_frame(&mut &wrong_version[..]).await,
+                Err(WireError::Version(9))
+            ));
+            let lying_field = [VERSION, 1, 0, 0, 0, 4, 0, 0, 0, 200];
+            assert!(matches!(
+                read_frame(&mut &lying_field[..]).await,
+                Err(WireError::Malformed(_))
+            ));
+            let unknown_kind = [VERSION, 77, 0, 0, 0, 0];
+            assert!(matches!(
+                read_frame(&mut &unknown_kind[..]).await,
+                Err(WireError::Malformed(_))
+            ));
+            for frame in all_frames() {
+                let bytes = frame.encode().unwrap();
+                let truncated = &bytes[..bytes.len() - 1];
+                assert!(read_frame(&mut &truncated[..]).await.is_err());
+            }
+        })
+        .await;
     }
 }

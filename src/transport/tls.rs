@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 pub const ALPN: &[u8] = b"edgesync/1";
 /// Server name every head certificate carries and every client asks for.
 pub const HEAD_SERVER_NAME: &str = "edgesync-head";
-/// Lifetime of a certificate issued to a node.
+/// Default lifetime of a certificate issued to a node (renewed after two thirds of it).
 pub const NODE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const TOKEN_PREFIX: &str = "edgesync1";
@@ -108,8 +108,8 @@ impl Identity {
 pub struct KeyedCert {
     /// Leaf first, then the CA.
     pub chain: Vec<CertificateDer<'static>>,
-    /// PKCS#8 private key.
-    pub key: PrivatePkcs8KeyDer<'static>,
+    /// Private key.
+    pub key: PrivateKeyDer<'static>,
 }
 
 impl Clone for KeyedCert {
@@ -182,19 +182,24 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(KeyedCert {
             chain: vec![cert.der().clone(), self.cert.clone()],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         })
     }
 
-    /// Signs an edge's certificate request as `name`; subject and extensions in the request are
-    /// ignored. Returns the certificate PEM.
-    pub fn sign_edge(&self, csr_der: &[u8], name: &str) -> Result<String, TlsError> {
+    /// Signs an edge's certificate request as `name`, valid for `lifetime`; subject and
+    /// extensions in the request are ignored. Returns the certificate PEM.
+    pub fn sign_edge(
+        &self,
+        csr_der: &[u8],
+        name: &str,
+        lifetime: Duration,
+    ) -> Result<String, TlsError> {
         let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
         let mut csr = CertificateSigningRequestParams::from_der(&der)?;
         csr.params = CertificateParams::default();
         csr.params.distinguished_name = dn(name, Some(Role::Edge));
         csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        set_validity(&mut csr.params, NODE_CERT_LIFETIME);
+        set_validity(&mut csr.params, lifetime);
         Ok(csr.signed_by(&self.issuer)?.pem())
     }
 }
@@ -331,10 +336,7 @@ pub fn server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            cert.chain.clone(),
-            PrivateKeyDer::Pkcs8(cert.key.clone_key()),
-        )?;
+        .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
 }
@@ -347,10 +349,7 @@ pub fn client_config(
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca)?)
-        .with_client_auth_cert(
-            cert.chain.clone(),
-            PrivateKeyDer::Pkcs8(cert.key.clone_key()),
-        )?;
+        .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
 }
@@ -456,32 +455,34 @@ pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
     })
 }
 
-/// Loads a node's certificate, key and CA from `dir` (`node.crt`, `node.key`, `ca.crt`), if present.
+/// Loads a node's key and certificate (`node.pem`) and the CA (`ca.crt`) from `dir`, if joined.
 pub fn load_node_cert(
     dir: &Path,
 ) -> Result<Option<(KeyedCert, CertificateDer<'static>)>, TlsError> {
-    let (cert_path, key_path, ca_path) = (
-        dir.join("node.crt"),
-        dir.join("node.key"),
-        dir.join("ca.crt"),
-    );
-    if !cert_path.exists() {
+    use rustls::pki_types::pem::PemObject;
+    let node_path = dir.join("node.pem");
+    if !node_path.exists() {
         return Ok(None);
     }
-    let cert = pem_to_der(&read(&cert_path)?)?;
-    let ca = pem_to_der(&read(&ca_path)?)?;
-    let key = KeyPair::from_pem(&read(&key_path)?)?;
+    let pem = read(&node_path)?;
+    let bad = |what: &str| TlsError::Io {
+        path: node_path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()),
+    };
+    let cert = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| bad("no certificate"))?;
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| bad("no private key"))?;
+    let ca = pem_to_der(&read(&dir.join("ca.crt"))?)?;
     Ok(Some((
         KeyedCert {
             chain: vec![cert],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            key,
         },
         ca,
     )))
 }
 
-/// Stores a node's key (0600), certificate and CA in `dir`, key first so a crash never leaves a
-/// certificate without its key.
+/// Stores a node's key and certificate together in `node.pem` (mode 0600, one atomic rename, so
+/// a renewal can never leave a certificate beside the wrong key) and the CA in `ca.crt`.
 pub fn save_node_cert(
     dir: &Path,
     key: &KeyPair,
@@ -493,9 +494,20 @@ pub fn save_node_cert(
         crate::fsutil::write_atomic(&path, data.as_bytes(), mode)
             .map_err(|source| io_err(&path, source))
     };
-    write("node.key", &key.serialize_pem(), 0o600)?;
     write("ca.crt", ca_pem, 0o644)?;
-    write("node.crt", cert_pem, 0o644)
+    write(
+        "node.pem",
+        &format!("{}{cert_pem}", key.serialize_pem()),
+        0o600,
+    )
+}
+
+/// When a certificate should be renewed: once two thirds of its lifetime have passed.
+pub fn renew_at(cert: &CertificateDer<'_>) -> Option<OffsetDateTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let from = parsed.validity().not_before.timestamp();
+    let to = parsed.validity().not_after.timestamp();
+    OffsetDateTime::from_unix_timestamp(to - (to - from) / 3).ok()
 }
 
 fn dn(common_name: &str, role: Option<Role>) -> DistinguishedName {
@@ -556,7 +568,7 @@ mod tests {
             }
         );
         let (_, csr) = new_request("ignored").unwrap();
-        let edge = pem_to_der(&ca.sign_edge(&csr, "edge01").unwrap()).unwrap();
+        let edge = pem_to_der(&ca.sign_edge(&csr, "edge01", NODE_CERT_LIFETIME).unwrap()).unwrap();
         let id = identity(&edge).unwrap();
         assert_eq!((id.role, id.name.as_str()), (Role::Edge, "edge01"));
         assert!(id.may_access("team-a/edge01") && !id.may_access("team-a/edge02"));

@@ -33,10 +33,10 @@ async fn join_push_update_remove_touch_only_owned_files() {
             .start("edge01", &[head.addr], Some(&head.token()))
             .await;
         assert!(
-            edge_dirs.state.join("node.crt").exists(),
+            edge_dirs.state.join("node.pem").exists(),
             "certificate stored after join"
         );
-        let key_mode = std::fs::metadata(edge_dirs.state.join("node.key")).unwrap();
+        let key_mode = std::fs::metadata(edge_dirs.state.join("node.pem")).unwrap();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
             0o600
@@ -162,7 +162,7 @@ async fn bad_tokens_and_unknown_cas_are_refused_and_nothing_syncs() {
                 last.starts_with("error: ") && last.contains(expected),
                 "{last}"
             );
-            assert!(!dirs.state.join("node.crt").exists());
+            assert!(!dirs.state.join("node.pem").exists());
             assert!(dirs.files().is_empty(), "nothing synced");
         }
 
@@ -192,6 +192,51 @@ async fn bad_tokens_and_unknown_cas_are_refused_and_nothing_syncs() {
             good.manifest("default", "nginx")
         })
         .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_certificates_renew_before_they_expire() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head =
+            HeadProc::start(dir.path(), free_udp_addr(), &["--edge-cert-lifetime", "6s"]).await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        let first = std::fs::read(dirs.state.join("node.pem")).unwrap();
+        let renewed = wait_for("renewal after two thirds of the lifetime", SOON, || {
+            let now = std::fs::read(dirs.state.join("node.pem")).ok()?;
+            (now != first).then_some(now)
+        })
+        .await;
+        assert!(
+            String::from_utf8_lossy(&renewed).contains("PRIVATE KEY"),
+            "key and certificate stay together"
+        );
+        let mode = std::fs::metadata(dirs.state.join("node.pem")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        // A second renewal happens after the first certificate expired (6s): the edge is still in.
+        wait_for("second renewal", SOON, || {
+            let now = std::fs::read(dirs.state.join("node.pem")).ok()?;
+            (now != renewed).then_some(())
+        })
+        .await;
+        edge.stop().await;
+        let edge = dirs.start("edge01", &[head.addr], None).await;
+        let file = write(dir.path(), "a.yaml", &example("nginx"));
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        wait_for("manifest through a renewed certificate", SOON, || {
+            dirs.manifest("default", "nginx")
+        })
+        .await;
+        assert!(head.daemon.log_text().contains("edge certificate renewed"));
+        drop(edge);
     })
     .await;
 }

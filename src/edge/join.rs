@@ -1,0 +1,230 @@
+//! The edge's certificate: joining once with a token (pinning the head's CA), and renewing
+//! it over mutual TLS once two thirds of its lifetime have passed, so it never expires while
+//! the edge is in touch with a head.
+
+use super::EdgeError;
+use crate::config::EdgeConfig;
+use crate::sync::wire::{Frame, read_frame, write_frame};
+use crate::transport::tls::{self, JoinToken, KeyedCert};
+use crate::transport::{self, Backoff};
+use rustls::pki_types::CertificateDer;
+use sha2::Digest;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The node's certificate: stored from an earlier join, or obtained now with the token.
+pub async fn credentials(
+    config: &EdgeConfig,
+    shutdown: &CancellationToken,
+) -> Result<(KeyedCert, CertificateDer<'static>), EdgeError> {
+    if let Some((cert, ca)) = tls::load_node_cert(&config.state_dir)? {
+        let identity = tls::identity(&cert.chain[0])?;
+        if identity.name != config.node_name {
+            return Err(EdgeError::Config(format!(
+                "--node-name is {:?} but {} belongs to node {:?}; use that name or another --state-dir",
+                config.node_name,
+                config.state_dir.display(),
+                identity.name
+            )));
+        }
+        let expired =
+            tls::not_after(&cert.chain[0]).is_some_and(|t| t <= time::OffsetDateTime::now_utc());
+        if !expired {
+            if config.token.is_some() {
+                info!("already joined; the token is not needed any more");
+            }
+            return Ok((cert, ca));
+        }
+        if config.token.is_none() && config.token_file.is_none() {
+            return Err(EdgeError::Config(format!(
+                "the certificate in {} has expired; start once with --token (a new one from `edgesync token create`) to join again",
+                config.state_dir.display()
+            )));
+        }
+        warn!("certificate expired; joining again with the token");
+    }
+    let token = match (&config.token, &config.token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|source| super::io_err(path, source))?
+            .trim()
+            .to_string(),
+        (None, None) => {
+            return Err(EdgeError::Config(format!(
+                "{} holds no certificate yet: give --token (from <head state dir>/join-token or `edgesync token create`) to join",
+                config.state_dir.display()
+            )));
+        }
+    };
+    let token = JoinToken::parse(&token)?;
+    join(config, &token, shutdown).await?;
+    tls::load_node_cert(&config.state_dir)?.ok_or_else(|| {
+        EdgeError::Config("join succeeded but the certificate was not stored".into())
+    })
+}
+
+/// Why a certificate request did not succeed.
+enum Attempt {
+    /// The head answered no: give up.
+    Refused(String),
+    /// No answer: try another head or later.
+    Unreachable(String),
+}
+
+/// Presents the token to whichever head answers and stores the certificate it issues.
+async fn join(
+    config: &EdgeConfig,
+    token: &JoinToken,
+    shutdown: &CancellationToken,
+) -> Result<(), EdgeError> {
+    let (key, csr) = tls::new_request(&config.node_name)?;
+    let request = Frame::JoinRequest {
+        node: config.node_name.clone(),
+        token_id: token.id.clone(),
+        secret: token.secret.clone(),
+        csr,
+        advertise: config.advertise_address.clone().unwrap_or_default(),
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        for addr in transport::resolve(&config.heads).await {
+            let (client, pin_failed) = tls::join_client_config(&token.ca_hash)?;
+            let outcome = match request_cert(addr, client, &request, &token.ca_hash).await {
+                Err(Attempt::Unreachable(_)) if pin_failed.load(Ordering::SeqCst) => Err(Attempt::Refused(
+                    "the head's CA certificate does not match the CA hash in the token; check the token and --head".into(),
+                )),
+                other => other,
+            };
+            match outcome {
+                Ok((cert_pem, ca_pem)) => {
+                    tls::save_node_cert(&config.state_dir, &key, &cert_pem, &ca_pem)?;
+                    info!(head = %addr, "joined");
+                    return Ok(());
+                }
+                Err(Attempt::Refused(reason)) => {
+                    return Err(EdgeError::JoinRefused {
+                        head: addr.to_string(),
+                        reason,
+                    });
+                }
+                Err(Attempt::Unreachable(reason)) => {
+                    warn!(head = %addr, %reason, "cannot join yet")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(EdgeError::Config("stopped before joining".into())),
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Sends one certificate request (join or renewal) to `addr` and returns the certificate and
+/// CA PEMs, checking that the CA is the one expected (`ca_hash`).
+async fn request_cert(
+    addr: SocketAddr,
+    client: rustls::ClientConfig,
+    request: &Frame,
+    ca_hash: &str,
+) -> Result<(String, String), Attempt> {
+    let unreachable = |e: &dyn std::fmt::Display| Attempt::Unreachable(e.to_string());
+    let endpoint = transport::client(addr).map_err(|e| unreachable(&e))?;
+    let conn = transport::connect(&endpoint, addr, client)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
+        write_frame(&mut send, request)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let _ = send.finish();
+        read_frame(&mut recv).await.map_err(|e| unreachable(&e))
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| Attempt::Unreachable("no answer within 10s".into()))??;
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    match reply {
+        Some(Frame::JoinAccepted { cert_pem, ca_pem }) => {
+            let ca = tls::pem_to_der(&ca_pem).map_err(|e| Attempt::Refused(e.to_string()))?;
+            if hex::encode(sha2::Sha256::digest(&ca)) != ca_hash {
+                return Err(Attempt::Refused(
+                    "the head sent a CA that does not match the pinned one".into(),
+                ));
+            }
+            Ok((cert_pem, ca_pem))
+        }
+        Some(Frame::Error { message }) => Err(Attempt::Refused(message)),
+        other => Err(Attempt::Unreachable(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Renews the certificate in `dir` from whichever of `heads` answers, once two thirds of its
+/// lifetime have passed; retries with backoff until `shutdown`.
+pub async fn renew_loop(dir: PathBuf, heads: Vec<String>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+    loop {
+        let due = match tls::load_node_cert(&dir) {
+            Ok(Some((cert, _))) => {
+                tls::renew_at(&cert.chain[0]).map(|at| at - time::OffsetDateTime::now_utc())
+            }
+            _ => None,
+        };
+        let wait = match due {
+            // Re-check at least hourly, so a changed clock or file is noticed.
+            Some(d) if d.is_positive() => d.unsigned_abs().min(Duration::from_secs(3600)),
+            Some(_) => match renew(&dir, &heads).await {
+                Ok(()) => {
+                    backoff.reset();
+                    info!("certificate renewed");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(error = %e, "certificate renewal failed; will retry");
+                    backoff.next_delay()
+                }
+            },
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn renew(dir: &Path, heads: &[String]) -> Result<(), String> {
+    let (cert, ca) = tls::load_node_cert(dir)
+        .map_err(|e| e.to_string())?
+        .ok_or("no certificate to renew")?;
+    let name = tls::identity(&cert.chain[0])
+        .map_err(|e| e.to_string())?
+        .name;
+    let ca_hash = hex::encode(sha2::Sha256::digest(&ca));
+    let (key, csr) = tls::new_request(&name).map_err(|e| e.to_string())?;
+    let request = Frame::Renew { csr };
+    let mut last = "no head address resolved".to_string();
+    for addr in transport::resolve(heads).await {
+        let client = tls::client_config(&ca, &cert).map_err(|e| e.to_string())?;
+        match request_cert(addr, client, &request, &ca_hash).await {
+            Ok((cert_pem, ca_pem)) => {
+                let issued = tls::pem_to_der(&cert_pem).map_err(|e| e.to_string())?;
+                let same = tls::identity(&issued).map(|id| id.name == name);
+                if same.is_ok_and(|same| same) {
+                    return tls::save_node_cert(dir, &key, &cert_pem, &ca_pem)
+                        .map_err(|e| e.to_string());
+                }
+                last = format!("{addr} issued a certificate for another identity");
+            }
+            Err(Attempt::Refused(reason) | Attempt::Unreachable(reason)) => {
+                last = format!("{addr}: {reason}")
+            }
+        }
+    }
+    Err(last)
+}
