@@ -44,6 +44,12 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Manage edge nodes (on a head).
+    Node {
+        /// Node action.
+        #[command(subcommand)]
+        action: NodeAction,
+    },
     /// Create or update EdgeNodes from a YAML or JSON file (several documents allowed).
     Apply(ApplyArgs),
     /// Show EdgeNodes.
@@ -160,6 +166,20 @@ pub enum TokenAction {
         /// How long the token is valid (e.g. 24h, 30m, 7d).
         #[arg(long, default_value = "24h")]
         ttl: String,
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+/// `edgesync node` actions.
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// Forget an edge: its certificate is no longer accepted and its links drop; it may join
+    /// again with a new token.
+    Remove {
+        /// Node name.
+        name: String,
         /// Control socket of the head.
         #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,

@@ -37,11 +37,16 @@ impl From<ControlError> for CommandError {
     }
 }
 
-fn error_text(body: &[u8]) -> String {
-    serde_json::from_slice::<Value>(body)
+fn error_text(status: StatusCode, body: &[u8]) -> String {
+    let text = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string())
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+    if text.is_empty() {
+        format!("the daemon answered {status} (is it a different edgesync version?)")
+    } else {
+        text
+    }
 }
 
 async fn call(
@@ -57,8 +62,8 @@ async fn call(
         }),
         StatusCode::UNPROCESSABLE_ENTITY
         | StatusCode::BAD_REQUEST
-        | StatusCode::PAYLOAD_TOO_LARGE => Err(CommandError::Usage(error_text(&body))),
-        _ => Err(CommandError::Runtime(error_text(&body))),
+        | StatusCode::PAYLOAD_TOO_LARGE => Err(CommandError::Usage(error_text(status, &body))),
+        _ => Err(CommandError::Runtime(error_text(status, &body))),
     }
 }
 
@@ -143,7 +148,9 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
                 Some(_) => vec![value],
                 None => value["items"].as_array().cloned().unwrap_or_default(),
             };
-            if items.is_empty() {
+            if items.is_empty() && args.all_namespaces {
+                eprintln!("No resources found");
+            } else if items.is_empty() {
                 eprintln!("No resources found in {} namespace.", args.namespace);
             } else {
                 print!(
@@ -201,6 +208,15 @@ pub async fn token_create(socket: &Path, ttl: &str) -> Result<(), CommandError> 
         .into_bytes();
     let value = call(socket, Method::POST, "/v1/tokens", Some(body)).await?;
     println!("{}", value["token"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+/// `edgesync node remove NAME`.
+pub async fn node_remove(socket: &Path, name: &str) -> Result<(), CommandError> {
+    crate::input::check_subdomain(name)
+        .map_err(|r| CommandError::Usage(format!("node name: {r}")))?;
+    call(socket, Method::DELETE, &format!("/v1/nodes/{name}"), None).await?;
+    println!("node {name:?} removed");
     Ok(())
 }
 

@@ -99,6 +99,7 @@ pub async fn serve(
         )
         .route("/v1/apply", post(apply))
         .route("/v1/tokens", post(token))
+        .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(Ctx { node, ca_hash });
     let socket = path.to_path_buf();
@@ -178,6 +179,20 @@ async fn apply(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: St
     let namespace = q.namespace.unwrap_or_else(|| "default".into());
     let outcomes = ctx.node.apply_text(&body, &namespace).await?;
     Ok(Json(outcomes).into_response())
+}
+
+async fn remove_node(State(ctx): State<Ctx>, UrlPath(name): UrlPath<String>) -> ApiResult {
+    if ctx.ca_hash.is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": "nodes are removed on a head; this node is an edge"}),
+        ));
+    }
+    if ctx.node.remove_node(&name).await? {
+        Ok(Json(json!({"removed": name})).into_response())
+    } else {
+        Err(NodeError::NotFound(format!("node {name}")).into())
+    }
 }
 
 #[derive(Deserialize)]

@@ -86,9 +86,11 @@ pub async fn run(once: bool) -> Result<(), CommandError> {
     println!("  edgesync status --socket {}", edge_socket.display());
     println!("Ctrl-C stops both nodes and removes the temporary state.");
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let terminated = crate::runtime::terminated();
+    tokio::pin!(terminated);
     loop {
         tokio::select! {
-            _ = crate::runtime::terminated() => break,
+            _ = &mut terminated => break,
             _ = tick.tick() => {
                 show_changes(&manifests, &mut seen);
             }

@@ -109,11 +109,7 @@ impl Edge {
             client,
             shutdown.child_token(),
         ));
-        tasks.spawn(join::renew_loop(
-            config.state_dir.clone(),
-            config.heads.clone(),
-            shutdown.child_token(),
-        ));
+        tasks.spawn(join::renew_loop(config.clone(), shutdown.child_token()));
         tasks.spawn(
             control::serve(&config.socket, node.clone(), None, shutdown.child_token()).await?,
         );
@@ -187,30 +183,40 @@ impl Reconciler {
                 view.privileged || node.rules().privileged_namespaces.contains(&view.namespace);
             let mut pods = Vec::new();
             for (name, pod) in &view.pods {
-                match input::normalise_pod(pod, &view.name, privileged) {
-                    Ok((_, pod)) => {
+                let checked = input::normalise_pod(pod, &view.name, privileged).and_then(
+                    |(pod_name, pod)| match pod_name == *name {
+                        true => Ok(pod),
+                        false => Err((
+                            ".metadata.name".into(),
+                            format!("{pod_name:?} differs from the pod's key {name:?}"),
+                        )),
+                    },
+                );
+                let state = match checked {
+                    Ok(pod) => {
                         desired.push(Desired::render(&view.namespace, &view.name, name, &pod));
-                        pods.push(PodState {
+                        PodState {
                             name: name.clone(),
                             state: POD_APPLIED.into(),
                             reason: None,
-                        });
+                        }
                     }
                     Err((field, reason)) => {
                         refused_files.push(manifests::file_name(&view.namespace, name));
-                        pods.push(PodState {
+                        PodState {
                             name: name.clone(),
                             state: POD_REFUSED.into(),
                             reason: Some(format!("spec.pods[{name}]{field}: {reason}")),
-                        });
+                        }
                     }
-                }
+                };
+                pods.push(state);
             }
             states.push((key, view.generation, pods));
         }
         let owned = node.store().owned_files().await?;
         let plan = manifests::plan(&desired, &owned, &refused_files, |f| {
-            manifests::disk_sha(&self.dir, f)
+            manifests::inspect(&self.dir, f)
         });
         for want in &plan.write {
             let Some(path) = manifests::path_in(&self.dir, &want.file) else {
@@ -238,6 +244,10 @@ impl Reconciler {
             }
             node.store().disown_file(gone.file.clone()).await?;
         }
+        for replaced in &plan.disown {
+            warn!(file = %replaced.file, "someone replaced this manifest with their own content; leaving it and forgetting it");
+            node.store().disown_file(replaced.file.clone()).await?;
+        }
         for blocked in &plan.blocked {
             warn!(file = %blocked.file, "a file edgesync did not write has this name; leaving it alone");
             for (key, _, pods) in &mut states {
@@ -252,20 +262,22 @@ impl Reconciler {
                 }
             }
         }
+        let kept: Vec<&str> = owned
+            .iter()
+            .map(|o| o.file.as_str())
+            .filter(|f| refused_files.iter().any(|r| r == f))
+            .collect();
         let mut applied = Vec::new();
         for (key, generation, pods) in &states {
             node.report_status(key, *generation, pods).await?;
+            let namespace = crate::model::split_key(key).map_or("", |(ns, _)| ns);
             for p in pods {
-                let file = manifests::file_name(
-                    crate::model::split_key(key).map_or("", |(ns, _)| ns),
-                    &p.name,
-                );
-                let exists = manifests::disk_sha(&self.dir, &file).is_some()
-                    && !plan.blocked.iter().any(|b| b.file == file);
+                let file = manifests::file_name(namespace, &p.name);
+                let written = p.state == POD_APPLIED || kept.contains(&file.as_str());
                 applied.push(AppliedPod {
                     edgenode: key.clone(),
                     pod: p.name.clone(),
-                    file: exists.then_some(file),
+                    file: written.then_some(file),
                     state: p.state.clone(),
                     reason: p.reason.clone(),
                 });

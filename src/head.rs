@@ -7,7 +7,7 @@ use crate::fsutil;
 use crate::input::{self, Rules};
 use crate::link::{self, JoinHandler};
 use crate::node::{Node, NodeError};
-use crate::store::{Store, StoreError};
+use crate::store::{JoinedNode, Store, StoreError};
 use crate::sync::wire::Frame;
 use crate::transport::tls::{self, Ca, JoinToken, Role, TlsError};
 use crate::transport::{self, TransportError};
@@ -178,7 +178,10 @@ fn join_handler(store: Store, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
             let renewal = matches!(request, Frame::Renew { .. });
             let outcome = match (request, identity) {
                 (Frame::Renew { csr }, Some(peer)) if peer.role == Role::Edge => {
-                    issue(&store, &ca, &peer.name, &csr, lifetime).await
+                    match crate::node::admit_edge(&store, &peer).await {
+                        Ok(()) => issue(&store, &ca, &peer.name, &csr, lifetime).await,
+                        Err(e) => Err(e),
+                    }
                 }
                 (Frame::Renew { .. }, _) => {
                     Err("renewal needs the edge's current, valid certificate".to_string())
@@ -239,18 +242,19 @@ async fn join(
         return Err(BAD_TOKEN.into());
     }
     input::check_subdomain(&node).map_err(|r| format!("node name: {r}"))?;
-    if store
-        .node(node.clone())
-        .await
-        .map_err(|e| e.to_string())?
-        .is_some()
+    if let Some(existing) = store.node(node.clone()).await.map_err(|e| e.to_string())?
+        && existing.cert_not_after > unix_now()
     {
-        warn!(node = %node, "node joined again; its earlier certificate stays valid until it expires");
+        return Err(format!(
+            "node {node:?} has already joined and its certificate is valid; choose another \
+             --node-name, or run `edgesync node remove {node}` on the head to let it join again"
+        ));
     }
     issue(store, ca, &node, &csr, lifetime).await
 }
 
-/// Signs `csr` for edge `node` and records the node.
+/// Signs `csr` for edge `node` and records the node with its new key: from then on only this
+/// key is let in under that name.
 async fn issue(
     store: &Store,
     ca: &Ca,
@@ -258,12 +262,19 @@ async fn issue(
     csr: &[u8],
     lifetime: Duration,
 ) -> Result<(Frame, String), String> {
-    let key_hash = tls::csr_key_hash(csr).map_err(|e| format!("certificate request: {e}"))?;
     let cert_pem = ca
         .sign_edge(csr, node, lifetime)
         .map_err(|e| format!("certificate request: {e}"))?;
+    let cert = tls::pem_to_der(&cert_pem).map_err(|e| e.to_string())?;
+    let identity = tls::identity(&cert).map_err(|e| e.to_string())?;
+    let not_after = tls::not_after(&cert).map_or(0, |t| t.unix_timestamp());
+    let joined = JoinedNode {
+        name: node.to_string(),
+        key_sha256: identity.key,
+        cert_not_after: not_after,
+    };
     store
-        .add_node(node.to_string(), key_hash, unix_now())
+        .add_node(joined, unix_now())
         .await
         .map_err(|e| e.to_string())?;
     Ok((

@@ -2,9 +2,9 @@
 //! dial loop with capped, jittered backoff. Both run a sync session per connection.
 
 use crate::node::Node;
-use crate::sync::wire::{Frame, read_frame, write_frame};
+use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
 use crate::sync::{log_end, run_session};
-use crate::transport::tls::{Identity, Role};
+use crate::transport::tls::Identity;
 use crate::transport::{self, Backoff};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +27,12 @@ pub type TlsSource = Arc<dyn Fn() -> Result<rustls::ClientConfig, String> + Send
 
 /// How long shutdown waits for close frames to reach peers.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Connections that may be between accept and their first frame at once (each holds at
+/// most one bounded first frame).
+const MAX_HANDSHAKES: usize = 256;
+/// A session shorter than this does not reset the reconnect backoff, so a peer that accepts
+/// and then fails at once is not hammered.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// How long a new connection may take to open its first stream and send its first frame.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,6 +44,7 @@ pub async fn serve(
     join: Option<JoinHandler>,
     shutdown: CancellationToken,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -47,10 +54,15 @@ pub async fn serve(
             },
         };
         let remote = incoming.remote_address();
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            warn!(peer = %remote, "too many connections being set up; refused");
+            incoming.refuse();
+            continue;
+        };
         let (node, join, shutdown) = (node.clone(), join.clone(), shutdown.child_token());
         tokio::spawn(
             async move {
-                if let Err(e) = handle_incoming(incoming, node, join, shutdown).await {
+                if let Err(e) = handle_incoming(incoming, node, join, permit, shutdown).await {
                     warn!(error = %e, "connection refused");
                 }
             }
@@ -65,6 +77,7 @@ async fn handle_incoming(
     incoming: quinn::Incoming,
     node: Node,
     join: Option<JoinHandler>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let conn = incoming.await.map_err(|e| e.to_string())?;
@@ -72,14 +85,29 @@ async fn handle_incoming(
     let identity = transport::peer_identity(&conn);
     let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let frame = read_frame(&mut recv).await.map_err(|e| e.to_string())?;
+        let frame = read_frame(&mut recv, MAX_FIRST_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok::<_, String>((send, recv, frame))
     })
     .await
     .map_err(|_| "no request within 10s".to_string())??;
     let (mut send, recv, frame) = first;
+    drop(handshake);
     match (frame, identity) {
         (Some(Frame::Hello { .. }), Some(peer)) => {
+            if let Err(message) = node.admit(&peer).await {
+                let _ = write_frame(
+                    &mut send,
+                    &Frame::Error {
+                        message: message.clone(),
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                return Err(message);
+            }
             info!(peer = %peer.name, role = %peer.role, "peer connected");
             let result =
                 run_session(node, peer.clone(), remote.to_string(), recv, send, shutdown).await;
@@ -139,11 +167,14 @@ pub async fn dial(node: Node, targets: Vec<String>, tls: TlsSource, shutdown: Ca
             }
         };
         if let Some(conn) = attempt {
-            backoff.reset();
             let span = tracing::info_span!("link", peer = %conn.remote_address());
+            let started = std::time::Instant::now();
             run_link(&node, conn, shutdown.child_token())
                 .instrument(span)
                 .await;
+            if started.elapsed() >= STABLE_SESSION {
+                backoff.reset();
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -197,10 +228,11 @@ fn endpoint_for(
 
 async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationToken) {
     let remote = conn.remote_address();
-    let peer = transport::peer_identity(&conn).unwrap_or(Identity {
-        role: Role::Head,
-        name: remote.to_string(),
-    });
+    let Some(peer) = transport::peer_identity(&conn) else {
+        warn!("peer certificate carries no edgesync identity; disconnecting");
+        conn.close(0u32.into(), b"no identity");
+        return;
+    };
     let opened = async {
         let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         write_frame(

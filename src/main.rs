@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use edgesync::cli::{Cli, Command, TokenAction};
+use edgesync::cli::{Cli, Command, NodeAction, TokenAction};
 use edgesync::commands::{self, CommandError};
 use edgesync::config::ConfigError;
 use edgesync::{crd, dev, edge, head, runtime};
@@ -10,6 +10,12 @@ use edgesync::{crd, dev, edge, head, runtime};
 fn main() {
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Command::Dev(_));
+    if matches!(
+        cli.command,
+        Command::Head(_) | Command::Edge(_) | Command::Dev(_)
+    ) {
+        runtime::private_umask();
+    }
     runtime::init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -79,6 +85,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Token {
             action: TokenAction::Create { ttl, socket },
         } => commands::token_create(&socket, &ttl).await?,
+        Command::Node {
+            action: NodeAction::Remove { name, socket },
+        } => commands::node_remove(&socket, &name).await?,
         Command::Apply(args) => commands::apply(&args).await?,
         Command::Get(args) => commands::get(&args).await?,
         Command::Delete(args) => commands::delete(&args).await?,

@@ -195,9 +195,10 @@ pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
         .map_err(|e| malformed(key, &e.to_string()))?;
     let meta = &json["meta"];
     let text = |v: &Value| v.as_str().map(str::to_string);
-    let namespace =
-        text(&meta["namespace"]).ok_or_else(|| malformed(key, "meta.namespace missing"))?;
-    let name = text(&meta["name"]).ok_or_else(|| malformed(key, "meta.name missing"))?;
+    // Identity comes from the (validated) key, never from fields a peer could rewrite.
+    let (namespace, name) = split_key(key)
+        .map(|(ns, n)| (ns.to_string(), n.to_string()))
+        .ok_or_else(|| malformed(key, "key is not namespace/name"))?;
     let labels = serde_json::from_value(meta["labels"].clone()).unwrap_or_default();
     let pods = json["spec"]["pods"]
         .as_object()

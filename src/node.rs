@@ -6,8 +6,8 @@ use crate::crd::{
 };
 use crate::input::{self, DesiredNode, InvalidInput, Rules};
 use crate::model::{self, DocView};
-use crate::store::{COMPACT_AFTER_CHUNKS, DocWrite, Store, StoreError};
-use crate::transport::tls::Role;
+use crate::store::{COMPACT_AFTER_CHUNKS, DocWrite, Store, StoreError, StoredDoc};
+use crate::transport::tls::{Identity, Role};
 use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, AutoCommit};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 /// Errors from node operations.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +49,43 @@ pub struct DocEntry {
     pub doc: AutoCommit,
     /// When a peer last synced it.
     pub last_synced_at: Option<String>,
+    /// Incremental chunks stored since the last snapshot.
     chunks: usize,
+    /// Heads as of the last successful store write.
+    persisted_heads: Vec<automerge::ChangeHash>,
+}
+
+impl DocEntry {
+    /// A document as stored: snapshot plus chunks, continuing as `actor`.
+    fn load(stored: StoredDoc, actor: &ActorId) -> Result<DocEntry, NodeError> {
+        let bad = |e: automerge::AutomergeError| NodeError::Sync {
+            key: stored.key.clone(),
+            reason: format!("stored document does not load: {e}"),
+        };
+        let mut doc = AutoCommit::load(&stored.snapshot).map_err(bad)?;
+        for chunk in &stored.chunks {
+            doc.load_incremental(chunk).map_err(bad)?;
+        }
+        doc.set_actor(actor.clone());
+        // Everything loaded is already stored: start the incremental save cursor here.
+        let _ = doc.save_incremental();
+        Ok(DocEntry {
+            persisted_heads: doc.get_heads(),
+            doc,
+            last_synced_at: stored.last_synced_at,
+            chunks: stored.chunks.len(),
+        })
+    }
+
+    /// A new document from the shared genesis change (not stored yet).
+    fn genesis(key: &str, actor: &ActorId) -> DocEntry {
+        DocEntry {
+            doc: model::genesis(key, actor),
+            last_synced_at: None,
+            chunks: COMPACT_AFTER_CHUNKS,
+            persisted_heads: Vec::new(),
+        }
+    }
 }
 
 /// A peer as shown by `edgesync status`.
@@ -63,11 +100,13 @@ pub struct PeerInfo {
     pub address: String,
     /// Connected now.
     pub connected: bool,
+    /// Live connections with this peer (two heads that dial each other have two).
+    pub sessions: u32,
     /// Last time anything was received (RFC 3339).
     pub last_seen: Option<String>,
-    /// Bytes sent to this peer over the current connection.
+    /// Bytes of sync frames sent to this peer since this node started.
     pub bytes_out: u64,
-    /// Bytes received from this peer over the current connection.
+    /// Bytes of sync frames received from this peer since this node started.
     pub bytes_in: u64,
 }
 
@@ -137,6 +176,7 @@ struct Inner {
     docs: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<DocEntry>>>>,
     changes: broadcast::Sender<String>,
     peers: Mutex<BTreeMap<String, PeerInfo>>,
+    kicks: Mutex<BTreeMap<String, CancellationToken>>,
     applied: Mutex<Vec<AppliedPod>>,
 }
 
@@ -167,21 +207,8 @@ impl Node {
         let mut docs = BTreeMap::new();
         for stored in store.load_docs().await? {
             let key = stored.key.clone();
-            let bad = |e: automerge::AutomergeError| NodeError::Sync {
-                key: key.clone(),
-                reason: format!("stored document does not load: {e}"),
-            };
-            let mut doc = AutoCommit::load(&stored.snapshot).map_err(bad)?;
-            for chunk in &stored.chunks {
-                doc.load_incremental(chunk).map_err(bad)?;
-            }
-            doc.set_actor(actor.clone());
-            let entry = DocEntry {
-                doc,
-                last_synced_at: stored.last_synced_at,
-                chunks: stored.chunks.len(),
-            };
-            docs.insert(stored.key, Arc::new(tokio::sync::Mutex::new(entry)));
+            let entry = DocEntry::load(stored, &actor)?;
+            docs.insert(key, Arc::new(tokio::sync::Mutex::new(entry)));
         }
         let (changes, _) = broadcast::channel(1024);
         Ok(Node(Arc::new(Inner {
@@ -193,6 +220,7 @@ impl Node {
             docs: Mutex::new(docs),
             changes,
             peers: Mutex::new(BTreeMap::new()),
+            kicks: Mutex::new(BTreeMap::new()),
             applied: Mutex::new(Vec::new()),
         })))
     }
@@ -236,17 +264,17 @@ impl Node {
         let mut docs = lock(&self.0.docs);
         docs.entry(key.to_string())
             .or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(DocEntry {
-                    doc: model::genesis(key, &self.0.actor),
-                    last_synced_at: None,
-                    chunks: COMPACT_AFTER_CHUNKS,
-                }))
+                Arc::new(tokio::sync::Mutex::new(DocEntry::genesis(
+                    key,
+                    &self.0.actor,
+                )))
             })
             .clone()
     }
 
     /// Stores what changed in `entry` since its last save (and the given sync states), then
-    /// tells subscribers. Nothing is announced before it is on disk.
+    /// tells subscribers. Nothing is announced before it is on disk; if the write fails, the
+    /// entry goes back to what is stored, so nothing unstored is ever relayed.
     async fn persist(
         &self,
         key: &str,
@@ -254,24 +282,40 @@ impl Node {
         sync_states: Vec<(String, Vec<u8>)>,
         synced: bool,
     ) -> Result<(), NodeError> {
-        let write = if entry.chunks >= COMPACT_AFTER_CHUNKS {
-            entry.chunks = 0;
-            DocWrite::Snapshot(entry.doc.save())
+        let heads = entry.doc.get_heads();
+        let changed = heads != entry.persisted_heads;
+        let synced_at = synced.then(now);
+        if !changed && sync_states.is_empty() && synced_at.is_none() {
+            return Ok(());
+        }
+        let (write, chunks) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
+            (DocWrite::Snapshot(entry.doc.save()), 0)
         } else {
             let chunk = entry.doc.save_incremental();
-            entry.chunks += usize::from(!chunk.is_empty());
-            DocWrite::Chunk(chunk)
+            let stored = entry.chunks + usize::from(!chunk.is_empty());
+            (DocWrite::Chunk(chunk), stored)
         };
-        let changed = !matches!(&write, DocWrite::Chunk(c) if c.is_empty());
-        let synced_at = synced.then(now);
-        if let Some(at) = &synced_at {
-            entry.last_synced_at = Some(at.clone());
+        let saved = self
+            .0
+            .store
+            .save_doc(key.to_string(), write, sync_states, synced_at.clone())
+            .await;
+        if let Err(e) = saved {
+            *entry = match self.0.store.load_doc(key.to_string()).await {
+                Ok(Some(stored)) => DocEntry::load(stored, &self.0.actor)?,
+                Ok(None) => DocEntry::genesis(key, &self.0.actor),
+                Err(_) => {
+                    // Cannot even read back: make the next write a full snapshot.
+                    entry.chunks = COMPACT_AFTER_CHUNKS;
+                    return Err(e.into());
+                }
+            };
+            return Err(e.into());
         }
-        if changed || !sync_states.is_empty() || synced_at.is_some() {
-            self.0
-                .store
-                .save_doc(key.to_string(), write, sync_states, synced_at)
-                .await?;
+        entry.chunks = chunks;
+        entry.persisted_heads = heads;
+        if synced_at.is_some() {
+            entry.last_synced_at = synced_at;
         }
         if changed {
             let _ = self.0.changes.send(key.to_string());
@@ -422,9 +466,60 @@ impl Node {
         entry.doc.sync().generate_sync_message(state)
     }
 
-    /// Records a peer's connection state.
-    pub fn peer_update(&self, info: PeerInfo) {
-        lock(&self.0.peers).insert(info.name.clone(), info);
+    /// Whether `peer` may hold a sync session here: on a head, an edge must present the key
+    /// last issued to its name.
+    pub async fn admit(&self, peer: &Identity) -> Result<(), String> {
+        match (self.0.role, peer.role) {
+            (Role::Head, Role::Edge) => admit_edge(&self.0.store, peer).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Fires when peer `name` is removed: its sessions end at once.
+    pub fn removal_of(&self, name: &str) -> CancellationToken {
+        lock(&self.0.kicks)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets edge `name` (`edgesync node remove`): its key is no longer let in and its live
+    /// sessions end. Returns whether it was known.
+    pub async fn remove_node(&self, name: &str) -> Result<bool, NodeError> {
+        let known = self.0.store.remove_node(name.to_string()).await?;
+        if let Some(token) = lock(&self.0.kicks).remove(name) {
+            token.cancel();
+        }
+        lock(&self.0.peers).remove(name);
+        Ok(known)
+    }
+
+    /// Records that a session with `peer` started.
+    pub fn peer_connected(&self, peer: &Identity, address: &str) {
+        let mut peers = lock(&self.0.peers);
+        let info = peers.entry(peer.name.clone()).or_insert_with(|| PeerInfo {
+            name: peer.name.clone(),
+            role: peer.role,
+            address: String::new(),
+            connected: false,
+            sessions: 0,
+            last_seen: None,
+            bytes_out: 0,
+            bytes_in: 0,
+        });
+        info.role = peer.role;
+        info.address = address.to_string();
+        info.sessions += 1;
+        info.connected = true;
+        info.last_seen = Some(now());
+    }
+
+    /// Records that a session with peer `name` ended.
+    pub fn peer_disconnected(&self, name: &str) {
+        if let Some(info) = lock(&self.0.peers).get_mut(name) {
+            info.sessions = info.sessions.saturating_sub(1);
+            info.connected = info.sessions > 0;
+        }
     }
 
     /// Changes a known peer's record.
@@ -435,7 +530,7 @@ impl Node {
     }
 
     /// Whether a peer of this name is connected now.
-    pub fn peer_connected(&self, name: &str) -> bool {
+    pub fn is_connected(&self, name: &str) -> bool {
         lock(&self.0.peers).get(name).is_some_and(|p| p.connected)
     }
 
@@ -496,7 +591,7 @@ impl Node {
             return Ok(None);
         }
         let online = match self.0.role {
-            Role::Head => self.peer_connected(&view.name),
+            Role::Head => self.is_connected(&view.name),
             Role::Edge => self.any_head_connected(),
         };
         Ok(Some(to_edgenode(&view, last_synced_at, online)))
@@ -608,6 +703,23 @@ pub fn derive_status(
         online: Some(online),
         pods_ready: Some(format!("{applied}/{}", pods.len())),
         pods,
+    }
+}
+
+/// Lets an edge in only with the key last issued to its name, so `node remove` and a newer
+/// join shut out older certificates.
+pub async fn admit_edge(store: &Store, peer: &Identity) -> Result<(), String> {
+    match store.node(peer.name.clone()).await {
+        Ok(Some(node)) if node.key_sha256 == peer.key => Ok(()),
+        Ok(Some(_)) => Err(format!(
+            "the certificate of {} was replaced by a newer join; this one is no longer accepted",
+            peer.name
+        )),
+        Ok(None) => Err(format!(
+            "{} is not a registered node (removed with `edgesync node remove`?); join again with a token",
+            peer.name
+        )),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -39,3 +39,10 @@ pub fn notify_ready() {
 pub fn notify_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
+
+/// Makes every file and socket the daemon creates private by default (umask 077): the
+/// database, its WAL and the control socket never exist with wider permissions, not even for
+/// a moment. Files meant to be shared get explicit modes.
+pub fn private_umask() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}

@@ -19,7 +19,7 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE sync_states (peer TEXT NOT NULL, key TEXT NOT NULL, state BLOB NOT NULL, PRIMARY KEY (peer, key));
      CREATE TABLE manifests (file TEXT PRIMARY KEY, key TEXT NOT NULL, pod TEXT NOT NULL, sha256 TEXT NOT NULL);
      CREATE TABLE tokens (id TEXT PRIMARY KEY, secret_sha256 BLOB NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
-     CREATE TABLE nodes (name TEXT PRIMARY KEY, key_sha256 BLOB NOT NULL, joined_at INTEGER NOT NULL, address TEXT, last_seen INTEGER);",
+     CREATE TABLE nodes (name TEXT PRIMARY KEY, key_sha256 BLOB NOT NULL, cert_not_after INTEGER NOT NULL, joined_at INTEGER NOT NULL, address TEXT, last_seen INTEGER);",
 ];
 
 /// Errors from the database.
@@ -114,8 +114,10 @@ pub struct OwnedFile {
 pub struct JoinedNode {
     /// Node name.
     pub name: String,
-    /// SHA-256 of the public key its certificate was issued for.
+    /// SHA-256 of the public key of the latest certificate issued to it.
     pub key_sha256: Vec<u8>,
+    /// When that certificate expires (unix seconds).
+    pub cert_not_after: i64,
 }
 
 impl Store {
@@ -176,13 +178,25 @@ impl Store {
         .await
     }
 
+    /// One stored document with its chunks.
+    pub async fn load_doc(&self, key: String) -> Result<Option<StoredDoc>, StoreError> {
+        let mut docs = self.load_where(Some(key)).await?;
+        Ok(docs.pop())
+    }
+
     /// Every stored document with its chunks.
     pub async fn load_docs(&self) -> Result<Vec<StoredDoc>, StoreError> {
-        self.call(|t| {
+        self.load_where(None).await
+    }
+
+    async fn load_where(&self, only: Option<String>) -> Result<Vec<StoredDoc>, StoreError> {
+        self.call(move |t| {
             let mut docs = Vec::new();
-            let mut stmt =
-                t.prepare("SELECT key, snapshot, last_synced_at FROM docs ORDER BY key")?;
-            let rows = stmt.query_map([], |r| {
+            let mut stmt = t.prepare(
+                "SELECT key, snapshot, last_synced_at FROM docs
+                 WHERE ?1 IS NULL OR key = ?1 ORDER BY key",
+            )?;
+            let rows = stmt.query_map([only], |r| {
                 Ok(StoredDoc {
                     key: r.get(0)?,
                     snapshot: r.get(1)?,
@@ -336,12 +350,13 @@ impl Store {
     pub async fn node(&self, name: String) -> Result<Option<JoinedNode>, StoreError> {
         self.call(move |t| {
             t.query_row(
-                "SELECT name, key_sha256 FROM nodes WHERE name = ?1",
+                "SELECT name, key_sha256, cert_not_after FROM nodes WHERE name = ?1",
                 [name],
                 |r| {
                     Ok(JoinedNode {
                         name: r.get(0)?,
                         key_sha256: r.get(1)?,
+                        cert_not_after: r.get(2)?,
                     })
                 },
             )
@@ -350,20 +365,25 @@ impl Store {
         .await
     }
 
-    /// Records a node that joined (or re-joined with the same key).
-    pub async fn add_node(
-        &self,
-        name: String,
-        key_sha256: Vec<u8>,
-        now: i64,
-    ) -> Result<(), StoreError> {
+    /// Records the certificate just issued to a node (a join or a renewal).
+    pub async fn add_node(&self, node: JoinedNode, now: i64) -> Result<(), StoreError> {
         self.call(move |t| {
             t.execute(
-                "INSERT INTO nodes (name, key_sha256, joined_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO UPDATE SET key_sha256 = excluded.key_sha256",
-                params![name, key_sha256, now],
+                "INSERT INTO nodes (name, key_sha256, cert_not_after, joined_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET key_sha256 = excluded.key_sha256,
+                     cert_not_after = excluded.cert_not_after",
+                params![node.name, node.key_sha256, node.cert_not_after, now],
             )
             .map(drop)
+        })
+        .await
+    }
+
+    /// Forgets a node and its sync state; returns whether it was known.
+    pub async fn remove_node(&self, name: String) -> Result<bool, StoreError> {
+        self.call(move |t| {
+            t.execute("DELETE FROM sync_states WHERE peer = ?1", [&name])?;
+            Ok(t.execute("DELETE FROM nodes WHERE name = ?1", [&name])? > 0)
         })
         .await
     }

@@ -3,7 +3,7 @@
 
 pub mod wire;
 
-use crate::node::{Node, PeerInfo, now};
+use crate::node::{Node, now};
 use crate::transport::tls::Identity;
 use automerge::sync;
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wire::{Frame, WireError, read_frame, write_frame};
+use wire::{Frame, WireError, read_frame};
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -27,32 +27,31 @@ pub enum SessionError {
 /// Runs the sync protocol with `peer` over one stream until it closes, the peer misbehaves or
 /// `shutdown` fires. The first frame (Hello) is already consumed by the caller on the accepting
 /// side; the dialing side sends its own Hello before calling this.
+///
+/// Reading, deciding and writing are separate tasks joined by queues: the session never blocks
+/// on a write, so two peers pushing many documents at each other cannot deadlock. The outgoing
+/// queue stays bounded by the protocol (at most one message in flight per document).
 pub async fn run_session<R, W>(
     node: Node,
     peer: Identity,
     address: String,
     recv: R,
-    mut send: W,
+    send: W,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut changes = node.subscribe();
-    node.peer_update(PeerInfo {
-        name: peer.name.clone(),
-        role: peer.role,
-        address,
-        connected: true,
-        last_seen: Some(now()),
-        bytes_out: 0,
-        bytes_in: 0,
-    });
+    let removed = node.removal_of(&peer.name);
+    node.peer_connected(&peer, &address);
+    let (out, out_rx) = mpsc::unbounded_channel();
     let mut session = Session {
         node: node.clone(),
         peer: peer.clone(),
         states: HashMap::new(),
+        out,
     };
     match node.store().sync_states(&peer.name).await {
         Ok(stored) => {
@@ -66,25 +65,33 @@ where
             warn!(peer = %peer.name, error = %e, "stored sync state unreadable; starting fresh")
         }
     }
-    let (frames_tx, mut frames) = mpsc::channel(64);
+    let (frames_tx, mut frames) = mpsc::channel(16);
     let reader = tokio::spawn(read_frames(recv, frames_tx));
+    let mut writer = tokio::spawn(write_frames(send, out_rx));
     let result = async {
         for key in node.keys() {
-            session.push(&key, &mut send).await?;
+            session.push(&key).await?;
         }
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = removed.cancelled() => {
+                    return Err(SessionError::Protocol("the node was removed on the head".into()));
+                }
+                written = &mut writer => return match written {
+                    Ok(Err(e)) => Err(e.into()),
+                    _ => Ok(()),
+                },
                 frame = frames.recv() => match frame {
                     None => return Ok(()),
                     Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(frame)) => session.handle(frame, &mut send).await?,
+                    Some(Ok(frame)) => session.handle(frame).await?,
                 },
                 changed = changes.recv() => match changed {
-                    Ok(key) => session.push(&key, &mut send).await?,
+                    Ok(key) => session.push(&key).await?,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         for key in node.keys() {
-                            session.push(&key, &mut send).await?;
+                            session.push(&key).await?;
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
@@ -94,7 +101,13 @@ where
     }
     .await;
     reader.abort();
-    node.peer_touch(&peer.name, |p| p.connected = false);
+    drop(session);
+    // Let queued frames go out (a clean end), but never wait long for a stuck peer.
+    if !writer.is_finished() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut writer).await;
+        writer.abort();
+    }
+    node.peer_disconnected(&peer.name);
     result
 }
 
@@ -103,7 +116,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
     out: mpsc::Sender<Result<Frame, WireError>>,
 ) {
     loop {
-        let frame = read_frame(&mut recv).await;
+        let frame = read_frame(&mut recv, wire::MAX_FRAME).await;
         let end = !matches!(frame, Ok(Some(_)));
         let item = match frame {
             Ok(Some(f)) => Ok(f),
@@ -116,41 +129,54 @@ async fn read_frames<R: AsyncRead + Unpin>(
     }
 }
 
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut send: W,
+    mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
+) -> Result<(), WireError> {
+    use tokio::io::AsyncWriteExt;
+    while let Some(bytes) = queue.recv().await {
+        send.write_all(&bytes).await?;
+    }
+    send.shutdown().await?;
+    Ok(())
+}
+
 struct Session {
     node: Node,
     peer: Identity,
     states: HashMap<String, sync::State>,
+    out: mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl Session {
+    /// Queues a frame for the writer; counts its bytes.
+    fn send(&self, frame: &Frame) -> Result<(), SessionError> {
+        let bytes = frame.encode()?;
+        let n = bytes.len() as u64;
+        self.out
+            .send(bytes)
+            .map_err(|_| SessionError::Protocol("connection writer has stopped".into()))?;
+        self.node.peer_touch(&self.peer.name, |p| p.bytes_out += n);
+        Ok(())
+    }
+
     /// Sends the next sync message for `key`, if the peer may see it and there is one.
-    async fn push<W: AsyncWrite + Unpin>(
-        &mut self,
-        key: &str,
-        send: &mut W,
-    ) -> Result<(), SessionError> {
+    async fn push(&mut self, key: &str) -> Result<(), SessionError> {
         if !self.peer.may_access(key) {
             return Ok(());
         }
         let state = self.states.entry(key.to_string()).or_default();
         if let Some(message) = self.node.generate_sync(key, state).await {
-            let frame = Frame::Sync {
+            debug!(peer = %self.peer.name, doc = key, "sync sent");
+            self.send(&Frame::Sync {
                 doc: key.to_string(),
                 message: message.encode(),
-            };
-            let n = write_frame(send, &frame).await?;
-            debug!(peer = %self.peer.name, doc = key, bytes = n, "sync sent");
-            self.node
-                .peer_touch(&self.peer.name, |p| p.bytes_out += n as u64);
+            })?;
         }
         Ok(())
     }
 
-    async fn handle<W: AsyncWrite + Unpin>(
-        &mut self,
-        frame: Frame,
-        send: &mut W,
-    ) -> Result<(), SessionError> {
+    async fn handle(&mut self, frame: Frame) -> Result<(), SessionError> {
         let (key, message) = match frame {
             Frame::Sync { doc, message } => (doc, message),
             Frame::Hello { .. } => return Ok(()),
@@ -171,11 +197,9 @@ impl Session {
         });
         if !self.peer.may_access(&key) {
             warn!(peer = %self.peer.name, doc = %key, "refused sync for a document this peer may not access");
-            let refusal = Frame::Error {
+            return self.send(&Frame::Error {
                 message: format!("{} may not access document {key}", self.peer.name),
-            };
-            write_frame(send, &refusal).await?;
-            return Ok(());
+            });
         }
         let message = sync::Message::decode(&message).map_err(|e| {
             SessionError::Protocol(format!("document {key}: undecodable sync message: {e}"))
@@ -190,7 +214,7 @@ impl Session {
             return Err(SessionError::Protocol(e.to_string()));
         }
         debug!(peer = %self.peer.name, doc = %key, "sync received");
-        self.push(&key, send).await
+        self.push(&key).await
     }
 }
 

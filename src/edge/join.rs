@@ -4,13 +4,13 @@
 
 use super::EdgeError;
 use crate::config::EdgeConfig;
-use crate::sync::wire::{Frame, read_frame, write_frame};
+use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
 use crate::transport::tls::{self, JoinToken, KeyedCert};
 use crate::transport::{self, Backoff};
 use rustls::pki_types::CertificateDer;
 use sha2::Digest;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -142,7 +142,9 @@ async fn request_cert(
             .await
             .map_err(|e| unreachable(&e))?;
         let _ = send.finish();
-        read_frame(&mut recv).await.map_err(|e| unreachable(&e))
+        read_frame(&mut recv, MAX_FIRST_FRAME)
+            .await
+            .map_err(|e| unreachable(&e))
     };
     let reply = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
@@ -164,32 +166,48 @@ async fn request_cert(
     }
 }
 
-/// Renews the certificate in `dir` from whichever of `heads` answers, once two thirds of its
-/// lifetime have passed; retries with backoff until `shutdown`.
-pub async fn renew_loop(dir: PathBuf, heads: Vec<String>, shutdown: CancellationToken) {
+/// Renews the certificate from whichever head answers once two thirds of its lifetime have
+/// passed, retrying with backoff until `shutdown`. If it expired anyway (the edge was cut off
+/// too long), joins again with the configured token, if any.
+pub async fn renew_loop(config: EdgeConfig, shutdown: CancellationToken) {
+    let dir = &config.state_dir;
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
     loop {
-        let due = match tls::load_node_cert(&dir) {
-            Ok(Some((cert, _))) => {
-                tls::renew_at(&cert.chain[0]).map(|at| at - time::OffsetDateTime::now_utc())
-            }
-            _ => None,
-        };
+        let now = time::OffsetDateTime::now_utc();
+        let cert = tls::load_node_cert(dir).ok().flatten().map(|(c, _)| c);
+        let expired = cert
+            .as_ref()
+            .and_then(|c| tls::not_after(&c.chain[0]))
+            .is_some_and(|t| t <= now);
+        let due = cert
+            .as_ref()
+            .and_then(|c| tls::renew_at(&c.chain[0]))
+            .map(|at| at - now);
         let wait = match due {
             // Re-check at least hourly, so a changed clock or file is noticed.
             Some(d) if d.is_positive() => d.unsigned_abs().min(Duration::from_secs(3600)),
-            Some(_) => match renew(&dir, &heads).await {
-                Ok(()) => {
-                    backoff.reset();
-                    info!("certificate renewed");
-                    continue;
-                }
-                Err(e) => {
-                    warn!(error = %e, "certificate renewal failed; will retry");
-                    backoff.next_delay()
-                }
-            },
             None => Duration::from_secs(3600),
+            Some(_) => {
+                let outcome = if expired {
+                    credentials(&config, &shutdown)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                } else {
+                    renew(dir, &config.heads).await
+                };
+                match outcome {
+                    Ok(()) => {
+                        backoff.reset();
+                        info!(rejoined = expired, "certificate renewed");
+                        Duration::from_secs(1)
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "certificate renewal failed; will retry");
+                        backoff.next_delay()
+                    }
+                }
+            }
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,

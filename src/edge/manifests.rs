@@ -78,45 +78,75 @@ pub fn path_in(dir: &Path, file: &str) -> Option<PathBuf> {
 pub struct Plan {
     /// Files to (re)write: missing, changed in the spec, or edited by hand.
     pub write: Vec<Desired>,
-    /// Owned files no longer desired.
+    /// Owned files no longer desired, still holding edgesync's content: delete them.
     pub remove: Vec<OwnedFile>,
-    /// Desired files whose name is taken by a file edgesync did not write: (pod key, pod, file).
+    /// Owned files no longer desired whose content someone replaced with their own: forget
+    /// them but leave the file.
+    pub disown: Vec<OwnedFile>,
+    /// Desired files whose name is taken by a file edgesync did not write.
     pub blocked: Vec<Desired>,
 }
 
-/// Plans the changes. `on_disk` gives the SHA-256 of a file's current content (None if absent);
-/// `keep` lists owned files to leave alone although not desired (pods refused after being
-/// applied keep their previous manifest).
+/// A file as found in the manifest directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnDisk {
+    /// SHA-256 of its content, hex.
+    pub sha256: String,
+    /// The EdgeNode key in its annotations, if it is marked as managed by edgesync.
+    pub managed_by: Option<String>,
+}
+
+/// Plans the changes. `on_disk` inspects a file (None if absent). `keep` lists owned files to
+/// leave alone although not desired (pods refused after being applied keep their previous
+/// manifest). A file edgesync has no record of is adopted only if it carries edgesync's
+/// annotations for the same EdgeNode (a state dir that was lost); otherwise it blocks the pod.
 pub fn plan(
     desired: &[Desired],
     owned: &[OwnedFile],
     keep: &[String],
-    on_disk: impl Fn(&str) -> Option<String>,
+    on_disk: impl Fn(&str) -> Option<OnDisk>,
 ) -> Plan {
     let owned_by_file: BTreeMap<&str, &OwnedFile> =
         owned.iter().map(|o| (o.file.as_str(), o)).collect();
     let mut plan = Plan::default();
     for want in desired {
-        let current = on_disk(&want.file);
-        match (owned_by_file.get(want.file.as_str()), current) {
-            (None, Some(_)) => plan.blocked.push(want.clone()),
-            (_, Some(sha)) if sha == want.sha256() => {}
+        let ours = owned_by_file.contains_key(want.file.as_str());
+        match on_disk(&want.file) {
+            Some(found) if !ours && found.managed_by.as_deref() != Some(want.key.as_str()) => {
+                plan.blocked.push(want.clone())
+            }
+            Some(found) if found.sha256 == want.sha256() && ours => {}
             _ => plan.write.push(want.clone()),
         }
     }
     for file in owned {
         let wanted = desired.iter().any(|d| d.file == file.file);
-        if !wanted && !keep.contains(&file.file) {
-            plan.remove.push(file.clone());
+        if wanted || keep.contains(&file.file) {
+            continue;
+        }
+        match on_disk(&file.file) {
+            Some(found) if found.sha256 != file.sha256 && found.managed_by.is_none() => {
+                plan.disown.push(file.clone())
+            }
+            _ => plan.remove.push(file.clone()),
         }
     }
     plan
 }
 
-/// Reads a file's SHA-256, None if it does not exist or cannot be read.
-pub fn disk_sha(dir: &Path, file: &str) -> Option<String> {
-    let path = path_in(dir, file)?;
-    std::fs::read(path).ok().map(|bytes| sha256_hex(&bytes))
+/// Inspects a file in `dir`: None if it does not exist or cannot be read.
+pub fn inspect(dir: &Path, file: &str) -> Option<OnDisk> {
+    let bytes = std::fs::read(path_in(dir, file)?).ok()?;
+    let annotations = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .map(|v| v["metadata"]["annotations"].clone());
+    let managed_by = annotations
+        .filter(|a| a[MANAGED_ANNOTATION] == "true")
+        .and_then(|a| a[SOURCE_ANNOTATION].as_str().map(str::to_string));
+    Some(OnDisk {
+        sha256: sha256_hex(&bytes),
+        managed_by,
+    })
 }
 
 #[cfg(test)]
@@ -150,6 +180,13 @@ mod tests {
         );
     }
 
+    fn found(sha: &str, managed_by: Option<&str>) -> Option<OnDisk> {
+        Some(OnDisk {
+            sha256: sha.to_string(),
+            managed_by: managed_by.map(str::to_string),
+        })
+    }
+
     #[test]
     fn plan_writes_missing_changed_and_drifted_and_never_foreign_files() {
         let a = Desired::render("default", "edge01", "web", &pod("nginx"));
@@ -166,16 +203,20 @@ mod tests {
             &[owned(&a), gone.clone()],
             &[],
             |f| {
-                (f == a.file)
-                    .then(|| a_sha.clone())
-                    .or((f == b.file).then(|| "foreign".to_string()))
+                if f == a.file {
+                    found(&a_sha, Some("default/edge01"))
+                } else if f == b.file {
+                    found("foreign", None)
+                } else {
+                    found("x", None)
+                }
             },
         );
         assert!(plan_.write.is_empty());
         assert_eq!(plan_.blocked, vec![b]);
         assert_eq!(plan_.remove, vec![gone.clone()]);
         let drifted = plan(std::slice::from_ref(&a), &[owned(&a)], &[], |_| {
-            Some("edited".into())
+            found("edited", None)
         });
         assert_eq!(drifted.write, vec![a.clone()]);
         let kept = plan(
@@ -185,6 +226,25 @@ mod tests {
             |_| None,
         );
         assert!(kept.remove.is_empty());
+    }
+
+    #[test]
+    fn plan_adopts_own_files_after_state_loss_and_spares_replaced_ones() {
+        let a = Desired::render("default", "edge01", "web", &pod("nginx"));
+        let adopted = plan(std::slice::from_ref(&a), &[], &[], |_| {
+            found("old", Some("default/edge01"))
+        });
+        assert_eq!(adopted.write, vec![a.clone()]);
+        let other_node = plan(std::slice::from_ref(&a), &[], &[], |_| {
+            found("old", Some("default/edge02"))
+        });
+        assert_eq!(other_node.blocked, vec![a.clone()]);
+        let replaced = plan(&[], &[owned(&a)], &[], |_| found("someone else's", None));
+        assert_eq!((replaced.remove.len(), replaced.disown.len()), (0, 1));
+        let edited_but_ours = plan(&[], &[owned(&a)], &[], |_| {
+            found("edited", Some("default/edge01"))
+        });
+        assert_eq!(edited_but_ours.remove, vec![owned(&a)]);
     }
 
     #[test]

@@ -195,8 +195,15 @@ impl Fields<'_> {
     }
 }
 
-/// Reads one frame; `Ok(None)` at a clean end of stream.
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Frame>, WireError> {
+/// Largest first frame of a connection (a join, renewal or hello), read before the peer has
+/// proven anything.
+pub const MAX_FIRST_FRAME: usize = 64 << 10;
+
+/// Reads one frame of at most `limit` payload bytes; `Ok(None)` at a clean end of stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limit: usize,
+) -> Result<Option<Frame>, WireError> {
     let mut header = [0u8; 6];
     match reader.read_exact(&mut header[..1]).await {
         Ok(_) => {}
@@ -208,7 +215,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<F
         return Err(WireError::Version(header[0]));
     }
     let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
-    if len > MAX_FRAME {
+    if len > limit.min(MAX_FRAME) {
         return Err(WireError::TooLarge(len));
     }
     let mut payload = vec![0u8; len];
@@ -273,9 +280,12 @@ mod tests {
             }
             let mut reader = &buf[..];
             for frame in all_frames() {
-                assert_eq!(read_frame(&mut reader).await.unwrap(), Some(frame));
+                assert_eq!(
+                    read_frame(&mut reader, MAX_FRAME).await.unwrap(),
+                    Some(frame)
+                );
             }
-            assert_eq!(read_frame(&mut reader).await.unwrap(), None);
+            assert_eq!(read_frame(&mut reader, MAX_FRAME).await.unwrap(), None);
         })
         .await;
     }
@@ -285,28 +295,33 @@ mod tests {
         bounded(async {
             let too_big = [VERSION, 2, 0xff, 0xff, 0xff, 0xff];
             assert!(matches!(
-                read_frame(&mut &too_big[..]).await,
+                read_frame(&mut &too_big[..], MAX_FRAME).await,
                 Err(WireError::TooLarge(_))
             ));
             let wrong_version = [9, 2, 0, 0, 0, 0];
             assert!(matches!(
-                read_frame(&mut &wrong_version[..]).await,
+                read_frame(&mut &wrong_version[..], MAX_FRAME).await,
                 Err(WireError::Version(9))
             ));
             let lying_field = [VERSION, 1, 0, 0, 0, 4, 0, 0, 0, 200];
             assert!(matches!(
-                read_frame(&mut &lying_field[..]).await,
+                read_frame(&mut &lying_field[..], MAX_FRAME).await,
                 Err(WireError::Malformed(_))
+            ));
+            let big_first = [VERSION, 3, 0, 2, 0, 0];
+            assert!(matches!(
+                read_frame(&mut &big_first[..], MAX_FIRST_FRAME).await,
+                Err(WireError::TooLarge(131072))
             ));
             let unknown_kind = [VERSION, 77, 0, 0, 0, 0];
             assert!(matches!(
-                read_frame(&mut &unknown_kind[..]).await,
+                read_frame(&mut &unknown_kind[..], MAX_FRAME).await,
                 Err(WireError::Malformed(_))
             ));
             for frame in all_frames() {
                 let bytes = frame.encode().unwrap();
                 let truncated = &bytes[..bytes.len() - 1];
-                assert!(read_frame(&mut &truncated[..]).await.is_err());
+                assert!(read_frame(&mut &truncated[..], MAX_FRAME).await.is_err());
             }
         })
         .await;

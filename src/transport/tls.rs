@@ -89,6 +89,9 @@ pub struct Identity {
     pub role: Role,
     /// Node name (CN).
     pub name: String,
+    /// SHA-256 of the certificate's public key (SubjectPublicKeyInfo), which the head records
+    /// for each edge: only the latest key issued to a name is let in.
+    pub key: Vec<u8>,
 }
 
 impl Identity {
@@ -204,13 +207,6 @@ impl Ca {
     }
 }
 
-/// SHA-256 of the public key in a certificate request, to recognise a retried join.
-pub fn csr_key_hash(csr_der: &[u8]) -> Result<Vec<u8>, TlsError> {
-    let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
-    let csr = CertificateSigningRequestParams::from_der(&der)?;
-    Ok(Sha256::digest(rcgen::PublicKeyData::der_bytes(&csr.public_key)).to_vec())
-}
-
 /// A new key pair and a certificate request for it (DER), made on the edge.
 pub fn new_request(name: &str) -> Result<(KeyPair, Vec<u8>), TlsError> {
     let key = KeyPair::generate()?;
@@ -305,6 +301,7 @@ pub fn identity(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
     Ok(Identity {
         role,
         name: name.to_string(),
+        key: Sha256::digest(parsed.tbs_certificate.subject_pki.raw).to_vec(),
     })
 }
 
@@ -522,7 +519,8 @@ fn dn(common_name: &str, role: Option<Role>) -> DistinguishedName {
 
 fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::from_secs(3600);
+    // Tolerate clocks running a little behind, without eating into short lifetimes.
+    params.not_before = now - (lifetime / 10).min(Duration::from_secs(3600));
     params.not_after = now + lifetime;
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_bytes::<16>()));
 }
@@ -560,13 +558,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::load_or_create(dir.path()).unwrap();
         let head = ca.issue_head("head-a").unwrap();
+        let head_id = identity(&head.chain[0]).unwrap();
         assert_eq!(
-            identity(&head.chain[0]).unwrap(),
-            Identity {
-                role: Role::Head,
-                name: "head-a".into()
-            }
+            (head_id.role, head_id.name.as_str()),
+            (Role::Head, "head-a")
         );
+        assert_eq!(head_id.key.len(), 32);
         let (_, csr) = new_request("ignored").unwrap();
         let edge = pem_to_der(&ca.sign_edge(&csr, "edge01", NODE_CERT_LIFETIME).unwrap()).unwrap();
         let id = identity(&edge).unwrap();

@@ -197,6 +197,75 @@ async fn bad_tokens_and_unknown_cas_are_refused_and_nothing_syncs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_cannot_take_over_a_joined_node_and_removal_shuts_it_out() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let file = write(dir.path(), "a.yaml", &example("nginx"));
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        let real = EdgeDirs::new(dir.path(), "real");
+        let edge = real
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        wait_for("manifest on the real edge", SOON, || {
+            real.manifest("default", "nginx")
+        })
+        .await;
+
+        let thief = EdgeDirs::new(dir.path(), "thief");
+        let code = thief
+            .spawn("edge01", &[head.addr], Some(&head.token()), &[])
+            .exit_code(SOON)
+            .await;
+        let log = std::fs::read_to_string(&thief.log).unwrap();
+        assert_eq!(code, 1, "{log}");
+        assert!(log.contains("has already joined"), "{log}");
+        assert!(thief.files().is_empty());
+
+        let out = ok(head.daemon.cli(&["node", "remove", "edge01"]));
+        assert_eq!(out.trim(), "node \"edge01\" removed");
+        wait_for("the removed edge is cut off", SOON, || {
+            let status = head.daemon.json(&["status", "-o", "json"]);
+            let connected = status["peers"]
+                .as_array()?
+                .iter()
+                .any(|p| p["name"] == "edge01" && p["connected"] == true);
+            (!connected).then_some(())
+        })
+        .await;
+        let file = write(dir.path(), "a.yaml", &example("nginx:after-removal"));
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        wait_for("the head refuses the old certificate", SOON, || {
+            head.daemon
+                .log_text()
+                .contains("is not a registered node")
+                .then_some(())
+        })
+        .await;
+        assert_eq!(
+            image(&real.manifest("default", "nginx").unwrap()),
+            "nginx",
+            "nothing reaches a removed edge"
+        );
+        let missing = head.daemon.cli(&["node", "remove", "edge01"]);
+        assert_eq!(missing.status.code(), Some(1));
+        drop(edge);
+
+        // With a new token, the name can join again.
+        let fresh = ok(head.daemon.cli(&["token", "create"])).trim().to_string();
+        let again = EdgeDirs::new(dir.path(), "again");
+        let _edge = again.start("edge01", &[head.addr], Some(&fresh)).await;
+        wait_for("manifest after joining again", SOON, || {
+            again
+                .manifest("default", "nginx")
+                .filter(|m| image(m) == "nginx:after-removal")
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_certificates_renew_before_they_expire() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();

@@ -56,11 +56,12 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
             futures_lite(async move { traffic(&node, "edge01").await.filter(|t| !t.2) })
         })
         .await;
+        let before = traffic(head.node(), "edge01").await.unwrap();
         head.node().apply_text(&edgenode("ns1", "edge01", &edited), "default").await.unwrap();
         let edge = Edge::start(edge_config).await.unwrap();
         wait_image(edge.node(), "ns1/edge01", web).await;
         let resync = wait_quiet(head.node(), "edge01").await;
-        let resync_bytes = resync.0 + resync.1;
+        let resync_bytes = (resync.0 - before.0) + (resync.1 - before.1);
         let mut full_copy = 0;
         for ns in &namespaces {
             full_copy += head.node().view(&format!("{ns}/edge01")).await.unwrap().map_or(0, |(v, _)| {
