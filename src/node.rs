@@ -726,3 +726,54 @@ pub async fn admit_edge(store: &Store, peer: &Identity) -> Result<(), String> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../example/edge01.yaml");
+
+    async fn open(dir: &std::path::Path) -> Node {
+        let store = Store::open(dir).unwrap();
+        Node::open(Role::Head, "head", store, Rules::new("default")).await.unwrap()
+    }
+
+    fn chunk_sizes(dir: &std::path::Path) -> Vec<usize> {
+        let conn = rusqlite::Connection::open(dir.join("edgesync.db")).unwrap();
+        let mut stmt = conn.prepare("SELECT length(data) FROM doc_chunks ORDER BY id").unwrap();
+        stmt.query_map([], |r| r.get::<_, i64>(0))
+            .unwrap()
+            .map(|n| n.unwrap() as usize)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_restart_stores_only_new_changes_and_keeps_everything() {
+        tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            let dir = tempfile::tempdir().unwrap();
+            let node = open(dir.path()).await;
+            node.apply_text(EXAMPLE, "default").await.unwrap();
+            let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
+            node.apply_text(&edited, "default").await.unwrap();
+            let before = chunk_sizes(dir.path());
+            drop(node);
+
+            let node = open(dir.path()).await;
+            let (view, _) = node.view("default/edge01").await.unwrap().unwrap();
+            assert_eq!(view.pods["nginx"]["spec"]["containers"][0]["image"], "nginx:1.27");
+            let again = EXAMPLE.replace("image: nginx", "image: nginx:1.28");
+            node.apply_text(&again, "default").await.unwrap();
+            let after = chunk_sizes(dir.path());
+            assert_eq!(after.len(), before.len() + 1, "one new chunk: {before:?} -> {after:?}");
+            assert!(after[after.len() - 1] < 300, "only the change is stored: {after:?}");
+            drop(node);
+
+            let node = open(dir.path()).await;
+            let (view, _) = node.view("default/edge01").await.unwrap().unwrap();
+            assert_eq!(view.pods["nginx"]["spec"]["containers"][0]["image"], "nginx:1.28");
+            assert_eq!(view.generation, 3);
+        })
+        .await
+        .expect("test timed out");
+    }
+}
