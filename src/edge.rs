@@ -8,92 +8,49 @@ pub mod policy;
 use crate::config::EdgeConfig;
 use crate::control;
 use crate::crd::{POD_APPLIED, POD_REFUSED, PodState};
+use crate::daemon::{DaemonError, Tasks, io_err};
 use crate::fsutil;
 use crate::input::{self, Rules};
 use crate::link;
-use crate::node::{AppliedPod, Node, NodeError};
-use crate::store::{OwnedFile, Store, StoreError};
-use crate::transport::TransportError;
-use crate::transport::tls::{self, Role, TlsError};
+use crate::node::{AppliedPod, Node};
+use crate::store::{OwnedFile, Store};
+use crate::transport::tls::{self, Role};
 use manifests::Desired;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Errors starting or running an edge.
-#[derive(Debug, thiserror::Error)]
-pub enum EdgeError {
-    /// Bad configuration.
-    #[error("{0}")]
-    Config(String),
-    /// State directory problem.
-    #[error("{path}: {source}")]
-    Io {
-        /// Path.
-        path: String,
-        /// Error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The head refused to let this node join.
-    #[error("join refused by {head}: {reason}")]
-    JoinRefused {
-        /// Head address.
-        head: String,
-        /// The head's reason.
-        reason: String,
-    },
-    /// Database.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Certificates.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// QUIC.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// Node core.
-    #[error(transparent)]
-    Node(#[from] NodeError),
-    /// Control socket.
-    #[error(transparent)]
-    Control(#[from] control::ControlError),
-}
 
 /// A running edge.
 pub struct Edge {
     node: Node,
-    shutdown: CancellationToken,
-    tasks: JoinSet<()>,
+    tasks: Tasks,
 }
 
 impl Edge {
     /// Joins if needed, loads the cache, writes manifests from it at once, then links to the heads.
-    pub async fn start(config: EdgeConfig) -> Result<Edge, EdgeError> {
+    pub async fn start(config: EdgeConfig) -> Result<Edge, DaemonError> {
         let dir = &config.state_dir;
         input::check_subdomain(&config.node_name)
-            .map_err(|r| EdgeError::Config(format!("--node-name: {r}")))?;
+            .map_err(|r| DaemonError::Config(format!("--node-name: {r}")))?;
         fsutil::ensure_dir(dir, 0o700).map_err(|source| io_err(dir, source))?;
         fsutil::ensure_dir(&config.manifest_dir, 0o755)
             .map_err(|source| io_err(&config.manifest_dir, source))?;
-        let shutdown = CancellationToken::new();
-        join::credentials(&config, &shutdown).await?;
+        let mut tasks = Tasks::default();
+        join::credentials(&config, &tasks.token()).await?;
         let store = Store::open(dir)?;
         let rules = Rules {
             default_namespace: "default".into(),
             privileged_namespaces: config.privileged_namespaces.clone(),
         };
         let node = Node::open(Role::Edge, &config.node_name, store, rules).await?;
-        let mut tasks = JoinSet::new();
         let reconciler = Reconciler {
             node: node.clone(),
             dir: config.manifest_dir.clone(),
         };
         reconciler.run_once().await;
-        tasks.spawn(reconciler.run(config.drift_interval, shutdown.child_token()));
+        tasks.spawn(reconciler.run(config.drift_interval, tasks.token()));
         let mut targets = config.heads.clone();
         targets.extend(config.peers.iter().cloned());
         let state = config.state_dir.clone();
@@ -103,22 +60,11 @@ impl Edge {
                 .ok_or("the node certificate is gone from the state dir")?;
             tls::client_config(&ca, &cert).map_err(|e| e.to_string())
         });
-        tasks.spawn(link::dial(
-            node.clone(),
-            targets,
-            client,
-            shutdown.child_token(),
-        ));
-        tasks.spawn(join::renew_loop(config.clone(), shutdown.child_token()));
-        tasks.spawn(
-            control::serve(&config.socket, node.clone(), None, shutdown.child_token()).await?,
-        );
+        tasks.spawn(link::dial(node.clone(), targets, client, tasks.token()));
+        tasks.spawn(join::renew_loop(config.clone(), tasks.token()));
+        tasks.spawn(control::serve(&config.socket, node.clone(), None, tasks.token()).await?);
         info!(node = %config.node_name, manifests = %config.manifest_dir.display(), "edge ready");
-        Ok(Edge {
-            node,
-            shutdown,
-            tasks,
-        })
+        Ok(Edge { node, tasks })
     }
 
     /// The node core.
@@ -127,16 +73,8 @@ impl Edge {
     }
 
     /// Stops linking and reconciling (manifests stay, so the kubelet keeps the pods running).
-    pub async fn shutdown(mut self) {
-        self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
-    }
-}
-
-fn io_err(path: &Path, source: std::io::Error) -> EdgeError {
-    EdgeError::Io {
-        path: path.display().to_string(),
-        source,
+    pub async fn shutdown(self) {
+        self.tasks.shutdown().await;
     }
 }
 
@@ -167,7 +105,7 @@ impl Reconciler {
         }
     }
 
-    async fn reconcile(&self) -> Result<(), EdgeError> {
+    async fn reconcile(&self) -> Result<(), DaemonError> {
         let node = &self.node;
         let mut desired = Vec::new();
         let mut states: Vec<(String, i64, Vec<PodState>)> = Vec::new();

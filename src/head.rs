@@ -3,81 +3,43 @@
 
 use crate::config::HeadConfig;
 use crate::control;
+use crate::daemon::{DaemonError, Tasks, io_err};
 use crate::fsutil;
 use crate::input::{self, Rules};
 use crate::link::{self, JoinHandler};
-use crate::node::{Node, NodeError};
+use crate::node::Node;
 use crate::store::{JoinedNode, Store, StoreError};
 use crate::sync::wire::Frame;
-use crate::transport::tls::{self, Ca, JoinToken, Role, TlsError};
+use crate::transport::tls::{self, Ca, JoinToken, Role};
 use crate::transport::{self, TransportError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Lifetime of the join token written at first start and the default of `token create`.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// Errors starting or running a head.
-#[derive(Debug, thiserror::Error)]
-pub enum HeadError {
-    /// State directory problem.
-    #[error("state dir {path}: {source}")]
-    StateDir {
-        /// Directory.
-        path: String,
-        /// Error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Database problem.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Certificates.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// QUIC.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// Node core.
-    #[error(transparent)]
-    Node(#[from] NodeError),
-    /// Control socket.
-    #[error(transparent)]
-    Control(#[from] control::ControlError),
-}
 
 /// A running head.
 pub struct Head {
     node: Node,
     local_addr: SocketAddr,
     ca_hash: String,
-    shutdown: CancellationToken,
-    tasks: JoinSet<()>,
+    tasks: Tasks,
 }
 
 impl Head {
     /// Creates state (CA, database, first join token) as needed and starts serving.
-    pub async fn start(config: HeadConfig) -> Result<Head, HeadError> {
+    pub async fn start(config: HeadConfig) -> Result<Head, DaemonError> {
         let dir = &config.state_dir;
-        fsutil::ensure_dir(dir, 0o700).map_err(|source| HeadError::StateDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        fsutil::ensure_dir(dir, 0o700).map_err(|source| io_err(dir, source))?;
         let store = Store::open(dir)?;
         let ca = Arc::new(Ca::load_or_create(dir)?);
         let token_file = dir.join("join-token");
         if !token_file.exists() {
             let token = create_token(&store, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
-            fsutil::write_private(&token_file, format!("{token}\n").as_bytes()).map_err(
-                |source| HeadError::StateDir {
-                    path: token_file.display().to_string(),
-                    source,
-                },
-            )?;
+            fsutil::write_private(&token_file, format!("{token}\n").as_bytes())
+                .map_err(|source| io_err(&token_file, source))?;
             info!(file = %token_file.display(), "wrote a join token valid for 24h");
         }
         let rules = Rules {
@@ -93,14 +55,13 @@ impl Head {
                 addr: config.listen,
                 source,
             })?;
-        let shutdown = CancellationToken::new();
-        let mut tasks = JoinSet::new();
+        let mut tasks = Tasks::default();
         let join = join_handler(store, ca.clone(), config.edge_cert_lifetime);
         tasks.spawn(link::serve(
             endpoint,
             node.clone(),
             Some(join),
-            shutdown.child_token(),
+            tasks.token(),
         ));
         let client = tls::client_config(&ca.cert, &cert)?;
         let client: link::TlsSource = Arc::new(move || Ok(client.clone()));
@@ -109,23 +70,17 @@ impl Head {
                 node.clone(),
                 vec![peer.clone()],
                 client.clone(),
-                shutdown.child_token(),
+                tasks.token(),
             ));
         }
-        let control = control::serve(
-            &config.socket,
-            node.clone(),
-            Some(ca.hash()),
-            shutdown.child_token(),
-        )
-        .await?;
+        let control =
+            control::serve(&config.socket, node.clone(), Some(ca.hash()), tasks.token()).await?;
         tasks.spawn(control);
         info!(quic = %local_addr, socket = %config.socket.display(), ca = %ca.hash(), "head ready");
         Ok(Head {
             node,
             local_addr,
             ca_hash: ca.hash(),
-            shutdown,
             tasks,
         })
     }
@@ -146,9 +101,8 @@ impl Head {
     }
 
     /// Stops serving and waits for every task.
-    pub async fn shutdown(mut self) {
-        self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+    pub async fn shutdown(self) {
+        self.tasks.shutdown().await;
     }
 }
 

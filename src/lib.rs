@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod crd;
+pub mod daemon;
 pub mod dev;
 pub mod edge;
 pub mod fsutil;

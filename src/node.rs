@@ -735,12 +735,16 @@ mod tests {
 
     async fn open(dir: &std::path::Path) -> Node {
         let store = Store::open(dir).unwrap();
-        Node::open(Role::Head, "head", store, Rules::new("default")).await.unwrap()
+        Node::open(Role::Head, "head", store, Rules::new("default"))
+            .await
+            .unwrap()
     }
 
     fn chunk_sizes(dir: &std::path::Path) -> Vec<usize> {
         let conn = rusqlite::Connection::open(dir.join("edgesync.db")).unwrap();
-        let mut stmt = conn.prepare("SELECT length(data) FROM doc_chunks ORDER BY id").unwrap();
+        let mut stmt = conn
+            .prepare("SELECT length(data) FROM doc_chunks ORDER BY id")
+            .unwrap();
         stmt.query_map([], |r| r.get::<_, i64>(0))
             .unwrap()
             .map(|n| n.unwrap() as usize)
@@ -760,17 +764,30 @@ mod tests {
 
             let node = open(dir.path()).await;
             let (view, _) = node.view("default/edge01").await.unwrap().unwrap();
-            assert_eq!(view.pods["nginx"]["spec"]["containers"][0]["image"], "nginx:1.27");
+            assert_eq!(
+                view.pods["nginx"]["spec"]["containers"][0]["image"],
+                "nginx:1.27"
+            );
             let again = EXAMPLE.replace("image: nginx", "image: nginx:1.28");
             node.apply_text(&again, "default").await.unwrap();
             let after = chunk_sizes(dir.path());
-            assert_eq!(after.len(), before.len() + 1, "one new chunk: {before:?} -> {after:?}");
-            assert!(after[after.len() - 1] < 300, "only the change is stored: {after:?}");
+            assert_eq!(
+                after.len(),
+                before.len() + 1,
+                "one new chunk: {before:?} -> {after:?}"
+            );
+            assert!(
+                after[after.len() - 1] < 300,
+                "only the change is stored: {after:?}"
+            );
             drop(node);
 
             let node = open(dir.path()).await;
             let (view, _) = node.view("default/edge01").await.unwrap().unwrap();
-            assert_eq!(view.pods["nginx"]["spec"]["containers"][0]["image"], "nginx:1.28");
+            assert_eq!(
+                view.pods["nginx"]["spec"]["containers"][0]["image"],
+                "nginx:1.28"
+            );
             assert_eq!(view.generation, 3);
         })
         .await

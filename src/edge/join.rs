@@ -2,8 +2,8 @@
 //! it over mutual TLS once two thirds of its lifetime have passed, so it never expires while
 //! the edge is in touch with a head.
 
-use super::EdgeError;
 use crate::config::EdgeConfig;
+use crate::daemon::{DaemonError, io_err};
 use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
 use crate::transport::tls::{self, JoinToken, KeyedCert};
 use crate::transport::{self, Backoff};
@@ -20,11 +20,11 @@ use tracing::{info, warn};
 pub async fn credentials(
     config: &EdgeConfig,
     shutdown: &CancellationToken,
-) -> Result<(KeyedCert, CertificateDer<'static>), EdgeError> {
+) -> Result<(KeyedCert, CertificateDer<'static>), DaemonError> {
     if let Some((cert, ca)) = tls::load_node_cert(&config.state_dir)? {
         let identity = tls::identity(&cert.chain[0])?;
         if identity.name != config.node_name {
-            return Err(EdgeError::Config(format!(
+            return Err(DaemonError::Config(format!(
                 "--node-name is {:?} but {} belongs to node {:?}; use that name or another --state-dir",
                 config.node_name,
                 config.state_dir.display(),
@@ -40,7 +40,7 @@ pub async fn credentials(
             return Ok((cert, ca));
         }
         if config.token.is_none() && config.token_file.is_none() {
-            return Err(EdgeError::Config(format!(
+            return Err(DaemonError::Config(format!(
                 "the certificate in {} has expired; start once with --token (a new one from `edgesync token create`) to join again",
                 config.state_dir.display()
             )));
@@ -50,11 +50,11 @@ pub async fn credentials(
     let token = match (&config.token, &config.token_file) {
         (Some(token), _) => token.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|source| super::io_err(path, source))?
+            .map_err(|source| io_err(path, source))?
             .trim()
             .to_string(),
         (None, None) => {
-            return Err(EdgeError::Config(format!(
+            return Err(DaemonError::Config(format!(
                 "{} holds no certificate yet: give --token (from <head state dir>/join-token or `edgesync token create`) to join",
                 config.state_dir.display()
             )));
@@ -63,7 +63,7 @@ pub async fn credentials(
     let token = JoinToken::parse(&token)?;
     join(config, &token, shutdown).await?;
     tls::load_node_cert(&config.state_dir)?.ok_or_else(|| {
-        EdgeError::Config("join succeeded but the certificate was not stored".into())
+        DaemonError::Config("join succeeded but the certificate was not stored".into())
     })
 }
 
@@ -80,7 +80,7 @@ async fn join(
     config: &EdgeConfig,
     token: &JoinToken,
     shutdown: &CancellationToken,
-) -> Result<(), EdgeError> {
+) -> Result<(), DaemonError> {
     let (key, csr) = tls::new_request(&config.node_name)?;
     let request = Frame::JoinRequest {
         node: config.node_name.clone(),
@@ -106,7 +106,7 @@ async fn join(
                     return Ok(());
                 }
                 Err(Attempt::Refused(reason)) => {
-                    return Err(EdgeError::JoinRefused {
+                    return Err(DaemonError::JoinRefused {
                         head: addr.to_string(),
                         reason,
                     });
@@ -117,7 +117,7 @@ async fn join(
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Err(EdgeError::Config("stopped before joining".into())),
+            _ = shutdown.cancelled() => return Err(DaemonError::Config("stopped before joining".into())),
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
