@@ -92,20 +92,19 @@ async fn handle_incoming(
     })
     .await
     .map_err(|_| "no request within 10s".to_string())??;
-    let (mut send, recv, frame) = first;
+    let (send, recv, frame) = first;
     drop(handshake);
     match (frame, identity) {
         (Some(Frame::Hello { .. }), Some(peer)) => {
             if let Err(message) = node.admit(&peer).await {
-                let _ = write_frame(
-                    &mut send,
-                    &Frame::Error {
+                answer(
+                    &conn,
+                    send,
+                    Frame::Error {
                         message: message.clone(),
                     },
                 )
                 .await;
-                let _ = send.finish();
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                 return Err(message);
             }
             info!(peer = %peer.name, role = %peer.role, "peer connected");
@@ -119,10 +118,7 @@ async fn handle_incoming(
             if join.is_some() =>
         {
             let handler = join.expect("checked above");
-            let reply = handler(request, remote, identity).await;
-            let _ = write_frame(&mut send, &reply).await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            answer(&conn, send, handler(request, remote, identity).await).await;
             Ok(())
         }
         (frame, identity) => {
@@ -135,18 +131,24 @@ async fn handle_incoming(
                 }
                 _ => "unexpected first frame",
             };
-            let _ = write_frame(
-                &mut send,
-                &Frame::Error {
+            answer(
+                &conn,
+                send,
+                Frame::Error {
                     message: message.into(),
                 },
             )
             .await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
             Err(message.to_string())
         }
     }
+}
+
+/// Sends the one answer of a short exchange and gives the peer a moment to read it and close.
+async fn answer(conn: &quinn::Connection, mut send: quinn::SendStream, frame: Frame) {
+    let _ = write_frame(&mut send, &frame).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
 }
 
 /// Keeps one link to whichever of `targets` answers first, reconnecting with backoff until

@@ -7,7 +7,6 @@ use crate::daemon::{DaemonError, io_err};
 use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
 use crate::transport::tls::{self, JoinToken, KeyedCert};
 use crate::transport::{self, Backoff};
-use rustls::pki_types::CertificateDer;
 use sha2::Digest;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,12 +15,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// The node's certificate: stored from an earlier join, or obtained now with the token.
+/// The node's certificate: stored from an earlier join, or obtained now with the token. A
+/// stored certificate is used even if it expired, so the edge keeps serving its pods from the
+/// cache; the renewal loop joins again with the token when a head answers.
 pub async fn credentials(
     config: &EdgeConfig,
     shutdown: &CancellationToken,
-) -> Result<(KeyedCert, CertificateDer<'static>), DaemonError> {
-    if let Some((cert, ca)) = tls::load_node_cert(&config.state_dir)? {
+) -> Result<(), DaemonError> {
+    if let Some((cert, _)) = tls::load_node_cert(&config.state_dir)? {
         let identity = tls::identity(&cert.chain[0])?;
         if identity.name != config.node_name {
             return Err(DaemonError::Config(format!(
@@ -31,40 +32,39 @@ pub async fn credentials(
                 identity.name
             )));
         }
-        let expired =
-            tls::not_after(&cert.chain[0]).is_some_and(|t| t <= time::OffsetDateTime::now_utc());
-        if !expired {
-            if config.token.is_some() {
-                info!("already joined; the token is not needed any more");
-            }
-            return Ok((cert, ca));
+        if expired(&cert) {
+            warn!(
+                "the node certificate has expired; pods keep running from the cache, and the edge joins again when a head answers (needs --token)"
+            );
+        } else if config.token.is_some() {
+            info!("already joined; the token is not needed any more");
         }
-        if config.token.is_none() && config.token_file.is_none() {
-            return Err(DaemonError::Config(format!(
-                "the certificate in {} has expired; start once with --token (a new one from `edgesync token create`) to join again",
-                config.state_dir.display()
-            )));
-        }
-        warn!("certificate expired; joining again with the token");
+        return Ok(());
     }
-    let token = match (&config.token, &config.token_file) {
+    let Some(token) = configured_token(config)? else {
+        return Err(DaemonError::Config(format!(
+            "{} holds no certificate yet: give --token (from <head state dir>/join-token or `edgesync token create`) to join",
+            config.state_dir.display()
+        )));
+    };
+    join(config, &token, shutdown).await
+}
+
+fn expired(cert: &KeyedCert) -> bool {
+    tls::not_after(&cert.chain[0]).is_some_and(|t| t <= time::OffsetDateTime::now_utc())
+}
+
+/// The join token from `--token` or `--token-file`, if either is set.
+fn configured_token(config: &EdgeConfig) -> Result<Option<JoinToken>, DaemonError> {
+    let text = match (&config.token, &config.token_file) {
         (Some(token), _) => token.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
             .map_err(|source| io_err(path, source))?
             .trim()
             .to_string(),
-        (None, None) => {
-            return Err(DaemonError::Config(format!(
-                "{} holds no certificate yet: give --token (from <head state dir>/join-token or `edgesync token create`) to join",
-                config.state_dir.display()
-            )));
-        }
+        (None, None) => return Ok(None),
     };
-    let token = JoinToken::parse(&token)?;
-    join(config, &token, shutdown).await?;
-    tls::load_node_cert(&config.state_dir)?.ok_or_else(|| {
-        DaemonError::Config("join succeeded but the certificate was not stored".into())
-    })
+    Ok(Some(JoinToken::parse(&text)?))
 }
 
 /// Why a certificate request did not succeed.
@@ -175,10 +175,7 @@ pub async fn renew_loop(config: EdgeConfig, shutdown: CancellationToken) {
     loop {
         let now = time::OffsetDateTime::now_utc();
         let cert = tls::load_node_cert(dir).ok().flatten().map(|(c, _)| c);
-        let expired = cert
-            .as_ref()
-            .and_then(|c| tls::not_after(&c.chain[0]))
-            .is_some_and(|t| t <= now);
+        let lapsed = cert.as_ref().is_some_and(expired);
         let due = cert
             .as_ref()
             .and_then(|c| tls::renew_at(&c.chain[0]))
@@ -188,18 +185,23 @@ pub async fn renew_loop(config: EdgeConfig, shutdown: CancellationToken) {
             Some(d) if d.is_positive() => d.unsigned_abs().min(Duration::from_secs(3600)),
             None => Duration::from_secs(3600),
             Some(_) => {
-                let outcome = if expired {
-                    credentials(&config, &shutdown)
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.to_string())
+                let outcome = if lapsed {
+                    match configured_token(&config) {
+                        Ok(Some(token)) => join(&config, &token, &shutdown).await,
+                        Ok(None) => Err(DaemonError::Config(
+                            "the node certificate has expired; restart with --token to join again"
+                                .into(),
+                        )),
+                        Err(e) => Err(e),
+                    }
+                    .map_err(|e| e.to_string())
                 } else {
                     renew(dir, &config.heads).await
                 };
                 match outcome {
                     Ok(()) => {
                         backoff.reset();
-                        info!(rejoined = expired, "certificate renewed");
+                        info!(rejoined = lapsed, "certificate renewed");
                         Duration::from_secs(1)
                     }
                     Err(e) => {

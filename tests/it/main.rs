@@ -311,6 +311,47 @@ async fn edge_certificates_renew_before_they_expire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expired_offline_keeps_pods_and_rejoins() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head_addr = free_udp_addr();
+        let head = HeadProc::start(dir.path(), head_addr, &["--edge-cert-lifetime", "3s"]).await;
+        let token = head.token();
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs.start("edge01", &[head_addr], Some(&token)).await;
+        let file = write(dir.path(), "a.yaml", &example("nginx"));
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        wait_for("manifest", SOON, || dirs.manifest("default", "nginx")).await;
+        head.daemon.stop().await;
+        edge.stop().await;
+        tokio::time::sleep(Duration::from_secs(4)).await; // every certificate issued has expired
+
+        std::fs::remove_file(dirs.manifests.join("edgesync_default_nginx.json")).unwrap();
+        let edge = dirs.start("edge01", &[head_addr], Some(&token)).await;
+        wait_for(
+            "pods served from the cache with an expired certificate",
+            SOON,
+            || dirs.manifest("default", "nginx"),
+        )
+        .await;
+        let head = HeadProc::start(dir.path(), head_addr, &["--edge-cert-lifetime", "3s"]).await;
+        let file = write(dir.path(), "a.yaml", &example("nginx:1.27"));
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        wait_for("joined again and synced", Duration::from_secs(30), || {
+            dirs.manifest("default", "nginx")
+                .filter(|m| image(m) == "nginx:1.27")
+        })
+        .await;
+        assert!(
+            edge.log_text().contains("rejoined=true"),
+            "{}",
+            edge.log_text()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_restart_rewrites_and_repairs_manifests() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
