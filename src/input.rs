@@ -243,7 +243,7 @@ pub fn normalise_pod(
         err(&field, &one_line(&e.inner().to_string()))
     })?;
     let mut normal = serde_json::to_value(&typed).map_err(|e| err("", &e.to_string()))?;
-    if let Some(field) = first_unknown_field(&input, &normal, "") {
+    if let Some(field) = unknown_field(&input, &normal, "") {
         return Err(err(&field, "unknown field"));
     }
     let name = typed
@@ -307,18 +307,18 @@ pub fn normalise_pod(
 
 /// The first field of `input` that the typed round trip dropped, i.e. a field the type does not
 /// know. Nulls count as absent.
-fn first_unknown_field(input: &Value, normal: &Value, path: &str) -> Option<String> {
+pub fn unknown_field(input: &Value, normal: &Value, path: &str) -> Option<String> {
     match (input, normal) {
         (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| match b.get(k) {
             None if v.is_null() => None,
             None => Some(format!("{path}.{k}")),
-            Some(w) => first_unknown_field(v, w, &format!("{path}.{k}")),
+            Some(w) => unknown_field(v, w, &format!("{path}.{k}")),
         }),
         (Value::Array(a), Value::Array(b)) => a
             .iter()
             .zip(b)
             .enumerate()
-            .find_map(|(i, (v, w))| first_unknown_field(v, w, &format!("{path}[{i}]"))),
+            .find_map(|(i, (v, w))| unknown_field(v, w, &format!("{path}[{i}]"))),
         _ => None,
     }
 }
