@@ -49,6 +49,9 @@ pub enum DaemonError {
     /// Control socket.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// Kubernetes bridge.
+    #[error(transparent)]
+    Kube(#[from] crate::head::kube::BridgeError),
 }
 
 /// A file error naming its path.

@@ -1,5 +1,8 @@
 //! Head wiring: CA and join tokens, the QUIC listener for edges and other heads, links to
-//! peer heads, and the local control socket. Without a kubeconfig it runs standalone.
+//! peer heads, the local control socket, and the Kubernetes bridge when there is a cluster;
+//! without a kubeconfig it runs standalone.
+
+pub mod kube;
 
 use crate::config::HeadConfig;
 use crate::control;
@@ -47,6 +50,7 @@ impl Head {
             privileged_namespaces: config.privileged_namespaces.clone(),
         };
         let node = Node::open(Role::Head, &config.name, store.clone(), rules).await?;
+        let cluster = self::kube::client(config.kubeconfig.as_deref()).await?;
         let cert = ca.issue_head(&config.name)?;
         let endpoint = transport::server(config.listen, tls::server_config(&ca.cert, &cert)?)?;
         let local_addr = endpoint
@@ -76,6 +80,13 @@ impl Head {
         let control =
             control::serve(&config.socket, node.clone(), Some(ca.hash()), tasks.token()).await?;
         tasks.spawn(control);
+        match cluster {
+            Some(client) => {
+                self::kube::Bridge::start(client, node.clone(), &mut tasks).await?;
+                info!("EdgeNode resources in the cluster are the source of truth");
+            }
+            None => info!("no kubeconfig: running standalone"),
+        }
         info!(quic = %local_addr, socket = %config.socket.display(), ca = %ca.hash(), "head ready");
         Ok(Head {
             node,

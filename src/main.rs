@@ -54,16 +54,6 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Head(args) => {
             let config = args.resolve()?;
-            if let Some(path) = &config.kubeconfig {
-                return Err(ConfigError {
-                    source_name: "--kubeconfig".into(),
-                    message: format!(
-                        "{}: the Kubernetes bridge is not part of this build yet; run without a kubeconfig (standalone)",
-                        path.display()
-                    ),
-                }
-                .into());
-            }
             let head = head::Head::start(config)
                 .await
                 .context("head failed to start")?;

@@ -323,6 +323,32 @@ pub fn reconcile(
     }
 }
 
+/// Three-way merge of JSON values: where `theirs` did not change `base`, `ours` stands; where
+/// `ours` did not, `theirs` does; where both changed a map, keys merge one by one; anything
+/// else both changed goes to `theirs`. `None` means absent.
+pub fn merge3(base: Option<&Value>, ours: Option<&Value>, theirs: Option<&Value>) -> Option<Value> {
+    if theirs == base {
+        return ours.cloned();
+    }
+    if ours == base || ours == theirs {
+        return theirs.cloned();
+    }
+    match (base, ours, theirs) {
+        (None | Some(Value::Object(_)), Some(Value::Object(o)), Some(Value::Object(t))) => {
+            let empty = Map::new();
+            let b = base.and_then(Value::as_object).unwrap_or(&empty);
+            let keys: std::collections::BTreeSet<&String> =
+                b.keys().chain(o.keys()).chain(t.keys()).collect();
+            let merged = keys
+                .into_iter()
+                .filter_map(|k| merge3(b.get(k), o.get(k), t.get(k)).map(|v| (k.clone(), v)))
+                .collect();
+            Some(Value::Object(merged))
+        }
+        _ => theirs.cloned(),
+    }
+}
+
 /// What a property holds now, detached from the document borrow.
 enum Current {
     Absent,
@@ -533,6 +559,28 @@ mod tests {
         set_spec(&mut head, &desired("nginx:final"), "t").unwrap();
         merge(&mut head, &mut edge);
         assert!(read(&edge, "default/edge01").unwrap().conflicts.is_empty());
+    }
+
+    #[test]
+    fn three_way_merge_keeps_both_sides_edits() {
+        let j = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        let base = j(r#"{"web": {"image": "a", "port": 1}, "db": {"image": "r"}}"#);
+        let ours = j(
+            r#"{"web": {"image": "a", "port": 2}, "db": {"image": "r"}, "cache": {"image": "m"}}"#,
+        );
+        let theirs = j(r#"{"web": {"image": "b", "port": 1}}"#);
+        let merged = merge3(Some(&base), Some(&ours), Some(&theirs)).unwrap();
+        assert_eq!(
+            merged,
+            j(r#"{"web": {"image": "b", "port": 2}, "cache": {"image": "m"}}"#)
+        );
+        assert_eq!(
+            merge3(Some(&base), Some(&base), Some(&theirs)),
+            Some(theirs.clone())
+        );
+        assert_eq!(merge3(None, Some(&ours), Some(&ours)), Some(ours.clone()));
+        let both = merge3(Some(&j("1")), Some(&j("2")), Some(&j("3")));
+        assert_eq!(both, Some(j("3")), "a true conflict goes to theirs");
     }
 
     #[test]

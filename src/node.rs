@@ -350,12 +350,13 @@ impl Node {
         }
         let mut outcomes = Vec::new();
         for node in &nodes {
-            outcomes.push(self.apply_one(node).await?);
+            outcomes.push(self.apply_node(node).await?);
         }
         Ok(outcomes)
     }
 
-    async fn apply_one(&self, desired: &DesiredNode) -> Result<ApplyOutcome, NodeError> {
+    /// Writes one validated EdgeNode into its document as a minimal diff.
+    pub async fn apply_node(&self, desired: &DesiredNode) -> Result<ApplyOutcome, NodeError> {
         let key = desired.key();
         let entry = self.entry_or_genesis(&key);
         let mut entry = entry.lock().await;

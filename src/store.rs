@@ -184,6 +184,31 @@ impl Store {
         Ok(docs.pop())
     }
 
+    /// A value from the meta table.
+    pub async fn meta(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
+        self.call(move |t| {
+            t.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    /// Sets (or with None, removes) a value in the meta table.
+    pub async fn set_meta(&self, key: String, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        self.call(move |t| {
+            match value {
+                Some(v) => t.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    params![key, v],
+                )?,
+                None => t.execute("DELETE FROM meta WHERE key = ?1", [key])?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
     /// Every stored document with its chunks.
     pub async fn load_docs(&self) -> Result<Vec<StoredDoc>, StoreError> {
         self.load_where(None).await

@@ -37,6 +37,7 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
         }
         for ns in &namespaces {
             wait_image(edge.node(), &format!("{ns}/edge01"), "nginx").await;
+            wait_reported(head.node(), &format!("{ns}/edge01")).await;
         }
 
         // One-field edit on a live link.
@@ -45,6 +46,7 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
         let edited: Vec<(&str, &str)> = pods.iter().map(|&(n, i)| if n == "web" { (n, web) } else { (n, i) }).collect();
         head.node().apply_text(&edgenode("ns0", "edge01", &edited), "default").await.unwrap();
         wait_image(edge.node(), "ns0/edge01", web).await;
+        wait_reported(head.node(), "ns0/edge01").await;
         let after = wait_quiet(head.node(), "edge01").await;
         let one_field = (after.0 - quiet.0) + (after.1 - quiet.1);
         assert!(one_field < 1200, "a one-field edit cost {one_field} bytes both ways");
@@ -89,6 +91,21 @@ async fn wait_image(node: &Node, key: &str, image: &str) {
         &format!("{key} has image {image}"),
         Duration::from_secs(20),
         || futures_lite(async { doc_image(node, key).await.filter(|i| i == image) }),
+    )
+    .await;
+}
+
+/// Waits until the edge's status for `key` has reached the head (it applied the current spec).
+async fn wait_reported(node: &Node, key: &str) {
+    wait_for(
+        &format!("edge reported {key}"),
+        Duration::from_secs(20),
+        || {
+            futures_lite(async {
+                let (view, _) = node.view(key).await.ok()??;
+                (view.observed_generation == Some(view.generation)).then_some(())
+            })
+        },
     )
     .await;
 }

@@ -1,0 +1,422 @@
+//! Kubernetes bridge: the EdgeNode custom resource as the source of truth. A kube-runtime
+//! watcher feeds spec changes into the documents as three-way merges (so edits made on an
+//! edge are kept); spec edits that arrive from edges are written back to the resource with a
+//! named field manager; status goes through the status subresource, coalesced.
+
+use crate::crd::EdgeNode;
+use crate::daemon::Tasks;
+use crate::input;
+use crate::model::merge3;
+use crate::node::{Node, NodeError};
+use futures_util::StreamExt;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Field manager named on every write edgesync makes to the API server.
+pub const FIELD_MANAGER: &str = "edgesync";
+/// How often status is compared and, if changed, written.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// `lastSyncedAt` alone is refreshed at most this often, so syncing never causes a write storm.
+const SYNC_TIME_REFRESH: Duration = Duration::from_secs(60);
+
+/// Errors setting up the bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {path}: {reason}")]
+    Kubeconfig {
+        /// Where it came from.
+        path: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// A client for the cluster: from `kubeconfig` if given, else `KUBECONFIG`, else the in-cluster
+/// service account. None when none of those exists: the head runs standalone.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Option<kube::Client>, BridgeError> {
+    let from_file = |path: String| async move {
+        let err = |reason: String| BridgeError::Kubeconfig {
+            path: path.clone(),
+            reason,
+        };
+        let file = kube::config::Kubeconfig::read_from(&path).map_err(|e| err(e.to_string()))?;
+        let options = kube::config::KubeConfigOptions::default();
+        kube::Config::from_custom_kubeconfig(file, &options)
+            .await
+            .map_err(|e| err(e.to_string()))
+    };
+    let config = match (kubeconfig, std::env::var("KUBECONFIG")) {
+        (Some(path), _) => from_file(path.display().to_string()).await?,
+        (None, Ok(path)) if !path.is_empty() => from_file(path).await?,
+        _ if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => kube::Config::incluster()
+            .map_err(|e| BridgeError::Kubeconfig {
+                path: "(in-cluster service account)".into(),
+                reason: e.to_string(),
+            })?,
+        _ => return Ok(None),
+    };
+    let client = kube::Client::try_from(config).map_err(|e| BridgeError::Kubeconfig {
+        path: kubeconfig.map_or("(KUBECONFIG)".into(), |p| p.display().to_string()),
+        reason: e.to_string(),
+    })?;
+    Ok(Some(client))
+}
+
+/// What the bridge remembers per EdgeNode.
+#[derive(Default)]
+struct Seen {
+    /// Pods as last seen in (or written to) the resource: the base of three-way merges.
+    /// Persisted, so a restarted head still tells edge edits from user edits.
+    base: BTreeMap<String, Value>,
+    /// resourceVersion of the resource as last seen, for conflict-checked write-back.
+    version: BTreeMap<String, String>,
+    /// Why a resource's spec was refused (shown as Valid=False).
+    invalid: BTreeMap<String, String>,
+    /// Status last written, without lastSyncedAt, and when lastSyncedAt was last written.
+    status: BTreeMap<String, (Value, Instant)>,
+}
+
+/// The running bridge.
+#[derive(Clone)]
+pub struct Bridge {
+    client: kube::Client,
+    resource: ApiResource,
+    node: Node,
+    seen: Arc<Mutex<Seen>>,
+}
+
+fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
+    seen.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn base_key(key: &str) -> String {
+    format!("crd-base/{key}")
+}
+
+fn pods_value(pods: &BTreeMap<String, Value>) -> Value {
+    Value::Object(pods.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+impl Bridge {
+    /// Loads the remembered bases and starts watching and writing back as daemon tasks.
+    pub async fn start(
+        client: kube::Client,
+        node: Node,
+        tasks: &mut Tasks,
+    ) -> Result<(), NodeError> {
+        let mut seen = Seen::default();
+        for key in node.keys() {
+            if let Some(bytes) = node.store().meta(base_key(&key)).await?
+                && let Ok(base) = serde_json::from_slice(&bytes)
+            {
+                seen.base.insert(key, base);
+            }
+        }
+        let bridge = Bridge {
+            client,
+            resource: ApiResource::erase::<EdgeNode>(&()),
+            node,
+            seen: Arc::new(Mutex::new(seen)),
+        };
+        tasks.spawn(bridge.clone().watch(tasks.token()));
+        tasks.spawn(bridge.clone().write_back(tasks.token()));
+        tasks.spawn(bridge.status_loop(tasks.token()));
+        Ok(())
+    }
+
+    fn api(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), namespace, &self.resource)
+    }
+
+    async fn remember(&self, key: &str, pods: Option<Value>) {
+        let bytes = pods
+            .as_ref()
+            .map(|p| serde_json::to_vec(p).unwrap_or_default());
+        if let Err(e) = self.node.store().set_meta(base_key(key), bytes).await {
+            warn!(doc = key, error = %e, "cannot store the merge base");
+        }
+        let mut seen = lock(&self.seen);
+        match pods {
+            Some(p) => seen.base.insert(key.to_string(), p),
+            None => seen.base.remove(key),
+        };
+    }
+
+    /// Watches EdgeNodes in every namespace; a relist (restart, 410 Gone) is handled like any
+    /// other event, and resources missing from a relist count as deleted.
+    async fn watch(self, shutdown: CancellationToken) {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.resource);
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        tokio::pin!(stream);
+        let mut relisted: Option<BTreeSet<String>> = None;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+            };
+            match event {
+                Ok(watcher::Event::Init) => relisted = Some(BTreeSet::new()),
+                Ok(watcher::Event::InitApply(object)) => {
+                    if let (Some(set), Some(key)) = (relisted.as_mut(), key_of(&object)) {
+                        set.insert(key);
+                    }
+                    self.on_resource(object).await;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let listed = relisted.take().unwrap_or_default();
+                    let known: Vec<String> = lock(&self.seen).base.keys().cloned().collect();
+                    for key in known.into_iter().filter(|k| !listed.contains(k)) {
+                        self.on_deleted(&key).await;
+                    }
+                }
+                Ok(watcher::Event::Apply(object)) => self.on_resource(object).await,
+                Ok(watcher::Event::Delete(object)) => {
+                    if let Some(key) = key_of(&object) {
+                        self.on_deleted(&key).await;
+                    }
+                }
+                Err(e) => warn!(error = %e, "EdgeNode watch failed; retrying"),
+            }
+        }
+    }
+
+    /// A resource was created or changed: merge what the user changed into the document.
+    async fn on_resource(&self, object: DynamicObject) {
+        let Some(key) = key_of(&object) else {
+            return;
+        };
+        if object.metadata.deletion_timestamp.is_some() {
+            self.on_deleted(&key).await;
+            return;
+        }
+        if let Some(version) = &object.metadata.resource_version {
+            lock(&self.seen)
+                .version
+                .insert(key.clone(), version.clone());
+        }
+        let json = serde_json::to_value(&object).unwrap_or_default();
+        let rules = self.node.rules().clone();
+        let desired = match input::parse_edgenode(&json, &format!("EdgeNode {key}"), &rules) {
+            Ok(desired) => {
+                lock(&self.seen).invalid.remove(&key);
+                desired
+            }
+            Err(e) => {
+                warn!(doc = %key, error = %e, "EdgeNode refused");
+                lock(&self.seen).invalid.insert(key, e.to_string());
+                return;
+            }
+        };
+        let theirs = pods_value(&desired.pods);
+        let base = lock(&self.seen).base.get(&key).cloned();
+        let ours = match self.node.view(&key).await {
+            Ok(Some((view, _))) if !view.deleted && view.generation > 0 => {
+                Some(pods_value(&view.pods))
+            }
+            _ => None,
+        };
+        let merged = merge3(base.as_ref(), ours.as_ref(), Some(&theirs)).unwrap_or_default();
+        let mut merged_node = desired.clone();
+        merged_node.pods = merged
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        match self.node.apply_node(&merged_node).await {
+            Ok(outcome) => debug!(doc = %key, result = %outcome.result, "EdgeNode applied"),
+            Err(e) => {
+                warn!(doc = %key, error = %e, "EdgeNode not applied");
+                return;
+            }
+        }
+        self.remember(&key, Some(theirs.clone())).await;
+        if merged != theirs {
+            self.write_spec(&key).await;
+        }
+    }
+
+    async fn on_deleted(&self, key: &str) {
+        match self.node.delete(key).await {
+            Ok(()) => info!(doc = key, "EdgeNode deleted; the edge removes its pods"),
+            Err(NodeError::NotFound(_)) => {}
+            Err(e) => warn!(doc = key, error = %e, "cannot delete the document"),
+        }
+        self.remember(key, None).await;
+        let mut seen = lock(&self.seen);
+        seen.version.remove(key);
+        seen.status.remove(key);
+        seen.invalid.remove(key);
+    }
+
+    /// Writes spec changes that came from edges (or `edgesync apply`) back to the resources.
+    async fn write_back(self, shutdown: CancellationToken) {
+        let mut changes = self.node.subscribe();
+        loop {
+            let mut keys = BTreeSet::new();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = changes.recv() => match changed {
+                    Ok(key) => { keys.insert(key); }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => keys.extend(self.node.keys()),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+            while let Ok(key) = changes.try_recv() {
+                keys.insert(key);
+            }
+            for key in keys {
+                self.write_spec(&key).await;
+            }
+        }
+    }
+
+    /// Makes the resource's spec equal to the document's, if they differ; creates the resource
+    /// for a document made elsewhere and deletes it for one deleted elsewhere.
+    async fn write_spec(&self, key: &str) {
+        let Some((namespace, name)) = key.split_once('/') else {
+            return;
+        };
+        let Ok(Some((view, _))) = self.node.view(key).await else {
+            return;
+        };
+        let base = lock(&self.seen).base.get(key).cloned();
+        let api = self.api(namespace);
+        if view.deleted || view.generation == 0 {
+            if base.is_some() {
+                match api.delete(name, &DeleteParams::default()).await {
+                    Ok(_) => info!(doc = key, "EdgeNode deleted from an edge; resource deleted"),
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => warn!(doc = key, error = %e, "cannot delete the resource"),
+                }
+                self.remember(key, None).await;
+            }
+            return;
+        }
+        let pods = pods_value(&view.pods);
+        if base.as_ref() == Some(&pods) {
+            return;
+        }
+        let list: Vec<Value> = view.pods.values().cloned().collect();
+        let result = match base {
+            None => {
+                let mut object = DynamicObject::new(name, &self.resource).within(namespace);
+                object.data = json!({"spec": {"pods": list}});
+                if !view.labels.is_empty() {
+                    object.metadata.labels = Some(view.labels.clone());
+                }
+                let params = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PostParams::default()
+                };
+                api.create(&params, &object).await.map(drop)
+            }
+            Some(_) => {
+                let version = lock(&self.seen).version.get(key).cloned();
+                let patch =
+                    json!({"metadata": {"resourceVersion": version}, "spec": {"pods": list}});
+                let params = PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                api.patch(name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map(drop)
+            }
+        };
+        match result {
+            Ok(()) => {
+                info!(
+                    doc = key,
+                    "spec edited on an edge written back to the EdgeNode"
+                );
+                self.remember(key, Some(pods)).await;
+            }
+            // The user changed it meanwhile: the watcher merges that in, then we write again.
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                debug!(doc = key, "write-back raced a user edit")
+            }
+            Err(e) => warn!(doc = key, error = %e, "cannot write the spec back"),
+        }
+    }
+
+    /// Writes each EdgeNode's status when it changed, at most once per interval per object.
+    async fn status_loop(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(STATUS_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let keys: Vec<String> = lock(&self.seen).base.keys().cloned().collect();
+            for key in keys {
+                self.write_status(&key).await;
+            }
+        }
+    }
+
+    async fn write_status(&self, key: &str) {
+        let Some((namespace, name)) = key.split_once('/') else {
+            return;
+        };
+        let Ok(Some(object)) = self.node.edgenode(key).await else {
+            return;
+        };
+        let mut status =
+            serde_json::to_value(object.status.unwrap_or_default()).unwrap_or_default();
+        if let Some(reason) = lock(&self.seen).invalid.get(key).cloned()
+            && let Some(conditions) = status["conditions"].as_array_mut()
+        {
+            for c in conditions.iter_mut().filter(|c| c["type"] == "Valid") {
+                *c = json!({"type": "Valid", "status": "False", "reason": "SpecRefused", "message": reason});
+            }
+        }
+        let mut comparable = status.clone();
+        if let Some(map) = comparable.as_object_mut() {
+            map.remove("lastSyncedAt");
+        }
+        let due = match lock(&self.seen).status.get(key) {
+            Some((last, at)) => *last != comparable || at.elapsed() >= SYNC_TIME_REFRESH,
+            None => true,
+        };
+        if !due {
+            return;
+        }
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let patch = json!({"status": status});
+        match self
+            .api(namespace)
+            .patch_status(name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                lock(&self.seen)
+                    .status
+                    .insert(key.to_string(), (comparable, Instant::now()));
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => warn!(doc = key, error = %e, "cannot write status"),
+        }
+    }
+}
+
+fn key_of(object: &DynamicObject) -> Option<String> {
+    Some(format!(
+        "{}/{}",
+        object.metadata.namespace.as_deref()?,
+        object.metadata.name.as_deref()?
+    ))
+}
