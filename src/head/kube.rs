@@ -91,6 +91,9 @@ pub struct Bridge {
     resource: ApiResource,
     node: Node,
     seen: Arc<Mutex<Seen>>,
+    /// Held while a watch event is merged in, and while writing back: the write-back must not
+    /// see a document the watcher changed before the watcher has recorded the new base.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
@@ -125,6 +128,7 @@ impl Bridge {
             resource: ApiResource::erase::<EdgeNode>(&()),
             node,
             seen: Arc::new(Mutex::new(seen)),
+            turn: Arc::default(),
         };
         tasks.spawn(bridge.clone().watch(tasks.token()));
         tasks.spawn(bridge.clone().write_back(tasks.token()));
@@ -165,6 +169,7 @@ impl Bridge {
                     None => return,
                 },
             };
+            let _turn = self.turn.lock().await;
             match event {
                 Ok(watcher::Event::Init) => relisted = Some(BTreeSet::new()),
                 Ok(watcher::Event::InitApply(object)) => {
@@ -274,6 +279,7 @@ impl Bridge {
             while let Ok(key) = changes.try_recv() {
                 keys.insert(key);
             }
+            let _turn = self.turn.lock().await;
             for key in keys {
                 self.write_spec(&key).await;
             }
@@ -358,7 +364,14 @@ impl Bridge {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let keys: Vec<String> = lock(&self.seen).base.keys().cloned().collect();
+            let keys: BTreeSet<String> = {
+                let seen = lock(&self.seen);
+                seen.base
+                    .keys()
+                    .chain(seen.invalid.keys())
+                    .cloned()
+                    .collect()
+            };
             for key in keys {
                 self.write_status(&key).await;
             }
@@ -369,17 +382,25 @@ impl Bridge {
         let Some((namespace, name)) = key.split_once('/') else {
             return;
         };
-        let Ok(Some(object)) = self.node.edgenode(key).await else {
-            return;
+        let refused = lock(&self.seen).invalid.get(key).cloned();
+        let mut status = match self.node.edgenode(key).await {
+            Ok(Some(object)) => {
+                serde_json::to_value(object.status.unwrap_or_default()).unwrap_or_default()
+            }
+            // Refused before any document existed: say so rather than nothing.
+            Ok(None) if refused.is_some() => json!({"phase": "Pending", "conditions": []}),
+            _ => return,
         };
-        let mut status =
-            serde_json::to_value(object.status.unwrap_or_default()).unwrap_or_default();
-        if let Some(reason) = lock(&self.seen).invalid.get(key).cloned()
+        if let Some(reason) = refused
             && let Some(conditions) = status["conditions"].as_array_mut()
         {
-            for c in conditions.iter_mut().filter(|c| c["type"] == "Valid") {
-                *c = json!({"type": "Valid", "status": "False", "reason": "SpecRefused", "message": reason});
-            }
+            conditions.retain(|c| c["type"] != "Valid");
+            conditions.push(json!({
+                "type": "Valid",
+                "status": "False",
+                "reason": "SpecRefused",
+                "message": reason,
+            }));
         }
         let mut comparable = status.clone();
         if let Some(map) = comparable.as_object_mut() {

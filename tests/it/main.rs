@@ -3,8 +3,11 @@
 
 mod deploy;
 mod harness;
+mod kube;
 mod sync;
 
+#[path = "../support/kube_api.rs"]
+mod kube_api;
 #[path = "../support/relay.rs"]
 mod relay;
 

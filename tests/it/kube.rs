@@ -1,0 +1,423 @@
+//! The head with a cluster: a real head process whose real `kube` client talks to the
+//! Kubernetes API emulator, and a real edge process behind it.
+
+use crate::harness::*;
+use crate::kube_api::KubeApi;
+use crate::{SOON, within};
+use edgesync::crd::EdgeNode;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+
+const API: &str = "edgesync.io/v1alpha1";
+
+struct Cluster {
+    api: KubeApi,
+    client: kube::Client,
+    kubeconfig: String,
+}
+
+impl Cluster {
+    async fn start(dir: &Path) -> Cluster {
+        let api = KubeApi::start().await;
+        let path = dir.join("kubeconfig");
+        api.write_kubeconfig(&path);
+        let file = kube::config::Kubeconfig::read_from(&path).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+            .await
+            .unwrap();
+        Cluster {
+            client: kube::Client::try_from(config).unwrap(),
+            api,
+            kubeconfig: path.display().to_string(),
+        }
+    }
+
+    fn edgenodes(&self, namespace: &str) -> Api<EdgeNode> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// `kubectl apply -f` of an EdgeNode written as YAML.
+    async fn apply(&self, yaml: &str) {
+        let object: EdgeNode = serde_saphyr::from_str(yaml).unwrap();
+        let namespace = object
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or("default".into());
+        let name = object.metadata.name.clone().unwrap();
+        let params = PatchParams::apply("kubectl").force();
+        self.edgenodes(&namespace)
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .unwrap();
+    }
+
+    fn object(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.api.get(API, "EdgeNode", Some(namespace), name)
+    }
+}
+
+fn pod_images(object: &Value) -> Vec<(String, String)> {
+    let mut pods: Vec<(String, String)> = object["spec"]["pods"]
+        .as_array()
+        .map(|pods| {
+            pods.iter()
+                .map(|p| {
+                    (
+                        p["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                        p["spec"]["containers"][0]["image"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pods.sort();
+    pods
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_reaches_the_edge_and_status_comes_back() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &["--kubeconfig", &cluster.kubeconfig],
+        )
+        .await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let _edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        wait_for("manifest from the CRD", SOON, || {
+            dirs.manifest("default", "web")
+        })
+        .await;
+        let object = wait_for("Running in the resource's status", SOON, || {
+            cluster
+                .object("default", "edge01")
+                .filter(|o| o["status"]["phase"] == "Running")
+        })
+        .await;
+        assert_eq!(object["status"]["podsReady"], "1/1");
+        assert_eq!(object["status"]["online"], true);
+        let types: Vec<&str> = object["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["Synced", "Online", "Valid"]);
+
+        cluster
+            .apply(&edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx:1.27"), ("db", "redis")],
+            ))
+            .await;
+        wait_for("update from the CRD", SOON, || {
+            dirs.manifest("default", "web")
+                .filter(|m| image(m) == "nginx:1.27")
+                .and(dirs.manifest("default", "db"))
+        })
+        .await;
+        wait_for("status after the update", SOON, || {
+            cluster
+                .object("default", "edge01")
+                .filter(|o| o["status"]["podsReady"] == "2/2")
+        })
+        .await;
+        // The resource's spec stays as the user wrote it: nothing was written back.
+        let object = cluster.object("default", "edge01").unwrap();
+        assert_eq!(
+            pod_images(&object),
+            pairs(&[("db", "redis"), ("web", "nginx:1.27")])
+        );
+        let writes = cluster.api.write_count();
+        assert_eq!(
+            writes.get("PATCH edgenodes").copied().unwrap_or(0),
+            2,
+            "{writes:?}"
+        );
+        // Status is written when it changes, not per sync message: a handful of writes.
+        tokio::time::sleep(Duration::from_secs(2)).await; // idle time in which nothing may be written
+        let status_writes = cluster
+            .api
+            .write_count()
+            .get("PATCH edgenodes/status")
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            (2..=8).contains(&status_writes),
+            "{status_writes} status writes: {writes:?}"
+        );
+
+        cluster
+            .edgenodes("default")
+            .delete("edge01", &DeleteParams::default())
+            .await
+            .unwrap();
+        wait_for("pods removed after kubectl delete", SOON, || {
+            dirs.manifest("default", "web").is_none().then_some(())
+        })
+        .await;
+        assert!(dirs.manifest("default", "db").is_none());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_offline_edits_are_written_back_and_merge_with_user_edits() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let head_addr = free_udp_addr();
+        let head = HeadProc::start(
+            dir.path(),
+            head_addr,
+            &["--kubeconfig", &cluster.kubeconfig],
+        )
+        .await;
+        let relay = crate::relay::Relay::start(head_addr).await.unwrap();
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs
+            .start("edge01", &[relay.local_addr()], Some(&head.token()))
+            .await;
+        cluster
+            .apply(&edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx"), ("db", "redis")],
+            ))
+            .await;
+        wait_for("base on the edge", SOON, || dirs.manifest("default", "db")).await;
+
+        relay.cut();
+        cluster
+            .apply(&edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx:1.27"), ("db", "redis")],
+            ))
+            .await;
+        let offline = write(
+            dir.path(),
+            "edge.yaml",
+            &edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx"), ("db", "redis"), ("cache", "memcached")],
+            ),
+        );
+        ok(edge.cli(&["apply", "-f", &offline]));
+        wait_for("offline edit on the edge", SOON, || {
+            dirs.manifest("default", "cache")
+        })
+        .await;
+        relay.heal();
+
+        let merged = pairs(&[
+            ("cache", "memcached"),
+            ("db", "redis"),
+            ("web", "nginx:1.27"),
+        ]);
+        wait_for(
+            "edge edit written back to the CRD, user edit kept",
+            Duration::from_secs(40),
+            || {
+                cluster
+                    .object("default", "edge01")
+                    .filter(|o| pod_images(o) == merged)
+            },
+        )
+        .await;
+        wait_for("merged manifests", SOON, || {
+            dirs.manifest("default", "web")
+                .filter(|m| image(m) == "nginx:1.27")
+                .and(dirs.manifest("default", "cache"))
+        })
+        .await;
+        let managers: Vec<String> =
+            cluster.object("default", "edge01").unwrap()["metadata"]["managedFields"]
+                .as_array()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|f| f["manager"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+        let writes = cluster.api.write_count();
+        assert!(
+            writes.get("PATCH edgenodes").copied().unwrap_or(0) >= 3,
+            "user applies and the write-back: {writes:?} {managers:?}"
+        );
+
+        // An EdgeNode made on the edge itself appears in the cluster.
+        let team = write(
+            dir.path(),
+            "team.yaml",
+            &edgenode("team-a", "edge01", &[("x", "busybox")]),
+        );
+        let out = edge.cli(&["apply", "-f", &team]);
+        assert!(out.status.success());
+        let _ = cluster
+            .api
+            .put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}}));
+        wait_for(
+            "EdgeNode created from the edge",
+            Duration::from_secs(30),
+            || cluster.object("team-a", "edge01"),
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_or_expired_watch_recovers_without_losing_anything() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &["--kubeconfig", &cluster.kubeconfig],
+        )
+        .await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let _edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        let _ = cluster
+            .api
+            .put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}}));
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        cluster
+            .apply(&edgenode("team-a", "edge01", &[("job", "busybox")]))
+            .await;
+        wait_for("both EdgeNodes on the edge", SOON, || {
+            dirs.manifest("default", "web")
+                .and(dirs.manifest("team-a", "job"))
+        })
+        .await;
+
+        cluster.api.break_watches();
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx:2")]))
+            .await;
+        wait_for("change after a broken watch", SOON, || {
+            dirs.manifest("default", "web")
+                .filter(|m| image(m) == "nginx:2")
+        })
+        .await;
+
+        // Deleted while the watch is down and history is gone: the relist must notice.
+        cluster.api.break_watches();
+        cluster
+            .api
+            .delete(API, "EdgeNode", Some("team-a"), "edge01");
+        cluster.api.compact();
+        cluster.api.break_watches();
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx:3")]))
+            .await;
+        wait_for("relist after 410 Gone", Duration::from_secs(30), || {
+            let web = dirs
+                .manifest("default", "web")
+                .filter(|m| image(m) == "nginx:3");
+            web.and(dirs.manifest("team-a", "job").is_none().then_some(()))
+        })
+        .await;
+
+        // A head restart relists without duplicating or losing anything.
+        head.daemon.stop().await;
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx:4")]))
+            .await;
+        let head = HeadProc::start(
+            dir.path(),
+            head.addr,
+            &["--kubeconfig", &cluster.kubeconfig],
+        )
+        .await;
+        wait_for(
+            "change made while the head was down",
+            Duration::from_secs(30),
+            || {
+                dirs.manifest("default", "web")
+                    .filter(|m| image(m) == "nginx:4")
+            },
+        )
+        .await;
+        let listed = head.daemon.json(&["get", "edgenodes", "-A", "-o", "json"]);
+        assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_the_head_refuses_says_why_in_its_status() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let _head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &["--kubeconfig", &cluster.kubeconfig],
+        )
+        .await;
+        let privileged = edgenode("default", "edge01", &[("agent", "agent:1")])
+            .replace("      spec:\n", "      spec:\n        hostNetwork: true\n");
+        let object: Value = serde_saphyr::from_str(&privileged).unwrap();
+        let api: Api<EdgeNode> = cluster.edgenodes("default");
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(object).unwrap(),
+        )
+        .await
+        .unwrap();
+        let object = wait_for("Valid=False on the resource", SOON, || {
+            cluster.object("default", "edge01").filter(|o| {
+                o["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Valid" && c["status"] == "False")
+                })
+            })
+        })
+        .await;
+        let valid = object["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Valid")
+            .unwrap()
+            .clone();
+        assert!(
+            valid["message"]
+                .as_str()
+                .unwrap()
+                .contains("spec.pods[0].spec.hostNetwork"),
+            "{valid}"
+        );
+    })
+    .await;
+}
