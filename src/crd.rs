@@ -15,6 +15,8 @@ pub const LEGACY_API_VERSION: &str = "edge.k8s.io/v1alpha1";
 pub const MANAGED_ANNOTATION: &str = "edgesync.io/managed";
 /// Annotation naming the EdgeNode (`namespace/name`) a manifest came from.
 pub const SOURCE_ANNOTATION: &str = "edgesync.io/edgenode";
+/// Label (value "true") on every manifest, so the head can select the mirror pods.
+pub const MANAGED_LABEL: &str = "edgesync.io/managed";
 
 /// Which pods must run on one edge node (`metadata.name` is the node's name).
 // Each printer column repeats `type_`, which the lint mistakes for a duplicated attribute.
@@ -146,6 +148,10 @@ pub struct PodState {
     /// Why the pod was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Phase of the mirror pod `<pod>-<node>` in the cluster ("Missing" when there is none);
+    /// set by a head with a cluster whose Node object of that name exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// Pod state: the manifest is written.

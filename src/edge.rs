@@ -137,6 +137,7 @@ impl Reconciler {
                             name: name.clone(),
                             state: POD_APPLIED.into(),
                             reason: None,
+                            phase: None,
                         }
                     }
                     Err((field, reason)) => {
@@ -145,6 +146,7 @@ impl Reconciler {
                             name: name.clone(),
                             state: POD_REFUSED.into(),
                             reason: Some(format!("spec.pods[{name}]{field}: {reason}")),
+                            phase: None,
                         }
                     }
                 };

@@ -213,6 +213,7 @@ pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
                     name: name.clone(),
                     state: text(&s["state"]).unwrap_or_default(),
                     reason: text(&s["reason"]),
+                    phase: None,
                 })
                 .collect()
         })
@@ -591,6 +592,7 @@ mod tests {
             name: "nginx".into(),
             state: "Applied".into(),
             reason: None,
+            phase: None,
         }];
         assert!(set_status(&mut doc, 1, &states).unwrap());
         assert!(!set_status(&mut doc, 1, &states).unwrap());

@@ -642,6 +642,7 @@ pub fn derive_status(
                     name: name.clone(),
                     state: "Pending".into(),
                     reason: None,
+                    phase: None,
                 })
         })
         .collect();

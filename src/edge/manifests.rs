@@ -1,7 +1,7 @@
 //! Static pod manifests: pure rendering and planning, plus the thin IO that writes files
 //! atomically and removes only files edgesync owns.
 
-use crate::crd::{MANAGED_ANNOTATION, SOURCE_ANNOTATION};
+use crate::crd::{MANAGED_ANNOTATION, MANAGED_LABEL, SOURCE_ANNOTATION};
 use crate::store::OwnedFile;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -23,19 +23,18 @@ pub struct Desired {
 
 impl Desired {
     /// Builds the manifest of `pod` from EdgeNode `namespace/name`: the pod's namespace is forced
-    /// to the EdgeNode's, and it is annotated as managed by edgesync.
+    /// to the EdgeNode's, and it is annotated and labelled as managed by edgesync.
     pub fn render(namespace: &str, edgenode: &str, pod_name: &str, pod: &Value) -> Desired {
         let key = format!("{namespace}/{edgenode}");
         let mut pod = pod.clone();
         if let Some(meta) = pod.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.insert("namespace".into(), Value::String(namespace.to_string()));
-            let annotations = meta
-                .entry("annotations")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if let Some(annotations) = annotations.as_object_mut() {
-                annotations.insert(MANAGED_ANNOTATION.into(), Value::String("true".into()));
-                annotations.insert(SOURCE_ANNOTATION.into(), Value::String(key.clone()));
-            }
+            mark(meta, "labels", &[(MANAGED_LABEL, "true")]);
+            mark(
+                meta,
+                "annotations",
+                &[(MANAGED_ANNOTATION, "true"), (SOURCE_ANNOTATION, &key)],
+            );
         }
         let mut content = serde_json::to_vec_pretty(&pod).expect("a JSON value serialises");
         content.push(b'\n');
@@ -50,6 +49,18 @@ impl Desired {
     /// SHA-256 of the content, hex.
     pub fn sha256(&self) -> String {
         sha256_hex(&self.content)
+    }
+}
+
+/// Sets `entries` in the string map `field` of `meta` (labels, annotations), creating it.
+fn mark(meta: &mut serde_json::Map<String, Value>, field: &str, entries: &[(&str, &str)]) {
+    let map = meta
+        .entry(field)
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Some(map) = map.as_object_mut() {
+        for (k, v) in entries {
+            map.insert(k.to_string(), Value::String(v.to_string()));
+        }
     }
 }
 
@@ -174,6 +185,7 @@ mod tests {
         let v: Value = serde_json::from_slice(&d.content).unwrap();
         assert_eq!(v["metadata"]["namespace"], "team-a");
         assert_eq!(v["metadata"]["annotations"][MANAGED_ANNOTATION], "true");
+        assert_eq!(v["metadata"]["labels"][MANAGED_LABEL], "true");
         assert_eq!(
             v["metadata"]["annotations"][SOURCE_ANNOTATION],
             "team-a/edge01"

@@ -3,13 +3,15 @@
 //! edge are kept); spec edits that arrive from edges are written back to the resource with a
 //! named field manager; status goes through the status subresource, coalesced.
 
-use crate::crd::EdgeNode;
+use crate::crd::{Condition, EdgeNode, EdgeNodeStatus, MANAGED_LABEL, Phase};
 use crate::daemon::Tasks;
 use crate::input;
 use crate::model::merge3;
 use crate::node::{Node, NodeError};
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store as Cache};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -88,6 +90,7 @@ struct Seen {
 #[derive(Clone)]
 pub struct Bridge {
     client: kube::Client,
+    cluster: ClusterView,
     resource: ApiResource,
     node: Node,
     seen: Arc<Mutex<Seen>>,
@@ -124,6 +127,7 @@ impl Bridge {
             }
         }
         let bridge = Bridge {
+            cluster: ClusterView::start(&client, tasks),
             client,
             resource: ApiResource::erase::<EdgeNode>(&()),
             node,
@@ -357,6 +361,11 @@ impl Bridge {
 
     /// Writes each EdgeNode's status when it changed, at most once per interval per object.
     async fn status_loop(self, shutdown: CancellationToken) {
+        // Nothing is written before the caches are filled, so the phase does not flap.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = self.cluster.ready() => {}
+        }
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -385,7 +394,11 @@ impl Bridge {
         let refused = lock(&self.seen).invalid.get(key).cloned();
         let mut status = match self.node.edgenode(key).await {
             Ok(Some(object)) => {
-                serde_json::to_value(object.status.unwrap_or_default()).unwrap_or_default()
+                let mut status = object.status.unwrap_or_default();
+                with_cluster(&mut status, self.cluster.node_ready(name), |pod| {
+                    self.cluster.mirror_phase(namespace, pod, name)
+                });
+                serde_json::to_value(status).unwrap_or_default()
             }
             // Refused before any document existed: say so rather than nothing.
             Ok(None) if refused.is_some() => json!({"phase": "Pending", "conditions": []}),
@@ -430,6 +443,134 @@ impl Bridge {
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => warn!(doc = key, error = %e, "cannot write status"),
+        }
+    }
+}
+
+/// What the cluster shows about the edges: their Node objects and the mirror pods the kubelets
+/// create for the manifests, kept in caches by reflectors.
+#[derive(Clone)]
+struct ClusterView {
+    nodes: Cache<KubeNode>,
+    mirrors: Cache<Pod>,
+}
+
+impl ClusterView {
+    fn start(client: &kube::Client, tasks: &mut Tasks) -> ClusterView {
+        let selector = format!("{MANAGED_LABEL}=true");
+        ClusterView {
+            nodes: cache(Api::all(client.clone()), watcher::Config::default(), tasks),
+            mirrors: cache(
+                Api::all(client.clone()),
+                watcher::Config::default().labels(&selector),
+                tasks,
+            ),
+        }
+    }
+
+    async fn ready(&self) {
+        let _ = tokio::join!(
+            self.nodes.wait_until_ready(),
+            self.mirrors.wait_until_ready()
+        );
+    }
+
+    /// The Node's Ready condition; None when the cluster has no Node of that name.
+    fn node_ready(&self, name: &str) -> Option<bool> {
+        let node = self.nodes.get(&ObjectRef::new(name))?;
+        let conditions = node.status.as_ref()?.conditions.as_ref();
+        Some(conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")))
+    }
+
+    /// Phase of the mirror pod `<pod>-<node>` the kubelet of `node` made for a manifest.
+    fn mirror_phase(&self, namespace: &str, pod: &str, node: &str) -> Option<String> {
+        let name = format!("{pod}-{node}");
+        let mirror = self.mirrors.get(&ObjectRef::new(&name).within(namespace))?;
+        let is_mirror = mirror
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION));
+        let on_node = mirror.spec.as_ref()?.node_name.as_deref() == Some(node);
+        if !(is_mirror && on_node) {
+            return None;
+        }
+        let phase = mirror.status.as_ref().and_then(|s| s.phase.clone());
+        Some(phase.unwrap_or_else(|| "Pending".into()))
+    }
+}
+
+/// Annotation the kubelet puts on the mirror pod of a static pod.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// A reflector's cache of `api`, kept up to date by a daemon task.
+fn cache<K>(api: Api<K>, config: watcher::Config, tasks: &mut Tasks) -> Cache<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let shutdown = tasks.token();
+    tasks.spawn(async move {
+        tokio::pin!(stream);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    None => return,
+                    Some(Err(e)) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; retrying"),
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    });
+    reader
+}
+
+/// Folds what the cluster shows into the status the edge reported: with a Node of the edge's
+/// name, the edge is Running only when every mirror pod is Running, and Offline when the Node
+/// is not Ready. Without one (a kubelet not registered with this cluster) the report stands.
+fn with_cluster(
+    status: &mut EdgeNodeStatus,
+    node_ready: Option<bool>,
+    mirror_phase: impl Fn(&str) -> Option<String>,
+) {
+    let Some(ready) = node_ready else {
+        return;
+    };
+    for pod in &mut status.pods {
+        pod.phase = Some(mirror_phase(&pod.name).unwrap_or_else(|| "Missing".into()));
+    }
+    let phase_of = |p: &crate::crd::PodState| p.phase.clone().unwrap_or_default();
+    let running = status
+        .pods
+        .iter()
+        .filter(|p| phase_of(p) == "Running")
+        .count();
+    status.pods_ready = Some(format!("{running}/{}", status.pods.len()));
+    if !ready {
+        status.phase = Some(Phase::Offline);
+        status.online = Some(false);
+        for c in status.conditions.iter_mut().filter(|c| c.type_ == "Online") {
+            *c = Condition::new("Online", false, "NodeNotReady", "the Node is not Ready");
+        }
+        return;
+    }
+    if status.phase == Some(Phase::Running) {
+        let failed = status
+            .pods
+            .iter()
+            .any(|p| !matches!(phase_of(p).as_str(), "Running" | "Pending" | "Missing"));
+        if failed {
+            status.phase = Some(Phase::Degraded);
+        } else if running < status.pods.len() {
+            status.phase = Some(Phase::Pending);
         }
     }
 }

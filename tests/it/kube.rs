@@ -421,3 +421,86 @@ async fn a_resource_the_head_refuses_says_why_in_its_status() {
     })
     .await;
 }
+
+/// What a kubelet registered as `name` reports about its Node.
+fn kube_node(name: &str, ready: bool) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+    })
+}
+
+/// The mirror pod a kubelet makes for a static pod manifest.
+fn mirror_pod(manifest: &Value, node: &str, phase: &str) -> Value {
+    let mut pod = manifest.clone();
+    let name = format!("{}-{node}", manifest["metadata"]["name"].as_str().unwrap());
+    pod["metadata"]["name"] = json!(name);
+    pod["metadata"]["annotations"]["kubernetes.io/config.mirror"] = json!("hash");
+    pod["spec"]["nodeName"] = json!(node);
+    pod["status"] = json!({"phase": phase});
+    pod
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_pods_and_the_node_decide_the_phase() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        cluster.api.put(kube_node("edge01", true));
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &["--kubeconfig", &cluster.kubeconfig],
+        )
+        .await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let _edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        let manifest = wait_for("manifest from the CRD", SOON, || {
+            dirs.manifest("default", "web")
+        })
+        .await;
+        assert_eq!(
+            manifest["metadata"]["labels"]["edgesync.io/managed"],
+            "true"
+        );
+        let phase = |want: &'static str| {
+            let cluster = &cluster;
+            move || {
+                cluster
+                    .object("default", "edge01")
+                    .filter(|o| o["status"]["phase"] == want)
+            }
+        };
+        // Applied on the edge, but the kubelet has not made the mirror pod yet.
+        let object = wait_for("Pending without a mirror pod", SOON, phase("Pending")).await;
+        assert_eq!(object["status"]["pods"][0]["phase"], "Missing");
+        assert_eq!(object["status"]["podsReady"], "0/1");
+
+        cluster.api.put(mirror_pod(&manifest, "edge01", "Pending"));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            cluster.object("default", "edge01").unwrap()["status"]["phase"],
+            "Pending"
+        );
+
+        cluster.api.put(mirror_pod(&manifest, "edge01", "Running"));
+        let object = wait_for("Running with the mirror pod", SOON, phase("Running")).await;
+        assert_eq!(object["status"]["pods"][0]["phase"], "Running");
+        assert_eq!(object["status"]["podsReady"], "1/1");
+
+        cluster.api.put(kube_node("edge01", false));
+        let object = wait_for("Offline when the Node is not Ready", SOON, phase("Offline")).await;
+        assert_eq!(object["status"]["online"], false);
+
+        cluster.api.put(kube_node("edge01", true));
+        wait_for("Running again", SOON, phase("Running")).await;
+        cluster.api.put(mirror_pod(&manifest, "edge01", "Failed"));
+        wait_for("Degraded when a mirror pod failed", SOON, phase("Degraded")).await;
+    })
+    .await;
+}
