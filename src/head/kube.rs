@@ -23,6 +23,8 @@ use tracing::{debug, info, warn};
 
 /// Field manager named on every write edgesync makes to the API server.
 pub const FIELD_MANAGER: &str = "edgesync";
+/// Finalizer that holds a deleted EdgeNode until its edge has removed the pods (or is gone).
+pub const FINALIZER: &str = "edgesync.io/edge-cleanup";
 /// How often status is compared and, if changed, written.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// `lastSyncedAt` alone is refreshed at most this often, so syncing never causes a write storm.
@@ -84,6 +86,8 @@ struct Seen {
     invalid: BTreeMap<String, String>,
     /// Status last written, without lastSyncedAt, and when lastSyncedAt was last written.
     status: BTreeMap<String, (Value, Instant)>,
+    /// Resources being deleted whose finalizer waits for the edge.
+    deleting: BTreeSet<String>,
 }
 
 /// The running bridge.
@@ -205,9 +209,28 @@ impl Bridge {
         let Some(key) = key_of(&object) else {
             return;
         };
+        let finalizers = object.metadata.finalizers.clone().unwrap_or_default();
+        let ours = finalizers.iter().any(|f| f == FINALIZER);
         if object.metadata.deletion_timestamp.is_some() {
-            self.on_deleted(&key).await;
+            if !ours {
+                return self.on_deleted(&key).await;
+            }
+            match self.node.delete(&key).await {
+                Ok(()) => {
+                    info!(doc = %key, "EdgeNode deleted; waiting for the edge to remove its pods")
+                }
+                Err(NodeError::NotFound(_)) => {}
+                Err(e) => return warn!(doc = %key, error = %e, "cannot delete the document"),
+            }
+            lock(&self.seen).deleting.insert(key);
             return;
+        }
+        if !ours {
+            let mut finalizers = finalizers;
+            finalizers.push(FINALIZER.into());
+            let version = object.metadata.resource_version.clone();
+            // The watcher brings the new version back, and the spec is merged from that one.
+            return self.set_finalizers(&key, finalizers, version).await;
         }
         if let Some(version) = &object.metadata.resource_version {
             lock(&self.seen)
@@ -254,6 +277,70 @@ impl Bridge {
         }
     }
 
+    /// Replaces the resource's finalizers, provided it is still at `version`.
+    async fn set_finalizers(&self, key: &str, finalizers: Vec<String>, version: Option<String>) {
+        let Some((namespace, name)) = key.split_once('/') else {
+            return;
+        };
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": version}});
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        match self
+            .api(namespace)
+            .patch(name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            // Changed or gone meanwhile: the watcher brings the news and we try again then.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(e) => warn!(doc = key, error = %e, "cannot update the finalizers"),
+        }
+    }
+
+    /// Lets a deleted resource go once its edge has applied the deletion (its report names
+    /// the deletion's generation) or is no longer a registered node.
+    async fn release(&self, key: &str) {
+        let Some((namespace, name)) = key.split_once('/') else {
+            return;
+        };
+        let told = match self.node.view(key).await {
+            Ok(Some((view, _))) => {
+                view.deleted && view.observed_generation == Some(view.generation)
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        let gone = matches!(self.node.store().node(name.to_string()).await, Ok(None));
+        if !(told || gone) {
+            return;
+        }
+        let object = match self.api(namespace).get_opt(name).await {
+            Ok(Some(object)) => object,
+            Ok(None) => return self.on_deleted(key).await,
+            Err(e) => return warn!(doc = key, error = %e, "cannot read the resource"),
+        };
+        let finalizers: Vec<String> = object
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f != FINALIZER)
+            .collect();
+        info!(
+            doc = key,
+            edge = if told {
+                "removed the pods"
+            } else {
+                "is not registered"
+            },
+            "releasing the deleted EdgeNode"
+        );
+        self.set_finalizers(key, finalizers, object.metadata.resource_version)
+            .await;
+    }
+
     async fn on_deleted(&self, key: &str) {
         match self.node.delete(key).await {
             Ok(()) => info!(doc = key, "EdgeNode deleted; the edge removes its pods"),
@@ -265,6 +352,7 @@ impl Bridge {
         seen.version.remove(key);
         seen.status.remove(key);
         seen.invalid.remove(key);
+        seen.deleting.remove(key);
     }
 
     /// Writes spec changes that came from edges (or `edgesync apply`) back to the resources.
@@ -321,6 +409,7 @@ impl Bridge {
             None => {
                 let mut object = DynamicObject::new(name, &self.resource).within(namespace);
                 object.data = json!({"spec": {"pods": list}});
+                object.metadata.finalizers = Some(vec![FINALIZER.into()]);
                 if !view.labels.is_empty() {
                     object.metadata.labels = Some(view.labels.clone());
                 }
@@ -383,6 +472,10 @@ impl Bridge {
             };
             for key in keys {
                 self.write_status(&key).await;
+            }
+            let deleting: Vec<String> = lock(&self.seen).deleting.iter().cloned().collect();
+            for key in deleting {
+                self.release(&key).await;
             }
         }
     }

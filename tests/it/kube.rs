@@ -150,11 +150,16 @@ async fn kubectl_apply_reaches_the_edge_and_status_comes_back() {
             pod_images(&object),
             pairs(&[("db", "redis"), ("web", "nginx:1.27")])
         );
+        // Two applies and the head adding its finalizer, once.
         let writes = cluster.api.write_count();
         assert_eq!(
             writes.get("PATCH edgenodes").copied().unwrap_or(0),
-            2,
+            3,
             "{writes:?}"
+        );
+        assert_eq!(
+            object["metadata"]["finalizers"],
+            json!(["edgesync.io/edge-cleanup"])
         );
         // Status is written when it changes, not per sync message: a handful of writes.
         tokio::time::sleep(Duration::from_secs(2)).await; // idle time in which nothing may be written
@@ -179,6 +184,81 @@ async fn kubectl_apply_reaches_the_edge_and_status_comes_back() {
         })
         .await;
         assert!(dirs.manifest("default", "db").is_none());
+        wait_for(
+            "the resource released once the edge removed its pods",
+            SOON,
+            || cluster.object("default", "edge01").is_none().then_some(()),
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_edgenode_waits_for_its_offline_edge() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &["--kubeconfig", &cluster.kubeconfig],
+        )
+        .await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        wait_for("manifest from the CRD", SOON, || {
+            dirs.manifest("default", "web")
+        })
+        .await;
+        edge.stop().await;
+
+        cluster
+            .edgenodes("default")
+            .delete("edge01", &DeleteParams::default())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let object = cluster
+            .object("default", "edge01")
+            .expect("held by the finalizer while the edge is offline");
+        assert!(object["metadata"]["deletionTimestamp"].is_string());
+        assert!(dirs.manifest("default", "web").is_some());
+
+        let _edge = dirs.start("edge01", &[head.addr], None).await;
+        wait_for("pods removed when the edge is back", SOON, || {
+            dirs.manifest("default", "web").is_none().then_some(())
+        })
+        .await;
+        wait_for("the resource released", SOON, || {
+            cluster.object("default", "edge01").is_none().then_some(())
+        })
+        .await;
+
+        // A resource for an edge that never joined goes at once.
+        cluster
+            .apply(&edgenode("default", "edge02", &[("web", "nginx")]))
+            .await;
+        wait_for("finalizer added", SOON, || {
+            cluster
+                .object("default", "edge02")
+                .filter(|o| o["metadata"]["finalizers"].is_array())
+        })
+        .await;
+        cluster
+            .edgenodes("default")
+            .delete("edge02", &DeleteParams::default())
+            .await
+            .unwrap();
+        wait_for("released: no such edge", SOON, || {
+            cluster.object("default", "edge02").is_none().then_some(())
+        })
+        .await;
     })
     .await;
 }
