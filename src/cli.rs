@@ -106,6 +106,19 @@ pub struct HeadArgs {
     /// Lifetime of certificates issued to edges (e.g. 365d); edges renew after two thirds.
     #[arg(long, env = "EDGESYNC_EDGE_CERT_LIFETIME")]
     pub edge_cert_lifetime: Option<String>,
+    /// With a cluster: namespace of the shared CA Secret, the writer Lease and the head
+    /// Service. Default: the pod's namespace (POD_NAMESPACE or the service account's), else
+    /// edgesync-system.
+    #[arg(long, env = "EDGESYNC_CLUSTER_NAMESPACE")]
+    pub cluster_namespace: Option<String>,
+    /// With a cluster: how long the writer Lease lasts without renewal (e.g. 15s); another
+    /// head takes over within about this long after the writer dies.
+    #[arg(long, env = "EDGESYNC_LEASE_DURATION")]
+    pub lease_duration: Option<String>,
+    /// With a cluster: the head Service whose endpoints are the peer heads. Default
+    /// edgesync-head.
+    #[arg(long, env = "EDGESYNC_HEAD_SERVICE")]
+    pub head_service: Option<String>,
 }
 
 /// Flags of `edgesync edge`.

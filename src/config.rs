@@ -54,6 +54,12 @@ pub struct HeadConfig {
     pub privileged_namespaces: Vec<String>,
     /// Lifetime of certificates issued to edges.
     pub edge_cert_lifetime: Duration,
+    /// Namespace of the CA Secret, writer Lease and head Service (with a cluster).
+    pub cluster_namespace: String,
+    /// Duration of the writer Lease.
+    pub lease_duration: Duration,
+    /// Service whose endpoints are the peer heads.
+    pub head_service: String,
 }
 
 impl HeadConfig {
@@ -69,8 +75,29 @@ impl HeadConfig {
             peers: Vec::new(),
             privileged_namespaces: Vec::new(),
             edge_cert_lifetime: crate::transport::tls::NODE_CERT_LIFETIME,
+            cluster_namespace: DEFAULT_CLUSTER_NAMESPACE.into(),
+            lease_duration: DEFAULT_LEASE_DURATION,
+            head_service: DEFAULT_HEAD_SERVICE.into(),
         }
     }
+}
+
+/// Namespace of the head's cluster objects when neither flag nor pod says otherwise.
+pub const DEFAULT_CLUSTER_NAMESPACE: &str = "edgesync-system";
+/// Default duration of the writer Lease.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+/// Default head Service.
+pub const DEFAULT_HEAD_SERVICE: &str = "edgesync-head";
+
+/// The namespace this pod runs in, if it runs in one.
+fn pod_namespace() -> Option<String> {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok()
+        })
+        .map(|ns| ns.trim().to_string())
+        .filter(|ns| !ns.is_empty())
 }
 
 /// A validated edge configuration.
@@ -170,6 +197,24 @@ impl HeadArgs {
         if edge_cert_lifetime < Duration::from_secs(3) {
             return Err(config_err("--edge-cert-lifetime", "must be at least 3s"));
         }
+        let cluster_namespace = self
+            .cluster_namespace
+            .or(file.cluster_namespace)
+            .or_else(pod_namespace)
+            .unwrap_or_else(|| DEFAULT_CLUSTER_NAMESPACE.into());
+        input::check_label(&cluster_namespace).map_err(|r| config_err("--cluster-namespace", r))?;
+        let lease_duration = match self.lease_duration.or(file.lease_duration) {
+            None => DEFAULT_LEASE_DURATION,
+            Some(text) => parse_duration("--lease-duration", &text)?,
+        };
+        if lease_duration < Duration::from_secs(2) {
+            return Err(config_err("--lease-duration", "must be at least 2s"));
+        }
+        let head_service = self
+            .head_service
+            .or(file.head_service)
+            .unwrap_or_else(|| DEFAULT_HEAD_SERVICE.into());
+        input::check_label(&head_service).map_err(|r| config_err("--head-service", r))?;
         Ok(HeadConfig {
             name,
             state_dir: self
@@ -192,6 +237,9 @@ impl HeadArgs {
             peers: merge_list(self.peer, file.peer),
             privileged_namespaces,
             edge_cert_lifetime,
+            cluster_namespace,
+            lease_duration,
+            head_service,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! without a kubeconfig it runs standalone.
 
 pub mod kube;
+pub mod lease;
 
 use crate::config::HeadConfig;
 use crate::control;
@@ -37,7 +38,11 @@ impl Head {
         let dir = &config.state_dir;
         fsutil::ensure_dir(dir, 0o700).map_err(|source| io_err(dir, source))?;
         let store = Store::open(dir)?;
-        let ca = Arc::new(Ca::load_or_create(dir)?);
+        let cluster = self::kube::client(config.kubeconfig.as_deref()).await?;
+        let ca = Arc::new(match &cluster {
+            Some(client) => self::kube::shared_ca(client, &config.cluster_namespace, dir).await?,
+            None => Ca::load_or_create(dir)?,
+        });
         let token_file = dir.join("join-token");
         if !token_file.exists() {
             let token = create_token(&store, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
@@ -50,7 +55,6 @@ impl Head {
             privileged_namespaces: config.privileged_namespaces.clone(),
         };
         let node = Node::open(Role::Head, &config.name, store.clone(), rules).await?;
-        let cluster = self::kube::client(config.kubeconfig.as_deref()).await?;
         let cert = ca.issue_head(&config.name)?;
         let endpoint = transport::server(config.listen, tls::server_config(&ca.cert, &cert)?)?;
         let local_addr = endpoint
@@ -82,8 +86,19 @@ impl Head {
         tasks.spawn(control);
         match cluster {
             Some(client) => {
-                self::kube::Bridge::start(client, node.clone(), &mut tasks).await?;
-                info!("EdgeNode resources in the cluster are the source of truth");
+                let (leading, leading_rx) = tokio::sync::watch::channel(false);
+                let elector = lease::Elector::new(
+                    client.clone(),
+                    &config.cluster_namespace,
+                    &config.name,
+                    config.lease_duration,
+                );
+                tasks.spawn(elector.run(leading, tasks.token()));
+                self::kube::Bridge::start(client, node.clone(), leading_rx, &mut tasks).await?;
+                info!(
+                    namespace = %config.cluster_namespace,
+                    "EdgeNode resources in the cluster are the source of truth; the holder of Lease edgesync-writer writes them"
+                );
             }
             None => info!("no kubeconfig: running standalone"),
         }

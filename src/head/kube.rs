@@ -4,12 +4,16 @@
 //! named field manager; status goes through the status subresource, coalesced.
 
 use crate::crd::{Condition, EdgeNode, EdgeNodeStatus, MANAGED_LABEL, Phase};
+use crate::daemon::DaemonError;
 use crate::daemon::Tasks;
 use crate::input;
 use crate::model::merge3;
 use crate::node::{Node, NodeError};
+use crate::transport::tls::Ca;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod, Secret};
+use kube::api::ObjectMeta;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store as Cache};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -18,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -41,6 +46,110 @@ pub enum BridgeError {
         /// Why it failed.
         reason: String,
     },
+    /// The shared CA Secret could not be read, created or used.
+    #[error("CA Secret {namespace}/{CA_SECRET}: {reason}")]
+    CaSecret {
+        /// Its namespace.
+        namespace: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Secret (type kubernetes.io/tls) holding the CA that every head of a cluster uses.
+pub const CA_SECRET: &str = "edgesync-ca";
+
+/// The CA all heads of the cluster share: the one in Secret `namespace/edgesync-ca`, or, when
+/// there is none yet, this head's (created if need be) stored there, create-if-absent, so heads
+/// starting together cannot end up with different CAs. Kept in `dir` as well; a different CA
+/// already in `dir` is an error rather than something to overwrite.
+pub async fn shared_ca(
+    client: &kube::Client,
+    namespace: &str,
+    dir: &Path,
+) -> Result<Ca, DaemonError> {
+    let err = |reason: String| BridgeError::CaSecret {
+        namespace: namespace.to_string(),
+        reason,
+    };
+    let api_err = |e: kube::Error| match e {
+        kube::Error::Api(s) if s.code == 404 => {
+            err(format!("{} (see --cluster-namespace)", s.message))
+        }
+        kube::Error::Api(s) => err(s.message),
+        e => err(e.to_string()),
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let local = Ca::load(dir)?;
+    let found = secrets.get_opt(CA_SECRET).await.map_err(api_err)?;
+    let ca = match found {
+        Some(secret) => ca_of(&secret).map_err(err)?,
+        None => {
+            let ca = match &local {
+                Some(ca) => Ca::from_pem(&ca.cert_pem, ca.key_pem())?,
+                None => Ca::generate()?,
+            };
+            let data = [
+                ("tls.crt", &ca.cert_pem),
+                ("tls.key", &ca.key_pem().to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+            .collect();
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(CA_SECRET.into()),
+                    labels: Some(
+                        [("app.kubernetes.io/name".into(), "edgesync-head".into())].into(),
+                    ),
+                    ..ObjectMeta::default()
+                },
+                type_: Some("kubernetes.io/tls".into()),
+                data: Some(data),
+                ..Secret::default()
+            };
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            match secrets.create(&params, &secret).await {
+                Ok(_) => {
+                    info!(secret = CA_SECRET, %namespace, "stored this head's CA for the other heads");
+                    ca
+                }
+                // Another head was first: use its CA.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    let secret = secrets.get(CA_SECRET).await.map_err(api_err)?;
+                    ca_of(&secret).map_err(err)?
+                }
+                Err(e) => return Err(api_err(e).into()),
+            }
+        }
+    };
+    match local {
+        Some(local) if local.hash() != ca.hash() => Err(err(format!(
+            "differs from the CA in {} (ca.crt); edges that trust one would not trust the other. Move one of them away",
+            dir.display()
+        ))
+        .into()),
+        Some(_) => Ok(ca),
+        None => {
+            ca.save(dir)?;
+            Ok(ca)
+        }
+    }
+}
+
+fn ca_of(secret: &Secret) -> Result<Ca, String> {
+    let field = |name: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(name))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .ok_or_else(|| format!("has no {name}"))
+    };
+    Ca::from_pem(&field("tls.crt")?, &field("tls.key")?).map_err(|e| e.to_string())
 }
 
 /// A client for the cluster: from `kubeconfig` if given, else `KUBECONFIG`, else the in-cluster
@@ -98,6 +207,8 @@ pub struct Bridge {
     resource: ApiResource,
     node: Node,
     seen: Arc<Mutex<Seen>>,
+    /// Whether this head holds the writer Lease; only the writer writes to the API server.
+    leading: watch::Receiver<bool>,
     /// Held while a watch event is merged in, and while writing back: the write-back must not
     /// see a document the watcher changed before the watcher has recorded the new base.
     turn: Arc<tokio::sync::Mutex<()>>,
@@ -120,6 +231,7 @@ impl Bridge {
     pub async fn start(
         client: kube::Client,
         node: Node,
+        leading: watch::Receiver<bool>,
         tasks: &mut Tasks,
     ) -> Result<(), NodeError> {
         let mut seen = Seen::default();
@@ -137,6 +249,7 @@ impl Bridge {
             node,
             seen: Arc::new(Mutex::new(seen)),
             turn: Arc::default(),
+            leading,
         };
         tasks.spawn(bridge.clone().watch(tasks.token()));
         tasks.spawn(bridge.clone().write_back(tasks.token()));
@@ -164,20 +277,40 @@ impl Bridge {
 
     /// Watches EdgeNodes in every namespace; a relist (restart, 410 Gone) is handled like any
     /// other event, and resources missing from a relist count as deleted.
+    /// While another head writes, only follows (see [`Bridge::follow`]); on becoming the writer it
+    /// relists, so every resource is merged afresh.
     async fn watch(self, shutdown: CancellationToken) {
+        let mut leading = self.leading.clone();
+        loop {
+            let writer = *leading.borrow_and_update();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = leading.changed() => {}
+                _ = self.watch_as(writer) => return,
+            }
+            if writer {
+                lock(&self.seen).status.clear();
+            }
+        }
+    }
+
+    async fn watch_as(&self, writer: bool) {
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.resource);
         let stream = watcher(api, watcher::Config::default()).default_backoff();
         tokio::pin!(stream);
         let mut relisted: Option<BTreeSet<String>> = None;
-        loop {
-            let event = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                event = stream.next() => match event {
-                    Some(event) => event,
-                    None => return,
-                },
-            };
+        while let Some(event) = stream.next().await {
             let _turn = self.turn.lock().await;
+            if !writer {
+                match event {
+                    Ok(watcher::Event::InitApply(object) | watcher::Event::Apply(object)) => {
+                        self.follow(object).await
+                    }
+                    Err(e) => warn!(error = %e, "EdgeNode watch failed; retrying"),
+                    Ok(_) => {}
+                }
+                continue;
+            }
             match event {
                 Ok(watcher::Event::Init) => relisted = Some(BTreeSet::new()),
                 Ok(watcher::Event::InitApply(object)) => {
@@ -201,6 +334,26 @@ impl Bridge {
                 }
                 Err(e) => warn!(error = %e, "EdgeNode watch failed; retrying"),
             }
+        }
+    }
+
+    /// On a head that is not the writer: records the resource's pods as the merge base when the
+    /// document (kept up to date by the writer through head-to-head sync) holds exactly them,
+    /// so a takeover starts from a base that both sides had.
+    async fn follow(&self, object: DynamicObject) {
+        let Some(key) = key_of(&object) else {
+            return;
+        };
+        let json = serde_json::to_value(&object).unwrap_or_default();
+        let rules = self.node.rules().clone();
+        let Ok(desired) = input::parse_edgenode(&json, &format!("EdgeNode {key}"), &rules) else {
+            return;
+        };
+        let theirs = pods_value(&desired.pods);
+        let agreed = matches!(self.node.view(&key).await,
+            Ok(Some((view, _))) if !view.deleted && pods_value(&view.pods) == theirs);
+        if agreed && lock(&self.seen).base.get(&key) != Some(&theirs) {
+            self.remember(&key, Some(theirs)).await;
         }
     }
 
@@ -371,6 +524,9 @@ impl Bridge {
             while let Ok(key) = changes.try_recv() {
                 keys.insert(key);
             }
+            if !*self.leading.borrow() {
+                continue;
+            }
             let _turn = self.turn.lock().await;
             for key in keys {
                 self.write_spec(&key).await;
@@ -461,6 +617,9 @@ impl Bridge {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if !*self.leading.borrow() {
+                continue;
             }
             let keys: BTreeSet<String> = {
                 let seen = lock(&self.seen);

@@ -131,23 +131,31 @@ pub struct Ca {
     pub cert: CertificateDer<'static>,
     /// The CA certificate, PEM.
     pub cert_pem: String,
+    key_pem: String,
 }
 
 impl Ca {
     /// Loads `ca.crt`/`ca.key` from `dir`, or creates them (key mode 0600) on first start.
     pub fn load_or_create(dir: &Path) -> Result<Ca, TlsError> {
-        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
-        if cert_path.exists() || key_path.exists() {
-            let cert_pem = read(&cert_path)?;
-            let key = KeyPair::from_pem(&read(&key_path)?)?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
-            let cert = pem_to_der(&cert_pem)?;
-            return Ok(Ca {
-                issuer,
-                cert,
-                cert_pem,
-            });
+        if let Some(ca) = Ca::load(dir)? {
+            return Ok(ca);
         }
+        let ca = Ca::generate()?;
+        ca.save(dir)?;
+        Ok(ca)
+    }
+
+    /// The CA kept in `dir`, if there is one.
+    pub fn load(dir: &Path) -> Result<Option<Ca>, TlsError> {
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if !(cert_path.exists() || key_path.exists()) {
+            return Ok(None);
+        }
+        Ca::from_pem(&read(&cert_path)?, &read(&key_path)?).map(Some)
+    }
+
+    /// A new CA, in memory.
+    pub fn generate() -> Result<Ca, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = dn("edgesync CA", None);
@@ -155,16 +163,37 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         set_validity(&mut params, CA_LIFETIME);
         let cert = params.self_signed(&key)?;
-        crate::fsutil::write_private(&key_path, key.serialize_pem().as_bytes())
-            .map_err(|source| io_err(&key_path, source))?;
-        crate::fsutil::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)
-            .map_err(|source| io_err(&cert_path, source))?;
-        let cert_pem = cert.pem();
         Ok(Ca {
-            issuer: Issuer::new(params, key),
             cert: cert.der().clone(),
-            cert_pem,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
         })
+    }
+
+    /// A CA from its certificate and key in PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(Ca {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            cert: pem_to_der(cert_pem)?,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+        })
+    }
+
+    /// Writes `ca.crt` and `ca.key` (mode 0600) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        crate::fsutil::write_private(&key_path, self.key_pem.as_bytes())
+            .map_err(|source| io_err(&key_path, source))?;
+        crate::fsutil::write_atomic(&cert_path, self.cert_pem.as_bytes(), 0o644)
+            .map_err(|source| io_err(&cert_path, source))
+    }
+
+    /// The CA's private key, PEM (for the cluster Secret that heads share).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
     }
 
     /// SHA-256 of the CA certificate, hex: what join tokens pin.

@@ -21,6 +21,7 @@ struct Cluster {
 impl Cluster {
     async fn start(dir: &Path) -> Cluster {
         let api = KubeApi::start().await;
+        api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "edgesync-system"}}));
         let path = dir.join("kubeconfig");
         api.write_kubeconfig(&path);
         let file = kube::config::Kubeconfig::read_from(&path).unwrap();
