@@ -64,7 +64,7 @@ impl Head {
                 source,
             })?;
         let mut tasks = Tasks::default();
-        let join = join_handler(store, ca.clone(), config.edge_cert_lifetime);
+        let join = join_handler(node.clone(), ca.clone(), config.edge_cert_lifetime);
         tasks.spawn(link::serve(
             endpoint,
             node.clone(),
@@ -151,22 +151,23 @@ fn unix_now() -> i64 {
     k8s_openapi::jiff::Timestamp::now().as_second()
 }
 
-fn join_handler(store: Store, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
+fn join_handler(node: Node, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
     Arc::new(move |request, remote, identity| {
-        let (store, ca) = (store.clone(), ca.clone());
+        let (node, ca) = (node.clone(), ca.clone());
         Box::pin(async move {
+            let store = node.store();
             let renewal = matches!(request, Frame::Renew { .. });
             let outcome = match (request, identity) {
                 (Frame::Renew { csr }, Some(peer)) if peer.role == Role::Edge => {
-                    match crate::node::admit_edge(&store, &peer).await {
-                        Ok(()) => issue(&store, &ca, &peer.name, &csr, lifetime).await,
+                    match crate::node::admit_edge(store, &peer).await {
+                        Ok(()) => issue(&node, &ca, &peer.name, &csr, lifetime).await,
                         Err(e) => Err(e),
                     }
                 }
                 (Frame::Renew { .. }, _) => {
                     Err("renewal needs the edge's current, valid certificate".to_string())
                 }
-                (request, _) => join(&store, &ca, request, lifetime).await,
+                (request, _) => join(&node, &ca, request, lifetime).await,
             };
             match (outcome, renewal) {
                 (Ok((frame, node)), false) => {
@@ -188,7 +189,7 @@ fn join_handler(store: Store, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
 
 /// Checks a join request's token and issues the node's certificate.
 async fn join(
-    store: &Store,
+    node_core: &Node,
     ca: &Ca,
     request: Frame,
     lifetime: Duration,
@@ -205,6 +206,7 @@ async fn join(
     };
     const BAD_TOKEN: &str =
         "join token is invalid or expired; create one on the head with `edgesync token create`";
+    let store = node_core.store();
     let stored = store.token(token_id).await.map_err(|e| e.to_string())?;
     let presented = JoinToken {
         ca_hash: String::new(),
@@ -230,13 +232,13 @@ async fn join(
              --node-name, or run `edgesync node remove {node}` on the head to let it join again"
         ));
     }
-    issue(store, ca, &node, &csr, lifetime).await
+    issue(node_core, ca, &node, &csr, lifetime).await
 }
 
 /// Signs `csr` for edge `node` and records the node with its new key: from then on only this
 /// key is let in under that name.
 async fn issue(
-    store: &Store,
+    core: &Node,
     ca: &Ca,
     node: &str,
     csr: &[u8],
@@ -253,8 +255,7 @@ async fn issue(
         key_sha256: identity.key,
         cert_not_after: not_after,
     };
-    store
-        .add_node(joined, unix_now())
+    core.register_edge(joined)
         .await
         .map_err(|e| e.to_string())?;
     Ok((

@@ -16,6 +16,7 @@ pub mod input;
 pub mod link;
 pub mod model;
 pub mod node;
+pub mod registry;
 pub mod runtime;
 pub mod store;
 pub mod sync;

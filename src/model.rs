@@ -73,6 +73,9 @@ pub fn split_key(key: &str) -> Option<(&str, &str)> {
 
 /// A new document for `key` made of the shared genesis change, continuing as `actor`.
 pub fn genesis(key: &str, actor: &ActorId) -> AutoCommit {
+    if key == crate::registry::KEY {
+        return crate::registry::genesis(actor);
+    }
     let (namespace, name) = split_key(key).unwrap_or(("", key));
     let mut doc = AutoCommit::new();
     let seed: [u8; 32] = Sha256::digest(format!("edgesync genesis v1 {key}")).into();

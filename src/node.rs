@@ -5,8 +5,9 @@ use crate::crd::{
     Condition, EdgeNode, EdgeNodeSpec, EdgeNodeStatus, POD_APPLIED, POD_REFUSED, Phase, PodState,
 };
 use crate::input::{self, DesiredNode, InvalidInput, Rules};
-use crate::model::{self, DocView};
-use crate::store::{COMPACT_AFTER_CHUNKS, DocWrite, Store, StoreError, StoredDoc};
+use crate::model::{self, DocView, ModelError};
+use crate::registry::{self, Registration, Registry};
+use crate::store::{COMPACT_AFTER_CHUNKS, DocWrite, JoinedNode, Store, StoreError, StoredDoc};
 use crate::transport::tls::{Identity, Role};
 use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, AutoCommit};
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 /// Errors from node operations.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +191,10 @@ pub fn now() -> String {
     Timestamp::now().to_string()
 }
 
+fn now_unix() -> i64 {
+    Timestamp::now().as_second()
+}
+
 impl Node {
     /// Loads every stored document. `rules.privileged_namespaces` is this node's policy.
     pub async fn open(
@@ -251,9 +257,83 @@ impl Node {
         self.0.changes.subscribe()
     }
 
-    /// Every document key.
+    /// Every EdgeNode document key.
     pub fn keys(&self) -> Vec<String> {
+        let docs = lock(&self.0.docs);
+        docs.keys()
+            .filter(|k| !registry::is_internal(k))
+            .cloned()
+            .collect()
+    }
+
+    /// Every document key, the heads' registry included (what sync sessions offer; each
+    /// session filters by what its peer may access).
+    pub fn sync_keys(&self) -> Vec<String> {
         lock(&self.0.docs).keys().cloned().collect()
+    }
+
+    /// The heads' registry as this head knows it.
+    pub async fn registry(&self) -> Registry {
+        match self.entry(registry::KEY) {
+            Some(entry) => registry::read(&entry.lock().await.doc),
+            None => Registry::default(),
+        }
+    }
+
+    /// Edits the heads' registry and stores it; it reaches the other heads by sync.
+    async fn edit_registry(
+        &self,
+        edit: impl FnOnce(&mut automerge::AutoCommit) -> Result<bool, ModelError>,
+    ) -> Result<(), NodeError> {
+        let entry = self.entry_or_genesis(registry::KEY);
+        let mut entry = entry.lock().await;
+        if edit(&mut entry.doc)? {
+            self.persist(registry::KEY, &mut entry, Vec::new(), false)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Records the certificate just issued to edge `joined.name`, here and for every head.
+    pub async fn register_edge(&self, joined: JoinedNode) -> Result<(), NodeError> {
+        let registration = Registration {
+            key: hex::encode(&joined.key_sha256),
+            not_after: joined.cert_not_after,
+            removed: false,
+        };
+        self.0.store.add_node(joined.clone(), now_unix()).await?;
+        self.edit_registry(|doc| registry::set_registration(doc, &joined.name, &registration))
+            .await
+    }
+
+    /// Makes this head's table of edges match the registry after another head changed it.
+    async fn adopt_registry(&self) -> Result<(), NodeError> {
+        for (name, registration) in self.registry().await.nodes {
+            let stored = self.0.store.node(name.clone()).await?;
+            if registration.removed {
+                if stored.is_some() {
+                    self.forget_edge(&name).await?;
+                    info!(node = %name, "edge removed on another head");
+                }
+                continue;
+            }
+            let Ok(key_sha256) = hex::decode(&registration.key) else {
+                continue;
+            };
+            if stored.as_ref().is_none_or(|s| s.key_sha256 != key_sha256) {
+                // A newer certificate replaces the old one: sessions under the old key end.
+                if stored.is_some() {
+                    self.kick(&name);
+                }
+                let joined = JoinedNode {
+                    name,
+                    key_sha256,
+                    cert_not_after: registration.not_after,
+                };
+                self.0.store.add_node(joined, now_unix()).await?;
+            }
+        }
+        Ok(())
     }
 
     fn entry(&self, key: &str) -> Option<Arc<tokio::sync::Mutex<DocEntry>>> {
@@ -438,9 +518,11 @@ impl Node {
         message: sync::Message,
         state: &mut sync::State,
     ) -> Result<(), NodeError> {
-        if model::split_key(key).is_none_or(|(ns, name)| {
-            input::check_label(ns).is_err() || input::check_subdomain(name).is_err()
-        }) {
+        let edgenode_key = model::split_key(key).is_some_and(|(ns, name)| {
+            input::check_label(ns).is_ok() && input::check_subdomain(name).is_ok()
+        });
+        let registry_here = key == registry::KEY && self.0.role == Role::Head;
+        if !(edgenode_key || registry_here) {
             return Err(NodeError::Sync {
                 key: key.to_string(),
                 reason: "not a valid namespace/name key".into(),
@@ -457,7 +539,12 @@ impl Node {
                 reason: e.to_string(),
             })?;
         let states = vec![(peer.to_string(), state.encode())];
-        self.persist(key, &mut entry, states, true).await
+        self.persist(key, &mut entry, states, true).await?;
+        drop(entry);
+        if key == registry::KEY && self.0.role == Role::Head {
+            self.adopt_registry().await?;
+        }
+        Ok(())
     }
 
     /// The next sync message for `key` towards a peer, if any.
@@ -487,16 +574,48 @@ impl Node {
     /// Forgets edge `name` (`edgesync node remove`): its key is no longer let in and its live
     /// sessions end. Returns whether it was known.
     pub async fn remove_node(&self, name: &str) -> Result<bool, NodeError> {
-        let known = self.0.store.remove_node(name.to_string()).await?;
-        if let Some(token) = lock(&self.0.kicks).remove(name) {
-            token.cancel();
+        let known = self.forget_edge(name).await?;
+        let registered = self.registry().await.nodes.get(name).cloned();
+        if let Some(registration) = registered.filter(|r| !r.removed) {
+            let removed = Registration {
+                removed: true,
+                ..registration
+            };
+            self.edit_registry(|doc| registry::set_registration(doc, name, &removed))
+                .await?;
+            return Ok(true);
         }
+        Ok(known)
+    }
+
+    async fn forget_edge(&self, name: &str) -> Result<bool, NodeError> {
+        let known = self.0.store.remove_node(name.to_string()).await?;
+        self.kick(name);
         lock(&self.0.peers).remove(name);
         Ok(known)
     }
 
+    fn kick(&self, name: &str) {
+        if let Some(token) = lock(&self.0.kicks).remove(name) {
+            token.cancel();
+        }
+    }
+
     /// Records that a session with `peer` started.
-    pub fn peer_connected(&self, peer: &Identity, address: &str) {
+    pub async fn peer_connected(&self, peer: &Identity, address: &str) {
+        self.record_peer(peer, address);
+        if self.0.role == Role::Head && peer.role == Role::Edge {
+            let me = self.0.name.clone();
+            let edit = |doc: &mut automerge::AutoCommit| {
+                registry::set_presence(doc, &peer.name, Some(&me), &me)
+            };
+            if let Err(e) = self.edit_registry(edit).await {
+                warn!(peer = %peer.name, error = %e, "cannot record the edge's presence");
+            }
+        }
+    }
+
+    fn record_peer(&self, peer: &Identity, address: &str) {
         let mut peers = lock(&self.0.peers);
         let info = peers.entry(peer.name.clone()).or_insert_with(|| PeerInfo {
             name: peer.name.clone(),
@@ -516,11 +635,31 @@ impl Node {
     }
 
     /// Records that a session with peer `name` ended.
-    pub fn peer_disconnected(&self, name: &str) {
-        if let Some(info) = lock(&self.0.peers).get_mut(name) {
+    pub async fn peer_disconnected(&self, peer: &Identity) {
+        if let Some(info) = lock(&self.0.peers).get_mut(&peer.name) {
             info.sessions = info.sessions.saturating_sub(1);
             info.connected = info.sessions > 0;
         }
+        if self.0.role == Role::Head && peer.role == Role::Edge && !self.is_connected(&peer.name) {
+            let me = self.0.name.clone();
+            let edit = |doc: &mut automerge::AutoCommit| {
+                registry::set_presence(doc, &peer.name, None, &me)
+            };
+            if let Err(e) = self.edit_registry(edit).await {
+                warn!(peer = %peer.name, error = %e, "cannot record the edge's absence");
+            }
+        }
+    }
+
+    /// Whether edge `name` is connected to this head, or to another head connected to this one.
+    async fn edge_online(&self, name: &str) -> bool {
+        if self.is_connected(name) {
+            return true;
+        }
+        let presence = self.registry().await.presence;
+        presence
+            .get(name)
+            .is_some_and(|head| *head != self.0.name && self.is_connected(head))
     }
 
     /// Changes a known peer's record.
@@ -592,7 +731,7 @@ impl Node {
             return Ok(None);
         }
         let online = match self.0.role {
-            Role::Head => self.is_connected(&view.name),
+            Role::Head => self.edge_online(&view.name).await,
             Role::Edge => self.any_head_connected(),
         };
         Ok(Some(to_edgenode(&view, last_synced_at, online)))

@@ -45,7 +45,7 @@ where
 {
     let mut changes = node.subscribe();
     let removed = node.removal_of(&peer.name);
-    node.peer_connected(&peer, &address);
+    node.peer_connected(&peer, &address).await;
     let (out, out_rx) = mpsc::unbounded_channel();
     let mut session = Session {
         node: node.clone(),
@@ -69,7 +69,7 @@ where
     let reader = tokio::spawn(read_frames(recv, frames_tx));
     let mut writer = tokio::spawn(write_frames(send, out_rx));
     let result = async {
-        for key in node.keys() {
+        for key in node.sync_keys() {
             session.push(&key).await?;
         }
         loop {
@@ -90,7 +90,7 @@ where
                 changed = changes.recv() => match changed {
                     Ok(key) => session.push(&key).await?,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        for key in node.keys() {
+                        for key in node.sync_keys() {
                             session.push(&key).await?;
                         }
                     }
@@ -107,7 +107,7 @@ where
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut writer).await;
         writer.abort();
     }
-    node.peer_disconnected(&peer.name);
+    node.peer_disconnected(&peer).await;
     result
 }
 

@@ -524,6 +524,7 @@ impl Bridge {
             while let Ok(key) = changes.try_recv() {
                 keys.insert(key);
             }
+            keys.retain(|k| !crate::registry::is_internal(k));
             if !*self.leading.borrow() {
                 continue;
             }

@@ -99,9 +99,12 @@ impl Identity {
     pub fn may_access(&self, key: &str) -> bool {
         match self.role {
             Role::Head => true,
-            Role::Edge => key
-                .split_once('/')
-                .is_some_and(|(_, name)| name == self.name),
+            Role::Edge => {
+                !crate::registry::is_internal(key)
+                    && key
+                        .split_once('/')
+                        .is_some_and(|(_, name)| name == self.name)
+            }
         }
     }
 }
@@ -598,6 +601,11 @@ mod tests {
         let id = identity(&edge).unwrap();
         assert_eq!((id.role, id.name.as_str()), (Role::Edge, "edge01"));
         assert!(id.may_access("team-a/edge01") && !id.may_access("team-a/edge02"));
+        let registry_named_like_an_edge = Identity {
+            name: "registry".into(),
+            ..id.clone()
+        };
+        assert!(!registry_named_like_an_edge.may_access(crate::registry::KEY));
         let again = Ca::load_or_create(dir.path()).unwrap();
         assert_eq!(again.hash(), ca.hash(), "the CA survives a restart");
         let mode = std::fs::metadata(dir.path().join("ca.key")).unwrap();

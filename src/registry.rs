@@ -1,0 +1,164 @@
+//! The heads' own document (key [`KEY`]), replicated among heads only: which key each edge was
+//! last issued (so an edge joined through one head is let in by every other, and `node remove`
+//! on any head shuts it out everywhere) and which head each edge is connected to (so the writer
+//! head reports edges connected to the others as online).
+//!
+//! ```text
+//! nodes:    { <edge>: { key: <hex SHA-256 of its public key>, notAfter: <unix s>, removed } }
+//! presence: { <edge>: <head name> }
+//! ```
+
+use crate::model::{ModelError, reconcile};
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, AutoCommit, ObjId, ObjType, ROOT, ReadDoc, Value as AmValue};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Key of the registry document. Its namespace is not a DNS label, so no EdgeNode has it.
+pub const KEY: &str = "_heads/registry";
+
+/// Whether `key` names a head-only document rather than an EdgeNode.
+pub fn is_internal(key: &str) -> bool {
+    key.starts_with('_')
+}
+
+/// What the heads know about one edge's certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Registration {
+    /// SHA-256 of the public key last issued to the edge, hex.
+    pub key: String,
+    /// When that certificate expires (unix seconds).
+    pub not_after: i64,
+    /// Removed with `edgesync node remove` (kept as a tombstone so the removal replicates).
+    #[serde(default)]
+    pub removed: bool,
+}
+
+/// The registry read out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registry {
+    /// Registrations by edge name.
+    pub nodes: BTreeMap<String, Registration>,
+    /// Head each edge is connected to, by edge name.
+    pub presence: BTreeMap<String, String>,
+}
+
+/// The registry's deterministic first change (the same on every head, so their top-level
+/// maps are one), continuing as `actor`.
+pub fn genesis(actor: &ActorId) -> AutoCommit {
+    let mut doc = AutoCommit::new();
+    let seed: [u8; 32] = Sha256::digest(format!("edgesync genesis v1 {KEY}")).into();
+    doc.set_actor(ActorId::from(&seed[..16]));
+    for map in ["nodes", "presence"] {
+        doc.put_object(ROOT, map, ObjType::Map)
+            .expect("genesis operations on a fresh document cannot fail");
+    }
+    doc.commit_with(CommitOptions::default().with_time(0));
+    doc.set_actor(actor.clone());
+    doc
+}
+
+fn map(doc: &AutoCommit, name: &str) -> Result<ObjId, ModelError> {
+    match doc.get(ROOT, name)? {
+        Some((AmValue::Object(ObjType::Map), id)) => Ok(id),
+        _ => Err(ModelError::Malformed {
+            key: KEY.into(),
+            what: format!("{name} missing"),
+        }),
+    }
+}
+
+/// Records `registration` for edge `name`. Returns whether anything changed.
+pub fn set_registration(
+    doc: &mut AutoCommit,
+    name: &str,
+    registration: &Registration,
+) -> Result<bool, ModelError> {
+    let nodes = map(doc, "nodes")?;
+    let value = serde_json::to_value(registration).unwrap_or(Value::Null);
+    let changed = reconcile(doc, &nodes, name.into(), &value)?;
+    doc.commit();
+    Ok(changed)
+}
+
+/// Records that edge `name` is connected to `head`, or (None) no longer to `me`.
+pub fn set_presence(
+    doc: &mut AutoCommit,
+    name: &str,
+    head: Option<&str>,
+    me: &str,
+) -> Result<bool, ModelError> {
+    let presence = map(doc, "presence")?;
+    let changed = match head {
+        Some(head) => reconcile(doc, &presence, name.into(), &Value::from(head))?,
+        None if read(doc).presence.get(name).map(String::as_str) == Some(me) => {
+            doc.delete(&presence, name)?;
+            true
+        }
+        None => false,
+    };
+    doc.commit();
+    Ok(changed)
+}
+
+/// Reads the registry; entries that do not parse are skipped.
+pub fn read(doc: &AutoCommit) -> Registry {
+    let json = serde_json::to_value(automerge::AutoSerde::from(doc)).unwrap_or_default();
+    let entries = |name: &str| {
+        json[name]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    Registry {
+        nodes: entries("nodes")
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
+            .collect(),
+        presence: entries("presence")
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration(key: &str) -> Registration {
+        Registration {
+            key: key.into(),
+            not_after: 10,
+            removed: false,
+        }
+    }
+
+    #[test]
+    fn two_heads_registering_different_edges_keep_both() {
+        let mut a = genesis(&ActorId::random());
+        let mut b = genesis(&ActorId::random());
+        set_registration(&mut a, "edge01", &registration("aa")).unwrap();
+        set_registration(&mut b, "edge02", &registration("bb")).unwrap();
+        set_presence(&mut b, "edge02", Some("head-b"), "head-b").unwrap();
+        a.merge(&mut b).unwrap();
+        let merged = read(&a);
+        assert_eq!(merged.nodes.len(), 2);
+        assert_eq!(merged.nodes["edge02"].key, "bb");
+        assert_eq!(merged.presence["edge02"], "head-b");
+    }
+
+    #[test]
+    fn presence_is_cleared_only_by_the_head_that_holds_it() {
+        let mut doc = genesis(&ActorId::random());
+        set_presence(&mut doc, "edge01", Some("head-b"), "head-b").unwrap();
+        assert!(!set_presence(&mut doc, "edge01", None, "head-a").unwrap());
+        assert!(set_presence(&mut doc, "edge01", None, "head-b").unwrap());
+        assert!(read(&doc).presence.is_empty());
+    }
+}
