@@ -4,6 +4,7 @@
 
 pub mod kube;
 pub mod lease;
+pub mod peers;
 
 use crate::config::HeadConfig;
 use crate::control;
@@ -72,12 +73,12 @@ impl Head {
             tasks.token(),
         ));
         let client = tls::client_config(&ca.cert, &cert)?;
-        let client: link::TlsSource = Arc::new(move || Ok(client.clone()));
+        let client_tls: link::TlsSource = Arc::new(move || Ok(client.clone()));
         for peer in &config.peers {
             tasks.spawn(link::dial(
                 node.clone(),
                 vec![peer.clone()],
-                client.clone(),
+                client_tls.clone(),
                 tasks.token(),
             ));
         }
@@ -94,6 +95,14 @@ impl Head {
                     config.lease_duration,
                 );
                 tasks.spawn(elector.run(leading, tasks.token()));
+                tasks.spawn(peers::follow(
+                    client.clone(),
+                    config.cluster_namespace.clone(),
+                    config.head_service.clone(),
+                    node.clone(),
+                    client_tls.clone(),
+                    tasks.token(),
+                ));
                 self::kube::Bridge::start(client, node.clone(), leading_rx, &mut tasks).await?;
                 info!(
                     namespace = %config.cluster_namespace,

@@ -215,6 +215,12 @@ pub struct HeadProc {
 impl HeadProc {
     /// Starts a standalone head in `dir` on `addr` and waits until it is ready.
     pub async fn start(dir: &Path, addr: SocketAddr, extra: &[&str]) -> HeadProc {
+        HeadProc::start_named(dir, "head-1", addr, extra).await
+    }
+
+    /// Starts head `name` in `dir` on `addr` and waits until it is ready.
+    pub async fn start_named(dir: &Path, name: &str, addr: SocketAddr, extra: &[&str]) -> HeadProc {
+        std::fs::create_dir_all(dir).unwrap();
         let state = dir.join("head-state");
         let socket = dir.join("head.sock");
         let mut args: Vec<String> = vec![
@@ -228,7 +234,7 @@ impl HeadProc {
             "--socket".into(),
             socket.display().to_string(),
             "--name".into(),
-            "head-1".into(),
+            name.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let daemon = Daemon::spawn(args, dir.join("head.log"), socket)

@@ -585,3 +585,172 @@ async fn mirror_pods_and_the_node_decide_the_phase() {
     })
     .await;
 }
+
+fn lease_holder(cluster: &Cluster) -> Option<String> {
+    let lease = cluster.api.get(
+        "coordination.k8s.io/v1",
+        "Lease",
+        Some("edgesync-system"),
+        "edgesync-writer",
+    )?;
+    lease["spec"]["holderIdentity"].as_str().map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_writer_head_dies_another_takes_the_lease_and_the_edge_follows() {
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let (addr_a, addr_b) = (free_udp_addr(), free_udp_addr());
+        let head = |name: &'static str, addr, peer: std::net::SocketAddr| {
+            let dir = dir.path().join(name);
+            let kubeconfig = cluster.kubeconfig.clone();
+            async move {
+                let peer = peer.to_string();
+                let args = [
+                    "--kubeconfig",
+                    &kubeconfig,
+                    "--lease-duration",
+                    "3s",
+                    "--peer",
+                    &peer,
+                ];
+                HeadProc::start_named(&dir, name, addr, &args).await
+            }
+        };
+        let a = head("head-a", addr_a, addr_b).await;
+        let b = head("head-b", addr_b, addr_a).await;
+        // Both heads use the one CA of the Secret the first head created.
+        let ca = |h: &HeadProc| std::fs::read(h.state.join("ca.crt")).unwrap();
+        assert_eq!(ca(&a), ca(&b));
+        let writer = wait_for("a writer", SOON, || lease_holder(&cluster)).await;
+        let (writer, standby) = if writer == "head-a" { (a, b) } else { (b, a) };
+
+        // The edge joins through the writer and knows both heads.
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs
+            .start(
+                "edge01",
+                &[writer.addr, standby.addr],
+                Some(&writer.token()),
+            )
+            .await;
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        wait_for("manifest from the CRD", SOON, || {
+            dirs.manifest("default", "web")
+        })
+        .await;
+        wait_for("Running", SOON, || {
+            cluster
+                .object("default", "edge01")
+                .filter(|o| o["status"]["phase"] == "Running")
+        })
+        .await;
+
+        writer.daemon.kill();
+        let standby_name = if standby.addr == addr_a {
+            "head-a"
+        } else {
+            "head-b"
+        };
+        wait_for(
+            "the standby takes the Lease",
+            Duration::from_secs(15),
+            || (lease_holder(&cluster).as_deref() == Some(standby_name)).then_some(()),
+        )
+        .await;
+
+        // The edge, joined through the dead head, is let in by the other one.
+        let edit = write(
+            dir.path(),
+            "edge.yaml",
+            &edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx"), ("cache", "memcached")],
+            ),
+        );
+        ok(edge.cli(&["apply", "-f", &edit]));
+        wait_for(
+            "the edge's edit written back by the new writer",
+            Duration::from_secs(30),
+            || {
+                cluster
+                    .object("default", "edge01")
+                    .filter(|o| pod_images(o) == pairs(&[("cache", "memcached"), ("web", "nginx")]))
+            },
+        )
+        .await;
+        let peers = edge.json(&["status", "-o", "json"]);
+        assert!(peers.to_string().contains(standby_name), "{peers}");
+
+        // And the new writer carries on: user edits reach the edge, status comes back.
+        cluster
+            .apply(&edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx:1.27"), ("cache", "memcached")],
+            ))
+            .await;
+        wait_for("user edit through the new writer", SOON, || {
+            dirs.manifest("default", "web")
+                .filter(|m| image(m) == "nginx:1.27")
+        })
+        .await;
+        wait_for("Running and online through the new writer", SOON, || {
+            cluster
+                .object("default", "edge01")
+                .filter(|o| o["status"]["phase"] == "Running" && o["status"]["podsReady"] == "2/2")
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_find_each_other_through_the_head_service() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let (addr_a, addr_b) = (free_udp_addr(), free_udp_addr());
+        let subset = |name: &str, addr: std::net::SocketAddr| {
+            json!({
+                "addresses": [{"ip": addr.ip().to_string(), "targetRef": {"kind": "Pod", "name": name}}],
+                "ports": [{"name": "quic", "port": addr.port(), "protocol": "UDP"}],
+            })
+        };
+        cluster.api.put(json!({
+            "apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "edgesync-head", "namespace": "edgesync-system"},
+            "subsets": [subset("head-a", addr_a), subset("head-b", addr_b)],
+        }));
+        let kubeconfig = ["--kubeconfig", cluster.kubeconfig.as_str()];
+        let a = HeadProc::start_named(&dir.path().join("a"), "head-a", addr_a, &kubeconfig).await;
+        let b = HeadProc::start_named(&dir.path().join("b"), "head-b", addr_b, &kubeconfig).await;
+        let connected_to = |head: &HeadProc, peer: &str| {
+            head.daemon.json(&["status", "-o", "json"])["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == peer && p["connected"] == true)
+        };
+        wait_for("the heads connected", SOON, || {
+            (connected_to(&a, "head-b") && connected_to(&b, "head-a")).then_some(())
+        })
+        .await;
+        // Documents flow between them: a resource reaches both heads' stores.
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        for head in [&a, &b] {
+            wait_for("the document on every head", SOON, || {
+                let out = head.daemon.cli(&["get", "edgenodes", "edge01", "-o", "json"]);
+                out.status.success().then_some(())
+            })
+            .await;
+        }
+    })
+    .await;
+}
