@@ -751,6 +751,26 @@ async fn heads_find_each_other_through_the_head_service() {
             })
             .await;
         }
+
+        // An edge that joins and connects only to the head that does not write is reported
+        // online and Running by the one that does.
+        let writer = wait_for("a writer", SOON, || lease_holder(&cluster)).await;
+        let standby = if writer == "head-a" { &b } else { &a };
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let _edge = dirs
+            .start("edge01", &[standby.addr], Some(&standby.token()))
+            .await;
+        wait_for("manifest through the standby", SOON, || {
+            dirs.manifest("default", "web")
+        })
+        .await;
+        let object = wait_for("Running and online, written by the writer", SOON, || {
+            cluster
+                .object("default", "edge01")
+                .filter(|o| o["status"]["phase"] == "Running")
+        })
+        .await;
+        assert_eq!(object["status"]["online"], true);
     })
     .await;
 }
