@@ -331,6 +331,18 @@ pub fn reconcile(
 /// `ours` did not, `theirs` does; where both changed a map, keys merge one by one; anything
 /// else both changed goes to `theirs`. `None` means absent.
 pub fn merge3(base: Option<&Value>, ours: Option<&Value>, theirs: Option<&Value>) -> Option<Value> {
+    merge3_noting(base, ours, theirs, "", &mut Vec::new())
+}
+
+/// [`merge3`], also noting each place where `ours` lost to `theirs`, in the form of conflict
+/// messages: `path: kept X, lost Y`, with paths below `path`.
+pub fn merge3_noting(
+    base: Option<&Value>,
+    ours: Option<&Value>,
+    theirs: Option<&Value>,
+    path: &str,
+    lost: &mut Vec<String>,
+) -> Option<Value> {
     if theirs == base {
         return ours.cloned();
     }
@@ -345,11 +357,20 @@ pub fn merge3(base: Option<&Value>, ours: Option<&Value>, theirs: Option<&Value>
                 b.keys().chain(o.keys()).chain(t.keys()).collect();
             let merged = keys
                 .into_iter()
-                .filter_map(|k| merge3(b.get(k), o.get(k), t.get(k)).map(|v| (k.clone(), v)))
+                .filter_map(|k| {
+                    let below = format!("{path}.{k}");
+                    merge3_noting(b.get(k), o.get(k), t.get(k), &below, lost)
+                        .map(|v| (k.clone(), v))
+                })
                 .collect();
             Some(Value::Object(merged))
         }
-        _ => theirs.cloned(),
+        _ => {
+            let show = |v: Option<&Value>| v.map_or("nothing".to_string(), Value::to_string);
+            let at = path.trim_start_matches('.');
+            lost.push(format!("{at}: kept {}, lost {}", show(theirs), show(ours)));
+            theirs.cloned()
+        }
     }
 }
 
@@ -583,6 +604,12 @@ mod tests {
             Some(theirs.clone())
         );
         assert_eq!(merge3(None, Some(&ours), Some(&ours)), Some(ours.clone()));
+        let mut lost = Vec::new();
+        let noted = merge3_noting(Some(&j("1")), Some(&j("2")), Some(&j("3")), "a", &mut lost);
+        assert_eq!(
+            (noted, lost),
+            (Some(j("3")), vec!["a: kept 3, lost 2".to_string()])
+        );
         let both = merge3(Some(&j("1")), Some(&j("2")), Some(&j("3")));
         assert_eq!(both, Some(j("3")), "a true conflict goes to theirs");
     }

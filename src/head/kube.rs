@@ -7,7 +7,7 @@ use crate::crd::{Condition, EdgeNode, EdgeNodeStatus, MANAGED_LABEL, Phase};
 use crate::daemon::DaemonError;
 use crate::daemon::Tasks;
 use crate::input;
-use crate::model::merge3;
+use crate::model::merge3_noting;
 use crate::node::{Node, NodeError};
 use crate::transport::tls::Ca;
 use futures_util::StreamExt;
@@ -197,6 +197,21 @@ struct Seen {
     status: BTreeMap<String, (Value, Instant)>,
     /// Resources being deleted whose finalizer waits for the edge.
     deleting: BTreeSet<String>,
+    /// Edits that lost to a concurrent one, shown as the Conflict condition until the user
+    /// next changes the resource.
+    conflicts: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Seen {
+    fn note_conflicts(&mut self, key: &str, found: impl IntoIterator<Item = String>) {
+        let mut found = found.into_iter().peekable();
+        if found.peek().is_some() {
+            self.conflicts
+                .entry(key.to_string())
+                .or_default()
+                .extend(found);
+        }
+    }
 }
 
 /// The running bridge.
@@ -405,13 +420,30 @@ impl Bridge {
         };
         let theirs = pods_value(&desired.pods);
         let base = lock(&self.seen).base.get(&key).cloned();
+        if base.as_ref() != Some(&theirs) {
+            // The user changed the resource: they have seen what was kept.
+            lock(&self.seen).conflicts.remove(&key);
+        }
         let ours = match self.node.view(&key).await {
             Ok(Some((view, _))) if !view.deleted && view.generation > 0 => {
+                lock(&self.seen).note_conflicts(&key, view.conflicts);
                 Some(pods_value(&view.pods))
             }
             _ => None,
         };
-        let merged = merge3(base.as_ref(), ours.as_ref(), Some(&theirs)).unwrap_or_default();
+        let mut lost = Vec::new();
+        let merged = merge3_noting(
+            base.as_ref(),
+            ours.as_ref(),
+            Some(&theirs),
+            "spec.pods",
+            &mut lost,
+        )
+        .unwrap_or_default();
+        if !lost.is_empty() {
+            warn!(doc = %key, lost = ?lost, "an edit from an edge lost to the user's");
+        }
+        lock(&self.seen).note_conflicts(&key, lost);
         let mut merged_node = desired.clone();
         merged_node.pods = merged
             .as_object()
@@ -506,6 +538,7 @@ impl Bridge {
         seen.status.remove(key);
         seen.invalid.remove(key);
         seen.deleting.remove(key);
+        seen.conflicts.remove(key);
     }
 
     /// Writes spec changes that came from edges (or `edgesync apply`) back to the resources.
@@ -544,6 +577,7 @@ impl Bridge {
         let Ok(Some((view, _))) = self.node.view(key).await else {
             return;
         };
+        lock(&self.seen).note_conflicts(key, view.conflicts.clone());
         let base = lock(&self.seen).base.get(key).cloned();
         let api = self.api(namespace);
         if view.deleted || view.generation == 0 {
@@ -657,6 +691,19 @@ impl Bridge {
             Ok(None) if refused.is_some() => json!({"phase": "Pending", "conditions": []}),
             _ => return,
         };
+        let conflicts = lock(&self.seen).conflicts.get(key).cloned();
+        if let Some(conflicts) = conflicts
+            && let Some(conditions) = status["conditions"].as_array_mut()
+        {
+            conditions.retain(|c| c["type"] != "Conflict");
+            let message: Vec<String> = conflicts.into_iter().collect();
+            conditions.push(json!({
+                "type": "Conflict",
+                "status": "True",
+                "reason": "ConcurrentEdits",
+                "message": message.join("; "),
+            }));
+        }
         if let Some(reason) = refused
             && let Some(conditions) = status["conditions"].as_array_mut()
         {

@@ -774,3 +774,102 @@ async fn heads_find_each_other_through_the_head_service() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_field_edited_on_both_sides_is_shown_as_a_conflict() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let head_addr = free_udp_addr();
+        let head = HeadProc::start(
+            dir.path(),
+            head_addr,
+            &["--kubeconfig", &cluster.kubeconfig],
+        )
+        .await;
+        let relay = crate::relay::Relay::start(head_addr).await.unwrap();
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs
+            .start("edge01", &[relay.local_addr()], Some(&head.token()))
+            .await;
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        wait_for("base on the edge", SOON, || dirs.manifest("default", "web")).await;
+
+        relay.cut();
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx:1.27")]))
+            .await;
+        let offline = write(
+            dir.path(),
+            "edge.yaml",
+            &edgenode("default", "edge01", &[("web", "nginx:1.26")]),
+        );
+        ok(edge.cli(&["apply", "-f", &offline]));
+        relay.heal();
+
+        let object = wait_for("a Conflict condition", Duration::from_secs(40), || {
+            cluster.object("default", "edge01").filter(|o| {
+                o["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Conflict"))
+            })
+        })
+        .await;
+        let conflict = object["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Conflict")
+            .unwrap()
+            .clone();
+        let message = conflict["message"].as_str().unwrap();
+        assert!(
+            message.contains("nginx:1.27") && message.contains("nginx:1.26"),
+            "{conflict}"
+        );
+        // Both sides settle on one value, the one the condition says was kept.
+        let settled = wait_for("one image everywhere", SOON, || {
+            let manifest = dirs.manifest("default", "web")?;
+            let object = cluster.object("default", "edge01")?;
+            let ours = pod_images(&object);
+            (ours.len() == 1 && ours[0].1 == image(&manifest)).then(|| ours[0].1.clone())
+        })
+        .await;
+        let other = if settled == "nginx:1.27" {
+            "nginx:1.26"
+        } else {
+            "nginx:1.27"
+        };
+        let told = message.split("; ").any(|c| {
+            c.split_once(", lost ")
+                .is_some_and(|(kept, lost)| kept.contains(&settled) && lost.contains(other))
+        });
+        assert!(told, "{message} / {settled}");
+        // The condition stays until the user changes the resource again.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let still = cluster.object("default", "edge01").unwrap();
+        assert!(
+            still["status"]["conditions"]
+                .to_string()
+                .contains("Conflict"),
+            "{still}"
+        );
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx:1.28")]))
+            .await;
+        wait_for(
+            "the Conflict condition cleared by the next edit",
+            SOON,
+            || {
+                cluster.object("default", "edge01").filter(|o| {
+                    !o["status"]["conditions"].to_string().contains("Conflict")
+                        && o["status"]["phase"] == "Running"
+                })
+            },
+        )
+        .await;
+    })
+    .await;
+}
