@@ -111,6 +111,14 @@ pub struct HeadArgs {
     /// edgesync-system.
     #[arg(long, env = "EDGESYNC_CLUSTER_NAMESPACE")]
     pub cluster_namespace: Option<String>,
+    /// With a cluster: a namespace whose EdgeNodes the head keeps (repeatable); default all.
+    #[arg(
+        long = "watch-namespace",
+        env = "EDGESYNC_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    #[serde(alias = "watch_namespaces")]
+    pub watch_namespace: Vec<String>,
     /// With a cluster: how long the writer Lease lasts without renewal (e.g. 15s); another
     /// head takes over within about this long after the writer dies.
     #[arg(long, env = "EDGESYNC_LEASE_DURATION")]

@@ -60,6 +60,8 @@ pub struct HeadConfig {
     pub lease_duration: Duration,
     /// Service whose endpoints are the peer heads.
     pub head_service: String,
+    /// Namespaces whose EdgeNodes the bridge keeps; empty for all.
+    pub watch_namespaces: Vec<String>,
 }
 
 impl HeadConfig {
@@ -78,6 +80,7 @@ impl HeadConfig {
             cluster_namespace: DEFAULT_CLUSTER_NAMESPACE.into(),
             lease_duration: DEFAULT_LEASE_DURATION,
             head_service: DEFAULT_HEAD_SERVICE.into(),
+            watch_namespaces: Vec::new(),
         }
     }
 }
@@ -215,6 +218,10 @@ impl HeadArgs {
             .or(file.head_service)
             .unwrap_or_else(|| DEFAULT_HEAD_SERVICE.into());
         input::check_label(&head_service).map_err(|r| config_err("--head-service", r))?;
+        let watch_namespaces = merge_list(self.watch_namespace, file.watch_namespace);
+        for ns in &watch_namespaces {
+            input::check_label(ns).map_err(|r| config_err("--watch-namespace", r))?;
+        }
         Ok(HeadConfig {
             name,
             state_dir: self
@@ -240,6 +247,7 @@ impl HeadArgs {
             cluster_namespace,
             lease_duration,
             head_service,
+            watch_namespaces,
         })
     }
 }

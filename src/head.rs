@@ -103,7 +103,14 @@ impl Head {
                     client_tls.clone(),
                     tasks.token(),
                 ));
-                self::kube::Bridge::start(client, node.clone(), leading_rx, &mut tasks).await?;
+                self::kube::Bridge::start(
+                    client,
+                    node.clone(),
+                    &config.watch_namespaces,
+                    leading_rx,
+                    &mut tasks,
+                )
+                .await?;
                 info!(
                     namespace = %config.cluster_namespace,
                     "EdgeNode resources in the cluster are the source of truth; the holder of Lease edgesync-writer writes them"

@@ -222,6 +222,8 @@ pub struct Bridge {
     resource: ApiResource,
     node: Node,
     seen: Arc<Mutex<Seen>>,
+    /// Namespaces watched; None for all.
+    namespaces: Option<BTreeSet<String>>,
     /// Whether this head holds the writer Lease; only the writer writes to the API server.
     leading: watch::Receiver<bool>,
     /// Held while a watch event is merged in, and while writing back: the write-back must not
@@ -246,6 +248,7 @@ impl Bridge {
     pub async fn start(
         client: kube::Client,
         node: Node,
+        namespaces: &[String],
         leading: watch::Receiver<bool>,
         tasks: &mut Tasks,
     ) -> Result<(), NodeError> {
@@ -264,12 +267,25 @@ impl Bridge {
             node,
             seen: Arc::new(Mutex::new(seen)),
             turn: Arc::default(),
+            namespaces: (!namespaces.is_empty()).then(|| namespaces.iter().cloned().collect()),
             leading,
         };
         tasks.spawn(bridge.clone().watch(tasks.token()));
         tasks.spawn(bridge.clone().write_back(tasks.token()));
         tasks.spawn(bridge.status_loop(tasks.token()));
         Ok(())
+    }
+
+    /// Whether document `key` is an EdgeNode in a namespace this bridge keeps in the cluster.
+    fn in_scope(&self, key: &str) -> bool {
+        let Some((namespace, _)) = key.split_once('/') else {
+            return false;
+        };
+        !crate::registry::is_internal(key)
+            && self
+                .namespaces
+                .as_ref()
+                .is_none_or(|n| n.contains(namespace))
     }
 
     fn api(&self, namespace: &str) -> Api<DynamicObject> {
@@ -310,7 +326,23 @@ impl Bridge {
     }
 
     async fn watch_as(&self, writer: bool) {
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.resource);
+        match &self.namespaces {
+            None => self.watch_scope(writer, None).await,
+            Some(namespaces) => {
+                let scopes = namespaces
+                    .iter()
+                    .map(|ns| self.watch_scope(writer, Some(ns)));
+                futures_util::future::join_all(scopes).await;
+            }
+        }
+    }
+
+    /// Watches one namespace, or all of them.
+    async fn watch_scope(&self, writer: bool, namespace: Option<&str>) {
+        let api: Api<DynamicObject> = match namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &self.resource),
+            None => Api::all_with(self.client.clone(), &self.resource),
+        };
         let stream = watcher(api, watcher::Config::default()).default_backoff();
         tokio::pin!(stream);
         let mut relisted: Option<BTreeSet<String>> = None;
@@ -337,7 +369,13 @@ impl Bridge {
                 Ok(watcher::Event::InitDone) => {
                     let listed = relisted.take().unwrap_or_default();
                     let known: Vec<String> = lock(&self.seen).base.keys().cloned().collect();
-                    for key in known.into_iter().filter(|k| !listed.contains(k)) {
+                    let in_scope = |k: &String| {
+                        namespace.is_none_or(|ns| k.split_once('/').is_some_and(|(n, _)| n == ns))
+                    };
+                    for key in known
+                        .into_iter()
+                        .filter(|k| in_scope(k) && !listed.contains(k))
+                    {
                         self.on_deleted(&key).await;
                     }
                 }
@@ -557,7 +595,7 @@ impl Bridge {
             while let Ok(key) = changes.try_recv() {
                 keys.insert(key);
             }
-            keys.retain(|k| !crate::registry::is_internal(k));
+            keys.retain(|k| self.in_scope(k));
             if !*self.leading.borrow() {
                 continue;
             }

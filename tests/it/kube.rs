@@ -873,3 +873,52 @@ async fn the_same_field_edited_on_both_sides_is_shown_as_a_conflict() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_keeps_only_the_namespaces_it_is_told_to_watch() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        cluster
+            .api
+            .put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}}));
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &[
+                "--kubeconfig",
+                &cluster.kubeconfig,
+                "--watch-namespace",
+                "team-a",
+            ],
+        )
+        .await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let _edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        cluster
+            .apply(&edgenode("team-a", "edge01", &[("api", "nginx")]))
+            .await;
+        wait_for("the watched namespace reaches the edge", SOON, || {
+            dirs.manifest("team-a", "api")
+        })
+        .await;
+        wait_for("status in the watched namespace", SOON, || {
+            cluster
+                .object("team-a", "edge01")
+                .filter(|o| o["status"]["phase"] == "Running")
+        })
+        .await;
+        let other = cluster.object("default", "edge01").unwrap();
+        assert!(dirs.manifest("default", "web").is_none());
+        assert!(
+            other.get("status").is_none() && other["metadata"]["finalizers"].is_null(),
+            "{other}"
+        );
+    })
+    .await;
+}
