@@ -35,7 +35,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a head node: CA, join tokens, documents for every edge.
-    Head(HeadArgs),
+    Head(Box<HeadArgs>),
     /// Run an edge node: sync its EdgeNodes and write them as static pod manifests.
     Edge(EdgeArgs),
     /// Manage join tokens (on a head).
@@ -49,6 +49,18 @@ pub enum Command {
         /// Node action.
         #[command(subcommand)]
         action: NodeAction,
+    },
+    /// Manage the people who use the head's API (on a head).
+    User {
+        /// User action.
+        #[command(subcommand)]
+        action: UserAction,
+    },
+    /// Manage the Acceptable Use Policy users accept (on a head).
+    Aup {
+        /// AUP action.
+        #[command(subcommand)]
+        action: AupAction,
     },
     /// Create or update EdgeNodes from a YAML or JSON file (several documents allowed).
     Apply(ApplyArgs),
@@ -111,6 +123,36 @@ pub struct HeadArgs {
     /// edgesync-system.
     #[arg(long, env = "EDGESYNC_CLUSTER_NAMESPACE")]
     pub cluster_namespace: Option<String>,
+    /// Certificate chain (PEM) for the HTTPS API; default: one from the head's CA.
+    #[arg(long, env = "EDGESYNC_API_CERT", requires = "api_key")]
+    pub api_cert: Option<PathBuf>,
+    /// Private key (PEM) of --api-cert.
+    #[arg(long, env = "EDGESYNC_API_KEY", requires = "api_cert")]
+    pub api_key: Option<PathBuf>,
+    /// Host name or IP address the HTTPS API is reached by, put in the certificate the head's
+    /// CA issues for it (repeatable). localhost, 127.0.0.1, ::1 and --name are always in.
+    #[arg(
+        long = "api-hostname",
+        env = "EDGESYNC_API_HOSTNAMES",
+        value_delimiter = ','
+    )]
+    #[serde(alias = "api_hostnames")]
+    pub api_hostname: Vec<String>,
+    /// Approve registrations at once (true, the default) or wait for `edgesync user approve`.
+    #[arg(long, env = "EDGESYNC_AUTO_APPROVE")]
+    pub auto_approve: Option<bool>,
+    /// How long an acceptance of the Acceptable Use Policy lasts (e.g. 6months, 90d).
+    #[arg(long, env = "EDGESYNC_AUP_VALIDITY")]
+    pub aup_validity: Option<String>,
+    /// API server URL written into users' kubeconfigs; default: the one the head uses.
+    #[arg(long, env = "EDGESYNC_CLUSTER_SERVER")]
+    pub cluster_server: Option<String>,
+    /// CA certificate (PEM) of that API server for users' kubeconfigs; default: the head's.
+    #[arg(long, env = "EDGESYNC_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// Lifetime of the tokens in users' kubeconfigs (10m to 30d; default 24h).
+    #[arg(long, env = "EDGESYNC_KUBECONFIG_TTL")]
+    pub kubeconfig_ttl: Option<String>,
     /// With a cluster: a namespace whose EdgeNodes the head keeps (repeatable); default all.
     #[arg(
         long = "watch-namespace",
@@ -201,6 +243,50 @@ pub enum NodeAction {
     Remove {
         /// Node name.
         name: String,
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+/// `edgesync user ...`.
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// List users with their status and AUP acceptance.
+    List {
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Output format: table or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+    },
+    /// Approve a registration (or a rejected or revoked user again).
+    Approve(UserName),
+    /// Reject a pending registration.
+    Reject(UserName),
+    /// Withdraw an approved user's access; their RoleBinding is removed at once.
+    Revoke(UserName),
+}
+
+/// A user named on the command line.
+#[derive(Debug, Args)]
+pub struct UserName {
+    /// Username.
+    pub name: String,
+    /// Control socket of the head.
+    #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// `edgesync aup ...`.
+#[derive(Debug, Subcommand)]
+pub enum AupAction {
+    /// Publish a new version of the policy from a text file; users must accept it again.
+    Set {
+        /// The policy text (`-` for standard input).
+        #[arg(short = 'f', long = "filename", required = true)]
+        file: String,
         /// Control socket of the head.
         #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,

@@ -220,6 +220,93 @@ pub async fn node_remove(socket: &Path, name: &str) -> Result<(), CommandError> 
     Ok(())
 }
 
+/// Who runs the CLI, for the audit log.
+fn actor() -> String {
+    let name = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| format!("uid{}", rustix::process::getuid().as_raw()));
+    name.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect()
+}
+
+/// `edgesync user list|approve|reject|revoke`.
+pub async fn user(action: crate::cli::UserAction) -> Result<(), CommandError> {
+    use crate::cli::UserAction;
+    let (name, socket, verb) = match action {
+        UserAction::List { socket, output } => {
+            let users = call(&socket, Method::GET, "/v1/users", None).await?;
+            return print_users(&users, &output);
+        }
+        UserAction::Approve(u) => (u.name, u.socket, "approve"),
+        UserAction::Reject(u) => (u.name, u.socket, "reject"),
+        UserAction::Revoke(u) => (u.name, u.socket, "revoke"),
+    };
+    crate::input::check_label(&name).map_err(|r| CommandError::Usage(format!("username: {r}")))?;
+    let uri = format!("/v1/users/{name}/{verb}?actor={}", actor());
+    let user = call(&socket, Method::POST, &uri, None).await?;
+    println!(
+        "user {name:?} is now {}",
+        user["status"].as_str().unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn print_users(users: &Value, output: &str) -> Result<(), CommandError> {
+    match output {
+        "json" => println!(
+            "{}",
+            serde_json::to_string_pretty(users).unwrap_or_default()
+        ),
+        "table" => {
+            let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+            let mut rows = vec![
+                ["USERNAME", "EMAIL", "STATUS", "AUP", "AUP EXPIRES"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for u in users.as_array().into_iter().flatten() {
+                let aup = match (u["aup"]["valid"].as_bool(), u["aup"]["version"].as_i64()) {
+                    (Some(true), Some(v)) => format!("v{v}"),
+                    (_, Some(v)) => format!("v{v} (not valid)"),
+                    _ => "-".into(),
+                };
+                rows.push(vec![
+                    text(&u["username"]),
+                    text(&u["email"]),
+                    text(&u["status"]),
+                    aup,
+                    text(&u["aup"]["expiresAt"]),
+                ]);
+            }
+            print!("{}", table(rows));
+        }
+        other => {
+            return Err(CommandError::Usage(format!(
+                "-o {other}: use table or json"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `edgesync aup set -f FILE`.
+pub async fn aup_set(socket: &Path, file: &str) -> Result<(), CommandError> {
+    let text = if file == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    }
+    .map_err(|e| CommandError::Usage(format!("{file}: {e}")))?;
+    let uri = format!("/v1/aup?actor={}", actor());
+    let aup = call(socket, Method::PUT, &uri, Some(text.into_bytes())).await?;
+    println!(
+        "Acceptable Use Policy version {} published; users must accept it again",
+        aup["version"]
+    );
+    Ok(())
+}
+
 /// `5s`, `3m`, `2h`, `4d`, as kubectl prints ages; `<unknown>` without a time.
 pub fn age(since: Option<&str>, now: Timestamp) -> String {
     let Some(then) = since.and_then(|s| s.parse::<Timestamp>().ok()) else {

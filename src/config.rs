@@ -62,6 +62,20 @@ pub struct HeadConfig {
     pub head_service: String,
     /// Namespaces whose EdgeNodes the bridge keeps; empty for all.
     pub watch_namespaces: Vec<String>,
+    /// Configured certificate and key for the HTTPS API.
+    pub api_cert: Option<(PathBuf, PathBuf)>,
+    /// Names in the CA-issued API certificate.
+    pub api_hostnames: Vec<String>,
+    /// Approve registrations at once.
+    pub auto_approve: bool,
+    /// How long an AUP acceptance lasts.
+    pub aup_validity: Duration,
+    /// API server URL for users' kubeconfigs.
+    pub cluster_server: Option<String>,
+    /// CA file for users' kubeconfigs.
+    pub cluster_ca: Option<PathBuf>,
+    /// Lifetime of users' tokens.
+    pub kubeconfig_ttl: Duration,
 }
 
 impl HeadConfig {
@@ -81,6 +95,13 @@ impl HeadConfig {
             lease_duration: DEFAULT_LEASE_DURATION,
             head_service: DEFAULT_HEAD_SERVICE.into(),
             watch_namespaces: Vec::new(),
+            api_cert: None,
+            api_hostnames: Vec::new(),
+            auto_approve: true,
+            aup_validity: crate::head::users::DEFAULT_AUP_VALIDITY,
+            cluster_server: None,
+            cluster_ca: None,
+            kubeconfig_ttl: DEFAULT_KUBECONFIG_TTL,
         }
     }
 }
@@ -89,6 +110,8 @@ impl HeadConfig {
 pub const DEFAULT_CLUSTER_NAMESPACE: &str = "edgesync-system";
 /// Default duration of the writer Lease.
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+/// Default lifetime of the tokens in users' kubeconfigs.
+pub const DEFAULT_KUBECONFIG_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default head Service.
 pub const DEFAULT_HEAD_SERVICE: &str = "edgesync-head";
 
@@ -218,6 +241,50 @@ impl HeadArgs {
             .or(file.head_service)
             .unwrap_or_else(|| DEFAULT_HEAD_SERVICE.into());
         input::check_label(&head_service).map_err(|r| config_err("--head-service", r))?;
+        let api_cert = match (
+            self.api_cert.or(file.api_cert),
+            self.api_key.or(file.api_key),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(config_err(
+                    "--api-cert",
+                    "needs --api-key, and the other way round",
+                ));
+            }
+        };
+        let api_hostnames = merge_list(self.api_hostname, file.api_hostname);
+        for host in &api_hostnames {
+            if host.parse::<std::net::IpAddr>().is_err() {
+                input::check_subdomain(host).map_err(|r| config_err("--api-hostname", r))?;
+            }
+        }
+        let aup_validity = match self.aup_validity.or(file.aup_validity) {
+            None => crate::head::users::DEFAULT_AUP_VALIDITY,
+            Some(text) => parse_duration("--aup-validity", &text)?,
+        };
+        if aup_validity < Duration::from_secs(1) {
+            return Err(config_err("--aup-validity", "must be at least 1s"));
+        }
+        let kubeconfig_ttl = match self.kubeconfig_ttl.or(file.kubeconfig_ttl) {
+            None => DEFAULT_KUBECONFIG_TTL,
+            Some(text) => parse_duration("--kubeconfig-ttl", &text)?,
+        };
+        if !(Duration::from_secs(600)..=Duration::from_secs(30 * 24 * 3600))
+            .contains(&kubeconfig_ttl)
+        {
+            return Err(config_err(
+                "--kubeconfig-ttl",
+                "must be between 10m and 30d",
+            ));
+        }
+        let cluster_server = self.cluster_server.or(file.cluster_server);
+        if let Some(url) = &cluster_server
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(config_err("--cluster-server", "must be an http(s):// URL"));
+        }
         let watch_namespaces = merge_list(self.watch_namespace, file.watch_namespace);
         for ns in &watch_namespaces {
             input::check_label(ns).map_err(|r| config_err("--watch-namespace", r))?;
@@ -248,6 +315,13 @@ impl HeadArgs {
             lease_duration,
             head_service,
             watch_namespaces,
+            api_cert,
+            api_hostnames,
+            auto_approve: self.auto_approve.or(file.auto_approve).unwrap_or(true),
+            aup_validity,
+            cluster_server,
+            cluster_ca: self.cluster_ca.or(file.cluster_ca),
+            kubeconfig_ttl,
         })
     }
 }

@@ -1,7 +1,9 @@
 //! The local control socket: a small HTTP/JSON API on a unix socket (mode 0600) that the CLI
 //! uses, and the client side of it.
 
+use crate::head::api::Accounts;
 use crate::head::create_token;
+use crate::head::users::{Decision, UserError};
 use crate::node::{Node, NodeError};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
@@ -51,18 +53,27 @@ pub enum ControlError {
     },
 }
 
+/// What only a head serves: join tokens and user administration.
+#[derive(Clone)]
+pub struct HeadControl {
+    /// Hash of the CA, for join tokens.
+    pub ca_hash: String,
+    /// Users and their access.
+    pub accounts: Accounts,
+}
+
 #[derive(Clone)]
 struct Ctx {
     node: Node,
     ca_hash: Option<String>,
+    accounts: Option<Accounts>,
 }
 
-/// Binds the socket and returns the server future (run it as a task). `ca_hash` is set on
-/// heads, which can create join tokens.
+/// Binds the socket and returns the server future (run it as a task). `head` is set on heads.
 pub async fn serve(
     path: &Path,
     node: Node,
-    ca_hash: Option<String>,
+    head: Option<HeadControl>,
     shutdown: CancellationToken,
 ) -> Result<impl Future<Output = ()> + Send + 'static, ControlError> {
     let bind_err = |reason: String| ControlError::Bind {
@@ -100,8 +111,15 @@ pub async fn serve(
         .route("/v1/apply", post(apply))
         .route("/v1/tokens", post(token))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
+        .route("/v1/users", get(users))
+        .route("/v1/users/{name}/{action}", post(decide))
+        .route("/v1/aup", axum::routing::put(set_aup))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Ctx { node, ca_hash });
+        .with_state(Ctx {
+            node,
+            ca_hash: head.as_ref().map(|h| h.ca_hash.clone()),
+            accounts: head.map(|h| h.accounts),
+        });
     let socket = path.to_path_buf();
     Ok(async move {
         let served = axum::serve(listener, app)
@@ -193,6 +211,61 @@ async fn remove_node(State(ctx): State<Ctx>, UrlPath(name): UrlPath<String>) -> 
     } else {
         Err(NodeError::NotFound(format!("node {name}")).into())
     }
+}
+
+fn accounts(ctx: &Ctx) -> Result<&Accounts, ApiError> {
+    ctx.accounts.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": "users are managed on a head; this node is an edge"}),
+        )
+    })
+}
+
+impl From<UserError> for ApiError {
+    fn from(e: UserError) -> Self {
+        let crate::head::api::ApiError(code, error, field) = e.into();
+        ApiError(code, json!({"error": error, "field": field}))
+    }
+}
+
+async fn users(State(ctx): State<Ctx>) -> ApiResult {
+    let users = accounts(&ctx)?
+        .users
+        .list()
+        .await
+        .map_err(UserError::from)?;
+    Ok(Json(users).into_response())
+}
+
+#[derive(Deserialize)]
+struct ActorQuery {
+    actor: Option<String>,
+}
+
+/// Who acts through the socket, as the CLI says (the socket is reachable by root only).
+fn actor(q: ActorQuery) -> String {
+    format!("admin:{}", q.actor.unwrap_or_else(|| "unknown".into()))
+}
+
+async fn decide(
+    State(ctx): State<Ctx>,
+    UrlPath((name, action)): UrlPath<(String, String)>,
+    Query(q): Query<ActorQuery>,
+) -> ApiResult {
+    let decision = Decision::parse(&action).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("unknown action {action:?}; use approve, reject or revoke")}),
+        )
+    })?;
+    let user = accounts(&ctx)?.decide(&name, decision, &actor(q)).await?;
+    Ok(Json(user).into_response())
+}
+
+async fn set_aup(State(ctx): State<Ctx>, Query(q): Query<ActorQuery>, text: String) -> ApiResult {
+    let aup = accounts(&ctx)?.users.set_aup(text, &actor(q)).await?;
+    Ok(Json(aup).into_response())
 }
 
 #[derive(Deserialize)]

@@ -2,9 +2,12 @@
 //! peer heads, the local control socket, and the Kubernetes bridge when there is a cluster;
 //! without a kubeconfig it runs standalone.
 
+pub mod access;
+pub mod api;
 pub mod kube;
 pub mod lease;
 pub mod peers;
+pub mod users;
 
 use crate::config::HeadConfig;
 use crate::control;
@@ -18,6 +21,7 @@ use crate::sync::wire::Frame;
 use crate::transport::tls::{self, Ca, JoinToken, Role};
 use crate::transport::{self, TransportError};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -39,9 +43,9 @@ impl Head {
         let dir = &config.state_dir;
         fsutil::ensure_dir(dir, 0o700).map_err(|source| io_err(dir, source))?;
         let store = Store::open(dir)?;
-        let cluster = self::kube::client(config.kubeconfig.as_deref()).await?;
+        let cluster = self::kube::cluster(config.kubeconfig.as_deref()).await?;
         let ca = Arc::new(match &cluster {
-            Some(client) => self::kube::shared_ca(client, &config.cluster_namespace, dir).await?,
+            Some(c) => self::kube::shared_ca(&c.client, &config.cluster_namespace, dir).await?,
             None => Ca::load_or_create(dir)?,
         });
         let token_file = dir.join("join-token");
@@ -82,10 +86,38 @@ impl Head {
                 tasks.token(),
             ));
         }
-        let control =
-            control::serve(&config.socket, node.clone(), Some(ca.hash()), tasks.token()).await?;
+        let accounts = accounts(&config, &store, cluster.as_ref()).await?;
+        tasks.spawn(accounts.clone().sweep_forever(tasks.token()));
+        let api_cert = match &config.api_cert {
+            Some((cert, key)) => tls::load_keyed_cert(cert, key)?,
+            None => ca.issue_api(&api_names(&config))?,
+        };
+        let (api_addr, api) = api::serve(
+            config.api_listen,
+            tls::api_server_config(&api_cert)?,
+            accounts.clone(),
+            tasks.token(),
+        )
+        .map_err(|source| {
+            io_err(
+                Path::new(&format!("--api-listen {}", config.api_listen)),
+                source,
+            )
+        })?;
+        tasks.spawn(api);
+        let head_control = control::HeadControl {
+            ca_hash: ca.hash(),
+            accounts,
+        };
+        let control = control::serve(
+            &config.socket,
+            node.clone(),
+            Some(head_control),
+            tasks.token(),
+        )
+        .await?;
         tasks.spawn(control);
-        match cluster {
+        match cluster.as_ref().map(|c| c.client.clone()) {
             Some(client) => {
                 let (leading, leading_rx) = tokio::sync::watch::channel(false);
                 let elector = lease::Elector::new(
@@ -118,7 +150,7 @@ impl Head {
             }
             None => info!("no kubeconfig: running standalone"),
         }
-        info!(quic = %local_addr, socket = %config.socket.display(), ca = %ca.hash(), "head ready");
+        info!(quic = %local_addr, api = %api_addr, socket = %config.socket.display(), ca = %ca.hash(), "head ready");
         Ok(Head {
             node,
             local_addr,
@@ -146,6 +178,60 @@ impl Head {
     pub async fn shutdown(self) {
         self.tasks.shutdown().await;
     }
+}
+
+/// Users, and with a cluster their access to it, as configured.
+async fn accounts(
+    config: &HeadConfig,
+    store: &Store,
+    cluster: Option<&self::kube::Cluster>,
+) -> Result<api::Accounts, DaemonError> {
+    let policy = users::Policy {
+        auto_approve: config.auto_approve,
+        aup_validity: config.aup_validity,
+    };
+    let users = users::Users::open(store.clone(), policy).await?;
+    let access = match cluster {
+        None => None,
+        Some(cluster) => {
+            let ca_pem = match &config.cluster_ca {
+                Some(path) => {
+                    Some(std::fs::read_to_string(path).map_err(|source| io_err(path, source))?)
+                }
+                None => cluster.ca_pem.clone(),
+            };
+            Some(access::Access {
+                client: cluster.client.clone(),
+                server: config
+                    .cluster_server
+                    .clone()
+                    .unwrap_or_else(|| cluster.server.clone()),
+                ca_pem,
+                token_ttl: config.kubeconfig_ttl,
+            })
+        }
+    };
+    Ok(api::Accounts {
+        users,
+        access,
+        granted: Default::default(),
+    })
+}
+
+/// Names in the certificate the CA issues for the HTTPS API.
+fn api_names(config: &HeadConfig) -> Vec<String> {
+    let mut names = vec![
+        config.name.clone(),
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    if !config.api_listen.ip().is_unspecified() {
+        names.push(config.api_listen.ip().to_string());
+    }
+    names.extend(config.api_hostnames.iter().cloned());
+    names.dedup();
+    names
 }
 
 /// Creates and stores a join token valid for `ttl`.

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use edgesync::cli::{Cli, Command, NodeAction, TokenAction};
+use edgesync::cli::{AupAction, Cli, Command, NodeAction, TokenAction};
 use edgesync::commands::{self, CommandError};
 use edgesync::config::ConfigError;
 use edgesync::{crd, dev, edge, head, runtime};
@@ -78,6 +78,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Node {
             action: NodeAction::Remove { name, socket },
         } => commands::node_remove(&socket, &name).await?,
+        Command::User { action } => commands::user(action).await?,
+        Command::Aup {
+            action: AupAction::Set { file, socket },
+        } => commands::aup_set(&socket, &file).await?,
         Command::Apply(args) => commands::apply(&args).await?,
         Command::Get(args) => commands::get(&args).await?,
         Command::Delete(args) => commands::delete(&args).await?,

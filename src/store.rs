@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
 
 /// Schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Incremental chunks kept per document before it is compacted into one snapshot.
 pub const COMPACT_AFTER_CHUNKS: usize = 64;
 
@@ -20,6 +20,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE manifests (file TEXT PRIMARY KEY, key TEXT NOT NULL, pod TEXT NOT NULL, sha256 TEXT NOT NULL);
      CREATE TABLE tokens (id TEXT PRIMARY KEY, secret_sha256 BLOB NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
      CREATE TABLE nodes (name TEXT PRIMARY KEY, key_sha256 BLOB NOT NULL, cert_not_after INTEGER NOT NULL, joined_at INTEGER NOT NULL, address TEXT, last_seen INTEGER);",
+    // 2: users of the head API, the Acceptable Use Policy, and the audit log
+    "CREATE TABLE users (username TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+         full_name TEXT NOT NULL, secret_sha256 BLOB NOT NULL, status TEXT NOT NULL,
+         created_at INTEGER NOT NULL, aup_version INTEGER, aup_accepted_at INTEGER,
+         aup_expires_at INTEGER, access INTEGER NOT NULL DEFAULT 0);
+     CREATE TABLE aups (version INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, created_at INTEGER NOT NULL);
+     CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL,
+         action TEXT NOT NULL, subject TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');",
 ];
 
 /// Errors from the database.

@@ -152,9 +152,20 @@ fn ca_of(secret: &Secret) -> Result<Ca, String> {
     Ca::from_pem(&field("tls.crt")?, &field("tls.key")?).map_err(|e| e.to_string())
 }
 
-/// A client for the cluster: from `kubeconfig` if given, else `KUBECONFIG`, else the in-cluster
-/// service account. None when none of those exists: the head runs standalone.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Option<kube::Client>, BridgeError> {
+/// The cluster the head works with.
+#[derive(Clone)]
+pub struct Cluster {
+    /// Client with the head's own credentials.
+    pub client: kube::Client,
+    /// The API server's URL as the head reaches it.
+    pub server: String,
+    /// The CA the head trusts for it (PEM), if any.
+    pub ca_pem: Option<String>,
+}
+
+/// The cluster: from `kubeconfig` if given, else `KUBECONFIG`, else the in-cluster service
+/// account. None when none of those exists: the head runs standalone.
+pub async fn cluster(kubeconfig: Option<&Path>) -> Result<Option<Cluster>, BridgeError> {
     let from_file = |path: String| async move {
         let err = |reason: String| BridgeError::Kubeconfig {
             path: path.clone(),
@@ -176,11 +187,40 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Option<kube::Client>, B
             })?,
         _ => return Ok(None),
     };
+    let server = config
+        .cluster_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
+    let ca_pem = config.root_cert.as_ref().map(|certs| {
+        certs
+            .iter()
+            .map(|der| pem_block("CERTIFICATE", der))
+            .collect::<String>()
+    });
     let client = kube::Client::try_from(config).map_err(|e| BridgeError::Kubeconfig {
         path: kubeconfig.map_or("(KUBECONFIG)".into(), |p| p.display().to_string()),
         reason: e.to_string(),
     })?;
-    Ok(Some(client))
+    Ok(Some(Cluster {
+        client,
+        server,
+        ca_pem,
+    }))
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap_or_default())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
 }
 
 /// What the bridge remembers per EdgeNode.

@@ -3,7 +3,7 @@
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -221,6 +221,27 @@ impl Ca {
         })
     }
 
+    /// A server certificate for the head's HTTPS API, for `names` (host names or IP addresses).
+    pub fn issue_api(&self, names: &[String]) -> Result<KeyedCert, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn("edgesync head API", None);
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        set_validity(&mut params, NODE_CERT_LIFETIME);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(KeyedCert {
+            chain: vec![cert.der().clone(), self.cert.clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        })
+    }
+
     /// Signs an edge's certificate request as `name`, valid for `lifetime`; subject and
     /// extensions in the request are ignored. Returns the certificate PEM.
     pub fn sign_edge(
@@ -368,6 +389,48 @@ pub fn server_config(
         .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+/// The head API's HTTPS server side: TLS 1.2 or 1.3, HTTP/1.1, no client certificates.
+pub fn api_server_config(cert: &KeyedCert) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A certificate chain and key from PEM files (a configured certificate for the head API).
+pub fn load_keyed_cert(cert: &Path, key: &Path) -> Result<KeyedCert, TlsError> {
+    let bad = |path: &Path, what: &str| TlsError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()),
+    };
+    use rustls::pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|_| bad(cert, "cannot read PEM certificates"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad(cert, "not a PEM certificate chain"))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|_| bad(key, "not a PEM private key"))?;
+    Ok(KeyedCert { chain, key })
+}
+
+/// A client configuration trusting only `ca`, without a client certificate (HTTPS clients).
+pub fn https_client_config(ca: &CertificateDer<'static>) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth())
+}
+
+/// A client configuration trusting the usual public roots of the platform is what reqwest
+/// builds itself; this is the crypto provider for it.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    provider()
 }
 
 /// Client side with a certificate: trust only `ca`.

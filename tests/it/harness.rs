@@ -27,6 +27,14 @@ pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() 
     }
 }
 
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_tcp_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// A free UDP port on 127.0.0.1 (bound and released).
 pub fn free_udp_addr() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0")
@@ -210,6 +218,8 @@ pub struct HeadProc {
     pub addr: SocketAddr,
     /// Its state dir.
     pub state: PathBuf,
+    /// Its HTTPS API address.
+    pub api: SocketAddr,
 }
 
 impl HeadProc {
@@ -223,6 +233,7 @@ impl HeadProc {
         std::fs::create_dir_all(dir).unwrap();
         let state = dir.join("head-state");
         let socket = dir.join("head.sock");
+        let api = free_tcp_addr();
         let mut args: Vec<String> = vec![
             "head".into(),
             "--state-dir".into(),
@@ -230,7 +241,7 @@ impl HeadProc {
             "--listen".into(),
             addr.to_string(),
             "--api-listen".into(),
-            "127.0.0.1:0".into(),
+            api.to_string(),
             "--socket".into(),
             socket.display().to_string(),
             "--name".into(),
@@ -244,6 +255,7 @@ impl HeadProc {
             daemon,
             addr,
             state,
+            api,
         }
     }
 

@@ -5,6 +5,7 @@ mod deploy;
 mod harness;
 mod kube;
 mod sync;
+mod users;
 
 #[path = "../support/kube_api.rs"]
 mod kube_api;

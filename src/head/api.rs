@@ -1,0 +1,309 @@
+//! The head's HTTPS API for people: registration, the Acceptable Use Policy, and kubeconfigs;
+//! plus the account logic shared with the control socket (decisions, access sweeps).
+
+use super::access::Access;
+use super::users::{Decision, Registration, User, UserError, Users};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper::body::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Largest request body of the API.
+pub const MAX_BODY: usize = 16 * 1024;
+/// How often access is checked against status and AUP expiry.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Users and, with a cluster, their access to it.
+#[derive(Clone)]
+pub struct Accounts {
+    /// The registry.
+    pub users: Users,
+    /// Cluster access; None on a standalone head.
+    pub access: Option<Access>,
+    /// Wakes the sweeper when access is granted (its expiry may be the next one).
+    pub granted: Arc<tokio::sync::Notify>,
+}
+
+impl Accounts {
+    /// A kubeconfig for `user`, if they may have one.
+    pub async fn kubeconfig(&self, user: &User) -> Result<String, UserError> {
+        if !user.may_use_cluster() {
+            return Err(UserError::Forbidden(if user.aup.valid {
+                format!("user {} is {:?}, not Approved", user.username, user.status)
+            } else {
+                "the Acceptable Use Policy is not accepted or has expired; accept it with POST /api/v1/users/{username}/aup".into()
+            }));
+        }
+        let Some(access) = &self.access else {
+            return Err(UserError::Conflict(
+                "this head runs without a Kubernetes cluster; there are no cluster credentials"
+                    .into(),
+            ));
+        };
+        let kubeconfig = access.grant(&user.username).await?;
+        if !user.access {
+            self.users
+                .set_access(&user.username, true, &user.username, "kubeconfig issued")
+                .await?;
+            self.granted.notify_one();
+        }
+        Ok(kubeconfig)
+    }
+
+    /// An administrator's decision; access ends at once when it is withdrawn.
+    pub async fn decide(
+        &self,
+        username: &str,
+        decision: Decision,
+        actor: &str,
+    ) -> Result<User, UserError> {
+        let user = self.users.decide(username, decision, actor).await?;
+        self.enforce(&user, actor).await?;
+        Ok(user)
+    }
+
+    /// Removes the access of a user who may no longer have it.
+    async fn enforce(&self, user: &User, actor: &str) -> Result<(), UserError> {
+        if !user.access || user.may_use_cluster() {
+            return Ok(());
+        }
+        let reason = if user.aup.valid {
+            format!("status {:?}", user.status)
+        } else {
+            "the AUP acceptance expired or the AUP changed".into()
+        };
+        if let Some(access) = &self.access {
+            access.withdraw(&user.username).await?;
+        }
+        self.users
+            .set_access(&user.username, false, actor, &reason)
+            .await?;
+        Ok(())
+    }
+
+    /// Checks every user's access now (at start, so what expired while the head was down is
+    /// handled), then when the next acceptance expires, and at least every 30 s.
+    pub async fn sweep_forever(self, shutdown: CancellationToken) {
+        loop {
+            let mut next = SWEEP_INTERVAL;
+            match self.users.list().await {
+                Ok(users) => {
+                    let now = k8s_openapi::jiff::Timestamp::now();
+                    for user in users {
+                        if let Err(e) = self.enforce(&user, "system").await {
+                            warn!(user = %user.username, error = %e, "cannot remove access; will retry");
+                        }
+                        let expires = user
+                            .aup
+                            .expires_at
+                            .as_deref()
+                            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+                        if let Some(expires) = expires.filter(|_| user.access)
+                            && let Ok(left) = Duration::try_from(expires.duration_since(now))
+                        {
+                            next = next.min(left + Duration::from_millis(100));
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read users"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(next) => {}
+                _ = self.granted.notified() => {}
+            }
+        }
+    }
+}
+
+/// An API error: `{"error": ..., "field": ...}` with its status code.
+pub struct ApiError(pub StatusCode, pub String, pub Option<String>);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.1});
+        if let Some(field) = self.2 {
+            body["field"] = json!(field);
+        }
+        (self.0, Json(body)).into_response()
+    }
+}
+
+impl From<UserError> for ApiError {
+    fn from(e: UserError) -> Self {
+        let code = match &e {
+            UserError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            UserError::Duplicate { .. } | UserError::Conflict(_) => StatusCode::CONFLICT,
+            UserError::Unauthorized => StatusCode::UNAUTHORIZED,
+            UserError::Forbidden(_) => StatusCode::FORBIDDEN,
+            UserError::NotFound(_) => StatusCode::NOT_FOUND,
+            UserError::Cluster(_) => StatusCode::BAD_GATEWAY,
+            UserError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let field = e.field().map(str::to_string);
+        ApiError(code, e.to_string(), field)
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The body as JSON of type `T`: 413 when too large, 400 when not JSON, 422 naming the field
+/// that is unknown, missing or of the wrong type.
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {MAX_BODY} bytes"),
+            None,
+        ),
+        code => ApiError(code, e.body_text(), None),
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("body is not JSON: {e}"),
+            None,
+        )
+    })?;
+    serde_path_to_error::deserialize(&value).map_err(|e| {
+        let inner = e.inner().to_string();
+        let field = match e.path().to_string() {
+            p if p == "." => inner.split('`').nth(1).unwrap_or_default().to_string(),
+            p => p,
+        };
+        ApiError(StatusCode::UNPROCESSABLE_ENTITY, inner, Some(field))
+    })
+}
+
+async fn register(
+    State(accounts): State<Accounts>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let request: Registration = parse(body)?;
+    let (user, secret) = accounts.users.register(request).await?;
+    let body = json!({"username": user.username, "status": user.status, "secret": secret});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn aup(State(accounts): State<Accounts>) -> ApiResult {
+    let aup = accounts.users.aup().await.map_err(UserError::from)?;
+    Ok(Json(aup).into_response())
+}
+
+/// The user named in the path, if the bearer secret is theirs.
+async fn caller(
+    accounts: &Accounts,
+    username: &str,
+    headers: &HeaderMap,
+) -> Result<User, ApiError> {
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    Ok(accounts.users.authenticate(username, secret).await?)
+}
+
+async fn user(
+    State(accounts): State<Accounts>,
+    UrlPath(username): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    Ok(Json(caller(&accounts, &username, &headers).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptRequest {
+    accept: bool,
+    version: i64,
+}
+
+async fn accept(
+    State(accounts): State<Accounts>,
+    UrlPath(username): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let user = caller(&accounts, &username, &headers).await?;
+    let request: AcceptRequest = parse(body)?;
+    if !request.accept {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "accept must be true to accept the policy".into(),
+            Some("accept".into()),
+        ));
+    }
+    let user = accounts
+        .users
+        .accept(&user.username, request.version)
+        .await?;
+    Ok(Json(user).into_response())
+}
+
+async fn kubeconfig(
+    State(accounts): State<Accounts>,
+    UrlPath(username): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let user = caller(&accounts, &username, &headers).await?;
+    let kubeconfig = accounts.kubeconfig(&user).await?;
+    info!(user = %user.username, "kubeconfig issued");
+    Ok(([(header::CONTENT_TYPE, "application/yaml")], kubeconfig).into_response())
+}
+
+fn router(accounts: Accounts) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/api/v1/registrations", post(register))
+        .route("/api/v1/aup", get(aup))
+        .route("/api/v1/users/{username}", get(user))
+        .route("/api/v1/users/{username}/aup", post(accept))
+        .route("/api/v1/users/{username}/kubeconfig", get(kubeconfig))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into(), None) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(accounts)
+}
+
+/// Binds `addr` now (so a taken port fails the start) and returns the address and the server
+/// future.
+pub fn serve(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    accounts: Accounts,
+    shutdown: CancellationToken,
+) -> std::io::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+    let server = axum_server::from_tcp_rustls(listener, config)?;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    let app = router(accounts).into_make_service();
+    Ok((local, async move {
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stopper.graceful_shutdown(Some(Duration::from_secs(2)));
+        });
+        if let Err(e) = server.handle(handle).serve(app).await {
+            tracing::error!(error = %e, "head API stopped");
+        }
+    }))
+}

@@ -1,0 +1,285 @@
+//! The head's HTTPS API for people, against a real head process: registration and its
+//! refusals, the AUP, approval from the CLI, and kubeconfigs that work in the user's namespace
+//! only, against the Kubernetes API emulator.
+
+use crate::harness::*;
+use crate::kube_api::KubeApi;
+use crate::{SOON, within};
+use reqwest::StatusCode;
+use rustls_pki_types::pem::PemObject;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// An HTTPS client that trusts only the head's CA.
+fn client(head: &HeadProc) -> reqwest::Client {
+    let pem = std::fs::read(head.state.join("ca.crt")).unwrap();
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+    let tls = edgesync::transport::tls::https_client_config(&der).unwrap();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .unwrap()
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(head: &HeadProc) -> Api {
+        Api {
+            http: client(head),
+            base: format!("https://localhost:{}", head.api.port()),
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    async fn register(&self, username: &str, email: &str) -> (StatusCode, Value) {
+        let body = json!({"username": username, "email": email, "fullName": "Ada Lovelace"});
+        self.send(
+            self.http
+                .post(self.url("/api/v1/registrations"))
+                .json(&body),
+        )
+        .await
+    }
+
+    async fn get(&self, path: &str, secret: &str) -> (StatusCode, Value) {
+        self.send(self.http.get(self.url(path)).bearer_auth(secret))
+            .await
+    }
+
+    async fn accept(&self, username: &str, secret: &str) -> (StatusCode, Value) {
+        let (_, aup) = self.get("/api/v1/aup", "").await;
+        let body = json!({"accept": true, "version": aup["version"]});
+        let url = self.url(&format!("/api/v1/users/{username}/aup"));
+        self.send(self.http.post(url).bearer_auth(secret).json(&body))
+            .await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_refusals_and_the_aup_on_a_standalone_head() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let api = Api::new(&head);
+
+        let (status, body) = api.register("ada", "ada@example.org").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(
+            body["status"], "Approved",
+            "the embedded default auto-approves"
+        );
+        let secret = body["secret"].as_str().unwrap().to_string();
+
+        for (username, email, field) in [
+            ("ada", "other@example.org", "username"),
+            ("bob", "ADA@example.org", "email"),
+        ] {
+            let (status, body) = api.register(username, email).await;
+            assert_eq!(status, StatusCode::CONFLICT, "{body}");
+            assert_eq!(body["field"], field, "{body}");
+        }
+        for (username, email, field) in [
+            ("Ada_L", "x@example.org", "username"),
+            ("bob", "not-an-address", "email"),
+        ] {
+            let (status, body) = api.register(username, email).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            assert_eq!(body["field"], field, "{body}");
+        }
+        let unknown =
+            json!({"username": "bob", "email": "b@example.org", "fullName": "B", "admin": true});
+        let (status, body) = api
+            .send(
+                api.http
+                    .post(api.url("/api/v1/registrations"))
+                    .json(&unknown),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["field"], "admin", "{body}");
+        let missing = json!({"username": "bob", "email": "b@example.org"});
+        let (status, body) = api
+            .send(
+                api.http
+                    .post(api.url("/api/v1/registrations"))
+                    .json(&missing),
+            )
+            .await;
+        assert_eq!(
+            (status, &body["field"]),
+            (StatusCode::UNPROCESSABLE_ENTITY, &json!("fullName")),
+            "{body}"
+        );
+        let huge =
+            json!({"username": "bob", "email": "b@example.org", "fullName": "x".repeat(20_000)});
+        let (status, body) = api
+            .send(api.http.post(api.url("/api/v1/registrations")).json(&huge))
+            .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+
+        // Wrong, missing, or someone else's secret: 401, the same for users that do not exist.
+        let (status, wrong) = api.get("/api/v1/users/ada", "nope").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, nobody) = api.get("/api/v1/users/nobody", &secret).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(wrong, nobody);
+        let (status, body) = api.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["aup"]["valid"], false);
+
+        let (status, aup) = api.get("/api/v1/aup", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            aup["text"]
+                .as_str()
+                .unwrap()
+                .contains("Acceptable Use Policy")
+        );
+        let stale = json!({"accept": true, "version": aup["version"].as_i64().unwrap() + 1});
+        let (status, body) = api
+            .send(
+                api.http
+                    .post(api.url("/api/v1/users/ada/aup"))
+                    .bearer_auth(&secret)
+                    .json(&stale),
+            )
+            .await;
+        assert_eq!(
+            (status, &body["field"]),
+            (StatusCode::UNPROCESSABLE_ENTITY, &json!("version"))
+        );
+        let (status, body) = api.accept("ada", &secret).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["aup"]["valid"], true);
+        assert!(body["aup"]["expiresAt"].is_string());
+
+        // Without a cluster there are no cluster credentials; everything else works.
+        let (status, body) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+        // A new policy must be accepted again; it all survives a restart.
+        let policy = write(dir.path(), "aup.txt", "Version two of the rules.\n");
+        let socket = head.daemon.socket.display().to_string();
+        ok(cli(&["aup", "set", "-f", &policy, "--socket", &socket]));
+        let (_, body) = api.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(body["aup"]["valid"], false, "{body}");
+        head.daemon.stop().await;
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let api = Api::new(&head);
+        let (_, aup) = api.get("/api/v1/aup", "").await;
+        assert_eq!(aup["text"], "Version two of the rules.\n");
+        let (status, body) = api.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(
+            (status, &body["status"]),
+            (StatusCode::OK, &json!("Approved"))
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = KubeApi::start().await;
+        cluster.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "edgesync-system"}}));
+        let kubeconfig = dir.path().join("kubeconfig");
+        cluster.write_kubeconfig(&kubeconfig);
+        let kubeconfig = kubeconfig.display().to_string();
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &["--kubeconfig", &kubeconfig, "--auto-approve", "false", "--aup-validity", "4s"],
+        )
+        .await;
+        let api = Api::new(&head);
+        let socket = head.daemon.socket.display().to_string();
+
+        let (_, body) = api.register("ada", "ada@example.org").await;
+        assert_eq!(body["status"], "Pending");
+        let secret = body["secret"].as_str().unwrap().to_string();
+        api.accept("ada", &secret).await;
+        let (status, body) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "not approved yet: {body}");
+
+        ok(cli(&["user", "approve", "ada", "--socket", &socket]));
+        let listed: Value = serde_json::from_str(&ok(cli(&["user", "list", "-o", "json", "--socket", &socket]))).unwrap();
+        assert_eq!(listed[0]["status"], "Approved");
+        let (status, body) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let issued = body.as_str().unwrap().to_string();
+
+        // The kubeconfig works with the kube client in the user's namespace, not in another.
+        let user = user_client(&issued).await;
+        let own: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(user.clone(), "ada");
+        own.list(&Default::default()).await.expect("own namespace");
+        let other: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(user.clone(), "default");
+        let refused = other.list(&Default::default()).await.unwrap_err();
+        assert!(matches!(refused, kube::Error::Api(ref e) if e.code == 403), "{refused:?}");
+
+        // The acceptance expires: the RoleBinding goes and the same token stops working.
+        wait_for("access removed when the AUP expired", SOON, || {
+            cluster
+                .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
+                .is_none()
+                .then_some(())
+        })
+        .await;
+        let refused = own.list(&Default::default()).await.unwrap_err();
+        assert!(matches!(refused, kube::Error::Api(ref e) if e.code == 403), "{refused:?}");
+        let (status, _) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+
+        // Renewed, then revoked by an administrator: access ends at once.
+        api.accept("ada", &secret).await;
+        let (status, _) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::OK);
+        ok(cli(&["user", "revoke", "ada", "--socket", &socket]));
+        assert!(cluster
+            .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
+            .is_none());
+
+        // An acceptance that expires while the head is down is handled when it starts.
+        ok(cli(&["user", "approve", "ada", "--socket", &socket]));
+        api.accept("ada", &secret).await;
+        let (status, _) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::OK);
+        head.daemon.stop().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(cluster
+            .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
+            .is_some());
+        let _head = HeadProc::start(dir.path(), free_udp_addr(), &["--kubeconfig", &kubeconfig]).await;
+        wait_for("expired access removed at start", SOON, || {
+            cluster
+                .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+async fn user_client(kubeconfig: &str) -> kube::Client {
+    let file: kube::config::Kubeconfig = serde_saphyr::from_str(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
