@@ -288,14 +288,12 @@ async fn token(State(ctx): State<Ctx>, Json(req): Json<TokenRequest>) -> ApiResu
         ));
     }
     let ttl = Duration::from_secs(req.ttl_seconds);
-    let token = create_token(ctx.node.store(), ca_hash, ttl)
-        .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"error": e.to_string()}),
-            )
-        })?;
+    let token = create_token(&ctx.node, ca_hash, ttl).await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        )
+    })?;
     let expires = k8s_openapi::jiff::Timestamp::now()
         .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
             req.ttl_seconds as i64,

@@ -16,7 +16,7 @@ use crate::fsutil;
 use crate::input::{self, Rules};
 use crate::link::{self, JoinHandler};
 use crate::node::Node;
-use crate::store::{JoinedNode, Store, StoreError};
+use crate::store::{JoinedNode, Store};
 use crate::sync::wire::Frame;
 use crate::transport::tls::{self, Ca, JoinToken, Role};
 use crate::transport::{self, TransportError};
@@ -48,18 +48,18 @@ impl Head {
             Some(c) => self::kube::shared_ca(&c.client, &config.cluster_namespace, dir).await?,
             None => Ca::load_or_create(dir)?,
         });
-        let token_file = dir.join("join-token");
-        if !token_file.exists() {
-            let token = create_token(&store, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
-            fsutil::write_private(&token_file, format!("{token}\n").as_bytes())
-                .map_err(|source| io_err(&token_file, source))?;
-            info!(file = %token_file.display(), "wrote a join token valid for 24h");
-        }
         let rules = Rules {
             default_namespace: "default".into(),
             privileged_namespaces: config.privileged_namespaces.clone(),
         };
         let node = Node::open(Role::Head, &config.name, store.clone(), rules).await?;
+        let token_file = dir.join("join-token");
+        if !token_file.exists() {
+            let token = create_token(&node, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
+            fsutil::write_private(&token_file, format!("{token}\n").as_bytes())
+                .map_err(|source| io_err(&token_file, source))?;
+            info!(file = %token_file.display(), "wrote a join token valid for 24h");
+        }
         let cert = ca.issue_head(&config.name)?;
         let endpoint = transport::server(config.listen, tls::server_config(&ca.cert, &cert)?)?;
         let local_addr = endpoint
@@ -234,17 +234,15 @@ fn api_names(config: &HeadConfig) -> Vec<String> {
     names
 }
 
-/// Creates and stores a join token valid for `ttl`.
+/// Creates a join token valid for `ttl`, stored here and (hashed) for the other heads.
 pub async fn create_token(
-    store: &Store,
+    node: &Node,
     ca_hash: &str,
     ttl: Duration,
-) -> Result<JoinToken, StoreError> {
+) -> Result<JoinToken, crate::node::NodeError> {
     let token = JoinToken::generate(ca_hash);
-    let now = unix_now();
-    let expires = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-    store
-        .add_token(token.id.clone(), token.secret_hash(), expires, now)
+    let expires = unix_now().saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+    node.register_token(&token.id, token.secret_hash(), expires)
         .await?;
     Ok(token)
 }

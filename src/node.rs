@@ -301,14 +301,47 @@ impl Node {
             not_after: joined.cert_not_after,
             removed: false,
         };
-        self.0.store.add_node(joined.clone(), now_unix()).await?;
+        // Registry first: a concurrent adoption of the registry then writes the new key too.
         self.edit_registry(|doc| registry::set_registration(doc, &joined.name, &registration))
-            .await
+            .await?;
+        self.0.store.add_node(joined, now_unix()).await?;
+        Ok(())
     }
 
-    /// Makes this head's table of edges match the registry after another head changed it.
+    /// Creates join token `id` here and for every head.
+    pub async fn register_token(
+        &self,
+        id: &str,
+        secret_hash: Vec<u8>,
+        expires: i64,
+    ) -> Result<(), NodeError> {
+        let token = registry::Token {
+            hash: hex::encode(&secret_hash),
+            expires,
+        };
+        self.edit_registry(|doc| registry::set_token(doc, id, &token, now_unix()))
+            .await?;
+        self.0
+            .store
+            .add_token(id.to_string(), secret_hash, expires, now_unix())
+            .await?;
+        Ok(())
+    }
+
+    /// Makes this head's tables of edges and tokens match the registry after another head
+    /// changed it.
     async fn adopt_registry(&self) -> Result<(), NodeError> {
-        for (name, registration) in self.registry().await.nodes {
+        let registry = self.registry().await;
+        let now = now_unix();
+        for (id, token) in registry.tokens {
+            let Ok(hash) = hex::decode(&token.hash) else {
+                continue;
+            };
+            if token.expires > now && self.0.store.token(id.clone()).await?.is_none() {
+                self.0.store.add_token(id, hash, token.expires, now).await?;
+            }
+        }
+        for (name, registration) in registry.nodes {
             let stored = self.0.store.node(name.clone()).await?;
             if registration.removed {
                 if stored.is_some() {
@@ -640,10 +673,12 @@ impl Node {
             info.sessions = info.sessions.saturating_sub(1);
             info.connected = info.sessions > 0;
         }
-        if self.0.role == Role::Head && peer.role == Role::Edge && !self.is_connected(&peer.name) {
+        if self.0.role == Role::Head && peer.role == Role::Edge {
             let me = self.0.name.clone();
-            let edit = |doc: &mut automerge::AutoCommit| {
-                registry::set_presence(doc, &peer.name, None, &me)
+            // Checked under the registry's lock: a session that started meanwhile keeps it.
+            let edit = |doc: &mut automerge::AutoCommit| match self.is_connected(&peer.name) {
+                true => Ok(false),
+                false => registry::set_presence(doc, &peer.name, None, &me),
             };
             if let Err(e) = self.edit_registry(edit).await {
                 warn!(peer = %peer.name, error = %e, "cannot record the edge's absence");

@@ -6,6 +6,7 @@
 //! ```text
 //! nodes:    { <edge>: { key: <hex SHA-256 of its public key>, notAfter: <unix s>, removed } }
 //! presence: { <edge>: <head name> }
+//! tokens:   { <id>: { hash: <hex SHA-256 of the secret>, expires: <unix s> } }   join tokens
 //! ```
 
 use crate::model::{ModelError, reconcile};
@@ -44,6 +45,38 @@ pub struct Registry {
     pub nodes: BTreeMap<String, Registration>,
     /// Head each edge is connected to, by edge name.
     pub presence: BTreeMap<String, String>,
+    /// Join tokens by id, so an edge may join through any head.
+    pub tokens: BTreeMap<String, Token>,
+}
+
+/// A join token as the heads share it: never the secret itself.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    /// SHA-256 of the secret, hex.
+    pub hash: String,
+    /// Expiry (unix seconds).
+    pub expires: i64,
+}
+
+/// Records join token `id`, and forgets expired ones. Returns whether anything changed.
+pub fn set_token(
+    doc: &mut AutoCommit,
+    id: &str,
+    token: &Token,
+    now: i64,
+) -> Result<bool, ModelError> {
+    let tokens = map(doc, "tokens")?;
+    let mut changed = false;
+    for (old, t) in read(doc).tokens {
+        if t.expires < now {
+            doc.delete(&tokens, old.as_str())?;
+            changed = true;
+        }
+    }
+    let value = serde_json::to_value(token).unwrap_or(Value::Null);
+    changed |= reconcile(doc, &tokens, id.into(), &value)?;
+    doc.commit();
+    Ok(changed)
 }
 
 /// The registry's deterministic first change (the same on every head, so their top-level
@@ -52,7 +85,7 @@ pub fn genesis(actor: &ActorId) -> AutoCommit {
     let mut doc = AutoCommit::new();
     let seed: [u8; 32] = Sha256::digest(format!("edgesync genesis v1 {KEY}")).into();
     doc.set_actor(ActorId::from(&seed[..16]));
-    for map in ["nodes", "presence"] {
+    for map in ["nodes", "presence", "tokens"] {
         doc.put_object(ROOT, map, ObjType::Map)
             .expect("genesis operations on a fresh document cannot fail");
     }
@@ -123,6 +156,10 @@ pub fn read(doc: &AutoCommit) -> Registry {
         presence: entries("presence")
             .into_iter()
             .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
+            .collect(),
+        tokens: entries("tokens")
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
             .collect(),
     }
 }

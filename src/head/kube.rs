@@ -316,6 +316,11 @@ impl Bridge {
         Ok(())
     }
 
+    /// Whether this head holds the writer Lease now; checked before every write.
+    fn writing(&self) -> bool {
+        *self.leading.borrow()
+    }
+
     /// Whether document `key` is an EdgeNode in a namespace this bridge keeps in the cluster.
     fn in_scope(&self, key: &str) -> bool {
         let Some((namespace, _)) = key.split_once('/') else {
@@ -418,6 +423,17 @@ impl Bridge {
                     {
                         self.on_deleted(&key).await;
                     }
+                    // Documents made elsewhere (on an edge, or while another head wrote) that
+                    // have no resource yet get one.
+                    let made_elsewhere: Vec<String> = self
+                        .node
+                        .keys()
+                        .into_iter()
+                        .filter(|k| self.in_scope(k) && in_scope(k) && !listed.contains(k))
+                        .collect();
+                    for key in made_elsewhere {
+                        self.write_spec(&key).await;
+                    }
                 }
                 Ok(watcher::Event::Apply(object)) => self.on_resource(object).await,
                 Ok(watcher::Event::Delete(object)) => {
@@ -442,6 +458,11 @@ impl Bridge {
         let Ok(desired) = input::parse_edgenode(&json, &format!("EdgeNode {key}"), &rules) else {
             return;
         };
+        if let Some(version) = &object.metadata.resource_version {
+            lock(&self.seen)
+                .version
+                .insert(key.clone(), version.clone());
+        }
         let theirs = pods_value(&desired.pods);
         let agreed = matches!(self.node.view(&key).await,
             Ok(Some((view, _))) if !view.deleted && pods_value(&view.pods) == theirs);
@@ -475,8 +496,8 @@ impl Bridge {
             let mut finalizers = finalizers;
             finalizers.push(FINALIZER.into());
             let version = object.metadata.resource_version.clone();
-            // The watcher brings the new version back, and the spec is merged from that one.
-            return self.set_finalizers(&key, finalizers, version).await;
+            // The watcher brings the new version back; the spec is merged now all the same.
+            self.set_finalizers(&key, finalizers, version).await;
         }
         if let Some(version) = &object.metadata.resource_version {
             lock(&self.seen)
@@ -510,14 +531,16 @@ impl Bridge {
             _ => None,
         };
         let mut lost = Vec::new();
-        let merged = merge3_noting(
+        let Some(merged) = merge3_noting(
             base.as_ref(),
             ours.as_ref(),
             Some(&theirs),
             "spec.pods",
             &mut lost,
-        )
-        .unwrap_or_default();
+        ) else {
+            // Deleted elsewhere (on an edge) and unchanged here: the resource goes too.
+            return self.write_spec(&key).await;
+        };
         if !lost.is_empty() {
             warn!(doc = %key, lost = ?lost, "an edit from an edge lost to the user's");
         }
@@ -542,6 +565,9 @@ impl Bridge {
 
     /// Replaces the resource's finalizers, provided it is still at `version`.
     async fn set_finalizers(&self, key: &str, finalizers: Vec<String>, version: Option<String>) {
+        if !self.writing() {
+            return;
+        }
         let Some((namespace, name)) = key.split_once('/') else {
             return;
         };
@@ -565,6 +591,9 @@ impl Bridge {
     /// Lets a deleted resource go once its edge has applied the deletion (its report names
     /// the deletion's generation) or is no longer a registered node.
     async fn release(&self, key: &str) {
+        if !self.writing() {
+            return;
+        }
         let Some((namespace, name)) = key.split_once('/') else {
             return;
         };
@@ -649,6 +678,9 @@ impl Bridge {
     /// Makes the resource's spec equal to the document's, if they differ; creates the resource
     /// for a document made elsewhere and deletes it for one deleted elsewhere.
     async fn write_spec(&self, key: &str) {
+        if !self.writing() {
+            return;
+        }
         let Some((namespace, name)) = key.split_once('/') else {
             return;
         };
@@ -663,7 +695,8 @@ impl Bridge {
                 match api.delete(name, &DeleteParams::default()).await {
                     Ok(_) => info!(doc = key, "EdgeNode deleted from an edge; resource deleted"),
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => warn!(doc = key, error = %e, "cannot delete the resource"),
+                    // The base stays, so the next relist or change tries again.
+                    Err(e) => return warn!(doc = key, error = %e, "cannot delete the resource"),
                 }
                 self.remember(key, None).await;
             }
@@ -689,7 +722,10 @@ impl Bridge {
                 api.create(&params, &object).await.map(drop)
             }
             Some(_) => {
-                let version = lock(&self.seen).version.get(key).cloned();
+                let Some(version) = lock(&self.seen).version.get(key).cloned() else {
+                    // Not seen yet (the relist is still coming): never write unconditionally.
+                    return debug!(doc = key, "write-back waits for the resource's version");
+                };
                 let patch =
                     json!({"metadata": {"resourceVersion": version}, "spec": {"pods": list}});
                 let params = PatchParams {
@@ -753,6 +789,9 @@ impl Bridge {
     }
 
     async fn write_status(&self, key: &str) {
+        if !self.writing() {
+            return;
+        }
         let Some((namespace, name)) = key.split_once('/') else {
             return;
         };

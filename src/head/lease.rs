@@ -37,25 +37,32 @@ impl Elector {
     /// Renews or takes the Lease every third of its duration until shutdown, telling `leading`
     /// whether this head is the writer; gives it up on the way out so another takes over at once.
     pub async fn run(mut self, leading: watch::Sender<bool>, shutdown: CancellationToken) {
+        // When the last successful renewal was sent; the lead ends 2/3 of a duration after it,
+        // before anyone else could see the Lease expire, whatever the API server does meanwhile.
         let mut renewed: Option<Instant> = None;
         let mut tick = tokio::time::interval(self.duration / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let held = match self.try_hold().await {
-                Ok(held) => held,
-                Err(e) => {
-                    warn!(lease = LEASE_NAME, error = %e, "cannot reach the writer Lease");
-                    false
+            let lead_ends = renewed.map(|at| at + self.duration * 2 / 3);
+            let step_down = async {
+                match lead_ends {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
                 }
             };
-            if held {
-                renewed = Some(Instant::now());
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = step_down => renewed = None,
+                _ = tick.tick() => {
+                    let sent = Instant::now();
+                    match tokio::time::timeout(self.duration / 3, self.try_hold()).await {
+                        Ok(Ok(true)) => renewed = Some(sent),
+                        Ok(Ok(false)) => renewed = None,
+                        Ok(Err(e)) => warn!(lease = LEASE_NAME, error = %e, "cannot reach the writer Lease"),
+                        Err(_) => warn!(lease = LEASE_NAME, "the API server did not answer in time"),
+                    }
+                }
             }
-            // Step down before anyone else could see the Lease expire.
             let leader = renewed.is_some_and(|at| at.elapsed() < self.duration * 2 / 3);
             if leading.send_if_modified(|was| std::mem::replace(was, leader) != leader) {
                 match leader {

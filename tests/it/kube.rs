@@ -752,13 +752,13 @@ async fn heads_find_each_other_through_the_head_service() {
             .await;
         }
 
-        // An edge that joins and connects only to the head that does not write is reported
-        // online and Running by the one that does.
+        // An edge that joins and connects only to the head that does not write, with a token
+        // the writer made, is reported online and Running by the writer.
         let writer = wait_for("a writer", SOON, || lease_holder(&cluster)).await;
-        let standby = if writer == "head-a" { &b } else { &a };
+        let (writer, standby) = if writer == "head-a" { (&a, &b) } else { (&b, &a) };
         let dirs = EdgeDirs::new(dir.path(), "edge01");
         let _edge = dirs
-            .start("edge01", &[standby.addr], Some(&standby.token()))
+            .start("edge01", &[standby.addr], Some(&writer.token()))
             .await;
         wait_for("manifest through the standby", SOON, || {
             dirs.manifest("default", "web")

@@ -9,6 +9,8 @@ mod users;
 
 #[path = "../support/kube_api.rs"]
 mod kube_api;
+#[path = "../support/namecheap.rs"]
+mod namecheap;
 #[path = "../support/relay.rs"]
 mod relay;
 
