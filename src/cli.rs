@@ -153,6 +153,9 @@ pub struct HeadArgs {
     /// Lifetime of the tokens in users' kubeconfigs (10m to 30d; default 24h).
     #[arg(long, env = "EDGESYNC_KUBECONFIG_TTL")]
     pub kubeconfig_ttl: Option<String>,
+    /// `[dns]` of the config file: records for edge workers (config file only).
+    #[arg(skip)]
+    pub dns: Option<crate::head::dns::DnsSettings>,
     /// With a cluster: a namespace whose EdgeNodes the head keeps (repeatable); default all.
     #[arg(
         long = "watch-namespace",

@@ -76,6 +76,8 @@ pub struct HeadConfig {
     pub cluster_ca: Option<PathBuf>,
     /// Lifetime of users' tokens.
     pub kubeconfig_ttl: Duration,
+    /// DNS records for edge workers.
+    pub dns: crate::head::dns::DnsConfig,
 }
 
 impl HeadConfig {
@@ -102,9 +104,14 @@ impl HeadConfig {
             cluster_server: None,
             cluster_ca: None,
             kubeconfig_ttl: DEFAULT_KUBECONFIG_TTL,
+            dns: crate::head::dns::DnsSettings::default()
+                .resolve()
+                .expect("the default DNS settings are valid"),
         }
     }
 }
+
+use crate::head::dns::ProviderConfig;
 
 /// Namespace of the head's cluster objects when neither flag nor pod says otherwise.
 pub const DEFAULT_CLUSTER_NAMESPACE: &str = "edgesync-system";
@@ -114,6 +121,19 @@ pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const DEFAULT_KUBECONFIG_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default head Service.
 pub const DEFAULT_HEAD_SERVICE: &str = "edgesync-head";
+
+/// The config file holds an API key: say so if others may read it.
+fn warn_if_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %path.display(),
+            "holds the DNS provider's API key but others may read it; chmod 600 it"
+        );
+    }
+}
 
 /// The namespace this pod runs in, if it runs in one.
 fn pod_namespace() -> Option<String> {
@@ -285,6 +305,14 @@ impl HeadArgs {
         {
             return Err(config_err("--cluster-server", "must be an http(s):// URL"));
         }
+        let dns = file
+            .dns
+            .unwrap_or_default()
+            .resolve()
+            .map_err(|(key, reason)| config_err(&key, reason))?;
+        if let (ProviderConfig::Namecheap { .. }, Some(path)) = (&dns.provider, &self.config) {
+            warn_if_readable(path);
+        }
         let watch_namespaces = merge_list(self.watch_namespace, file.watch_namespace);
         for ns in &watch_namespaces {
             input::check_label(ns).map_err(|r| config_err("--watch-namespace", r))?;
@@ -322,6 +350,7 @@ impl HeadArgs {
             cluster_server,
             cluster_ca: self.cluster_ca.or(file.cluster_ca),
             kubeconfig_ttl,
+            dns,
         })
     }
 }

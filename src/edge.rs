@@ -45,6 +45,12 @@ impl Edge {
             privileged_namespaces: config.privileged_namespaces.clone(),
         };
         let node = Node::open(Role::Edge, &config.node_name, store, rules).await?;
+        node.set_advertise(
+            config
+                .advertise_address
+                .as_deref()
+                .and_then(|a| a.parse().ok()),
+        );
         let reconciler = Reconciler {
             node: node.clone(),
             dir: config.manifest_dir.clone(),

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod api;
+pub mod dns;
 pub mod kube;
 pub mod lease;
 pub mod peers;
@@ -117,9 +118,15 @@ impl Head {
         )
         .await?;
         tasks.spawn(control);
+        let (leading, leading_rx) = tokio::sync::watch::channel(cluster.is_none());
+        tasks.spawn(dns::run(
+            node.clone(),
+            config.dns.clone(),
+            leading_rx.clone(),
+            tasks.token(),
+        ));
         match cluster.as_ref().map(|c| c.client.clone()) {
             Some(client) => {
-                let (leading, leading_rx) = tokio::sync::watch::channel(false);
                 let elector = lease::Elector::new(
                     client.clone(),
                     &config.cluster_namespace,

@@ -2,6 +2,7 @@
 //! dial loop with capped, jittered backoff. Both run a sync session per connection.
 
 use crate::node::Node;
+use crate::node::PeerAddress;
 use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
 use crate::sync::{log_end, run_session};
 use crate::transport::tls::Identity;
@@ -95,7 +96,7 @@ async fn handle_incoming(
     let (send, recv, frame) = first;
     drop(handshake);
     match (frame, identity) {
-        (Some(Frame::Hello { .. }), Some(peer)) => {
+        (Some(Frame::Hello { advertise, .. }), Some(peer)) => {
             if let Err(message) = node.admit(&peer).await {
                 answer(
                     &conn,
@@ -108,8 +109,13 @@ async fn handle_incoming(
                 return Err(message);
             }
             info!(peer = %peer.name, role = %peer.role, "peer connected");
-            let result =
-                run_session(node, peer.clone(), remote.to_string(), recv, send, shutdown).await;
+            // Where the peer is reachable: what it advertises, else what we see.
+            let reachable = advertise.parse().unwrap_or(remote.ip());
+            let address = PeerAddress {
+                seen: remote.to_string(),
+                reachable,
+            };
+            let result = run_session(node, peer.clone(), address, recv, send, shutdown).await;
             log_end(&peer, &result);
             conn.close(0u32.into(), b"bye");
             Ok(())
@@ -241,6 +247,7 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
             &mut send,
             &Frame::Hello {
                 name: node.name().to_string(),
+                advertise: node.advertise().map(|a| a.to_string()).unwrap_or_default(),
             },
         )
         .await
@@ -250,15 +257,12 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
     match opened.await {
         Ok((send, recv)) => {
             info!(peer = %peer.name, "connected");
-            let result = run_session(
-                node.clone(),
-                peer.clone(),
-                remote.to_string(),
-                recv,
-                send,
-                shutdown,
-            )
-            .await;
+            let address = PeerAddress {
+                seen: remote.to_string(),
+                reachable: remote.ip(),
+            };
+            let result =
+                run_session(node.clone(), peer.clone(), address, recv, send, shutdown).await;
             log_end(&peer, &result);
         }
         Err(e) => warn!(error = %e, "could not open a sync stream"),

@@ -180,6 +180,16 @@ struct Inner {
     peers: Mutex<BTreeMap<String, PeerInfo>>,
     kicks: Mutex<BTreeMap<String, CancellationToken>>,
     applied: Mutex<Vec<AppliedPod>>,
+    advertise: Mutex<Option<std::net::IpAddr>>,
+}
+
+/// Where a peer is, for a session with it.
+#[derive(Debug, Clone)]
+pub struct PeerAddress {
+    /// The socket address the connection comes from (shown in status).
+    pub seen: String,
+    /// Where others can reach it: its advertised address, else the one seen (for DNS).
+    pub reachable: std::net::IpAddr,
 }
 
 /// Handle to the node core; cheap to clone.
@@ -228,6 +238,7 @@ impl Node {
             peers: Mutex::new(BTreeMap::new()),
             kicks: Mutex::new(BTreeMap::new()),
             applied: Mutex::new(Vec::new()),
+            advertise: Mutex::new(None),
         })))
     }
 
@@ -239,6 +250,16 @@ impl Node {
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.0.name
+    }
+
+    /// The address this node advertises to heads (`--advertise-address`), if any.
+    pub fn advertise(&self) -> Option<std::net::IpAddr> {
+        *lock(&self.0.advertise)
+    }
+
+    /// Sets the address this node advertises to heads.
+    pub fn set_advertise(&self, address: Option<std::net::IpAddr>) {
+        *lock(&self.0.advertise) = address;
     }
 
     /// The database.
@@ -281,7 +302,7 @@ impl Node {
     }
 
     /// Edits the heads' registry and stores it; it reaches the other heads by sync.
-    async fn edit_registry(
+    pub async fn edit_registry(
         &self,
         edit: impl FnOnce(&mut automerge::AutoCommit) -> Result<bool, ModelError>,
     ) -> Result<(), NodeError> {
@@ -635,12 +656,14 @@ impl Node {
     }
 
     /// Records that a session with `peer` started.
-    pub async fn peer_connected(&self, peer: &Identity, address: &str) {
-        self.record_peer(peer, address);
+    pub async fn peer_connected(&self, peer: &Identity, address: &PeerAddress) {
+        self.record_peer(peer, &address.seen);
         if self.0.role == Role::Head && peer.role == Role::Edge {
             let me = self.0.name.clone();
             let edit = |doc: &mut automerge::AutoCommit| {
-                registry::set_presence(doc, &peer.name, Some(&me), &me)
+                let present = registry::set_presence(doc, &peer.name, Some(&me), &me)?;
+                let moved = registry::set_address(doc, &peer.name, address.reachable)?;
+                Ok(present || moved)
             };
             if let Err(e) = self.edit_registry(edit).await {
                 warn!(peer = %peer.name, error = %e, "cannot record the edge's presence");

@@ -6,6 +6,8 @@
 //! ```text
 //! nodes:    { <edge>: { key: <hex SHA-256 of its public key>, notAfter: <unix s>, removed } }
 //! presence: { <edge>: <head name> }
+//! addresses: { <edge>: <IP address it is reachable at> }   last known, kept when it leaves
+//! dns:      { <edge>: <IP address in its DNS record> }       what the writer head published
 //! tokens:   { <id>: { hash: <hex SHA-256 of the secret>, expires: <unix s> } }   join tokens
 //! ```
 
@@ -47,6 +49,46 @@ pub struct Registry {
     pub presence: BTreeMap<String, String>,
     /// Join tokens by id, so an edge may join through any head.
     pub tokens: BTreeMap<String, Token>,
+    /// Last known reachable address of each edge.
+    pub addresses: BTreeMap<String, std::net::IpAddr>,
+    /// Address in each edge's DNS record, as published.
+    pub dns: BTreeMap<String, std::net::IpAddr>,
+}
+
+/// Records the address edge `name` is reachable at. Returns whether it changed.
+pub fn set_address(
+    doc: &mut AutoCommit,
+    name: &str,
+    address: std::net::IpAddr,
+) -> Result<bool, ModelError> {
+    let addresses = map(doc, "addresses")?;
+    let changed = reconcile(
+        doc,
+        &addresses,
+        name.into(),
+        &Value::from(address.to_string()),
+    )?;
+    doc.commit();
+    Ok(changed)
+}
+
+/// Records what edge `name`'s DNS record now holds (None: there is none).
+pub fn set_published(
+    doc: &mut AutoCommit,
+    name: &str,
+    address: Option<std::net::IpAddr>,
+) -> Result<bool, ModelError> {
+    let dns = map(doc, "dns")?;
+    let changed = match address {
+        Some(ip) => reconcile(doc, &dns, name.into(), &Value::from(ip.to_string()))?,
+        None if doc.get(&dns, name)?.is_some() => {
+            doc.delete(&dns, name)?;
+            true
+        }
+        None => false,
+    };
+    doc.commit();
+    Ok(changed)
 }
 
 /// A join token as the heads share it: never the secret itself.
@@ -85,7 +127,7 @@ pub fn genesis(actor: &ActorId) -> AutoCommit {
     let mut doc = AutoCommit::new();
     let seed: [u8; 32] = Sha256::digest(format!("edgesync genesis v1 {KEY}")).into();
     doc.set_actor(ActorId::from(&seed[..16]));
-    for map in ["nodes", "presence", "tokens"] {
+    for map in ["nodes", "presence", "tokens", "addresses", "dns"] {
         doc.put_object(ROOT, map, ObjType::Map)
             .expect("genesis operations on a fresh document cannot fail");
     }
@@ -161,7 +203,16 @@ pub fn read(doc: &AutoCommit) -> Registry {
             .into_iter()
             .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
             .collect(),
+        addresses: ips(entries("addresses")),
+        dns: ips(entries("dns")),
     }
+}
+
+fn ips(entries: Vec<(String, Value)>) -> BTreeMap<String, std::net::IpAddr> {
+    entries
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v.as_str()?.parse().ok()?)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 pub mod wire;
 
-use crate::node::{Node, now};
+use crate::node::{Node, PeerAddress, now};
 use crate::transport::tls::Identity;
 use automerge::sync;
 use std::collections::HashMap;
@@ -34,7 +34,7 @@ pub enum SessionError {
 pub async fn run_session<R, W>(
     node: Node,
     peer: Identity,
-    address: String,
+    address: PeerAddress,
     recv: R,
     send: W,
     shutdown: CancellationToken,

@@ -18,6 +18,9 @@ pub enum Frame {
     Hello {
         /// Sender's node name.
         name: String,
+        /// The address others should use to reach the sender (an edge's
+        /// `--advertise-address`); empty when the address the receiver sees will do.
+        advertise: String,
     },
     /// An Automerge sync message for one document.
     Sync {
@@ -96,7 +99,10 @@ impl Frame {
             payload.extend_from_slice(field);
         };
         match self {
-            Frame::Hello { name } => put(name.as_bytes()),
+            Frame::Hello { name, advertise } => {
+                put(name.as_bytes());
+                put(advertise.as_bytes());
+            }
             Frame::Sync { doc, message } => {
                 put(doc.as_bytes());
                 put(message);
@@ -142,6 +148,7 @@ impl Frame {
         let frame = match kind {
             1 => Frame::Hello {
                 name: fields.text(253)?,
+                advertise: fields.text(64)?,
             },
             2 => Frame::Sync {
                 doc: fields.text(MAX_DOC_KEY)?,
@@ -241,6 +248,7 @@ mod tests {
         vec![
             Frame::Hello {
                 name: "edge01".into(),
+                advertise: "2001:db8::1".into(),
             },
             Frame::Sync {
                 doc: "default/edge01".into(),

@@ -427,12 +427,6 @@ pub fn https_client_config(ca: &CertificateDer<'static>) -> Result<rustls::Clien
         .with_no_client_auth())
 }
 
-/// A client configuration trusting the usual public roots of the platform is what reqwest
-/// builds itself; this is the crypto provider for it.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    provider()
-}
-
 /// Client side with a certificate: trust only `ca`.
 pub fn client_config(
     ca: &CertificateDer<'static>,

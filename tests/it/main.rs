@@ -2,6 +2,7 @@
 //! mutual TLS, SQLite on disk, and a UDP relay that cuts and degrades the link.
 
 mod deploy;
+mod dns;
 mod harness;
 mod kube;
 mod sync;
