@@ -283,3 +283,42 @@ async fn user_client(kubeconfig: &str) -> kube::Client {
         .unwrap();
     kube::Client::try_from(config).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_a_configured_certificate() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        // An operator's own CA and server certificate for api.example.org.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["api.example.org".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let cert_file = write(dir.path(), "api.crt", &cert.pem());
+        let key_file = write(dir.path(), "api.key", &key.serialize_pem());
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &["--api-cert", &cert_file, "--api-key", &key_file],
+        )
+        .await;
+        let tls = edgesync::transport::tls::https_client_config(ca_cert.der()).unwrap();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .resolve("api.example.org", head.api)
+            .build()
+            .unwrap();
+        let url = format!("https://api.example.org:{}/api/v1/aup", head.api.port());
+        let response = http.get(url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // A client that trusts only the head's own CA refuses it.
+        let url = format!("https://localhost:{}/healthz", head.api.port());
+        assert!(client(&head).get(url).send().await.is_err());
+    })
+    .await;
+}
