@@ -193,9 +193,13 @@ async fn accounts(
     store: &Store,
     cluster: Option<&self::kube::Cluster>,
 ) -> Result<api::Accounts, DaemonError> {
+    let mut reserved = vec![config.cluster_namespace.clone()];
+    reserved.extend(config.watch_namespaces.iter().cloned());
+    reserved.extend(config.privileged_namespaces.iter().cloned());
     let policy = users::Policy {
         auto_approve: config.auto_approve,
         aup_validity: config.aup_validity,
+        reserved,
     };
     let users = users::Users::open(store.clone(), policy).await?;
     let access = match cluster {

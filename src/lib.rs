@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod head;
 pub mod input;
 pub mod link;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod registry;

@@ -21,7 +21,7 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE tokens (id TEXT PRIMARY KEY, secret_sha256 BLOB NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
      CREATE TABLE nodes (name TEXT PRIMARY KEY, key_sha256 BLOB NOT NULL, cert_not_after INTEGER NOT NULL, joined_at INTEGER NOT NULL, address TEXT, last_seen INTEGER);",
     // 2: users of the head API, the Acceptable Use Policy, and the audit log
-    "CREATE TABLE users (username TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    "CREATE TABLE users (username TEXT PRIMARY KEY, uid TEXT NOT NULL, email TEXT NOT NULL UNIQUE COLLATE NOCASE,
          full_name TEXT NOT NULL, secret_sha256 BLOB NOT NULL, status TEXT NOT NULL,
          created_at INTEGER NOT NULL, aup_version INTEGER, aup_accepted_at INTEGER,
          aup_expires_at INTEGER, access INTEGER NOT NULL DEFAULT 0);

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 /// Name of the ServiceAccount and RoleBinding made in each user's namespace.
 pub const USER_OBJECT: &str = "edgesync-user";
+/// Annotation on a user's namespace naming the registration it was made for.
+const OWNER: &str = "edgesync.io/owner";
 /// Label on everything made for users.
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "edgesync");
 
@@ -58,18 +60,30 @@ where
 }
 
 impl Access {
-    /// Makes sure `username` can work in their namespace and returns a kubeconfig for it.
-    pub async fn grant(&self, username: &str) -> Result<String, UserError> {
+    /// Makes sure user `username` (registration `uid`) can work in their namespace and returns
+    /// a kubeconfig for it. A namespace of that name that was not made for this registration is
+    /// refused.
+    pub async fn grant(&self, username: &str, uid: &str) -> Result<String, UserError> {
         let ns = username;
         let client = &self.client;
-        ensure(
-            Api::<Namespace>::all(client.clone()),
-            &Namespace {
-                metadata: meta(ns, None),
-                ..Namespace::default()
-            },
-        )
-        .await?;
+        let namespaces = Api::<Namespace>::all(client.clone());
+        let mut namespace = Namespace {
+            metadata: meta(ns, None),
+            ..Namespace::default()
+        };
+        namespace.metadata.annotations = Some([(OWNER.to_string(), uid.to_string())].into());
+        ensure(namespaces.clone(), &namespace).await?;
+        let existing = namespaces.get(ns).await.map_err(cluster_err)?;
+        let owner = existing
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(OWNER));
+        if owner.map(String::as_str) != Some(uid) {
+            return Err(UserError::Forbidden(format!(
+                "namespace {ns} exists and was not made for this user; ask an administrator"
+            )));
+        }
         let accounts = Api::<ServiceAccount>::namespaced(client.clone(), ns);
         let account = ServiceAccount {
             metadata: meta(USER_OBJECT, Some(ns)),

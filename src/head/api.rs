@@ -50,14 +50,14 @@ impl Accounts {
                     .into(),
             ));
         };
-        let kubeconfig = access.grant(&user.username).await?;
+        // Recorded first: whatever grant() leaves behind, the sweep knows to remove it.
         if !user.access {
             self.users
                 .set_access(&user.username, true, &user.username, "kubeconfig issued")
                 .await?;
             self.granted.notify_one();
         }
-        Ok(kubeconfig)
+        access.grant(&user.username, &user.uid).await
     }
 
     /// An administrator's decision; access ends at once when it is withdrawn.

@@ -14,7 +14,7 @@ use crate::transport::Backoff;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -23,6 +23,8 @@ use tracing::{info, warn};
 pub const NAMECHEAP_URL: &str = "https://api.namecheap.com/xml.response";
 /// TTL of the records unless configured.
 pub const DEFAULT_TTL: u32 = 300;
+/// How long a refused change waits before it is tried again.
+const REFUSED_RETRY: Duration = Duration::from_secs(600);
 /// Longest wait for one provider request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -54,6 +56,8 @@ pub struct NamecheapSettings {
     pub username: Option<String>,
     /// ClientIp: this head's public IPv4 address, whitelisted at Namecheap.
     pub client_ip: Option<String>,
+    /// The domain registered at Namecheap when the zone is below it (default: the zone).
+    pub domain: Option<String>,
 }
 
 /// Validated DNS configuration.
@@ -84,6 +88,8 @@ pub enum ProviderConfig {
         username: String,
         /// ClientIp.
         client_ip: String,
+        /// The registered domain the zone is in.
+        domain: String,
     },
 }
 
@@ -118,6 +124,18 @@ impl DnsSettings {
                 if client_ip.parse::<std::net::Ipv4Addr>().is_err() {
                     return Err(err("namecheap.client_ip", "must be an IPv4 address"));
                 }
+                let domain = n
+                    .domain
+                    .map(|d| d.trim_end_matches('.').to_lowercase())
+                    .unwrap_or_else(|| zone.clone());
+                if !(zone == domain || zone.ends_with(&format!(".{domain}")))
+                    || !domain.contains('.')
+                {
+                    return Err(err(
+                        "namecheap.domain",
+                        "must be the zone or a domain it is in",
+                    ));
+                }
                 let api_url = n.api_url.unwrap_or_else(|| NAMECHEAP_URL.into());
                 if !(api_url.starts_with("https://") || api_url.starts_with("http://")) {
                     return Err(err("namecheap.api_url", "must be an http(s):// URL"));
@@ -128,6 +146,7 @@ impl DnsSettings {
                     api_key: need(n.api_key, "api_key")?,
                     username: need(n.username, "username")?,
                     client_ip,
+                    domain,
                 }
             }
             _ => return Err(err("provider", "must be none or namecheap")),
@@ -197,14 +216,16 @@ pub async fn run(
     let provider = Provider::new(&config);
     let mut changes = node.subscribe();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
-    let mut refused: BTreeMap<String, Option<IpAddr>> = BTreeMap::new();
-    let mut retry_in: Option<Duration> = Some(Duration::ZERO);
+    // Refused changes, with when; tried again after REFUSED_RETRY in case the zone changed.
+    let mut refused: BTreeMap<String, (Option<IpAddr>, Instant)> = BTreeMap::new();
+    // One deadline kept across wake-ups, so other traffic cannot put a retry off.
+    let mut retry_at: Option<Instant> = Some(Instant::now());
     // A standalone head has no election: its sender is gone and it always leads.
     let mut elected = true;
     loop {
         let wait = async {
-            match retry_in {
-                Some(d) => tokio::time::sleep(d).await,
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
                 None => std::future::pending().await,
             }
         };
@@ -219,14 +240,15 @@ pub async fn run(
             },
         }
         if !*leading.borrow() {
-            retry_in = None;
+            retry_at = None;
             continue;
         }
+        refused.retain(|_, (_, at)| at.elapsed() < REFUSED_RETRY);
         let registry = node.registry().await;
         let mut failed = false;
         for (name, want) in desired(&registry) {
             let have = registry.dns.get(&name).copied();
-            if have == want || refused.get(&name) == Some(&want) {
+            if have == want || refused.get(&name).is_some_and(|(r, _)| *r == want) {
                 continue;
             }
             let fqdn = format!("{name}.{}", config.zone);
@@ -251,7 +273,7 @@ pub async fn run(
                 }
                 Err(DnsError::Refused(reason)) => {
                     warn!(record = %fqdn, %reason, "DNS record not set");
-                    refused.insert(name, want);
+                    refused.insert(name, (want, Instant::now()));
                 }
                 Err(DnsError::Transient(reason)) => {
                     warn!(record = %fqdn, %reason, "DNS update failed; will retry");
@@ -260,11 +282,11 @@ pub async fn run(
                 }
             }
         }
-        retry_in = if failed {
-            Some(backoff.next_delay())
+        retry_at = if failed {
+            Some(Instant::now() + backoff.next_delay())
         } else {
             backoff.reset();
-            None
+            refused.values().map(|(_, at)| *at + REFUSED_RETRY).min()
         };
     }
 }
@@ -329,10 +351,14 @@ pub fn change_hosts(
     have: Option<IpAddr>,
     ttl: u32,
 ) -> Result<Vec<Host>, DnsError> {
+    // Ours: what we published, or already what we want (a write whose answer was lost).
     let ours = |h: &Host| {
         h.name.eq_ignore_ascii_case(node)
             && (h.kind == "A" || h.kind == "AAAA")
-            && have.is_some_and(|ip| h.address.parse() == Ok(ip))
+            && [have, want]
+                .into_iter()
+                .flatten()
+                .any(|ip| h.address.parse() == Ok(ip))
     };
     if let Some(other) = hosts
         .iter()
@@ -380,11 +406,17 @@ impl Namecheap {
             api_key,
             username,
             client_ip,
+            domain,
         } = &config.provider
         else {
             return Ok(());
         };
-        let (sld, tld) = config.zone.split_once('.').unwrap_or((&config.zone, ""));
+        // Host names are relative to the registered domain.
+        let host = match config.zone.strip_suffix(&format!(".{domain}")) {
+            Some(below) => format!("{node}.{below}"),
+            None => node.to_string(),
+        };
+        let (sld, tld) = domain.split_once('.').unwrap_or((domain, ""));
         let mut params: Vec<(String, String)> = vec![
             ("ApiUser".into(), api_user.clone()),
             ("ApiKey".into(), api_key.clone()),
@@ -402,7 +434,10 @@ impl Namecheap {
                 "getHosts listed no records although ours was published; not writing".into(),
             ));
         }
-        let changed = change_hosts(&hosts, node, want, have, config.ttl)?;
+        let changed = change_hosts(&hosts, &host, want, have, config.ttl)?;
+        if same_records(&changed, &hosts) {
+            return Ok(());
+        }
         params.push(("Command".into(), "namecheap.domains.dns.setHosts".into()));
         if let Some(email_type) = email_type {
             params.push(("EmailType".into(), email_type));
@@ -478,6 +513,24 @@ fn api_status(doc: &roxmltree::Document<'_>) -> Result<(), DnsError> {
         "Namecheap API error: {}",
         errors.join("; ")
     )))
+}
+
+/// Whether two host lists hold the same records, in any order.
+fn same_records(a: &[Host], b: &[Host]) -> bool {
+    let key = |h: &Host| {
+        (
+            h.name.to_lowercase(),
+            h.kind.clone(),
+            h.address.clone(),
+            h.ttl.clone(),
+            h.mx_pref.clone(),
+        )
+    };
+    let mut a: Vec<_> = a.iter().map(key).collect();
+    let mut b: Vec<_> = b.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// The host list and EmailType of a getHosts answer; anything unexpected is an error, so a

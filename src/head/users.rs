@@ -147,10 +147,26 @@ pub struct Registration {
     pub full_name: String,
 }
 
+/// Whether `name` is kept from users, because it is (or may become) a namespace of the system
+/// or of edgesync itself.
+pub fn reserved(name: &str, also: &[String]) -> bool {
+    name == "default"
+        || ["kube-", "openshift-", "edgesync"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        || also.iter().any(|n| n == name)
+}
+
 impl Registration {
-    /// Checks every field; the first problem is returned.
-    pub fn validate(&self) -> Result<(), UserError> {
+    /// Checks every field; the first problem is returned. `reserved` names are refused.
+    pub fn validate(&self, reserved_names: &[String]) -> Result<(), UserError> {
         crate::input::check_label(&self.username).map_err(|r| UserError::invalid("username", r))?;
+        if reserved(&self.username, reserved_names) {
+            return Err(UserError::invalid(
+                "username",
+                "is reserved (system and edgesync namespaces); choose another",
+            ));
+        }
         check_email(&self.email)?;
         let name = self.full_name.trim();
         if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
@@ -198,6 +214,9 @@ pub struct Acceptance {
 pub struct User {
     /// Username.
     pub username: String,
+    /// Random id of this registration: marks the namespace made for it as theirs.
+    #[serde(skip)]
+    pub uid: String,
     /// E-mail.
     pub email: String,
     /// Full name.
@@ -234,6 +253,8 @@ pub struct Policy {
     pub auto_approve: bool,
     /// How long an acceptance lasts.
     pub aup_validity: Duration,
+    /// Usernames refused besides the built-in reserved ones (namespaces the head uses).
+    pub reserved: Vec<String>,
 }
 
 /// The user registry.
@@ -259,6 +280,7 @@ fn hash(secret: &str) -> Vec<u8> {
 /// Raw row of the users table.
 struct Row {
     username: String,
+    uid: String,
     email: String,
     full_name: String,
     secret: Vec<u8>,
@@ -270,7 +292,7 @@ struct Row {
 }
 
 const COLUMNS: &str = "username, email, full_name, secret_sha256, status, aup_version, \
-                       aup_accepted_at, aup_expires_at, access";
+                       aup_accepted_at, aup_expires_at, access, uid";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
@@ -283,6 +305,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         aup_accepted_at: r.get(6)?,
         aup_expires_at: r.get(7)?,
         access: r.get(8)?,
+        uid: r.get(9)?,
     })
 }
 
@@ -364,6 +387,7 @@ impl Users {
         let valid = row.aup_version == Some(current) && row.aup_expires_at.is_some_and(|e| e > now);
         User {
             username: row.username,
+            uid: row.uid,
             email: row.email,
             full_name: row.full_name,
             status: Status::parse(&row.status),
@@ -397,8 +421,9 @@ impl Users {
 
     /// Registers a person; returns them and their secret (shown once, stored only hashed).
     pub async fn register(&self, request: Registration) -> Result<(User, String), UserError> {
-        request.validate()?;
+        request.validate(&self.policy.reserved)?;
         let secret = hex::encode(random_bytes::<32>());
+        let uid = hex::encode(random_bytes::<16>());
         let status = if self.policy.auto_approve {
             Status::Approved
         } else {
@@ -425,9 +450,9 @@ impl Users {
                     return Ok(field);
                 }
                 t.execute(
-                    "INSERT INTO users (username, email, full_name, secret_sha256, status, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![username, email, full_name, secret_hash, status.as_str(), unix_now()],
+                    "INSERT INTO users (username, uid, email, full_name, secret_sha256, status, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![username, uid, email, full_name, secret_hash, status.as_str(), unix_now()],
                 )?;
                 audit(t, &username, "register", &username, status.as_str())?;
                 if status == Status::Approved {
@@ -603,20 +628,28 @@ mod tests {
         let policy = Policy {
             auto_approve,
             aup_validity: Duration::from_secs(3600),
+            reserved: Vec::new(),
         };
         (dir, Users::open(store, policy).await.unwrap())
     }
 
     #[test]
     fn registrations_are_validated_field_by_field() {
-        let field = |r: Registration| r.validate().unwrap_err().field().unwrap().to_string();
+        let field = |r: Registration| r.validate(&[]).unwrap_err().field().unwrap().to_string();
         assert_eq!(field(registration("Ada", "a@b.org")), "username");
         assert_eq!(field(registration("ada", "a@b")), "email");
         assert_eq!(field(registration("ada", "a b@c.org")), "email");
         let mut nameless = registration("ada", "a@b.org");
         nameless.full_name = " ".into();
         assert_eq!(field(nameless), "fullName");
-        assert!(registration("ada", "ada@example.org").validate().is_ok());
+        assert!(registration("ada", "ada@example.org").validate(&[]).is_ok());
+        assert_eq!(
+            field(registration("kube-system", "k@example.org")),
+            "username"
+        );
+        assert_eq!(field(registration("default", "d@example.org")), "username");
+        let ops = ["ops".to_string()];
+        assert!(registration("ops", "o@example.org").validate(&ops).is_err());
     }
 
     #[tokio::test]

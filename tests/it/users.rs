@@ -95,6 +95,9 @@ async fn registration_refusals_and_the_aup_on_a_standalone_head() {
         }
         for (username, email, field) in [
             ("Ada_L", "x@example.org", "username"),
+            ("kube-system", "k@example.org", "username"),
+            ("default", "d@example.org", "username"),
+            ("edgesync-system", "e@example.org", "username"),
             ("bob", "not-an-address", "email"),
         ] {
             let (status, body) = api.register(username, email).await;
@@ -264,7 +267,7 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
         assert!(cluster
             .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
             .is_some());
-        let _head = HeadProc::start(dir.path(), free_udp_addr(), &["--kubeconfig", &kubeconfig]).await;
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &["--kubeconfig", &kubeconfig]).await;
         wait_for("expired access removed at start", SOON, || {
             cluster
                 .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
@@ -272,6 +275,18 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
                 .then_some(())
         })
         .await;
+
+        // A namespace that exists already and was not made for the user is not handed over.
+        cluster.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bob"}}));
+        let api = Api::new(&head);
+        let (_, body) = api.register("bob", "bob@example.org").await;
+        let bob = body["secret"].as_str().unwrap().to_string();
+        api.accept("bob", &bob).await;
+        let (status, body) = api.get("/api/v1/users/bob/kubeconfig", &bob).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(cluster
+            .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("bob"), "edgesync-user")
+            .is_none());
     })
     .await;
 }
