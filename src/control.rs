@@ -111,6 +111,7 @@ pub async fn serve(
         .route("/v1/apply", post(apply))
         .route("/v1/tokens", post(token))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
+        .route("/metrics", get(metrics))
         .route("/v1/users", get(users))
         .route("/v1/users/{name}/{action}", post(decide))
         .route("/v1/aup", axum::routing::put(set_aup))
@@ -227,6 +228,10 @@ impl From<UserError> for ApiError {
         let crate::head::api::ApiError(code, error, field) = e.into();
         ApiError(code, json!({"error": error, "field": field}))
     }
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    crate::head::api::metrics(State(ctx.node)).await
 }
 
 async fn users(State(ctx): State<Ctx>) -> ApiResult {

@@ -60,10 +60,12 @@ impl Edge {
         let mut targets = config.heads.clone();
         targets.extend(config.peers.iter().cloned());
         let state = config.state_dir.clone();
+        let metrics_node = node.clone();
         let client: link::TlsSource = Arc::new(move || {
             let (cert, ca) = tls::load_node_cert(&state)
                 .map_err(|e| e.to_string())?
                 .ok_or("the node certificate is gone from the state dir")?;
+            metrics_node.metrics().cert_expires("node", &cert.chain[0]);
             tls::client_config(&ca, &cert).map_err(|e| e.to_string())
         });
         tasks.spawn(link::dial(node.clone(), targets, client, tasks.token()));
@@ -106,7 +108,10 @@ impl Reconciler {
     }
 
     async fn run_once(&self) {
+        let metrics = self.node.metrics();
+        metrics.reconcile_runs.inc();
         if let Err(e) = self.reconcile().await {
+            metrics.reconcile_failures.inc();
             warn!(error = %e, "reconcile failed; will retry");
         }
     }
@@ -229,6 +234,8 @@ impl Reconciler {
                 });
             }
         }
+        let refused = applied.iter().filter(|p| p.state == POD_REFUSED).count();
+        node.metrics().pods_refused.set(refused as i64);
         node.set_applied(applied);
         Ok(())
     }

@@ -54,6 +54,7 @@ impl Head {
             privileged_namespaces: config.privileged_namespaces.clone(),
         };
         let node = Node::open(Role::Head, &config.name, store.clone(), rules).await?;
+        node.metrics().cert_expires("ca", &ca.cert);
         let token_file = dir.join("join-token");
         if !token_file.exists() {
             let token = create_token(&node, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
@@ -97,6 +98,7 @@ impl Head {
             config.api_listen,
             tls::api_server_config(&api_cert)?,
             accounts.clone(),
+            node.clone(),
             tasks.token(),
         )
         .map_err(|source| {

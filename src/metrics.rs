@@ -69,15 +69,14 @@ pub struct Metrics {
     pub last_sync_age: Family<EdgeLabels, Gauge<f64, AtomicU64>>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
-    }
+/// The histogram of SQLite batch commit times (made by the store, registered here).
+pub fn sqlite_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
 impl Metrics {
-    /// All metrics, registered.
-    pub fn new() -> Metrics {
+    /// All metrics, registered; `sqlite_write` is the store's histogram.
+    pub fn new(sqlite_write: Histogram) -> Metrics {
         let mut registry = Registry::with_prefix("edgesync");
         let m = Metrics {
             peers: Family::default(),
@@ -86,7 +85,7 @@ impl Metrics {
             frames: Family::default(),
             documents: Gauge::default(),
             pending: Gauge::default(),
-            sqlite_write: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            sqlite_write,
             reconcile_runs: Counter::default(),
             reconcile_failures: Counter::default(),
             pods_refused: Gauge::default(),
@@ -155,6 +154,18 @@ impl Metrics {
         self.frames.get_or_create(&labels).inc();
     }
 
+    /// Records when certificate `name` expires.
+    pub fn cert_expires(&self, name: &str, der: &rustls::pki_types::CertificateDer<'_>) {
+        if let Some(t) = crate::transport::tls::not_after(der) {
+            let labels = CertLabels {
+                certificate: name.to_string(),
+            };
+            self.cert_expiry
+                .get_or_create(&labels)
+                .set(t.unix_timestamp());
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut text = String::new();
@@ -170,7 +181,7 @@ mod tests {
 
     #[test]
     fn names_follow_prometheus_conventions() {
-        let m = Metrics::new();
+        let m = Metrics::new(sqlite_histogram());
         m.traffic("edge", "out", 120);
         m.sqlite_write.observe(0.002);
         m.reconcile_runs.inc();

@@ -5,6 +5,7 @@ use crate::crd::{
     Condition, EdgeNode, EdgeNodeSpec, EdgeNodeStatus, POD_APPLIED, POD_REFUSED, Phase, PodState,
 };
 use crate::input::{self, DesiredNode, InvalidInput, Rules};
+use crate::metrics::{EdgeLabels, Metrics, RoleLabels};
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registration, Registry};
 use crate::store::{COMPACT_AFTER_CHUNKS, DocWrite, JoinedNode, Store, StoreError, StoredDoc};
@@ -181,6 +182,7 @@ struct Inner {
     kicks: Mutex<BTreeMap<String, CancellationToken>>,
     applied: Mutex<Vec<AppliedPod>>,
     advertise: Mutex<Option<std::net::IpAddr>>,
+    metrics: Metrics,
 }
 
 /// Where a peer is, for a session with it.
@@ -227,6 +229,7 @@ impl Node {
             docs.insert(key, Arc::new(tokio::sync::Mutex::new(entry)));
         }
         let (changes, _) = broadcast::channel(1024);
+        let write_seconds = store.write_seconds();
         Ok(Node(Arc::new(Inner {
             role,
             name: name.to_string(),
@@ -239,6 +242,7 @@ impl Node {
             kicks: Mutex::new(BTreeMap::new()),
             applied: Mutex::new(Vec::new()),
             advertise: Mutex::new(None),
+            metrics: Metrics::new(write_seconds),
         })))
     }
 
@@ -250,6 +254,46 @@ impl Node {
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.0.name
+    }
+
+    /// This node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The metrics in the Prometheus text format, with the gauges that mirror state read now.
+    pub async fn metrics_text(&self) -> String {
+        let m = &self.0.metrics;
+        m.documents.set(self.keys().len() as i64);
+        let now = Timestamp::now();
+        let peers: Vec<PeerInfo> = lock(&self.0.peers).values().cloned().collect();
+        for role in [Role::Head, Role::Edge] {
+            let connected = peers
+                .iter()
+                .filter(|p| p.role == role && p.connected)
+                .count();
+            let labels = RoleLabels {
+                role: role.as_str().into(),
+            };
+            m.peers.get_or_create(&labels).set(connected as i64);
+        }
+        if self.0.role == Role::Head {
+            m.last_sync_age.clear();
+            for peer in peers.iter().filter(|p| p.role == Role::Edge) {
+                let seen = peer
+                    .last_seen
+                    .as_deref()
+                    .and_then(|t| t.parse::<Timestamp>().ok());
+                if let Some(seen) = seen {
+                    let age = now.duration_since(seen).as_secs_f64().max(0.0);
+                    let labels = EdgeLabels {
+                        edge: peer.name.clone(),
+                    };
+                    m.last_sync_age.get_or_create(&labels).set(age);
+                }
+            }
+        }
+        m.render()
     }
 
     /// The address this node advertises to heads (`--advertise-address`), if any.

@@ -1,6 +1,7 @@
 //! SQLite state: open and migrate, one writer thread with batched transactions, documents,
 //! per-peer sync state, owned manifest files, join tokens and joined nodes.
 
+use prometheus_client::metrics::histogram::Histogram;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
@@ -80,6 +81,7 @@ type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
 pub struct Store {
     jobs: mpsc::UnboundedSender<Job>,
     path: PathBuf,
+    write_seconds: Histogram,
 }
 
 /// A stored document: its snapshot and the incremental chunks saved after it.
@@ -135,11 +137,22 @@ impl Store {
         let conn = open_connection(&path)?;
         let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
         let thread_path = path.clone();
+        let write_seconds = crate::metrics::sqlite_histogram();
+        let timer = write_seconds.clone();
         std::thread::Builder::new()
             .name("edgesync-db".into())
-            .spawn(move || writer_loop(conn, &mut queue, &thread_path))
+            .spawn(move || writer_loop(conn, &mut queue, &thread_path, &timer))
             .map_err(|e| sqlite_err(&path, rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        Ok(Store { jobs, path })
+        Ok(Store {
+            jobs,
+            path,
+            write_seconds,
+        })
+    }
+
+    /// Time each batch of writes takes to commit.
+    pub fn write_seconds(&self) -> Histogram {
+        self.write_seconds.clone()
     }
 
     /// Runs `f` on the writer thread inside a transaction and returns its result once committed.
@@ -472,7 +485,12 @@ fn restrict_permissions(path: &Path) {
     }
 }
 
-fn writer_loop(mut conn: Connection, queue: &mut mpsc::UnboundedReceiver<Job>, path: &Path) {
+fn writer_loop(
+    mut conn: Connection,
+    queue: &mut mpsc::UnboundedReceiver<Job>,
+    path: &Path,
+    timer: &Histogram,
+) {
     while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < 256 {
@@ -481,9 +499,11 @@ fn writer_loop(mut conn: Connection, queue: &mut mpsc::UnboundedReceiver<Job>, p
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         if let Err(e) = run_batch(&mut conn, batch) {
             tracing::error!(db = %path.display(), error = %e, "database transaction failed");
         }
+        timer.observe(started.elapsed().as_secs_f64());
     }
 }
 

@@ -67,7 +67,7 @@ where
     }
     let (frames_tx, mut frames) = mpsc::channel(16);
     let reader = tokio::spawn(read_frames(recv, frames_tx));
-    let mut writer = tokio::spawn(write_frames(send, out_rx));
+    let mut writer = tokio::spawn(write_frames(send, out_rx, node.clone()));
     let result = async {
         for key in node.sync_keys() {
             session.push(&key).await?;
@@ -132,9 +132,11 @@ async fn read_frames<R: AsyncRead + Unpin>(
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut send: W,
     mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
+    node: Node,
 ) -> Result<(), WireError> {
     use tokio::io::AsyncWriteExt;
     while let Some(bytes) = queue.recv().await {
+        node.metrics().pending.dec();
         send.write_all(&bytes).await?;
     }
     send.shutdown().await?;
@@ -156,6 +158,9 @@ impl Session {
         self.out
             .send(bytes)
             .map_err(|_| SessionError::Protocol("connection writer has stopped".into()))?;
+        let metrics = self.node.metrics();
+        metrics.pending.inc();
+        metrics.traffic(self.peer.role.as_str(), "out", n);
         self.node.peer_touch(&self.peer.name, |p| p.bytes_out += n);
         Ok(())
     }
@@ -191,6 +196,9 @@ impl Session {
             }
         };
         let size = message.len() as u64 + key.len() as u64;
+        self.node
+            .metrics()
+            .traffic(self.peer.role.as_str(), "in", size);
         self.node.peer_touch(&self.peer.name, |p| {
             p.bytes_in += size;
             p.last_seen = Some(now());
@@ -214,6 +222,10 @@ impl Session {
             return Err(SessionError::Protocol(e.to_string()));
         }
         debug!(peer = %self.peer.name, doc = %key, "sync received");
+        let role = crate::metrics::RoleLabels {
+            role: self.peer.role.as_str().into(),
+        };
+        self.node.metrics().sync_rounds.get_or_create(&role).inc();
         self.push(&key).await
     }
 }

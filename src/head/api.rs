@@ -3,8 +3,9 @@
 
 use super::access::Access;
 use super::users::{Decision, Registration, User, UserError, Users};
+use crate::node::Node;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -264,10 +265,40 @@ async fn kubeconfig(
     Ok(([(header::CONTENT_TYPE, "application/yaml")], kubeconfig).into_response())
 }
 
-fn router(accounts: Accounts) -> Router {
+/// What the API's handlers share.
+#[derive(Clone)]
+struct ApiState {
+    accounts: Accounts,
+    node: Node,
+}
+
+impl FromRef<ApiState> for Accounts {
+    fn from_ref(state: &ApiState) -> Accounts {
+        state.accounts.clone()
+    }
+}
+
+impl FromRef<ApiState> for Node {
+    fn from_ref(state: &ApiState) -> Node {
+        state.node.clone()
+    }
+}
+
+/// `/metrics` in the Prometheus text format.
+pub async fn metrics(State(node): State<Node>) -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        node.metrics_text().await,
+    )
+        .into_response()
+}
+
+fn router(accounts: Accounts, node: Node) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/api/v1/registrations", post(register))
         .route("/api/v1/aup", get(aup))
         .route("/api/v1/users/{username}", get(user))
@@ -275,7 +306,7 @@ fn router(accounts: Accounts) -> Router {
         .route("/api/v1/users/{username}/kubeconfig", get(kubeconfig))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into(), None) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(accounts)
+        .with_state(ApiState { accounts, node })
 }
 
 /// Binds `addr` now (so a taken port fails the start) and returns the address and the server
@@ -284,6 +315,7 @@ pub fn serve(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     accounts: Accounts,
+    node: Node,
     shutdown: CancellationToken,
 ) -> std::io::Result<(
     SocketAddr,
@@ -296,7 +328,7 @@ pub fn serve(
     let server = axum_server::from_tcp_rustls(listener, config)?;
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
-    let app = router(accounts).into_make_service();
+    let app = router(accounts, node).into_make_service();
     Ok((local, async move {
         tokio::spawn(async move {
             shutdown.cancelled().await;

@@ -68,7 +68,8 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(self) -> &'static str {
+    /// `head` or `edge`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Role::Head => "head",
             Role::Edge => "edge",

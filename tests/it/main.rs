@@ -5,6 +5,7 @@ mod deploy;
 mod dns;
 mod harness;
 mod kube;
+mod metrics;
 mod sync;
 mod users;
 

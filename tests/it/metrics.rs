@@ -1,0 +1,121 @@
+//! `/metrics` on the head API and on the control socket, from real processes after a join and
+//! a sync.
+
+use crate::harness::*;
+use crate::{SOON, within};
+use rustls_pki_types::pem::PemObject;
+
+async fn from_socket(daemon: &Daemon) -> String {
+    let (status, body) = edgesync::control::Client::new(&daemon.socket)
+        .request(hyper::Method::GET, "/metrics", None)
+        .await
+        .unwrap();
+    assert!(status.is_success());
+    String::from_utf8(body).unwrap()
+}
+
+/// The value of the sample whose name and labels start with `sample`.
+fn value(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(sample))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_and_edge_serve_prometheus_metrics() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        ok(head.daemon.cli(&[
+            "apply",
+            "-f",
+            &write(dir.path(), "en.yaml", &example("nginx")),
+        ]));
+        wait_for("manifest", SOON, || dirs.manifest("default", "nginx")).await;
+
+        let deadline = std::time::Instant::now() + SOON;
+        let text = loop {
+            let text = from_socket(&head.daemon).await;
+            if value(&text, "edgesync_peers_connected{role=\"edge\"}") == Some(1.0) {
+                break text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "edge not counted: {text}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert_eq!(value(&text, "edgesync_documents "), Some(1.0), "{text}");
+        assert!(
+            value(&text, "edgesync_last_sync_age_seconds{edge=\"edge01\"}").is_some(),
+            "{text}"
+        );
+        assert!(
+            value(&text, "edgesync_sqlite_write_seconds_count").unwrap() > 0.0,
+            "{text}"
+        );
+        assert!(
+            value(
+                &text,
+                "edgesync_certificate_expiry_timestamp_seconds{certificate=\"ca\"}"
+            )
+            .unwrap()
+                > 1.7e9
+        );
+
+        let text = from_socket(&edge).await;
+        assert!(
+            value(
+                &text,
+                "edgesync_wire_bytes_total{role=\"head\",direction=\"out\"}"
+            )
+            .unwrap()
+                > 0.0,
+            "{text}"
+        );
+        assert!(
+            value(
+                &text,
+                "edgesync_frames_total{role=\"head\",direction=\"in\"}"
+            )
+            .unwrap()
+                > 0.0,
+            "{text}"
+        );
+        assert!(
+            value(&text, "edgesync_sync_rounds_total{role=\"head\"}").unwrap() > 0.0,
+            "{text}"
+        );
+        assert!(
+            value(&text, "edgesync_reconcile_runs_total").unwrap() > 0.0,
+            "{text}"
+        );
+        assert_eq!(value(&text, "edgesync_pods_refused "), Some(0.0), "{text}");
+        assert!(
+            value(
+                &text,
+                "edgesync_certificate_expiry_timestamp_seconds{certificate=\"node\"}"
+            )
+            .is_some(),
+            "{text}"
+        );
+
+        // The head API serves the same over HTTPS.
+        let pem = std::fs::read(head.state.join("ca.crt")).unwrap();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        let tls = edgesync::transport::tls::https_client_config(&der).unwrap();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .unwrap();
+        let url = format!("https://localhost:{}/metrics", head.api.port());
+        let text = http.get(url).send().await.unwrap().text().await.unwrap();
+        assert!(text.contains("edgesync_peers_connected"), "{text}");
+    })
+    .await;
+}
