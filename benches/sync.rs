@@ -1,0 +1,538 @@
+//! `cargo bench --bench sync [-- --quick]`: the figures of BENCHMARKS.md, measured with the
+//! built binary as the head (and as edges where a whole process is measured) and in-process
+//! edges where many are needed, over loopback QUIC with SQLite on disk. Prints one JSON object
+//! per figure, then a table.
+
+use edgesync::config::EdgeConfig;
+use edgesync::control::Client;
+use edgesync::edge::Edge;
+use hyper::Method;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Figure {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    target: f64,
+    /// The figure meets its target when at most (true) or at least (false) the target.
+    at_most: bool,
+}
+
+impl Figure {
+    fn met(&self) -> bool {
+        if self.at_most {
+            self.value <= self.target
+        } else {
+            self.value >= self.target
+        }
+    }
+}
+
+/// A head process with its files under `dir`.
+struct HeadProcess {
+    child: Child,
+    dir: PathBuf,
+    addr: std::net::SocketAddr,
+}
+
+impl HeadProcess {
+    async fn start(dir: &Path) -> HeadProcess {
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let api = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_edgesync"))
+            .args(["head", "--name", "head", "--listen", &addr.to_string()])
+            .args(["--api-listen", &api.to_string()])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("head.sock"))
+            .env("EDGESYNC_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let head = HeadProcess {
+            child,
+            dir: dir.to_path_buf(),
+            addr,
+        };
+        wait(Duration::from_secs(20), || {
+            head.dir.join("state/join-token").exists()
+        })
+        .await;
+        while Client::new(&head.socket())
+            .request(Method::GET, "/healthz", None)
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        head
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("head.sock")
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("state/join-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    async fn apply(&self, yaml: String) {
+        let (status, body) = Client::new(&self.socket())
+            .request(Method::POST, "/v1/apply", Some(yaml.into_bytes()))
+            .await
+            .unwrap();
+        assert!(status.is_success(), "{}", String::from_utf8_lossy(&body));
+    }
+
+    /// Sum of the samples of `metric` whose labels contain `labels`.
+    async fn metric(&self, metric: &str, labels: &str) -> f64 {
+        let (_, body) = Client::new(&self.socket())
+            .request(Method::GET, "/metrics", None)
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| l.starts_with(metric) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn wire_bytes(&self) -> f64 {
+        self.metric("edgesync_wire_bytes_total", "role=\"edge\"")
+            .await
+    }
+}
+
+impl Drop for HeadProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait(limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+fn edgenode(namespace: &str, node: &str, pods: usize, image: &str) -> String {
+    let mut text = format!(
+        "---\napiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: {node}\n  namespace: {namespace}\nspec:\n  pods:\n"
+    );
+    for p in 0..pods {
+        text.push_str(&format!(
+            "    - apiVersion: v1\n      kind: Pod\n      metadata:\n        name: pod{p}\n      spec:\n        containers:\n          - name: main\n            image: {image}\n"
+        ));
+    }
+    text
+}
+
+fn manifest_has(dir: &Path, namespace: &str, pod: &str, image: &str) -> bool {
+    std::fs::read_to_string(dir.join(format!("edgesync_{namespace}_{pod}.json")))
+        .is_ok_and(|t| t.contains(&format!("\"{image}\"")))
+}
+
+fn edge_config(dir: &Path, name: &str, head: &HeadProcess, token: &str) -> EdgeConfig {
+    EdgeConfig {
+        drift_interval: Duration::from_secs(30),
+        ..EdgeConfig::for_test(dir, name, head.addr, Some(token.to_string()))
+    }
+}
+
+fn rss_bytes(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb * 1024.0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// 1: spec change on the head → manifest written on a connected edge.
+async fn latency(changes: usize) -> Vec<Figure> {
+    let dir = tempfile::tempdir().unwrap();
+    let head = HeadProcess::start(dir.path()).await;
+    let edge = Edge::start(edge_config(
+        &dir.path().join("edge"),
+        "edge01",
+        &head,
+        &head.token(),
+    ))
+    .await
+    .unwrap();
+    let manifests = dir.path().join("edge/manifests");
+    let mut samples = Vec::with_capacity(changes);
+    for i in 0..=changes {
+        let image = format!("nginx:{i}");
+        let started = Instant::now();
+        head.apply(edgenode("default", "edge01", 1, &image)).await;
+        wait(Duration::from_secs(10), || {
+            manifest_has(&manifests, "default", "pod0", &image)
+        })
+        .await;
+        if i > 0 {
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    edge.shutdown().await;
+    samples.sort_by(f64::total_cmp);
+    vec![
+        Figure {
+            name: format!("change_to_manifest_p50_of_{changes}"),
+            value: percentile(&samples, 0.5),
+            unit: "ms",
+            target: 20.0,
+            at_most: true,
+        },
+        Figure {
+            name: format!("change_to_manifest_p99_of_{changes}"),
+            value: percentile(&samples, 0.99),
+            unit: "ms",
+            target: 20.0,
+            at_most: true,
+        },
+    ]
+}
+
+/// 2: one pod update applied at once to `edges` EdgeNodes, one per connected edge.
+async fn fan_out(edges: usize) -> Vec<Figure> {
+    let dir = tempfile::tempdir().unwrap();
+    let head = HeadProcess::start(dir.path()).await;
+    let token = head.token();
+    let before = rss_bytes(head.child.id());
+    let mut running = Vec::new();
+    for chunk in (0..edges).collect::<Vec<_>>().chunks(50) {
+        let starts = chunk.iter().map(|i| {
+            let config = edge_config(
+                &dir.path().join(format!("e{i}")),
+                &format!("edge{i}"),
+                &head,
+                &token,
+            );
+            Edge::start(config)
+        });
+        for edge in futures_util::future::join_all(starts).await {
+            running.push(edge.unwrap());
+        }
+    }
+    let all = |image: &str| {
+        (0..edges)
+            .map(|i| edgenode("default", &format!("edge{i}"), 1, image))
+            .collect::<String>()
+    };
+    let written = |image: &str| {
+        (0..edges).all(|i| {
+            manifest_has(
+                &dir.path().join(format!("e{i}/manifests")),
+                "default",
+                "pod0",
+                image,
+            )
+        })
+    };
+    head.apply(all("nginx:1")).await;
+    wait(Duration::from_secs(120), || written("nginx:1")).await;
+    let per_edge = (rss_bytes(head.child.id()) - before) / edges as f64 / 1024.0;
+    let started = Instant::now();
+    head.apply(all("nginx:2")).await;
+    wait(Duration::from_secs(120), || written("nginx:2")).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    for edge in running {
+        edge.shutdown().await;
+    }
+    vec![
+        Figure {
+            name: format!("fan_out_{edges}_edges_last_manifest"),
+            value: elapsed,
+            unit: "s",
+            target: 2.0,
+            at_most: true,
+        },
+        Figure {
+            name: "head_memory_per_edge".into(),
+            value: per_edge,
+            unit: "KiB",
+            target: 100.0,
+            at_most: true,
+        },
+    ]
+}
+
+/// 3: bytes both ways when an edge comes back after 1% of its documents changed.
+async fn resync(docs: usize) -> Vec<Figure> {
+    let dir = tempfile::tempdir().unwrap();
+    let head = HeadProcess::start(dir.path()).await;
+    let edge_dir = dir.path().join("edge");
+    let config = edge_config(&edge_dir, "edge01", &head, &head.token());
+    let manifests = edge_dir.join("manifests");
+    let all: String = (0..docs)
+        .map(|d| edgenode(&format!("ns{d}"), "edge01", 1, "nginx:1"))
+        .collect();
+    let start = head.wire_bytes().await;
+    let edge = Edge::start(config.clone()).await.unwrap();
+    head.apply(all).await;
+    wait(Duration::from_secs(120), || {
+        (0..docs).all(|d| manifest_has(&manifests, &format!("ns{d}"), "pod0", "nginx:1"))
+    })
+    .await;
+    quiet(&head).await;
+    let full = head.wire_bytes().await - start;
+    edge.shutdown().await;
+    let changed = (docs / 100).max(1);
+    let update: String = (0..changed)
+        .map(|d| edgenode(&format!("ns{d}"), "edge01", 1, "nginx:2"))
+        .collect();
+    head.apply(update).await;
+    let (bytes0, frames0) = (
+        head.wire_bytes().await,
+        head.metric("edgesync_frames_total", "role=\"edge\"").await,
+    );
+    let edge = Edge::start(config).await.unwrap();
+    wait(Duration::from_secs(60), || {
+        (0..changed).all(|d| manifest_has(&manifests, &format!("ns{d}"), "pod0", "nginx:2"))
+    })
+    .await;
+    quiet(&head).await;
+    let bytes = head.wire_bytes().await - bytes0;
+    let frames = head.metric("edgesync_frames_total", "role=\"edge\"").await - frames0;
+    edge.shutdown().await;
+    vec![
+        Figure {
+            name: format!("resync_{docs}_docs_bytes_vs_full_copy"),
+            value: 100.0 * bytes / full,
+            unit: "%",
+            target: 5.0,
+            at_most: true,
+        },
+        Figure {
+            name: "resync_messages_per_document".into(),
+            value: frames / docs as f64,
+            unit: "messages",
+            target: 4.0,
+            at_most: true,
+        },
+    ]
+}
+
+/// Waits until the head's edge traffic has stood still for half a second.
+async fn quiet(head: &HeadProcess) {
+    let mut last = head.wire_bytes().await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = head.wire_bytes().await;
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// 4: an idle edge process with 10 EdgeNodes and 50 pods.
+async fn idle(seconds: u64) -> Vec<Figure> {
+    let dir = tempfile::tempdir().unwrap();
+    let head = HeadProcess::start(dir.path()).await;
+    let edge_dir = dir.path().join("edge");
+    let mut edge = Command::new(env!("CARGO_BIN_EXE_edgesync"))
+        .args([
+            "edge",
+            "--node-name",
+            "edge01",
+            "--head",
+            &head.addr.to_string(),
+            "--token",
+            &head.token(),
+        ])
+        .arg("--state-dir")
+        .arg(edge_dir.join("state"))
+        .arg("--manifest-dir")
+        .arg(edge_dir.join("manifests"))
+        .arg("--socket")
+        .arg(edge_dir.join("edge.sock"))
+        .env("EDGESYNC_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let all: String = (0..10)
+        .map(|d| edgenode(&format!("ns{d}"), "edge01", 5, "nginx:1"))
+        .collect();
+    head.apply(all).await;
+    let manifests = edge_dir.join("manifests");
+    wait(Duration::from_secs(60), || {
+        (0..10).all(|d| manifest_has(&manifests, &format!("ns{d}"), "pod4", "nginx:1"))
+    })
+    .await;
+    quiet(&head).await;
+    let pid = edge.id();
+    let (cpu0, bytes0) = (cpu_seconds(pid), head.wire_bytes().await);
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let cpu = (cpu_seconds(pid) - cpu0) / seconds as f64 * 100.0;
+    let bytes = (head.wire_bytes().await - bytes0) / seconds as f64;
+    let rss = rss_bytes(pid) / 1024.0 / 1024.0;
+    let _ = edge.kill();
+    let _ = edge.wait();
+    vec![
+        Figure {
+            name: "idle_edge_memory".into(),
+            value: rss,
+            unit: "MiB",
+            target: 15.0,
+            at_most: true,
+        },
+        Figure {
+            name: "idle_edge_cpu".into(),
+            value: cpu,
+            unit: "% of a core",
+            target: 0.1,
+            at_most: true,
+        },
+        Figure {
+            name: "idle_wire".into(),
+            value: bytes,
+            unit: "bytes/s",
+            target: 32.0,
+            at_most: true,
+        },
+    ]
+}
+
+/// 5: EdgeNode updates per second the head applies to its documents and SQLite.
+async fn ingest(updates: usize) -> Vec<Figure> {
+    let dir = tempfile::tempdir().unwrap();
+    let head = HeadProcess::start(dir.path()).await;
+    let docs = 100;
+    let batch = |round: usize| -> String {
+        (0..docs)
+            .map(|d| edgenode("default", &format!("edge{d}"), 1, &format!("nginx:{round}")))
+            .collect()
+    };
+    head.apply(batch(0)).await;
+    let started = Instant::now();
+    let rounds = updates / docs;
+    for round in 1..=rounds {
+        head.apply(batch(round)).await;
+    }
+    let rate = (rounds * docs) as f64 / started.elapsed().as_secs_f64();
+    vec![Figure {
+        name: "head_ingest".into(),
+        value: rate,
+        unit: "updates/s",
+        target: 5000.0,
+        at_most: false,
+    }]
+}
+
+/// 6: an edge with 100 pods in its cache and the head unreachable, from exec to every manifest.
+async fn cold_start() -> Vec<Figure> {
+    let dir = tempfile::tempdir().unwrap();
+    let edge_dir = dir.path().join("edge");
+    let manifests = edge_dir.join("manifests");
+    let spawn = |head: &str, token: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_edgesync"));
+        command
+            .args(["edge", "--node-name", "edge01", "--head", head])
+            .arg("--state-dir")
+            .arg(edge_dir.join("state"))
+            .arg("--manifest-dir")
+            .arg(&manifests)
+            .arg("--socket")
+            .arg(edge_dir.join("edge.sock"))
+            .env("EDGESYNC_LOG", "warn")
+            .stderr(Stdio::null());
+        if let Some(token) = token {
+            command.args(["--token", token]);
+        }
+        command.spawn().unwrap()
+    };
+    let all_written =
+        || (0..100).all(|p| manifest_has(&manifests, "default", &format!("pod{p}"), "nginx:1"));
+    let head_addr = {
+        let head = HeadProcess::start(&dir.path().join("head")).await;
+        let mut edge = spawn(&head.addr.to_string(), Some(&head.token()));
+        head.apply(edgenode("default", "edge01", 100, "nginx:1"))
+            .await;
+        wait(Duration::from_secs(60), all_written).await;
+        let _ = edge.kill();
+        let _ = edge.wait();
+        head.addr.to_string()
+    };
+    std::fs::remove_dir_all(&manifests).unwrap();
+    let started = Instant::now();
+    let mut edge = spawn(&head_addr, None);
+    wait(Duration::from_secs(30), all_written).await;
+    let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+    let _ = edge.kill();
+    let _ = edge.wait();
+    vec![Figure {
+        name: "cold_start_100_pods".into(),
+        value: elapsed,
+        unit: "ms",
+        target: 300.0,
+        at_most: true,
+    }]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let mut figures = Vec::new();
+    figures.extend(latency(if quick { 100 } else { 1000 }).await);
+    figures.extend(fan_out(if quick { 100 } else { 1000 }).await);
+    figures.extend(resync(if quick { 200 } else { 1000 }).await);
+    figures.extend(idle(if quick { 5 } else { 30 }).await);
+    figures.extend(ingest(if quick { 2000 } else { 10000 }).await);
+    figures.extend(cold_start().await);
+    for f in &figures {
+        let line = json!({"name": f.name, "value": (f.value * 1000.0).round() / 1000.0, "unit": f.unit, "target": f.target, "met": f.met()});
+        println!("{line}");
+    }
+    println!(
+        "\n{:<30} {:>12} {:<12} {:>10}  met",
+        "figure", "value", "unit", "target"
+    );
+    for f in &figures {
+        let cmp = if f.at_most { "<=" } else { ">=" };
+        println!(
+            "{:<30} {:>12.3} {:<12} {cmp}{:>8}  {}",
+            f.name,
+            f.value,
+            f.unit,
+            f.target,
+            if f.met() { "yes" } else { "NO" }
+        );
+    }
+}
