@@ -526,11 +526,9 @@ impl Node {
             }
             .into());
         }
-        let mut outcomes = Vec::new();
-        for node in &nodes {
-            outcomes.push(self.apply_node(node).await?);
-        }
-        Ok(outcomes)
+        // Together, so their database writes share commits (each document keeps its own lock,
+        // taken in file order).
+        futures_util::future::try_join_all(nodes.iter().map(|node| self.apply_node(node))).await
     }
 
     /// Writes one validated EdgeNode into its document as a minimal diff.
