@@ -643,6 +643,19 @@ impl Node {
         Ok(())
     }
 
+    /// A short digest of document `key`'s heads (see [`crate::sync::wire::Frame::Summary`]).
+    pub async fn heads_digest(&self, key: &str) -> Option<Vec<u8>> {
+        let entry = self.entry(key)?;
+        let mut heads = entry.lock().await.doc.get_heads();
+        heads.sort();
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        for head in &heads {
+            sha2::Digest::update(&mut hasher, head.0);
+        }
+        let digest = sha2::Digest::finalize(hasher);
+        Some(digest[..crate::sync::wire::DIGEST_LEN].to_vec())
+    }
+
     /// The next sync message for `key` towards a peer, if any.
     pub async fn generate_sync(&self, key: &str, state: &mut sync::State) -> Option<sync::Message> {
         let entry = self.entry(key)?;

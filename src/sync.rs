@@ -69,9 +69,8 @@ where
     let reader = tokio::spawn(read_frames(recv, frames_tx));
     let mut writer = tokio::spawn(write_frames(send, out_rx, node.clone()));
     let result = async {
-        for key in node.sync_keys() {
-            session.push(&key).await?;
-        }
+        // Documents start syncing when the peer's summary shows they differ.
+        session.send_summary().await?;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -165,6 +164,34 @@ impl Session {
         Ok(())
     }
 
+    /// Tells the peer the heads of every document it may see.
+    async fn send_summary(&mut self) -> Result<(), SessionError> {
+        let mut entries = Vec::new();
+        for key in self.node.sync_keys() {
+            if self.peer.may_access(&key)
+                && let Some(digest) = self.node.heads_digest(&key).await
+            {
+                entries.push((key, digest));
+            }
+        }
+        self.send(&Frame::Summary { entries })
+    }
+
+    /// Starts syncing every document whose heads differ from the peer's (or that it lacks).
+    async fn on_summary(&mut self, entries: Vec<(String, Vec<u8>)>) -> Result<(), SessionError> {
+        let theirs: HashMap<String, Vec<u8>> = entries.into_iter().collect();
+        for key in self.node.sync_keys() {
+            let same = match theirs.get(&key) {
+                Some(digest) => self.node.heads_digest(&key).await.as_ref() == Some(digest),
+                None => false,
+            };
+            if !same {
+                self.push(&key).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the next sync message for `key`, if the peer may see it and there is one.
     async fn push(&mut self, key: &str) -> Result<(), SessionError> {
         if !self.peer.may_access(key) {
@@ -185,6 +212,7 @@ impl Session {
         let (key, message) = match frame {
             Frame::Sync { doc, message } => (doc, message),
             Frame::Hello { .. } => return Ok(()),
+            Frame::Summary { entries } => return self.on_summary(entries).await,
             Frame::Error { message } => {
                 warn!(peer = %self.peer.name, %message, "peer reported an error");
                 return Ok(());

@@ -60,7 +60,16 @@ pub enum Frame {
         /// What went wrong.
         message: String,
     },
+    /// Sent by both sides when a session starts: a short digest of the heads of every document
+    /// the other side may see, so only documents that differ start a sync.
+    Summary {
+        /// Document key and [`DIGEST_LEN`] bytes of the SHA-256 of its sorted heads.
+        entries: Vec<(String, Vec<u8>)>,
+    },
 }
+
+/// Length of a document's heads digest in a [`Frame::Summary`].
+pub const DIGEST_LEN: usize = 8;
 
 /// A frame could not be read or was invalid.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +97,7 @@ impl Frame {
             Frame::JoinAccepted { .. } => 4,
             Frame::Error { .. } => 5,
             Frame::Renew { .. } => 6,
+            Frame::Summary { .. } => 7,
         }
     }
 
@@ -130,6 +140,12 @@ impl Frame {
             }
             Frame::Error { message } => put(message.as_bytes()),
             Frame::Renew { csr } => put(csr),
+            Frame::Summary { entries } => {
+                for (key, digest) in entries {
+                    put(key.as_bytes());
+                    put(digest);
+                }
+            }
         }
         if payload.len() > MAX_FRAME {
             return Err(WireError::TooLarge(payload.len()));
@@ -171,6 +187,13 @@ impl Frame {
             6 => Frame::Renew {
                 csr: fields.bytes(16 << 10)?,
             },
+            7 => {
+                let mut entries = Vec::new();
+                while !fields.0.is_empty() {
+                    entries.push((fields.text(MAX_DOC_KEY)?, fields.bytes(DIGEST_LEN)?));
+                }
+                Frame::Summary { entries }
+            }
             _ => return Err(WireError::Malformed("unknown frame kind")),
         };
         if !fields.0.is_empty() {
@@ -269,6 +292,12 @@ mod tests {
                 message: "no".into(),
             },
             Frame::Renew { csr: vec![7; 200] },
+            Frame::Summary {
+                entries: vec![
+                    ("default/edge01".into(), vec![1; DIGEST_LEN]),
+                    ("team-a/edge01".into(), vec![2; DIGEST_LEN]),
+                ],
+            },
         ]
     }
 
