@@ -510,12 +510,17 @@ async fn cold_start() -> Vec<Figure> {
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let mut figures = Vec::new();
-    figures.extend(latency(if quick { 100 } else { 1000 }).await);
-    figures.extend(fan_out(if quick { 100 } else { 1000 }).await);
-    figures.extend(resync(if quick { 200 } else { 1000 }).await);
-    figures.extend(idle(if quick { 5 } else { 30 }).await);
-    figures.extend(ingest(if quick { 2000 } else { 10000 }).await);
-    figures.extend(cold_start().await);
+    let run = Instant::now();
+    let mut phase = |name: &str, found: Vec<Figure>| {
+        eprintln!("{name}: done at {:.1} s", run.elapsed().as_secs_f64());
+        figures.extend(found);
+    };
+    phase("latency", latency(if quick { 100 } else { 1000 }).await);
+    phase("fan-out", fan_out(if quick { 100 } else { 1000 }).await);
+    phase("resync", resync(if quick { 200 } else { 1000 }).await);
+    phase("idle", idle(if quick { 5 } else { 30 }).await);
+    phase("ingest", ingest(if quick { 2000 } else { 10000 }).await);
+    phase("cold start", cold_start().await);
     for f in &figures {
         let line = json!({"name": f.name, "value": (f.value * 1000.0).round() / 1000.0, "unit": f.unit, "target": f.target, "met": f.met()});
         println!("{line}");
