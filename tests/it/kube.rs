@@ -35,6 +35,26 @@ impl Cluster {
         }
     }
 
+    /// A head that uses this cluster, in `dir`.
+    async fn head(&self, dir: &Path) -> HeadProc {
+        HeadProc::start(dir, free_udp_addr(), &["--kubeconfig", &self.kubeconfig]).await
+    }
+
+    /// A head, and edge01 joined to it through a relay that can cut the link.
+    async fn edge_behind_relay(
+        &self,
+        dir: &Path,
+    ) -> (HeadProc, crate::relay::Relay, EdgeDirs, Daemon) {
+        let head_addr = free_udp_addr();
+        let head = HeadProc::start(dir, head_addr, &["--kubeconfig", &self.kubeconfig]).await;
+        let relay = crate::relay::Relay::start(head_addr).await.unwrap();
+        let dirs = EdgeDirs::new(dir, "edge01");
+        let edge = dirs
+            .start("edge01", &[relay.local_addr()], Some(&head.token()))
+            .await;
+        (head, relay, dirs, edge)
+    }
+
     fn edgenodes(&self, namespace: &str) -> Api<EdgeNode> {
         Api::namespaced(self.client.clone(), namespace)
     }
@@ -92,12 +112,7 @@ async fn kubectl_apply_reaches_the_edge_and_status_comes_back() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
-        let head = HeadProc::start(
-            dir.path(),
-            free_udp_addr(),
-            &["--kubeconfig", &cluster.kubeconfig],
-        )
-        .await;
+        let head = cluster.head(dir.path()).await;
         let dirs = EdgeDirs::new(dir.path(), "edge01");
         let _edge = dirs
             .start("edge01", &[head.addr], Some(&head.token()))
@@ -200,12 +215,7 @@ async fn a_deleted_edgenode_waits_for_its_offline_edge() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
-        let head = HeadProc::start(
-            dir.path(),
-            free_udp_addr(),
-            &["--kubeconfig", &cluster.kubeconfig],
-        )
-        .await;
+        let head = cluster.head(dir.path()).await;
         let dirs = EdgeDirs::new(dir.path(), "edge01");
         let edge = dirs
             .start("edge01", &[head.addr], Some(&head.token()))
@@ -269,18 +279,7 @@ async fn edge_offline_edits_are_written_back_and_merge_with_user_edits() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
-        let head_addr = free_udp_addr();
-        let head = HeadProc::start(
-            dir.path(),
-            head_addr,
-            &["--kubeconfig", &cluster.kubeconfig],
-        )
-        .await;
-        let relay = crate::relay::Relay::start(head_addr).await.unwrap();
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[relay.local_addr()], Some(&head.token()))
-            .await;
+        let (_head, relay, dirs, edge) = cluster.edge_behind_relay(dir.path()).await;
         cluster
             .apply(&edgenode(
                 "default",
@@ -376,12 +375,7 @@ async fn a_broken_or_expired_watch_recovers_without_losing_anything() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
-        let head = HeadProc::start(
-            dir.path(),
-            free_udp_addr(),
-            &["--kubeconfig", &cluster.kubeconfig],
-        )
-        .await;
+        let head = cluster.head(dir.path()).await;
         let dirs = EdgeDirs::new(dir.path(), "edge01");
         let _edge = dirs
             .start("edge01", &[head.addr], Some(&head.token()))
@@ -460,12 +454,7 @@ async fn a_resource_the_head_refuses_says_why_in_its_status() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
-        let _head = HeadProc::start(
-            dir.path(),
-            free_udp_addr(),
-            &["--kubeconfig", &cluster.kubeconfig],
-        )
-        .await;
+        let _head = cluster.head(dir.path()).await;
         let privileged = edgenode("default", "edge01", &[("agent", "agent:1")])
             .replace("      spec:\n", "      spec:\n        hostNetwork: true\n");
         let object: Value = serde_saphyr::from_str(&privileged).unwrap();
@@ -528,12 +517,7 @@ async fn mirror_pods_and_the_node_decide_the_phase() {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
         cluster.api.put(kube_node("edge01", true));
-        let head = HeadProc::start(
-            dir.path(),
-            free_udp_addr(),
-            &["--kubeconfig", &cluster.kubeconfig],
-        )
-        .await;
+        let head = cluster.head(dir.path()).await;
         let dirs = EdgeDirs::new(dir.path(), "edge01");
         let _edge = dirs
             .start("edge01", &[head.addr], Some(&head.token()))
@@ -780,18 +764,7 @@ async fn the_same_field_edited_on_both_sides_is_shown_as_a_conflict() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
-        let head_addr = free_udp_addr();
-        let head = HeadProc::start(
-            dir.path(),
-            head_addr,
-            &["--kubeconfig", &cluster.kubeconfig],
-        )
-        .await;
-        let relay = crate::relay::Relay::start(head_addr).await.unwrap();
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[relay.local_addr()], Some(&head.token()))
-            .await;
+        let (_head, relay, dirs, edge) = cluster.edge_behind_relay(dir.path()).await;
         cluster
             .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
             .await;
