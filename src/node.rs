@@ -769,10 +769,11 @@ impl Node {
         if self.is_connected(name) {
             return true;
         }
-        let presence = self.registry().await.presence;
-        presence
-            .get(name)
-            .is_some_and(|head| *head != self.0.name && self.is_connected(head))
+        let Some(entry) = self.entry(registry::KEY) else {
+            return false;
+        };
+        let head = registry::presence_of(&entry.lock().await.doc, name);
+        head.is_some_and(|head| head != self.0.name && self.is_connected(&head))
     }
 
     /// Changes a known peer's record.

@@ -159,6 +159,15 @@ pub fn set_registration(
     Ok(changed)
 }
 
+/// The head edge `name` is connected to, read without reading the whole registry.
+pub fn presence_of(doc: &AutoCommit, name: &str) -> Option<String> {
+    let presence = map(doc, "presence").ok()?;
+    match doc.get(&presence, name).ok()?? {
+        (AmValue::Scalar(s), _) => s.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
 /// Records that edge `name` is connected to `head`, or (None) no longer to `me`.
 pub fn set_presence(
     doc: &mut AutoCommit,
@@ -169,7 +178,7 @@ pub fn set_presence(
     let presence = map(doc, "presence")?;
     let changed = match head {
         Some(head) => reconcile(doc, &presence, name.into(), &Value::from(head))?,
-        None if read(doc).presence.get(name).map(String::as_str) == Some(me) => {
+        None if presence_of(doc, name).as_deref() == Some(me) => {
             doc.delete(&presence, name)?;
             true
         }
