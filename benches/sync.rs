@@ -123,11 +123,16 @@ impl Drop for HeadProcess {
     }
 }
 
-async fn wait(limit: Duration, mut done: impl FnMut() -> bool) {
+async fn wait(limit: Duration, done: impl FnMut() -> bool) {
+    wait_every(limit, Duration::from_micros(200), done).await
+}
+
+/// Checks `done` every `every` until it holds; panics after `limit`.
+async fn wait_every(limit: Duration, every: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
         assert!(start.elapsed() < limit, "timed out");
-        tokio::time::sleep(Duration::from_micros(200)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -236,6 +241,7 @@ async fn fan_out(edges: usize) -> Vec<Figure> {
     let token = head.token();
     let before = rss_bytes(head.child.id());
     let mut running = Vec::new();
+    let joined = Instant::now();
     for chunk in (0..edges).collect::<Vec<_>>().chunks(50) {
         let starts = chunk.iter().map(|i| {
             let config = edge_config(
@@ -250,31 +256,54 @@ async fn fan_out(edges: usize) -> Vec<Figure> {
             running.push(edge.unwrap());
         }
     }
+    eprintln!(
+        "fan-out: {edges} edges joined in {:.1} s",
+        joined.elapsed().as_secs_f64()
+    );
     let all = |image: &str| {
         (0..edges)
             .map(|i| edgenode("default", &format!("edge{i}"), 1, image))
             .collect::<String>()
     };
-    let written = |image: &str| {
-        (0..edges).all(|i| {
-            manifest_has(
-                &dir.path().join(format!("e{i}/manifests")),
-                "default",
-                "pod0",
-                image,
-            )
-        })
+    // Reads only the manifests not yet seen written and replaced since last read (a write
+    // renames a new file into place), so polling takes little from the edges.
+    let written = |image: &'static str| {
+        let mut missing: Vec<(PathBuf, u64)> = (0..edges)
+            .map(|i| (dir.path().join(format!("e{i}/manifests")), 0))
+            .collect();
+        move || {
+            missing.retain_mut(|(dir, seen)| {
+                use std::os::unix::fs::MetadataExt;
+                let file = dir.join("edgesync_default_pod0.json");
+                let inode = std::fs::metadata(&file).map_or(0, |m| m.ino());
+                if inode == *seen {
+                    return true;
+                }
+                *seen = inode;
+                !manifest_has(dir, "default", "pod0", image)
+            });
+            missing.is_empty()
+        }
     };
+    let poll = Duration::from_millis(1);
     head.apply(all("nginx:1")).await;
-    wait(Duration::from_secs(120), || written("nginx:1")).await;
+    wait_every(Duration::from_secs(120), poll, written("nginx:1")).await;
     let per_edge = (rss_bytes(head.child.id()) - before) / edges as f64 / 1024.0;
     let started = Instant::now();
+    let (hc, bc) = (
+        cpu_seconds(head.child.id()),
+        cpu_seconds(std::process::id()),
+    );
     head.apply(all("nginx:2")).await;
-    wait(Duration::from_secs(120), || written("nginx:2")).await;
+    eprintln!("TMP applied at {:.3}", started.elapsed().as_secs_f64());
+    wait_every(Duration::from_secs(120), poll, written("nginx:2")).await;
     let elapsed = started.elapsed().as_secs_f64();
-    for edge in running {
-        edge.shutdown().await;
-    }
+    eprintln!(
+        "TMP head cpu {:.2} bench cpu {:.2}",
+        cpu_seconds(head.child.id()) - hc,
+        cpu_seconds(std::process::id()) - bc
+    );
+    futures_util::future::join_all(running.into_iter().map(Edge::shutdown)).await;
     vec![
         Figure {
             name: format!("fan_out_{edges}_edges_last_manifest"),
@@ -508,19 +537,39 @@ async fn cold_start() -> Vec<Figure> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    // `--quick`, and optionally the names of the parts to run (all by default).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.contains(&name);
     let mut figures = Vec::new();
     let run = Instant::now();
     let mut phase = |name: &str, found: Vec<Figure>| {
         eprintln!("{name}: done at {:.1} s", run.elapsed().as_secs_f64());
         figures.extend(found);
     };
-    phase("latency", latency(if quick { 100 } else { 1000 }).await);
-    phase("fan-out", fan_out(if quick { 100 } else { 1000 }).await);
-    phase("resync", resync(if quick { 200 } else { 1000 }).await);
-    phase("idle", idle(if quick { 5 } else { 30 }).await);
-    phase("ingest", ingest(if quick { 2000 } else { 10000 }).await);
-    phase("cold start", cold_start().await);
+    if wanted("latency") {
+        phase("latency", latency(if quick { 100 } else { 1000 }).await);
+    }
+    if wanted("fan-out") {
+        phase("fan-out", fan_out(if quick { 100 } else { 1000 }).await);
+    }
+    if wanted("resync") {
+        phase("resync", resync(if quick { 200 } else { 1000 }).await);
+    }
+    if wanted("idle") {
+        phase("idle", idle(if quick { 5 } else { 30 }).await);
+    }
+    if wanted("ingest") {
+        phase("ingest", ingest(if quick { 2000 } else { 10000 }).await);
+    }
+    if wanted("cold-start") {
+        phase("cold-start", cold_start().await);
+    }
     for f in &figures {
         let line = json!({"name": f.name, "value": (f.value * 1000.0).round() / 1000.0, "unit": f.unit, "target": f.target, "met": f.met()});
         println!("{line}");

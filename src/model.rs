@@ -192,6 +192,24 @@ pub fn set_status(
     Ok(changed)
 }
 
+/// Whether the document holds a live EdgeNode: it was created (generation above 0) and is not
+/// deleted. Reads two fields, not the whole document.
+pub fn is_live(doc: &AutoCommit) -> Result<bool, ModelError> {
+    let generation = match doc.get(ROOT, "generation")? {
+        Some((AmValue::Scalar(s), _)) => match s.as_ref() {
+            ScalarValue::Counter(c) => i64::from(c),
+            ScalarValue::Int(i) => *i,
+            _ => 0,
+        },
+        _ => 0,
+    };
+    let deleted = matches!(
+        doc.get(ROOT, "deleted")?,
+        Some((AmValue::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Boolean(true))
+    );
+    Ok(generation > 0 && !deleted)
+}
+
 /// Reads a document into a [`DocView`].
 pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
     let json = serde_json::to_value(automerge::AutoSerde::from(doc))
@@ -504,7 +522,9 @@ mod tests {
     #[test]
     fn spec_round_trips_and_reapply_is_a_no_op() {
         let mut doc = genesis("default/edge01", &ActorId::random());
+        assert!(!is_live(&doc).unwrap(), "genesis is not an EdgeNode yet");
         assert!(set_spec(&mut doc, &desired("nginx"), "2026-01-01T00:00:00Z").unwrap());
+        assert!(is_live(&doc).unwrap());
         let heads = doc.get_heads();
         assert!(!set_spec(&mut doc, &desired("nginx"), "later").unwrap());
         assert_eq!(doc.get_heads(), heads);
@@ -627,6 +647,7 @@ mod tests {
         assert!(set_status(&mut doc, 1, &states).unwrap());
         assert!(!set_status(&mut doc, 1, &states).unwrap());
         assert!(mark_deleted(&mut doc).unwrap());
+        assert!(!is_live(&doc).unwrap());
         let view = read(&doc, "team-a/edge01").unwrap();
         assert!(view.deleted && view.pods.is_empty());
         assert_eq!(view.namespace, "team-a");

@@ -9,6 +9,7 @@ use crate::metrics::{EdgeLabels, Metrics, RoleLabels};
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registration, Registry};
 use crate::store::{COMPACT_AFTER_CHUNKS, DocWrite, JoinedNode, Store, StoreError, StoredDoc};
+use crate::sync::feed::{Feed, Feeds};
 use crate::transport::tls::{Identity, Role};
 use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, AutoCommit};
@@ -178,6 +179,7 @@ struct Inner {
     rules: Rules,
     docs: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<DocEntry>>>>,
     changes: broadcast::Sender<String>,
+    feeds: Feeds,
     peers: Mutex<BTreeMap<String, PeerInfo>>,
     kicks: Mutex<BTreeMap<String, CancellationToken>>,
     applied: Mutex<Vec<AppliedPod>>,
@@ -238,6 +240,7 @@ impl Node {
             rules,
             docs: Mutex::new(docs),
             changes,
+            feeds: Feeds::default(),
             peers: Mutex::new(BTreeMap::new()),
             kicks: Mutex::new(BTreeMap::new()),
             applied: Mutex::new(Vec::new()),
@@ -329,6 +332,11 @@ impl Node {
             .filter(|k| !registry::is_internal(k))
             .cloned()
             .collect()
+    }
+
+    /// Changes to the documents `peer` may see, for a sync session with it.
+    pub fn feed(&self, peer: &Identity) -> Arc<Feed> {
+        self.0.feeds.subscribe(peer)
     }
 
     /// Every document key, the heads' registry included (what sync sessions offer; each
@@ -497,6 +505,7 @@ impl Node {
         }
         if changed {
             let _ = self.0.changes.send(key.to_string());
+            self.0.feeds.publish(key);
         }
         Ok(())
     }
@@ -536,7 +545,7 @@ impl Node {
         let key = desired.key();
         let entry = self.entry_or_genesis(&key);
         let mut entry = entry.lock().await;
-        let before = model::read(&entry.doc, &key)?;
+        let existed = model::is_live(&entry.doc)?;
         let mut changed = model::set_spec(&mut entry.doc, desired, &now())?;
         if self.0.role == Role::Head {
             let privileged = self
@@ -547,10 +556,10 @@ impl Node {
             changed |= model::set_privileged(&mut entry.doc, privileged)?;
         }
         self.persist(&key, &mut entry, Vec::new(), false).await?;
-        let result = match (before.generation == 0 || before.deleted, changed) {
-            (true, _) => "created",
-            (false, true) => "configured",
-            (false, false) => "unchanged",
+        let result = match (existed, changed) {
+            (false, _) => "created",
+            (true, true) => "configured",
+            (true, false) => "unchanged",
         };
         Ok(ApplyOutcome {
             key,
@@ -564,7 +573,7 @@ impl Node {
             .entry(key)
             .ok_or_else(|| NodeError::NotFound(key.to_string()))?;
         let mut entry = entry.lock().await;
-        if model::read(&entry.doc, key)?.deleted {
+        if !model::is_live(&entry.doc)? {
             return Err(NodeError::NotFound(key.to_string()));
         }
         if self.0.role == Role::Edge

@@ -1,6 +1,7 @@
 //! One sync session per connection: Automerge's sync protocol per (peer, document), pushed on
 //! every change, with sync state persisted so a reconnect sends only what is missing.
 
+pub mod feed;
 pub mod wire;
 
 use crate::node::{Node, PeerAddress, now};
@@ -8,7 +9,7 @@ use crate::transport::tls::Identity;
 use automerge::sync;
 use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wire::{Frame, WireError, read_frame};
@@ -43,7 +44,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut changes = node.subscribe();
+    let changes = node.feed(&peer);
     let removed = node.removal_of(&peer.name);
     node.peer_connected(&peer, &address).await;
     let (out, out_rx) = mpsc::unbounded_channel();
@@ -86,15 +87,11 @@ where
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(frame)) => session.handle(frame).await?,
                 },
-                changed = changes.recv() => match changed {
-                    Ok(key) => session.push(&key).await?,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        for key in node.sync_keys() {
-                            session.push(&key).await?;
-                        }
+                keys = changes.next() => {
+                    for key in keys {
+                        session.push(&key).await?;
                     }
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                },
+                }
             }
         }
     }

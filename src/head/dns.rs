@@ -26,6 +26,8 @@ pub const DEFAULT_TTL: u32 = 300;
 /// How long a refused change waits before it is tried again.
 const REFUSED_RETRY: Duration = Duration::from_secs(600);
 /// Longest wait for one provider request.
+/// How long a registry change may wait for others to be handled with it.
+const SETTLE: Duration = Duration::from_millis(200);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `[dns]` of head.toml.
@@ -233,11 +235,19 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             changed = leading.changed(), if elected => elected = changed.is_ok(),
             _ = wait => {}
-            changed = changes.recv() => match changed {
-                Ok(key) if key != registry::KEY => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                _ => {}
-            },
+            changed = changes.recv() => {
+                match changed {
+                    Ok(key) if key != registry::KEY => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    // Registry changes come in bursts (many edges connect at once): each
+                    // pass reads the whole registry, so one pass follows a burst.
+                    _ => {
+                        let soon = Instant::now() + SETTLE;
+                        retry_at = Some(retry_at.map_or(soon, |at| at.min(soon)));
+                    }
+                }
+                continue;
+            }
         }
         if !*leading.borrow() {
             retry_at = None;

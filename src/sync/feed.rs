@@ -1,0 +1,136 @@
+//! Change notices for sync sessions. A session hears only of the documents its peer may see,
+//! so a change to one edge's document wakes one session, not every session on the head; and
+//! changes that pile up while a session is busy are one notice per document.
+
+use crate::transport::tls::{Identity, Role};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use tokio::sync::Notify;
+
+/// Documents changed since a session last looked.
+#[derive(Default)]
+pub struct Feed {
+    keys: Mutex<BTreeSet<String>>,
+    wake: Notify,
+}
+
+impl Feed {
+    /// Waits for changes and takes them all, each key once.
+    /// Cancel-safe: keys not yet taken stay for the next call.
+    pub async fn next(&self) -> BTreeSet<String> {
+        loop {
+            let keys = std::mem::take(&mut *lock(&self.keys));
+            if !keys.is_empty() {
+                return keys;
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    fn add(&self, key: &str) {
+        lock(&self.keys).insert(key.to_string());
+        self.wake.notify_one();
+    }
+}
+
+/// Every live feed, by what it may see: heads see every document, an edge only its own.
+#[derive(Default)]
+pub struct Feeds {
+    heads: Mutex<Vec<Weak<Feed>>>,
+    edges: Mutex<HashMap<String, Vec<Weak<Feed>>>>,
+}
+
+impl Feeds {
+    /// A feed for a session with `peer`; it ends when the session drops it.
+    pub fn subscribe(&self, peer: &Identity) -> Arc<Feed> {
+        let feed = Arc::new(Feed::default());
+        let weak = Arc::downgrade(&feed);
+        match peer.role {
+            Role::Head => push_live(&mut lock(&self.heads), weak),
+            Role::Edge => {
+                let mut edges = lock(&self.edges);
+                push_live(edges.entry(peer.name.clone()).or_default(), weak);
+            }
+        }
+        feed
+    }
+
+    /// Tells the feeds that may see document `key` that it changed.
+    pub fn publish(&self, key: &str) {
+        notify_live(&mut lock(&self.heads), key);
+        if let Some(edge) = crate::transport::tls::edge_of(key) {
+            let mut edges = lock(&self.edges);
+            if let Some(feeds) = edges.get_mut(edge) {
+                notify_live(feeds, key);
+                if feeds.is_empty() {
+                    edges.remove(edge);
+                }
+            }
+        }
+    }
+}
+
+fn push_live(feeds: &mut Vec<Weak<Feed>>, feed: Weak<Feed>) {
+    feeds.retain(|f| f.strong_count() > 0);
+    feeds.push(feed);
+}
+
+fn notify_live(feeds: &mut Vec<Weak<Feed>>, key: &str) {
+    feeds.retain(|f| match f.upgrade() {
+        Some(feed) => {
+            feed.add(key);
+            true
+        }
+        None => false,
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(role: Role, name: &str) -> Identity {
+        Identity {
+            role,
+            name: name.into(),
+            key: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_feed_hears_only_what_its_peer_may_see_once_per_document() {
+        let feeds = Feeds::default();
+        let head = feeds.subscribe(&peer(Role::Head, "head-b"));
+        let edge1 = feeds.subscribe(&peer(Role::Edge, "edge1"));
+        let edge2 = feeds.subscribe(&peer(Role::Edge, "edge2"));
+        feeds.publish("default/edge1");
+        feeds.publish("default/edge1");
+        feeds.publish("other/edge1");
+        feeds.publish(crate::registry::KEY);
+        let keys = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(edge1.next().await, keys(&["default/edge1", "other/edge1"]));
+        assert_eq!(
+            head.next().await,
+            keys(&["default/edge1", "other/edge1", crate::registry::KEY])
+        );
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), edge2.next());
+        assert!(
+            waiting.await.is_err(),
+            "edge2 heard of another edge's documents"
+        );
+        drop(edge1);
+        feeds.publish("default/edge1");
+        assert!(
+            lock(&feeds.edges).get("edge1").is_none(),
+            "a dropped feed is kept"
+        );
+        let later = tokio::spawn(async move { edge2.next().await });
+        tokio::task::yield_now().await;
+        feeds.publish("default/edge2");
+        assert_eq!(later.await.unwrap(), keys(&["default/edge2"]));
+    }
+}
