@@ -643,6 +643,12 @@ impl Node {
                 key: key.to_string(),
                 reason: e.to_string(),
             })?;
+        if entry.doc.get_heads() == entry.persisted_heads {
+            // Nothing new (an acknowledgement): the session keeps the sync state and stores
+            // it when it ends; a state stored stale only costs a little resending.
+            entry.last_synced_at = Some(now());
+            return Ok(());
+        }
         let states = vec![(peer.to_string(), state.encode())];
         self.persist(key, &mut entry, states, true).await?;
         drop(entry);
@@ -650,6 +656,15 @@ impl Node {
             self.adopt_registry().await?;
         }
         Ok(())
+    }
+
+    /// Stores the sync states of a session with `peer` that is ending.
+    pub async fn save_sync_states(
+        &self,
+        peer: &str,
+        states: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), NodeError> {
+        Ok(self.0.store.save_sync_states(peer, states).await?)
     }
 
     /// A short digest of document `key`'s heads (see [`crate::sync::wire::Frame::Summary`]).

@@ -277,10 +277,8 @@ impl Store {
             match write {
                 DocWrite::Chunk(chunk) if chunk.is_empty() => {}
                 DocWrite::Chunk(chunk) => {
-                    t.execute(
-                        "INSERT INTO doc_chunks (key, data) VALUES (?1, ?2)",
-                        params![key, chunk],
-                    )?;
+                    t.prepare_cached("INSERT INTO doc_chunks (key, data) VALUES (?1, ?2)")?
+                        .execute(params![key, chunk])?;
                 }
                 DocWrite::Snapshot(snapshot) => {
                     t.execute(
@@ -292,17 +290,27 @@ impl Store {
                 }
             }
             if let Some(at) = synced_at {
-                t.execute(
-                    "UPDATE docs SET last_synced_at = ?2 WHERE key = ?1",
-                    params![key, at],
-                )?;
+                t.prepare_cached("UPDATE docs SET last_synced_at = ?2 WHERE key = ?1")?
+                    .execute(params![key, at])?;
             }
             for (peer, state) in sync_states {
-                t.execute(
-                    "INSERT INTO sync_states (peer, key, state) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (peer, key) DO UPDATE SET state = excluded.state",
-                    params![peer, key, state],
-                )?;
+                upsert_sync_state(t, &peer, &key, &state)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores sync states with `peer`, by document key.
+    pub async fn save_sync_states(
+        &self,
+        peer: &str,
+        states: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        let peer = peer.to_string();
+        self.call(move |t| {
+            for (key, state) in states {
+                upsert_sync_state(t, &peer, &key, &state)?;
             }
             Ok(())
         })
@@ -530,6 +538,20 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> Result<(), rusqlite::Err
         reply(error);
     }
     outcome
+}
+
+fn upsert_sync_state(
+    t: &Connection,
+    peer: &str,
+    key: &str,
+    state: &[u8],
+) -> Result<(), rusqlite::Error> {
+    t.prepare_cached(
+        "INSERT INTO sync_states (peer, key, state) VALUES (?1, ?2, ?3)
+         ON CONFLICT (peer, key) DO UPDATE SET state = excluded.state",
+    )?
+    .execute(params![peer, key, state])?;
+    Ok(())
 }
 
 fn sqlite_err(path: &Path, source: rusqlite::Error) -> StoreError {

@@ -97,7 +97,15 @@ where
     }
     .await;
     reader.abort();
+    let states = session
+        .states
+        .iter()
+        .map(|(key, state)| (key.clone(), state.encode()))
+        .collect();
     drop(session);
+    if let Err(e) = node.save_sync_states(&peer.name, states).await {
+        warn!(peer = %peer.name, error = %e, "cannot store the sync states");
+    }
     // Let queued frames go out (a clean end), but never wait long for a stuck peer.
     if !writer.is_finished() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut writer).await;
