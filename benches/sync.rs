@@ -463,19 +463,32 @@ async fn idle(seconds: u64) -> Vec<Figure> {
 async fn ingest(updates: usize) -> Vec<Figure> {
     let dir = tempfile::tempdir().unwrap();
     let head = HeadProcess::start(dir.path()).await;
-    let docs = 100;
-    let batch = |round: usize| -> String {
+    // Several clients at once, each with its own 100 EdgeNodes, as changes reach a head from
+    // several sources: one client alone measures its round trips, not the head.
+    let (clients, docs) = (4, 100);
+    let batch = |client: usize, round: usize| -> String {
         (0..docs)
-            .map(|d| edgenode("default", &format!("edge{d}"), 1, &format!("nginx:{round}")))
+            .map(|d| {
+                let image = format!("nginx:{round}");
+                edgenode(&format!("team{client}"), &format!("edge{d}"), 1, &image)
+            })
             .collect()
     };
-    head.apply(batch(0)).await;
-    let started = Instant::now();
-    let rounds = updates / docs;
-    for round in 1..=rounds {
-        head.apply(batch(round)).await;
+    for client in 0..clients {
+        head.apply(batch(client, 0)).await;
     }
-    let rate = (rounds * docs) as f64 / started.elapsed().as_secs_f64();
+    let rounds = updates / docs / clients;
+    let started = Instant::now();
+    let client = |client: usize| {
+        let head = &head;
+        async move {
+            for round in 1..=rounds {
+                head.apply(batch(client, round)).await;
+            }
+        }
+    };
+    futures_util::future::join_all((0..clients).map(client)).await;
+    let rate = (rounds * docs * clients) as f64 / started.elapsed().as_secs_f64();
     vec![Figure {
         name: "head_ingest".into(),
         value: rate,

@@ -8,7 +8,9 @@ use crate::input::{self, DesiredNode, InvalidInput, Rules};
 use crate::metrics::{EdgeLabels, Metrics, RoleLabels};
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registration, Registry};
-use crate::store::{COMPACT_AFTER_CHUNKS, DocWrite, JoinedNode, Store, StoreError, StoredDoc};
+use crate::store::{
+    COMPACT_AFTER_CHUNKS, DocSave, DocWrite, JoinedNode, Store, StoreError, StoredDoc,
+};
 use crate::sync::feed::{Feed, Feeds};
 use crate::transport::tls::{Identity, Role};
 use automerge::sync::{self, SyncDoc};
@@ -199,6 +201,50 @@ pub struct PeerAddress {
 /// Handle to the node core; cheap to clone.
 #[derive(Clone)]
 pub struct Node(Arc<Inner>);
+
+/// A document write on its way to the store, and what the entry becomes once it is stored.
+struct Staged {
+    heads: Vec<automerge::ChangeHash>,
+    chunks: usize,
+    synced_at: Option<String>,
+    changed: bool,
+}
+
+/// Prepares the write of what changed in `entry` since its last save (None if nothing is to
+/// be stored): a chunk, or a whole snapshot after enough chunks.
+fn stage(
+    key: &str,
+    entry: &mut DocEntry,
+    sync_states: Vec<(String, Vec<u8>)>,
+    synced: bool,
+) -> Option<(DocSave, Staged)> {
+    let heads = entry.doc.get_heads();
+    let changed = heads != entry.persisted_heads;
+    let synced_at = synced.then(now);
+    if !changed && sync_states.is_empty() && synced_at.is_none() {
+        return None;
+    }
+    let (write, chunks) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
+        (DocWrite::Snapshot(entry.doc.save()), 0)
+    } else {
+        let chunk = entry.doc.save_incremental();
+        let stored = entry.chunks + usize::from(!chunk.is_empty());
+        (DocWrite::Chunk(chunk), stored)
+    };
+    let save = DocSave {
+        key: key.to_string(),
+        write,
+        sync_states,
+        synced_at: synced_at.clone(),
+    };
+    let staged = Staged {
+        heads,
+        chunks,
+        synced_at,
+        changed,
+    };
+    Some((save, staged))
+}
 
 /// Current time, RFC 3339.
 pub fn now() -> String {
@@ -468,46 +514,48 @@ impl Node {
         sync_states: Vec<(String, Vec<u8>)>,
         synced: bool,
     ) -> Result<(), NodeError> {
-        let heads = entry.doc.get_heads();
-        let changed = heads != entry.persisted_heads;
-        let synced_at = synced.then(now);
-        if !changed && sync_states.is_empty() && synced_at.is_none() {
+        let Some((save, staged)) = stage(key, entry, sync_states, synced) else {
             return Ok(());
-        }
-        let (write, chunks) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
-            (DocWrite::Snapshot(entry.doc.save()), 0)
-        } else {
-            let chunk = entry.doc.save_incremental();
-            let stored = entry.chunks + usize::from(!chunk.is_empty());
-            (DocWrite::Chunk(chunk), stored)
         };
-        let saved = self
-            .0
-            .store
-            .save_doc(key.to_string(), write, sync_states, synced_at.clone())
-            .await;
-        if let Err(e) = saved {
-            *entry = match self.0.store.load_doc(key.to_string()).await {
-                Ok(Some(stored)) => DocEntry::load(stored, &self.0.actor)?,
-                Ok(None) => DocEntry::genesis(key, &self.0.actor),
-                Err(_) => {
-                    // Cannot even read back: make the next write a full snapshot.
-                    entry.chunks = COMPACT_AFTER_CHUNKS;
-                    return Err(e.into());
-                }
-            };
-            return Err(e.into());
+        match self.0.store.save_docs(vec![save]).await {
+            Ok(()) => {
+                self.stored(key, entry, staged);
+                Ok(())
+            }
+            Err(e) => {
+                self.revert(key, entry).await;
+                Err(e.into())
+            }
         }
-        entry.chunks = chunks;
-        entry.persisted_heads = heads;
-        if synced_at.is_some() {
-            entry.last_synced_at = synced_at;
+    }
+
+    /// Finishes a staged write that is stored: subscribers hear of the change.
+    fn stored(&self, key: &str, entry: &mut DocEntry, staged: Staged) {
+        entry.chunks = staged.chunks;
+        entry.persisted_heads = staged.heads;
+        if staged.synced_at.is_some() {
+            entry.last_synced_at = staged.synced_at;
         }
-        if changed {
+        if staged.changed {
             let _ = self.0.changes.send(key.to_string());
             self.0.feeds.publish(key);
         }
-        Ok(())
+    }
+
+    /// Puts `entry` back to what is stored, dropping edits not stored.
+    async fn revert(&self, key: &str, entry: &mut DocEntry) {
+        let stored = match self.0.store.load_doc(key.to_string()).await {
+            Ok(Some(stored)) => DocEntry::load(stored, &self.0.actor),
+            Ok(None) => Ok(DocEntry::genesis(key, &self.0.actor)),
+            Err(e) => Err(e.into()),
+        };
+        match stored {
+            Ok(stored) => *entry = stored,
+            Err(e) => {
+                warn!(doc = %key, error = %e, "cannot read the document back; its next write stores it whole");
+                entry.chunks = COMPACT_AFTER_CHUNKS;
+            }
+        }
     }
 
     /// Parses and applies EdgeNode text: all objects are validated before any is written.
@@ -535,36 +583,86 @@ impl Node {
             }
             .into());
         }
-        // Together, so their database writes share commits (each document keeps its own lock,
-        // taken in file order).
-        futures_util::future::try_join_all(nodes.iter().map(|node| self.apply_node(node))).await
+        self.apply_nodes(&nodes).await
     }
 
     /// Writes one validated EdgeNode into its document as a minimal diff.
     pub async fn apply_node(&self, desired: &DesiredNode) -> Result<ApplyOutcome, NodeError> {
-        let key = desired.key();
-        let entry = self.entry_or_genesis(&key);
-        let mut entry = entry.lock().await;
-        let existed = model::is_live(&entry.doc)?;
-        let mut changed = model::set_spec(&mut entry.doc, desired, &now())?;
+        let mut outcomes = self.apply_nodes(std::slice::from_ref(desired)).await?;
+        Ok(outcomes.remove(0))
+    }
+
+    /// Writes validated EdgeNodes (of distinct keys) into their documents as minimal diffs,
+    /// stored in one transaction: all of them or none.
+    async fn apply_nodes(&self, nodes: &[DesiredNode]) -> Result<Vec<ApplyOutcome>, NodeError> {
+        let mut order: Vec<(String, &DesiredNode)> = nodes.iter().map(|n| (n.key(), n)).collect();
+        // Locks are taken in key order, so two applies never wait on each other.
+        order.sort_by(|a, b| a.0.cmp(&b.0));
+        let entries: Vec<_> = order
+            .iter()
+            .map(|(key, _)| self.entry_or_genesis(key))
+            .collect();
+        let mut locked = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            locked.push(entry.lock().await);
+        }
+        let mut outcomes = BTreeMap::new();
+        let mut saves = Vec::new();
+        let mut staged = Vec::new();
+        for (i, (key, desired)) in order.iter().enumerate() {
+            let edited = self.edit_spec(&mut locked[i].doc, desired);
+            let result = match edited {
+                Ok((false, _)) => "created",
+                Ok((true, true)) => "configured",
+                Ok((true, false)) => "unchanged",
+                Err(e) => {
+                    for (j, (key, _)) in order.iter().enumerate().take(i + 1) {
+                        self.revert(key, &mut locked[j]).await;
+                    }
+                    return Err(e);
+                }
+            };
+            outcomes.insert(key.clone(), result);
+            if let Some((save, done)) = stage(key, &mut locked[i], Vec::new(), false) {
+                saves.push(save);
+                staged.push((i, done));
+            }
+        }
+        let saved = self.0.store.save_docs(saves).await;
+        for (i, done) in staged {
+            match saved {
+                Ok(()) => self.stored(&order[i].0, &mut locked[i], done),
+                Err(_) => self.revert(&order[i].0, &mut locked[i]).await,
+            }
+        }
+        saved?;
+        Ok(nodes
+            .iter()
+            .map(|n| {
+                let key = n.key();
+                let result = outcomes[&key].to_string();
+                ApplyOutcome { key, result }
+            })
+            .collect())
+    }
+
+    /// Writes `desired` into `doc`; returns whether the EdgeNode existed and whether it changed.
+    fn edit_spec(
+        &self,
+        doc: &mut AutoCommit,
+        desired: &DesiredNode,
+    ) -> Result<(bool, bool), NodeError> {
+        let existed = model::is_live(doc)?;
+        let mut changed = model::set_spec(doc, desired, &now())?;
         if self.0.role == Role::Head {
             let privileged = self
                 .0
                 .rules
                 .privileged_namespaces
                 .contains(&desired.namespace);
-            changed |= model::set_privileged(&mut entry.doc, privileged)?;
+            changed |= model::set_privileged(doc, privileged)?;
         }
-        self.persist(&key, &mut entry, Vec::new(), false).await?;
-        let result = match (existed, changed) {
-            (false, _) => "created",
-            (true, true) => "configured",
-            (true, false) => "unchanged",
-        };
-        Ok(ApplyOutcome {
-            key,
-            result: result.into(),
-        })
+        Ok((existed, changed))
     }
 
     /// Deletes an EdgeNode (a tombstone that syncs). On an edge only its own.

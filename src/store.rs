@@ -106,6 +106,20 @@ pub enum DocWrite {
     Snapshot(Vec<u8>),
 }
 
+/// One document's write: what changed, the sync states to keep with it, and when a peer
+/// last synced it.
+#[derive(Debug)]
+pub struct DocSave {
+    /// Document key.
+    pub key: String,
+    /// The document's bytes.
+    pub write: DocWrite,
+    /// Sync states by peer.
+    pub sync_states: Vec<(String, Vec<u8>)>,
+    /// When a peer last synced it (RFC 3339), if that changed.
+    pub synced_at: Option<String>,
+}
+
 /// A manifest file edgesync wrote and owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedFile {
@@ -264,37 +278,11 @@ impl Store {
         .await
     }
 
-    /// Persists changes to one document, with the given sync states and sync time, in one
-    /// transaction.
-    pub async fn save_doc(
-        &self,
-        key: String,
-        write: DocWrite,
-        sync_states: Vec<(String, Vec<u8>)>,
-        synced_at: Option<String>,
-    ) -> Result<(), StoreError> {
+    /// Stores documents' writes (and their sync states) in one transaction.
+    pub async fn save_docs(&self, saves: Vec<DocSave>) -> Result<(), StoreError> {
         self.call(move |t| {
-            match write {
-                DocWrite::Chunk(chunk) if chunk.is_empty() => {}
-                DocWrite::Chunk(chunk) => {
-                    t.prepare_cached("INSERT INTO doc_chunks (key, data) VALUES (?1, ?2)")?
-                        .execute(params![key, chunk])?;
-                }
-                DocWrite::Snapshot(snapshot) => {
-                    t.execute(
-                        "INSERT INTO docs (key, snapshot) VALUES (?1, ?2)
-                         ON CONFLICT (key) DO UPDATE SET snapshot = excluded.snapshot",
-                        params![key, snapshot],
-                    )?;
-                    t.execute("DELETE FROM doc_chunks WHERE key = ?1", [&key])?;
-                }
-            }
-            if let Some(at) = synced_at {
-                t.prepare_cached("UPDATE docs SET last_synced_at = ?2 WHERE key = ?1")?
-                    .execute(params![key, at])?;
-            }
-            for (peer, state) in sync_states {
-                upsert_sync_state(t, &peer, &key, &state)?;
+            for save in saves {
+                save_doc(t, save)?;
             }
             Ok(())
         })
@@ -538,6 +526,33 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> Result<(), rusqlite::Err
         reply(error);
     }
     outcome
+}
+
+fn save_doc(t: &Connection, save: DocSave) -> Result<(), rusqlite::Error> {
+    let key = save.key;
+    match save.write {
+        DocWrite::Chunk(chunk) if chunk.is_empty() => {}
+        DocWrite::Chunk(chunk) => {
+            t.prepare_cached("INSERT INTO doc_chunks (key, data) VALUES (?1, ?2)")?
+                .execute(params![key, chunk])?;
+        }
+        DocWrite::Snapshot(snapshot) => {
+            t.execute(
+                "INSERT INTO docs (key, snapshot) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET snapshot = excluded.snapshot",
+                params![key, snapshot],
+            )?;
+            t.execute("DELETE FROM doc_chunks WHERE key = ?1", [&key])?;
+        }
+    }
+    if let Some(at) = save.synced_at {
+        t.prepare_cached("UPDATE docs SET last_synced_at = ?2 WHERE key = ?1")?
+            .execute(params![key, at])?;
+    }
+    for (peer, state) in save.sync_states {
+        upsert_sync_state(t, &peer, &key, &state)?;
+    }
+    Ok(())
 }
 
 fn upsert_sync_state(
