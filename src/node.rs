@@ -765,17 +765,16 @@ impl Node {
         Ok(self.0.store.save_sync_states(peer, states).await?)
     }
 
+    /// The heads of document `key`, if there is one.
+    pub async fn heads(&self, key: &str) -> Option<Vec<automerge::ChangeHash>> {
+        let entry = self.entry(key)?;
+        let heads = entry.lock().await.doc.get_heads();
+        Some(heads)
+    }
+
     /// A short digest of document `key`'s heads (see [`crate::sync::wire::Frame::Summary`]).
     pub async fn heads_digest(&self, key: &str) -> Option<Vec<u8>> {
-        let entry = self.entry(key)?;
-        let mut heads = entry.lock().await.doc.get_heads();
-        heads.sort();
-        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        for head in &heads {
-            sha2::Digest::update(&mut hasher, head.0);
-        }
-        let digest = sha2::Digest::finalize(hasher);
-        Some(digest[..crate::sync::wire::DIGEST_LEN].to_vec())
+        Some(crate::sync::wire::heads_digest(&self.heads(key).await?))
     }
 
     /// The next sync message for `key` towards a peer, if any.
@@ -832,19 +831,27 @@ impl Node {
         }
     }
 
-    /// Records that a session with `peer` started.
-    pub async fn peer_connected(&self, peer: &Identity, address: &PeerAddress) {
+    /// Records that a session with `peer` started. On a head, the edge's presence and address
+    /// go into the registry in the background, so the session does not wait for the write.
+    pub fn peer_connected(&self, peer: &Identity, address: &PeerAddress) {
         self.record_peer(peer, &address.seen);
         if self.0.role == Role::Head && peer.role == Role::Edge {
-            let me = self.0.name.clone();
-            let edit = |doc: &mut automerge::AutoCommit| {
-                let present = registry::set_presence(doc, &peer.name, Some(&me), &me)?;
-                let moved = registry::set_address(doc, &peer.name, address.reachable)?;
-                Ok(present || moved)
-            };
-            if let Err(e) = self.edit_registry(edit).await {
-                warn!(peer = %peer.name, error = %e, "cannot record the edge's presence");
-            }
+            let (node, peer, reachable) = (self.clone(), peer.clone(), address.reachable);
+            tokio::spawn(async move {
+                let me = node.0.name.clone();
+                // Checked under the registry's lock: a session that ended meanwhile has
+                // recorded the absence, which stands.
+                let edit = |doc: &mut automerge::AutoCommit| {
+                    let connected = node.is_connected(&peer.name);
+                    let present =
+                        connected && registry::set_presence(doc, &peer.name, Some(&me), &me)?;
+                    let moved = registry::set_address(doc, &peer.name, reachable)?;
+                    Ok(present || moved)
+                };
+                if let Err(e) = node.edit_registry(edit).await {
+                    warn!(peer = %peer.name, error = %e, "cannot record the edge's presence");
+                }
+            });
         }
     }
 

@@ -46,7 +46,6 @@ where
 {
     let changes = node.feed(&peer);
     let removed = node.removal_of(&peer.name);
-    node.peer_connected(&peer, &address).await;
     let (out, out_rx) = mpsc::unbounded_channel();
     let mut session = Session {
         node: node.clone(),
@@ -54,6 +53,8 @@ where
         states: HashMap::new(),
         out,
     };
+    let mut writer = tokio::spawn(write_frames(send, out_rx, node.clone()));
+    node.peer_connected(&peer, &address);
     match node.store().sync_states(&peer.name).await {
         Ok(stored) => {
             for (key, bytes) in stored {
@@ -68,9 +69,10 @@ where
     }
     let (frames_tx, mut frames) = mpsc::channel(16);
     let reader = tokio::spawn(read_frames(recv, frames_tx));
-    let mut writer = tokio::spawn(write_frames(send, out_rx, node.clone()));
     let result = async {
-        // Documents start syncing when the peer's summary shows they differ.
+        // What changed here since the last sync goes out at once, ahead of the summary; the
+        // rest starts syncing when the peer's summary shows it differs.
+        session.push_changed_since_last_sync().await?;
         session.send_summary().await?;
         loop {
             tokio::select! {
@@ -182,17 +184,44 @@ impl Session {
         self.send(&Frame::Summary { entries })
     }
 
+    /// Sends, without waiting to hear from the peer, the changes made here since the last sync
+    /// with it, assuming it is still where that sync left it (usually so after an outage). If
+    /// it is not, Automerge's exchange sorts it out.
+    async fn push_changed_since_last_sync(&mut self) -> Result<(), SessionError> {
+        let mut changed = Vec::new();
+        for (key, state) in &mut self.states {
+            let Some(heads) = self.node.heads(key).await else {
+                continue;
+            };
+            if !state.shared_heads.is_empty() && heads != state.shared_heads {
+                assume_at_shared_heads(state);
+                changed.push(key.clone());
+            }
+        }
+        for key in changed {
+            self.push(&key).await?;
+        }
+        Ok(())
+    }
+
     /// Starts syncing every document whose heads differ from the peer's (or that it lacks).
     async fn on_summary(&mut self, entries: Vec<(String, Vec<u8>)>) -> Result<(), SessionError> {
         let theirs: HashMap<String, Vec<u8>> = entries.into_iter().collect();
         for key in self.node.sync_keys() {
-            let same = match theirs.get(&key) {
-                Some(digest) => self.node.heads_digest(&key).await.as_ref() == Some(digest),
-                None => false,
-            };
-            if !same {
+            let Some(digest) = theirs.get(&key) else {
                 self.push(&key).await?;
+                continue;
+            };
+            if self.node.heads_digest(&key).await.as_ref() == Some(digest) {
+                continue;
             }
+            if let Some(state) = self.states.get_mut(&key)
+                && !state.shared_heads.is_empty()
+                && wire::heads_digest(&state.shared_heads) == *digest
+            {
+                assume_at_shared_heads(state);
+            }
+            self.push(&key).await?;
         }
         Ok(())
     }
@@ -261,6 +290,19 @@ impl Session {
         self.node.metrics().sync_rounds.get_or_create(&role).inc();
         self.push(&key).await
     }
+}
+
+/// Records in `state` that the peer is at the heads both sides had at the last sync (it
+/// changed nothing since), as if it had sent its first sync message: the first message to it
+/// then carries the changes it lacks, which saves the round trip that would only tell us so.
+/// If the peer did change, its answer corrects this, as in any Automerge exchange.
+fn assume_at_shared_heads(state: &mut sync::State) {
+    state.their_heads = Some(state.shared_heads.clone());
+    state.their_need = Some(Vec::new());
+    state.their_have = Some(vec![sync::Have {
+        last_sync: state.shared_heads.clone(),
+        bloom: sync::BloomFilter::default(),
+    }]);
 }
 
 /// Logs the end of a session: a broken link is routine (info), a misbehaving peer is not (warn).

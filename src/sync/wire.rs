@@ -71,6 +71,18 @@ pub enum Frame {
 /// Length of a document's heads digest in a [`Frame::Summary`].
 pub const DIGEST_LEN: usize = 8;
 
+/// [`DIGEST_LEN`] bytes of the SHA-256 of `heads` in sorted order.
+pub fn heads_digest(heads: &[automerge::ChangeHash]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut sorted = heads.to_vec();
+    sorted.sort();
+    let mut hasher = sha2::Sha256::new();
+    for head in &sorted {
+        hasher.update(head.0);
+    }
+    hasher.finalize()[..DIGEST_LEN].to_vec()
+}
+
 /// A frame could not be read or was invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {

@@ -56,6 +56,7 @@ struct State {
     drop: f64,
     duplicate: f64,
     delay: Duration,
+    latency: Duration,
     stats: RelayStats,
 }
 
@@ -86,10 +87,13 @@ impl Relay {
         let local_addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let (shutdown, stop) = watch::channel(false);
+        let (ordered, queue) = tokio::sync::mpsc::unbounded_channel();
         let ctx = Ctx {
             state: state.clone(),
             stop,
+            ordered,
         };
+        tokio::spawn(run_ordered(queue, ctx.clone()));
         let listener_task = tokio::spawn(run_listener(listener, upstream, ctx));
         Ok(Relay {
             local_addr,
@@ -124,6 +128,12 @@ impl Relay {
         lock(&self.state).delay = delay;
     }
 
+    /// Each forwarded datagram is held this long, in order: a long link (unlike
+    /// [`Relay::set_delay`], which reorders). Used instead of the delay while set.
+    pub fn set_latency(&self, latency: Duration) {
+        lock(&self.state).latency = latency;
+    }
+
     /// Each forwarded datagram is sent twice with this probability (0.0..=1.0).
     pub fn set_duplicate(&self, probability: f64) {
         lock(&self.state).duplicate = probability.clamp(0.0, 1.0);
@@ -153,6 +163,34 @@ impl Drop for Relay {
 struct Ctx {
     state: Arc<Mutex<State>>,
     stop: watch::Receiver<bool>,
+    ordered: tokio::sync::mpsc::UnboundedSender<Held>,
+}
+
+/// A datagram held for the latency: when to send it, and where.
+struct Held {
+    at: tokio::time::Instant,
+    socket: Arc<UdpSocket>,
+    data: Vec<u8>,
+    to: SocketAddr,
+    dir: Direction,
+    copies: usize,
+}
+
+/// Sends held datagrams in the order they came, each when its time is up.
+async fn run_ordered(mut queue: tokio::sync::mpsc::UnboundedReceiver<Held>, mut ctx: Ctx) {
+    loop {
+        let held = tokio::select! {
+            _ = ctx.stopped() => return,
+            held = queue.recv() => match held {
+                Some(held) => held,
+                None => return,
+            },
+        };
+        tokio::time::sleep_until(held.at).await;
+        for _ in 0..held.copies {
+            ctx.send(&held.socket, &held.data, held.to, held.dir).await;
+        }
+    }
 }
 
 impl Ctx {
@@ -176,14 +214,26 @@ impl Ctx {
 
     /// Applies cut, drop, duplicate and delay to one datagram, then sends it from `socket` to `to`.
     async fn forward(&self, socket: &Arc<UdpSocket>, data: &[u8], to: SocketAddr, dir: Direction) {
-        let (copies, delay) = {
+        let (copies, delay, latency) = {
             let mut state = lock(&self.state);
             if state.cut || chance(state.drop) {
                 state.stats.dropped += 1;
                 return;
             }
-            (1 + usize::from(chance(state.duplicate)), state.delay)
+            let copies = 1 + usize::from(chance(state.duplicate));
+            (copies, state.delay, state.latency)
         };
+        if !latency.is_zero() {
+            let _ = self.ordered.send(Held {
+                at: tokio::time::Instant::now() + latency,
+                socket: socket.clone(),
+                data: data.to_vec(),
+                to,
+                dir,
+                copies,
+            });
+            return;
+        }
         if delay.is_zero() {
             for _ in 0..copies {
                 self.send(socket, data, to, dir).await;
