@@ -58,11 +58,8 @@ impl HeadProcess {
             .arg(dir.join("state"))
             .arg("--socket")
             .arg(dir.join("head.sock"))
-            .env(
-                "EDGESYNC_LOG",
-                std::env::var("TMP_HEAD_LOG").unwrap_or("warn".into()),
-            )
-            .stderr(std::fs::File::create("/tmp/head.log").unwrap())
+            .env("EDGESYNC_LOG", "warn")
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let head = HeadProcess {
@@ -278,18 +275,17 @@ async fn fan_out(edges: usize) -> Vec<Figure> {
     wait_every(Duration::from_secs(120), poll, written("nginx:1")).await;
     let per_edge = (rss_bytes(head.child.id()) - before) / edges as f64 / 1024.0;
     let started = Instant::now();
-    let (hc, bc) = (
+    let cpu = (
         cpu_seconds(head.child.id()),
         cpu_seconds(std::process::id()),
     );
     head.apply(all("nginx:2")).await;
-    eprintln!("TMP applied at {:.3}", started.elapsed().as_secs_f64());
     wait_every(Duration::from_secs(120), poll, written("nginx:2")).await;
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
-        "TMP head cpu {:.2} bench cpu {:.2}",
-        cpu_seconds(head.child.id()) - hc,
-        cpu_seconds(std::process::id()) - bc
+        "fan-out: CPU used meanwhile: head {:.2} s, edges and bench {:.2} s",
+        cpu_seconds(head.child.id()) - cpu.0,
+        cpu_seconds(std::process::id()) - cpu.1
     );
     futures_util::future::join_all(running.into_iter().map(Edge::shutdown)).await;
     vec![
@@ -350,7 +346,6 @@ async fn resync(docs: usize) -> Vec<Figure> {
     quiet(wire).await;
     relay.set_latency(ONE_WAY);
     relay.reset_stats();
-    eprintln!("TMP reconnect");
     let edge = Edge::start(config).await.unwrap();
     let every = Duration::from_millis(1);
     wait_every(Duration::from_secs(60), every, || {
@@ -442,10 +437,6 @@ async fn idle(seconds: u64) -> Vec<Figure> {
     let (cpu0, bytes0) = (cpu_seconds(pid), wire());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let cpu = (cpu_seconds(pid) - cpu0) / seconds as f64 * 100.0;
-    if std::env::var_os("BENCH_PAUSE").is_some() {
-        eprintln!("TMP idle edge pid {pid}");
-        tokio::time::sleep(Duration::from_secs(60)).await;
-    }
     let bytes = (wire() - bytes0) / seconds as f64;
     let rss = rss_bytes(pid) / 1e6;
     let _ = edge.kill();
@@ -567,6 +558,7 @@ async fn cold_start() -> Vec<Figure> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // `--quick`, and optionally the names of the parts to run (all by default).
+    // EDGESYNC_LOG=edgesync=debug shows what the in-process edges do; silent by default.
     edgesync::runtime::init_tracing(edgesync::cli::LogFormat::Text, "off");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");

@@ -202,6 +202,14 @@ pub struct PeerAddress {
 #[derive(Clone)]
 pub struct Node(Arc<Inner>);
 
+/// A document's heads around a status report.
+pub struct ReportedAt {
+    /// Before the report was written.
+    pub before: Vec<automerge::ChangeHash>,
+    /// After (the same if the report changed nothing).
+    pub after: Vec<automerge::ChangeHash>,
+}
+
 /// A document write on its way to the store, and what the entry becomes once it is stored.
 struct Staged {
     heads: Vec<automerge::ChangeHash>,
@@ -695,21 +703,37 @@ impl Node {
         )))
     }
 
-    /// Writes the edge's report into document `key` if it differs.
+    /// Document `key` as a view, with the heads it was read at.
+    pub async fn view_at(
+        &self,
+        key: &str,
+    ) -> Result<Option<(DocView, Vec<automerge::ChangeHash>)>, NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let mut entry = entry.lock().await;
+        let heads = entry.doc.get_heads();
+        Ok(Some((model::read(&entry.doc, key)?, heads)))
+    }
+
+    /// Writes the edge's report into document `key` if it differs. Returns the document's
+    /// heads before and after.
     pub async fn report_status(
         &self,
         key: &str,
         observed: i64,
         pods: &[PodState],
-    ) -> Result<(), NodeError> {
+    ) -> Result<Option<ReportedAt>, NodeError> {
         let Some(entry) = self.entry(key) else {
-            return Ok(());
+            return Ok(None);
         };
         let mut entry = entry.lock().await;
+        let before = entry.doc.get_heads();
         if model::set_status(&mut entry.doc, observed, pods)? {
             self.persist(key, &mut entry, Vec::new(), false).await?;
         }
-        Ok(())
+        let after = entry.doc.get_heads();
+        Ok(Some(ReportedAt { before, after }))
     }
 
     /// Applies a sync message from `peer` to document `key` (created from genesis if new), stores

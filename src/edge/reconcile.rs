@@ -10,6 +10,7 @@ use crate::fsutil;
 use crate::input;
 use crate::node::{AppliedPod, Node};
 use crate::store::OwnedFile;
+use automerge::ChangeHash;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -22,13 +23,24 @@ use tracing::{info, warn};
 pub struct Reconciler {
     node: Node,
     dir: PathBuf,
-    /// Per document, a digest of what it asked for when last reconciled.
-    done: HashMap<String, [u8; 32]>,
+    /// Per document, what it asked for when last reconciled.
+    done: HashMap<String, Done>,
     /// Per document, what the last reconcile left.
     applied: BTreeMap<String, Vec<AppliedPod>>,
 }
 
+/// A document as last reconciled.
+struct Done {
+    /// Its heads then, after this edge's own status report: while they stay the same, the
+    /// document need not be read again.
+    heads: Vec<ChangeHash>,
+    /// Digest of what it asked for.
+    digest: [u8; 32],
+    wanted: Wanted,
+}
+
 /// What one document asks of this edge.
+#[derive(Clone)]
 struct Wanted {
     generation: i64,
     desired: Vec<Desired>,
@@ -137,9 +149,27 @@ impl Reconciler {
             owned = Some(files);
         }
         for key in keys {
-            let wanted = self.wanted(&key).await?;
+            let current = self.node.heads(&key).await;
+            let done = self
+                .done
+                .get(&key)
+                .filter(|d| current.as_ref() == Some(&d.heads));
+            let (wanted, heads) = match done {
+                // Only this edge's own report changed it since.
+                Some(_) if only.is_some() => continue,
+                Some(done) => (Some(done.wanted.clone()), done.heads.clone()),
+                None => match self.wanted(&key).await? {
+                    Some((wanted, heads)) => (Some(wanted), heads),
+                    None => (None, Vec::new()),
+                },
+            };
             let digest = wanted.as_ref().map(Wanted::digest);
-            if only.is_some() && digest.is_some() && self.done.get(&key) == digest.as_ref() {
+            if only.is_some()
+                && let Some(done) = self.done.get_mut(&key)
+                && Some(done.digest) == digest
+            {
+                // Changed, but not in what it asks of this edge (a head wrote a condition).
+                done.heads = heads;
                 continue;
             }
             let all = match &owned {
@@ -149,8 +179,16 @@ impl Reconciler {
             let owned: Vec<OwnedFile> = all.iter().filter(|o| o.key == key).cloned().collect();
             match wanted {
                 Some(wanted) => {
-                    self.apply(&key, wanted, &owned).await?;
-                    self.done.insert(key, digest.expect("set with wanted"));
+                    let heads = self.apply(&key, wanted.clone(), &owned, heads).await?;
+                    let digest = digest.expect("set with wanted");
+                    self.done.insert(
+                        key,
+                        Done {
+                            heads,
+                            digest,
+                            wanted,
+                        },
+                    );
                 }
                 None => {
                     let none = Wanted {
@@ -168,9 +206,10 @@ impl Reconciler {
         Ok(())
     }
 
-    /// What document `key` asks for, or None if there is no such document.
-    async fn wanted(&self, key: &str) -> Result<Option<Wanted>, DaemonError> {
-        let Some((view, _)) = self.node.view(key).await? else {
+    /// What document `key` asks for and the heads it was read at, or None if there is no
+    /// such document.
+    async fn wanted(&self, key: &str) -> Result<Option<(Wanted, Vec<ChangeHash>)>, DaemonError> {
+        let Some((view, heads)) = self.node.view_at(key).await? else {
             return Ok(None);
         };
         let privileged = view.privileged
@@ -218,16 +257,19 @@ impl Reconciler {
                 phase: None,
             });
         }
-        Ok(Some(wanted))
+        Ok(Some((wanted, heads)))
     }
 
-    /// Writes and removes the files of document `key`, then reports its pods' states.
+    /// Writes and removes the files of document `key` (read at `read_at`), then reports its
+    /// pods' states. Returns the heads to remember for it: after the report, unless something
+    /// else changed it since it was read.
     async fn apply(
         &mut self,
         key: &str,
         mut wanted: Wanted,
         owned: &[OwnedFile],
-    ) -> Result<(), DaemonError> {
+        read_at: Vec<ChangeHash>,
+    ) -> Result<Vec<ChangeHash>, DaemonError> {
         let blocked = self.write(&wanted, owned).await?;
         for blocked in blocked {
             if let Some(p) = wanted.pods.iter_mut().find(|p| p.name == blocked.pod) {
@@ -238,9 +280,14 @@ impl Reconciler {
                 ));
             }
         }
-        self.node
+        let reported = self
+            .node
             .report_status(key, wanted.generation, &wanted.pods)
             .await?;
+        let heads = match reported {
+            Some(at) if at.before == read_at => at.after,
+            _ => read_at,
+        };
         let namespace = crate::model::split_key(key).map_or("", |(ns, _)| ns);
         let applied = wanted.pods.into_iter().map(|p| {
             let file = manifests::file_name(namespace, &p.name);
@@ -258,7 +305,7 @@ impl Reconciler {
             }
         });
         self.applied.insert(key.to_string(), applied.collect());
-        Ok(())
+        Ok(heads)
     }
 
     /// Makes the files of one document (owning `owned`) what `wanted` asks; returns the pods
