@@ -17,11 +17,17 @@ fn main() {
         runtime::private_umask();
     }
     runtime::init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime starts");
+    // A head serves many edges on two worker threads; an edge, or a command, needs one thread
+    // (fewer stacks and allocator arenas keep an idle edge small).
+    let mut builder = match cli.command {
+        Command::Head(_) | Command::Dev(_) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(2);
+            builder
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let tokio = builder.enable_all().build().expect("tokio runtime starts");
     let code = match tokio.block_on(dispatch(cli.command)) {
         Ok(()) => 0,
         Err(e) => {
