@@ -8,6 +8,7 @@ use edgesync::control::Client;
 use edgesync::edge::Edge;
 use hyper::Method;
 use serde_json::json;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ impl Figure {
 struct HeadProcess {
     child: Child,
     dir: PathBuf,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
 }
 
 impl HeadProcess {
@@ -138,11 +139,17 @@ fn manifest_has(dir: &Path, namespace: &str, pod: &str, image: &str) -> bool {
         .is_ok_and(|t| t.contains(&format!("\"{image}\"")))
 }
 
-fn edge_config(dir: &Path, name: &str, head: &HeadProcess, token: &str) -> EdgeConfig {
+fn edge_config(dir: &Path, name: &str, head: SocketAddr, token: &str) -> EdgeConfig {
     EdgeConfig {
         drift_interval: Duration::from_secs(30),
-        ..EdgeConfig::for_test(dir, name, head.addr, Some(token.to_string()))
+        ..EdgeConfig::for_test(dir, name, head, Some(token.to_string()))
     }
+}
+
+/// Every UDP byte `relay` carried both ways.
+fn relayed(relay: &relay::Relay) -> f64 {
+    let stats = relay.stats();
+    (stats.to_upstream_bytes + stats.to_client_bytes) as f64
 }
 
 fn rss_bytes(pid: u32) -> f64 {
@@ -180,7 +187,7 @@ async fn latency(changes: usize) -> Vec<Figure> {
     let edge = Edge::start(edge_config(
         &dir.path().join("edge"),
         "edge01",
-        &head,
+        head.addr,
         &head.token(),
     ))
     .await
@@ -232,7 +239,7 @@ async fn fan_out(edges: usize) -> Vec<Figure> {
             let config = edge_config(
                 &dir.path().join(format!("e{i}")),
                 &format!("edge{i}"),
-                &head,
+                head.addr,
                 &token,
             );
             Edge::start(config)
@@ -316,15 +323,9 @@ async fn resync(docs: usize) -> Vec<Figure> {
     let dir = tempfile::tempdir().unwrap();
     let head = HeadProcess::start(dir.path()).await;
     let relay = relay::Relay::start(head.addr).await.unwrap();
-    let wire = || {
-        let stats = relay.stats();
-        (stats.to_upstream_bytes + stats.to_client_bytes) as f64
-    };
+    let wire = || relayed(&relay);
     let edge_dir = dir.path().join("edge");
-    let config = EdgeConfig {
-        drift_interval: Duration::from_secs(30),
-        ..EdgeConfig::for_test(&edge_dir, "edge01", relay.local_addr(), Some(head.token()))
-    };
+    let config = edge_config(&edge_dir, "edge01", relay.local_addr(), &head.token());
     let manifests = edge_dir.join("manifests");
     let all: String = (0..docs)
         .map(|d| edgenode(&format!("ns{d}"), "edge01", 1, "nginx:1"))
@@ -398,10 +399,7 @@ async fn idle(seconds: u64) -> Vec<Figure> {
     let head = HeadProcess::start(dir.path()).await;
     // Every UDP byte between edge and head, QUIC's keep-alives included.
     let relay = relay::Relay::start(head.addr).await.unwrap();
-    let wire = || {
-        let stats = relay.stats();
-        (stats.to_upstream_bytes + stats.to_client_bytes) as f64
-    };
+    let wire = || relayed(&relay);
     let edge_dir = dir.path().join("edge");
     let mut edge = Command::new(env!("CARGO_BIN_EXE_edgesync"))
         .args([

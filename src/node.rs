@@ -780,15 +780,6 @@ impl Node {
         Ok(())
     }
 
-    /// Stores the sync states of a session with `peer` that is ending.
-    pub async fn save_sync_states(
-        &self,
-        peer: &str,
-        states: Vec<(String, Vec<u8>)>,
-    ) -> Result<(), NodeError> {
-        Ok(self.0.store.save_sync_states(peer, states).await?)
-    }
-
     /// The heads of document `key`, if there is one.
     pub async fn heads(&self, key: &str) -> Option<Vec<automerge::ChangeHash>> {
         let entry = self.entry(key)?;
@@ -1131,7 +1122,8 @@ pub async fn admit_edge(store: &Store, peer: &Identity) -> Result<(), String> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`; a panic elsewhere while holding it leaves data still worth using.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

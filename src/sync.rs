@@ -105,7 +105,7 @@ where
         .map(|(key, state)| (key.clone(), state.encode()))
         .collect();
     drop(session);
-    if let Err(e) = node.save_sync_states(&peer.name, states).await {
+    if let Err(e) = node.store().save_sync_states(&peer.name, states).await {
         warn!(peer = %peer.name, error = %e, "cannot store the sync states");
     }
     // Let queued frames go out (a clean end), but never wait long for a stuck peer.

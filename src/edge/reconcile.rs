@@ -40,7 +40,7 @@ struct Done {
 }
 
 /// What one document asks of this edge.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Wanted {
     generation: i64,
     desired: Vec<Desired>,
@@ -191,13 +191,7 @@ impl Reconciler {
                     );
                 }
                 None => {
-                    let none = Wanted {
-                        generation: 0,
-                        desired: Vec::new(),
-                        refused_files: Vec::new(),
-                        pods: Vec::new(),
-                    };
-                    self.write(&none, &owned).await?;
+                    self.write(&Wanted::default(), &owned).await?;
                     self.done.remove(&key);
                     self.applied.remove(&key);
                 }
@@ -220,9 +214,7 @@ impl Reconciler {
                 .contains(&view.namespace);
         let mut wanted = Wanted {
             generation: view.generation,
-            desired: Vec::new(),
-            refused_files: Vec::new(),
-            pods: Vec::new(),
+            ..Wanted::default()
         };
         for (name, pod) in &view.pods {
             let checked =

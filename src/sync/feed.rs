@@ -2,6 +2,7 @@
 //! so a change to one edge's document wakes one session, not every session on the head; and
 //! changes that pile up while a session is busy are one notice per document.
 
+use crate::node::lock;
 use crate::transport::tls::{Identity, Role};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -83,10 +84,6 @@ fn notify_live(feeds: &mut Vec<Weak<Feed>>, key: &str) {
         }
         None => false,
     });
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
