@@ -594,14 +594,15 @@ async fn main() {
         let line = json!({"name": f.name, "value": (f.value * 1000.0).round() / 1000.0, "unit": f.unit, "target": f.target, "met": f.met()});
         println!("{line}");
     }
+    let width = figures.iter().map(|f| f.name.len()).max().unwrap_or(0);
     println!(
-        "\n{:<30} {:>12} {:<12} {:>10}  met",
+        "\n{:<width$} {:>12} {:<12} {:>10}  met",
         "figure", "value", "unit", "target"
     );
     for f in &figures {
         let cmp = if f.at_most { "<=" } else { ">=" };
         println!(
-            "{:<30} {:>12.3} {:<12} {cmp}{:>8}  {}",
+            "{:<width$} {:>12.3} {:<12} {cmp}{:>8}  {}",
             f.name,
             f.value,
             f.unit,
