@@ -55,6 +55,8 @@ pub struct Metrics {
     pub documents: Gauge,
     /// Frames queued to peers and not yet written.
     pub pending: Gauge,
+    /// EdgeNode documents with changes not yet at every peer that syncs them.
+    pub pending_documents: Gauge,
     /// Time to commit one batch of SQLite writes.
     pub sqlite_write: Histogram,
     /// Reconciler runs (edge).
@@ -85,6 +87,7 @@ impl Metrics {
             frames: Family::default(),
             documents: Gauge::default(),
             pending: Gauge::default(),
+            pending_documents: Gauge::default(),
             sqlite_write,
             reconcile_runs: Counter::default(),
             reconcile_failures: Counter::default(),
@@ -111,6 +114,11 @@ impl Metrics {
             "pending_frames",
             "Frames queued to peers, not yet written",
             m.pending.clone(),
+        );
+        registry.register(
+            "pending_documents",
+            "EdgeNodes with changes a peer that syncs them does not have yet (or none has synced)",
+            m.pending_documents.clone(),
         );
         registry.register_with_unit(
             "sqlite_write",

@@ -18,7 +18,7 @@ use automerge::{ActorId, AutoCommit};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -183,6 +183,8 @@ struct Inner {
     changes: broadcast::Sender<String>,
     feeds: Feeds,
     peers: Mutex<BTreeMap<String, PeerInfo>>,
+    /// Heads each peer is known to have, by peer and document (from the sync states).
+    shared: Mutex<HashMap<(String, String), Vec<automerge::ChangeHash>>>,
     kicks: Mutex<BTreeMap<String, CancellationToken>>,
     applied: Mutex<Vec<AppliedPod>>,
     advertise: Mutex<Option<std::net::IpAddr>>,
@@ -284,6 +286,12 @@ impl Node {
             let entry = DocEntry::load(stored, &actor)?;
             docs.insert(key, Arc::new(tokio::sync::Mutex::new(entry)));
         }
+        let mut shared = HashMap::new();
+        for (peer, key, state) in store.all_sync_states().await? {
+            if let Ok(state) = sync::State::decode(&state) {
+                shared.insert((peer, key), state.shared_heads);
+            }
+        }
         let (changes, _) = broadcast::channel(1024);
         let write_seconds = store.write_seconds();
         Ok(Node(Arc::new(Inner {
@@ -296,6 +304,7 @@ impl Node {
             changes,
             feeds: Feeds::default(),
             peers: Mutex::new(BTreeMap::new()),
+            shared: Mutex::new(shared),
             kicks: Mutex::new(BTreeMap::new()),
             applied: Mutex::new(Vec::new()),
             advertise: Mutex::new(None),
@@ -322,6 +331,8 @@ impl Node {
     pub async fn metrics_text(&self) -> String {
         let m = &self.0.metrics;
         m.documents.set(self.keys().len() as i64);
+        m.pending_documents
+            .set(self.pending_documents().await as i64);
         let now = Timestamp::now();
         let peers: Vec<PeerInfo> = lock(&self.0.peers).values().cloned().collect();
         for role in [Role::Head, Role::Edge] {
@@ -351,6 +362,26 @@ impl Node {
             }
         }
         m.render()
+    }
+
+    /// EdgeNode documents with changes some peer that syncs them does not have yet, or that
+    /// no peer has synced yet.
+    async fn pending_documents(&self) -> usize {
+        let mut known: HashMap<String, Vec<Vec<automerge::ChangeHash>>> = HashMap::new();
+        for ((_, key), heads) in lock(&self.0.shared).iter() {
+            known.entry(key.clone()).or_default().push(heads.clone());
+        }
+        let mut pending = 0;
+        for key in self.keys() {
+            let Some(heads) = self.heads(&key).await else {
+                continue;
+            };
+            let at_peers = known.get(&key).map(Vec::as_slice).unwrap_or_default();
+            if at_peers.is_empty() || at_peers.iter().any(|theirs| *theirs != heads) {
+                pending += 1;
+            }
+        }
+        pending
     }
 
     /// The address this node advertises to heads (`--advertise-address`), if any.
@@ -765,6 +796,10 @@ impl Node {
                 key: key.to_string(),
                 reason: e.to_string(),
             })?;
+        lock(&self.0.shared).insert(
+            (peer.to_string(), key.to_string()),
+            state.shared_heads.clone(),
+        );
         if entry.doc.get_heads() == entry.persisted_heads {
             // Nothing new (an acknowledgement): the session keeps the sync state and stores
             // it when it ends; a state stored stale only costs a little resending.
@@ -837,6 +872,7 @@ impl Node {
         let known = self.0.store.remove_node(name.to_string()).await?;
         self.kick(name);
         lock(&self.0.peers).remove(name);
+        lock(&self.0.shared).retain(|(peer, _), _| peer != name);
         Ok(known)
     }
 

@@ -316,6 +316,16 @@ impl Store {
         .await
     }
 
+    /// Every stored sync state: peer, document key, state.
+    pub async fn all_sync_states(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        self.call(|t| {
+            let mut stmt = t.prepare("SELECT peer, key, state FROM sync_states")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// Manifest files edgesync owns.
     pub async fn owned_files(&self) -> Result<Vec<OwnedFile>, StoreError> {
         self.call(|t| {

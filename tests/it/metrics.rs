@@ -119,3 +119,56 @@ async fn head_and_edge_serve_prometheus_metrics() {
     })
     .await;
 }
+
+/// Waits until `sample` reads `want` on `daemon`'s control socket.
+async fn wait_value(daemon: &Daemon, sample: &str, want: f64) {
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let text = from_socket(daemon).await;
+        if value(&text, sample) == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sample} is not {want}: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_documents_count_edits_that_have_not_reached_a_peer() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head_addr = free_udp_addr();
+        let head = HeadProc::start(dir.path(), head_addr, &[]).await;
+        let pods = |image| edgenode("default", "edge01", &[("web", image)]);
+        ok(head.daemon.cli(&[
+            "apply",
+            "-f",
+            &write(dir.path(), "a.yaml", &pods("nginx:1")),
+        ]));
+        // No peer has it yet: its edge has not joined.
+        wait_value(&head.daemon, "edgesync_pending_documents ", 1.0).await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs
+            .start("edge01", &[head_addr], Some(&head.token()))
+            .await;
+        wait_for("manifest", SOON, || dirs.manifest("default", "web")).await;
+        wait_value(&head.daemon, "edgesync_pending_documents ", 0.0).await;
+        wait_value(&edge, "edgesync_pending_documents ", 0.0).await;
+
+        head.daemon.stop().await;
+        ok(edge.cli(&[
+            "apply",
+            "-f",
+            &write(dir.path(), "b.yaml", &pods("nginx:2")),
+        ]));
+        wait_value(&edge, "edgesync_pending_documents ", 1.0).await;
+
+        let head = HeadProc::start(dir.path(), head_addr, &[]).await;
+        wait_value(&edge, "edgesync_pending_documents ", 0.0).await;
+        wait_value(&head.daemon, "edgesync_pending_documents ", 0.0).await;
+    })
+    .await;
+}
