@@ -38,18 +38,7 @@ async fn head_and_edge_serve_prometheus_metrics() {
         ]));
         wait_for("manifest", SOON, || dirs.manifest("default", "nginx")).await;
 
-        let deadline = std::time::Instant::now() + SOON;
-        let text = loop {
-            let text = from_socket(&head.daemon).await;
-            if value(&text, "edgesync_peers_connected{role=\"edge\"}") == Some(1.0) {
-                break text;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "edge not counted: {text}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
+        let text = wait_value(&head.daemon, "edgesync_peers_connected{role=\"edge\"}", 1.0).await;
         assert_eq!(value(&text, "edgesync_documents "), Some(1.0), "{text}");
         assert!(
             value(&text, "edgesync_last_sync_age_seconds{edge=\"edge01\"}").is_some(),
@@ -120,13 +109,13 @@ async fn head_and_edge_serve_prometheus_metrics() {
     .await;
 }
 
-/// Waits until `sample` reads `want` on `daemon`'s control socket.
-async fn wait_value(daemon: &Daemon, sample: &str, want: f64) {
+/// Waits until `sample` reads `want` on `daemon`'s control socket; returns all the metrics then.
+async fn wait_value(daemon: &Daemon, sample: &str, want: f64) -> String {
     let deadline = std::time::Instant::now() + SOON;
     loop {
         let text = from_socket(daemon).await;
         if value(&text, sample) == Some(want) {
-            return;
+            return text;
         }
         assert!(
             std::time::Instant::now() < deadline,
