@@ -70,8 +70,12 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Show peers, documents, last sync and applied pods of the local node.
     Status(StatusArgs),
-    /// Print the EdgeNode CustomResourceDefinition (YAML).
-    Crd,
+    /// Print a CustomResourceDefinition (YAML): EdgeNode by default, or the one of RESOURCE.
+    Crd {
+        /// edgenodes (the default), edges, users or acceptableusepolicies.
+        #[arg(value_name = "RESOURCE", default_value = "edgenodes")]
+        resource: String,
+    },
     /// Run a head and an edge in this process on loopback with temporary state and show what
     /// happens to the example EdgeNode.
     Dev(DevArgs),

@@ -92,7 +92,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Get(args) => commands::get(&args).await?,
         Command::Delete(args) => commands::delete(&args).await?,
         Command::Status(args) => commands::status(&args).await?,
-        Command::Crd => print!("{}", crd::crd_yaml()),
+        Command::Crd { resource } => match crd::yaml_of(&resource) {
+            Some(yaml) => print!("{yaml}"),
+            None => {
+                let known: Vec<&str> = crd::GENERATED.iter().map(|g| g.plural).collect();
+                let known = known.join(", ");
+                let reason = format!("no CRD {resource:?}; edgesync generates {known}");
+                return Err(CommandError::Usage(reason).into());
+            }
+        },
         Command::Dev(args) => dev::run(args.once).await?,
     }
     Ok(())

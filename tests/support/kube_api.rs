@@ -69,6 +69,7 @@ rbac.authorization.k8s.io/v1       RoleBinding        rolebindings        namesp
 rbac.authorization.k8s.io/v1       ClusterRole        clusterroles        cluster    -      -   -
 rbac.authorization.k8s.io/v1       ClusterRoleBinding clusterrolebindings cluster    -      -   -
 edgesync.io/v1alpha1               EdgeNode           edgenodes           namespaced status en  -
+edgesync.io/v1alpha1               Edge               edges               cluster    status eg  -
 apiextensions.k8s.io/v1   CustomResourceDefinition customresourcedefinitions cluster -      crd,crds -
 ";
 
