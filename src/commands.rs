@@ -215,7 +215,8 @@ pub async fn token_create(socket: &Path, ttl: &str) -> Result<(), CommandError> 
 pub async fn node_remove(socket: &Path, name: &str) -> Result<(), CommandError> {
     crate::input::check_subdomain(name)
         .map_err(|r| CommandError::Usage(format!("node name: {r}")))?;
-    call(socket, Method::DELETE, &format!("/v1/nodes/{name}"), None).await?;
+    let uri = format!("/v1/nodes/{name}?actor={}", actor());
+    call(socket, Method::DELETE, &uri, None).await?;
     println!("node {name:?} removed");
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use crate::head::api::Accounts;
 use crate::head::create_token;
+use crate::head::edges::Edges;
 use crate::head::users::{Decision, UserError};
 use crate::node::{Node, NodeError};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
@@ -60,6 +61,8 @@ pub struct HeadControl {
     pub ca_hash: String,
     /// Users and their access.
     pub accounts: Accounts,
+    /// Joined edges and join tokens.
+    pub edges: Edges,
 }
 
 #[derive(Clone)]
@@ -67,6 +70,7 @@ struct Ctx {
     node: Node,
     ca_hash: Option<String>,
     accounts: Option<Accounts>,
+    edges: Option<Edges>,
 }
 
 /// Binds the socket and returns the server future (run it as a task). `head` is set on heads.
@@ -119,6 +123,7 @@ pub async fn serve(
         .with_state(Ctx {
             node,
             ca_hash: head.as_ref().map(|h| h.ca_hash.clone()),
+            edges: head.as_ref().map(|h| h.edges.clone()),
             accounts: head.map(|h| h.accounts),
         });
     let socket = path.to_path_buf();
@@ -200,14 +205,18 @@ async fn apply(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: St
     Ok(Json(outcomes).into_response())
 }
 
-async fn remove_node(State(ctx): State<Ctx>, UrlPath(name): UrlPath<String>) -> ApiResult {
-    if ctx.ca_hash.is_none() {
+async fn remove_node(
+    State(ctx): State<Ctx>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<ActorQuery>,
+) -> ApiResult {
+    let Some(edges) = &ctx.edges else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             json!({"error": "nodes are removed on a head; this node is an edge"}),
         ));
-    }
-    if ctx.node.remove_node(&name).await? {
+    };
+    if edges.remove(&name, &actor(q)).await? {
         Ok(Json(json!({"removed": name})).into_response())
     } else {
         Err(NodeError::NotFound(format!("node {name}")).into())
@@ -280,7 +289,7 @@ struct TokenRequest {
 }
 
 async fn token(State(ctx): State<Ctx>, Json(req): Json<TokenRequest>) -> ApiResult {
-    let Some(ca_hash) = &ctx.ca_hash else {
+    let (Some(ca_hash), Some(edges)) = (&ctx.ca_hash, &ctx.edges) else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             json!({"error": "join tokens are created on a head; this node is an edge"}),
@@ -293,7 +302,7 @@ async fn token(State(ctx): State<Ctx>, Json(req): Json<TokenRequest>) -> ApiResu
         ));
     }
     let ttl = Duration::from_secs(req.ttl_seconds);
-    let token = create_token(&ctx.node, ca_hash, ttl).await.map_err(|e| {
+    let token = create_token(edges, ca_hash, ttl).await.map_err(|e| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({"error": e.to_string()}),

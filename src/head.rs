@@ -5,6 +5,7 @@
 pub mod access;
 pub mod api;
 pub mod dns;
+pub mod edges;
 pub mod kube;
 pub mod lease;
 pub mod peers;
@@ -15,12 +16,13 @@ use crate::control;
 use crate::daemon::{DaemonError, Tasks, io_err};
 use crate::fsutil;
 use crate::input::{self, Rules};
-use crate::link::{self, JoinHandler};
+use crate::link::{self, Gate, JoinHandler};
 use crate::node::Node;
 use crate::store::{JoinedNode, Store};
 use crate::sync::wire::Frame;
 use crate::transport::tls::{self, Ca, JoinToken, Role};
 use crate::transport::{self, TransportError};
+use edges::{Edges, Expect};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -55,9 +57,22 @@ impl Head {
         };
         let node = Node::open(Role::Head, &config.name, store.clone(), rules).await?;
         node.metrics().cert_expires("ca", &ca.cert);
+        let mut tasks = Tasks::default();
+        // Unique per process, so two heads given the same --name never both hold the Lease.
+        let identity = format!("{}_{}", config.name, hex::encode(tls::random_bytes::<4>()));
+        let edges = match &cluster {
+            Some(c) => Edges::in_cluster(
+                node.clone(),
+                c.client.clone(),
+                &config.cluster_namespace,
+                &identity,
+                &mut tasks,
+            ),
+            None => Edges::standalone(node.clone(), &mut tasks),
+        };
         let token_file = dir.join("join-token");
         if !token_file.exists() {
-            let token = create_token(&node, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
+            let token = create_token(&edges, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
             fsutil::write_private(&token_file, format!("{token}\n").as_bytes())
                 .map_err(|source| io_err(&token_file, source))?;
             info!(file = %token_file.display(), "wrote a join token valid for 24h");
@@ -70,12 +85,20 @@ impl Head {
                 addr: config.listen,
                 source,
             })?;
-        let mut tasks = Tasks::default();
-        let join = join_handler(node.clone(), ca.clone(), config.edge_cert_lifetime);
+        let gate = Gate {
+            join: join_handler(edges.clone(), ca.clone(), config.edge_cert_lifetime),
+            admit: {
+                let edges = edges.clone();
+                Arc::new(move |peer| {
+                    let edges = edges.clone();
+                    Box::pin(async move { edges.admit(&peer).await })
+                })
+            },
+        };
         tasks.spawn(link::serve(
             endpoint,
             node.clone(),
-            Some(join),
+            Some(gate),
             tasks.token(),
         ));
         let client = tls::client_config(&ca.cert, &cert)?;
@@ -94,11 +117,14 @@ impl Head {
             Some((cert, key)) => tls::load_keyed_cert(cert, key)?,
             None => ca.issue_api(&api_names(&config))?,
         };
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        tasks.spawn(report_ready(edges.clone(), ready_tx));
         let (api_addr, api) = api::serve(
             config.api_listen,
             tls::api_server_config(&api_cert)?,
             accounts.clone(),
             node.clone(),
+            ready,
             tasks.token(),
         )
         .map_err(|source| {
@@ -111,6 +137,7 @@ impl Head {
         let head_control = control::HeadControl {
             ca_hash: ca.hash(),
             accounts,
+            edges: edges.clone(),
         };
         let control = control::serve(
             &config.socket,
@@ -122,7 +149,7 @@ impl Head {
         tasks.spawn(control);
         let (leading, leading_rx) = tokio::sync::watch::channel(cluster.is_none());
         tasks.spawn(dns::run(
-            node.clone(),
+            edges.clone(),
             config.dns.clone(),
             leading_rx.clone(),
             tasks.token(),
@@ -132,7 +159,7 @@ impl Head {
                 let elector = lease::Elector::new(
                     client.clone(),
                     &config.cluster_namespace,
-                    &config.name,
+                    &identity,
                     config.lease_duration,
                 );
                 tasks.spawn(elector.run(leading, tasks.token()));
@@ -147,6 +174,7 @@ impl Head {
                 self::kube::Bridge::start(
                     client,
                     node.clone(),
+                    edges.clone(),
                     &config.watch_namespaces,
                     leading_rx,
                     &mut tasks,
@@ -187,6 +215,13 @@ impl Head {
     pub async fn shutdown(self) {
         self.tasks.shutdown().await;
     }
+}
+
+/// Reports the head ready (`/readyz`) once it has read the cluster's state it needs to serve.
+async fn report_ready(edges: Edges, ready: tokio::sync::watch::Sender<bool>) {
+    edges.ready().await;
+    ready.send_replace(true);
+    info!("read the state the head serves from: ready");
 }
 
 /// Users, and with a cluster their access to it, as configured.
@@ -247,15 +282,16 @@ fn api_names(config: &HeadConfig) -> Vec<String> {
     names
 }
 
-/// Creates a join token valid for `ttl`, stored here and (hashed) for the other heads.
+/// Creates a join token valid for `ttl`; every head accepts it (only its hash is kept).
 pub async fn create_token(
-    node: &Node,
+    edges: &Edges,
     ca_hash: &str,
     ttl: Duration,
 ) -> Result<JoinToken, crate::node::NodeError> {
     let token = JoinToken::generate(ca_hash);
     let expires = unix_now().saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-    node.register_token(&token.id, token.secret_hash(), expires)
+    edges
+        .add_token(&token.id, token.secret_hash(), expires)
         .await?;
     Ok(token)
 }
@@ -264,23 +300,25 @@ fn unix_now() -> i64 {
     k8s_openapi::jiff::Timestamp::now().as_second()
 }
 
-fn join_handler(node: Node, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
+fn join_handler(edges: Edges, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
     Arc::new(move |request, remote, identity| {
-        let (node, ca) = (node.clone(), ca.clone());
+        let (edges, ca) = (edges.clone(), ca.clone());
         Box::pin(async move {
-            let store = node.store();
             let renewal = matches!(request, Frame::Renew { .. });
             let outcome = match (request, identity) {
                 (Frame::Renew { csr }, Some(peer)) if peer.role == Role::Edge => {
-                    match crate::node::admit_edge(store, &peer).await {
-                        Ok(()) => issue(&node, &ca, &peer.name, &csr, lifetime).await,
+                    match edges.admit(&peer).await {
+                        Ok(()) => {
+                            let expect = Expect::Key(peer.key.clone());
+                            issue(&edges, &ca, &peer.name, &csr, lifetime, expect).await
+                        }
                         Err(e) => Err(e),
                     }
                 }
                 (Frame::Renew { .. }, _) => {
                     Err("renewal needs the edge's current, valid certificate".to_string())
                 }
-                (request, _) => join(&node, &ca, request, lifetime).await,
+                (request, _) => join(&edges, &ca, request, lifetime).await,
             };
             match (outcome, renewal) {
                 (Ok((frame, node)), false) => {
@@ -302,7 +340,7 @@ fn join_handler(node: Node, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
 
 /// Checks a join request's token and issues the node's certificate.
 async fn join(
-    node_core: &Node,
+    edges: &Edges,
     ca: &Ca,
     request: Frame,
     lifetime: Duration,
@@ -319,8 +357,7 @@ async fn join(
     };
     const BAD_TOKEN: &str =
         "join token is invalid or expired; create one on the head with `edgesync token create`";
-    let store = node_core.store();
-    let stored = store.token(token_id).await.map_err(|e| e.to_string())?;
+    let stored = edges.token(&token_id).await?;
     let presented = JoinToken {
         ca_hash: String::new(),
         id: String::new(),
@@ -337,25 +374,27 @@ async fn join(
         return Err(BAD_TOKEN.into());
     }
     input::check_subdomain(&node).map_err(|r| format!("node name: {r}"))?;
-    if let Some(existing) = store.node(node.clone()).await.map_err(|e| e.to_string())?
-        && existing.cert_not_after > unix_now()
+    // Refused before signing when the name is taken; checked again as the node is recorded.
+    if let Some(existing) = edges.registered(&node).await?
+        && existing.not_after > unix_now()
     {
         return Err(format!(
             "node {node:?} has already joined and its certificate is valid; choose another \
              --node-name, or run `edgesync node remove {node}` on the head to let it join again"
         ));
     }
-    issue(node_core, ca, &node, &csr, lifetime).await
+    issue(edges, ca, &node, &csr, lifetime, Expect::Fresh).await
 }
 
-/// Signs `csr` for edge `node` and records the node with its new key: from then on only this
-/// key is let in under that name.
+/// Signs `csr` for edge `node` and records the node with its new key (provided what is
+/// registered is what `expect` says): from then on only this key is let in under that name.
 async fn issue(
-    core: &Node,
+    edges: &Edges,
     ca: &Ca,
     node: &str,
     csr: &[u8],
     lifetime: Duration,
+    expect: Expect,
 ) -> Result<(Frame, String), String> {
     let cert_pem = ca
         .sign_edge(csr, node, lifetime)
@@ -368,9 +407,7 @@ async fn issue(
         key_sha256: identity.key,
         cert_not_after: not_after,
     };
-    core.register_edge(joined)
-        .await
-        .map_err(|e| e.to_string())?;
+    edges.register(&joined, expect).await?;
     Ok((
         Frame::JoinAccepted {
             cert_pem,

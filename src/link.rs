@@ -23,6 +23,19 @@ pub type JoinHandler = Arc<
         + Sync,
 >;
 
+/// Decides whether a certified peer may hold a sync session here.
+pub type Admit =
+    Arc<dyn Fn(Identity) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// What a head adds to the accept loop: joins and renewals, and who may hold a session.
+#[derive(Clone)]
+pub struct Gate {
+    /// Answers join and renewal requests.
+    pub join: JoinHandler,
+    /// Admits certified peers.
+    pub admit: Admit,
+}
+
 /// Builds the client TLS configuration for each dial, so a renewed certificate is picked up.
 pub type TlsSource = Arc<dyn Fn() -> Result<rustls::ClientConfig, String> + Send + Sync>;
 
@@ -37,12 +50,12 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// How long a new connection may take to open its first stream and send its first frame.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections on `endpoint` until `shutdown`: certified peers get a sync session,
-/// others may only join (if `join` is set).
+/// Accepts connections on `endpoint` until `shutdown`: certified peers the gate admits get a
+/// sync session, others may only join (if there is a gate).
 pub async fn serve(
     endpoint: quinn::Endpoint,
     node: Node,
-    join: Option<JoinHandler>,
+    gate: Option<Gate>,
     shutdown: CancellationToken,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
@@ -60,10 +73,10 @@ pub async fn serve(
             incoming.refuse();
             continue;
         };
-        let (node, join, shutdown) = (node.clone(), join.clone(), shutdown.child_token());
+        let (node, gate, shutdown) = (node.clone(), gate.clone(), shutdown.child_token());
         tokio::spawn(
             async move {
-                if let Err(e) = handle_incoming(incoming, node, join, permit, shutdown).await {
+                if let Err(e) = handle_incoming(incoming, node, gate, permit, shutdown).await {
                     warn!(error = %e, "connection refused");
                 }
             }
@@ -77,7 +90,7 @@ pub async fn serve(
 async fn handle_incoming(
     incoming: quinn::Incoming,
     node: Node,
-    join: Option<JoinHandler>,
+    gate: Option<Gate>,
     handshake: tokio::sync::OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -97,7 +110,11 @@ async fn handle_incoming(
     drop(handshake);
     match (frame, identity) {
         (Some(Frame::Hello { advertise, .. }), Some(peer)) => {
-            if let Err(message) = node.admit(&peer).await {
+            let admitted = match &gate {
+                Some(gate) => (gate.admit)(peer.clone()).await,
+                None => Ok(()),
+            };
+            if let Err(message) = admitted {
                 answer(
                     &conn,
                     send,
@@ -121,10 +138,10 @@ async fn handle_incoming(
             Ok(())
         }
         (Some(request @ (Frame::JoinRequest { .. } | Frame::Renew { .. })), identity)
-            if join.is_some() =>
+            if gate.is_some() =>
         {
-            let handler = join.expect("checked above");
-            answer(&conn, send, handler(request, remote, identity).await).await;
+            let gate = gate.expect("checked above");
+            answer(&conn, send, (gate.join)(request, remote, identity).await).await;
             Ok(())
         }
         (frame, identity) => {

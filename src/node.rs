@@ -47,6 +47,9 @@ pub enum NodeError {
     /// No such EdgeNode.
     #[error("edgenode {0:?} not found")]
     NotFound(String),
+    /// The Kubernetes API refused or failed.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// One document and what the node knows about it.
@@ -834,15 +837,6 @@ impl Node {
         entry.doc.sync().generate_sync_message(state)
     }
 
-    /// Whether `peer` may hold a sync session here: on a head, an edge must present the key
-    /// last issued to its name.
-    pub async fn admit(&self, peer: &Identity) -> Result<(), String> {
-        match (self.0.role, peer.role) {
-            (Role::Head, Role::Edge) => admit_edge(&self.0.store, peer).await,
-            _ => Ok(()),
-        }
-    }
-
     /// Fires when peer `name` is removed: its sessions end at once.
     pub fn removal_of(&self, name: &str) -> CancellationToken {
         lock(&self.0.kicks)
@@ -866,6 +860,14 @@ impl Node {
             return Ok(true);
         }
         Ok(known)
+    }
+
+    /// Ends edge `name`'s sessions and forgets what this node keeps of it, after it was removed
+    /// elsewhere (its Edge resource deleted).
+    pub async fn drop_edge(&self, name: &str) {
+        if let Err(e) = self.forget_edge(name).await {
+            warn!(node = %name, error = %e, "cannot forget the removed edge");
+        }
     }
 
     async fn forget_edge(&self, name: &str) -> Result<bool, NodeError> {
@@ -1138,23 +1140,6 @@ pub fn derive_status(
         online: Some(online),
         pods_ready: Some(format!("{applied}/{}", pods.len())),
         pods,
-    }
-}
-
-/// Lets an edge in only with the key last issued to its name, so `node remove` and a newer
-/// join shut out older certificates.
-pub async fn admit_edge(store: &Store, peer: &Identity) -> Result<(), String> {
-    match store.node(peer.name.clone()).await {
-        Ok(Some(node)) if node.key_sha256 == peer.key => Ok(()),
-        Ok(Some(_)) => Err(format!(
-            "the certificate of {} was replaced by a newer join; this one is no longer accepted",
-            peer.name
-        )),
-        Ok(None) => Err(format!(
-            "{} is not a registered node (removed with `edgesync node remove`?); join again with a token",
-            peer.name
-        )),
-        Err(e) => Err(e.to_string()),
     }
 }
 

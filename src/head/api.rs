@@ -16,6 +16,7 @@ use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -270,11 +271,18 @@ async fn kubeconfig(
 struct ApiState {
     accounts: Accounts,
     node: Node,
+    ready: watch::Receiver<bool>,
 }
 
 impl FromRef<ApiState> for Accounts {
     fn from_ref(state: &ApiState) -> Accounts {
         state.accounts.clone()
+    }
+}
+
+impl FromRef<ApiState> for watch::Receiver<bool> {
+    fn from_ref(state: &ApiState) -> watch::Receiver<bool> {
+        state.ready.clone()
     }
 }
 
@@ -294,10 +302,22 @@ pub async fn metrics(State(node): State<Node>) -> Response {
         .into_response()
 }
 
-fn router(accounts: Accounts, node: Node) -> Router {
+/// 200 once the head has read the state it needs to serve (the cluster's, with one); 503 before.
+async fn readyz(State(ready): State<watch::Receiver<bool>>) -> Response {
+    match *ready.borrow() {
+        true => "ok".into_response(),
+        false => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: reading the cluster's state",
+        )
+            .into_response(),
+    }
+}
+
+fn router(accounts: Accounts, node: Node, ready: watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/registrations", post(register))
         .route("/api/v1/aup", get(aup))
@@ -306,7 +326,11 @@ fn router(accounts: Accounts, node: Node) -> Router {
         .route("/api/v1/users/{username}/kubeconfig", get(kubeconfig))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into(), None) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(ApiState { accounts, node })
+        .with_state(ApiState {
+            accounts,
+            node,
+            ready,
+        })
 }
 
 /// Binds `addr` now (so a taken port fails the start) and returns the address and the server
@@ -316,6 +340,7 @@ pub fn serve(
     tls: rustls::ServerConfig,
     accounts: Accounts,
     node: Node,
+    ready: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(
     SocketAddr,
@@ -328,7 +353,7 @@ pub fn serve(
     let server = axum_server::from_tcp_rustls(listener, config)?;
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
-    let app = router(accounts, node).into_make_service();
+    let app = router(accounts, node, ready).into_make_service();
     Ok((local, async move {
         tokio::spawn(async move {
             shutdown.cancelled().await;

@@ -8,8 +8,8 @@
 //! writes every other record back exactly as it was, and never writes after a failed or
 //! unparsable read.
 
-use crate::node::Node;
-use crate::registry::{self, Registry};
+use crate::head::edges::Edges;
+use crate::registry::Registry;
 use crate::transport::Backoff;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -210,13 +210,17 @@ fn record_type(ip: IpAddr) -> &'static str {
 /// Keeps the records equal to what the registry says, while `leading` (always on a standalone
 /// head).
 pub async fn run(
-    node: Node,
+    edges: Edges,
     config: DnsConfig,
     mut leading: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
     let provider = Provider::new(&config);
-    let mut changes = node.subscribe();
+    // What was published is known only once the cluster's state is read.
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = edges.ready() => {}
+    }
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
     // Refused changes, with when; tried again after REFUSED_RETRY in case the zone changed.
     let mut refused: BTreeMap<String, (Option<IpAddr>, Instant)> = BTreeMap::new();
@@ -235,17 +239,11 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             changed = leading.changed(), if elected => elected = changed.is_ok(),
             _ = wait => {}
-            changed = changes.recv() => {
-                match changed {
-                    Ok(key) if key != registry::KEY => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    // Registry changes come in bursts (many edges connect at once): each
-                    // pass reads the whole registry, so one pass follows a burst.
-                    _ => {
-                        let soon = Instant::now() + SETTLE;
-                        retry_at = Some(retry_at.map_or(soon, |at| at.min(soon)));
-                    }
-                }
+            // Changes come in bursts (many edges connect at once): each pass reads every
+            // edge, so one pass follows a burst.
+            _ = edges.changed() => {
+                let soon = Instant::now() + SETTLE;
+                retry_at = Some(retry_at.map_or(soon, |at| at.min(soon)));
                 continue;
             }
         }
@@ -254,7 +252,7 @@ pub async fn run(
             continue;
         }
         refused.retain(|_, (_, at)| at.elapsed() < REFUSED_RETRY);
-        let registry = node.registry().await;
+        let registry = edges.dns_view().await;
         let mut failed = false;
         for (name, want) in desired(&registry) {
             let have = registry.dns.get(&name).copied();
@@ -275,9 +273,7 @@ pub async fn run(
                         None => info!(record = %fqdn, "DNS record removed"),
                     }
                     refused.remove(&name);
-                    let edit =
-                        |doc: &mut automerge::AutoCommit| registry::set_published(doc, &name, want);
-                    if let Err(e) = node.edit_registry(edit).await {
+                    if let Err(e) = edges.set_published(&name, want).await {
                         warn!(record = %fqdn, error = %e, "cannot record the published DNS record");
                     }
                 }

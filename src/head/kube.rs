@@ -6,6 +6,7 @@
 use crate::crd::{Condition, EdgeNode, EdgeNodeStatus, MANAGED_LABEL, Phase};
 use crate::daemon::DaemonError;
 use crate::daemon::Tasks;
+use crate::head::edges::Edges;
 use crate::input;
 use crate::model::merge3_noting;
 use crate::node::{Node, NodeError};
@@ -261,6 +262,7 @@ pub struct Bridge {
     cluster: ClusterView,
     resource: ApiResource,
     node: Node,
+    edges: Edges,
     seen: Arc<Mutex<Seen>>,
     /// Namespaces watched; None for all.
     namespaces: Option<BTreeSet<String>>,
@@ -288,6 +290,7 @@ impl Bridge {
     pub async fn start(
         client: kube::Client,
         node: Node,
+        edges: Edges,
         namespaces: &[String],
         leading: watch::Receiver<bool>,
         tasks: &mut Tasks,
@@ -305,6 +308,7 @@ impl Bridge {
             client,
             resource: ApiResource::erase::<EdgeNode>(&()),
             node,
+            edges,
             seen: Arc::new(Mutex::new(seen)),
             turn: Arc::default(),
             namespaces: (!namespaces.is_empty()).then(|| namespaces.iter().cloned().collect()),
@@ -604,7 +608,7 @@ impl Bridge {
             Ok(None) => true,
             Err(_) => false,
         };
-        let gone = matches!(self.node.store().node(name.to_string()).await, Ok(None));
+        let gone = !self.edges.is_registered(name).await;
         if !(told || gone) {
             return;
         }
@@ -758,7 +762,7 @@ impl Bridge {
         // Nothing is written before the caches are filled, so the phase does not flap.
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = self.cluster.ready() => {}
+            _ = async { tokio::join!(self.cluster.ready(), self.edges.ready()) } => {}
         }
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

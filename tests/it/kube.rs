@@ -12,14 +12,14 @@ use std::time::Duration;
 
 const API: &str = "edgesync.io/v1alpha1";
 
-struct Cluster {
-    api: KubeApi,
-    client: kube::Client,
-    kubeconfig: String,
+pub(crate) struct Cluster {
+    pub(crate) api: KubeApi,
+    pub(crate) client: kube::Client,
+    pub(crate) kubeconfig: String,
 }
 
 impl Cluster {
-    async fn start(dir: &Path) -> Cluster {
+    pub(crate) async fn start(dir: &Path) -> Cluster {
         let api = KubeApi::start().await;
         api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "edgesync-system"}}));
         let path = dir.join("kubeconfig");
@@ -60,7 +60,7 @@ impl Cluster {
     }
 
     /// `kubectl apply -f` of an EdgeNode written as YAML.
-    async fn apply(&self, yaml: &str) {
+    pub(crate) async fn apply(&self, yaml: &str) {
         let object: EdgeNode = serde_saphyr::from_str(yaml).unwrap();
         let namespace = object
             .metadata
@@ -75,12 +75,12 @@ impl Cluster {
             .unwrap();
     }
 
-    fn object(&self, namespace: &str, name: &str) -> Option<Value> {
+    pub(crate) fn object(&self, namespace: &str, name: &str) -> Option<Value> {
         self.api.get(API, "EdgeNode", Some(namespace), name)
     }
 }
 
-fn pod_images(object: &Value) -> Vec<(String, String)> {
+pub(crate) fn pod_images(object: &Value) -> Vec<(String, String)> {
     let mut pods: Vec<(String, String)> = object["spec"]["pods"]
         .as_array()
         .map(|pods| {
@@ -101,7 +101,7 @@ fn pod_images(object: &Value) -> Vec<(String, String)> {
     pods
 }
 
-fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+pub(crate) fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect()
@@ -570,14 +570,18 @@ async fn mirror_pods_and_the_node_decide_the_phase() {
     .await;
 }
 
-fn lease_holder(cluster: &Cluster) -> Option<String> {
+pub(crate) fn lease_holder(cluster: &Cluster) -> Option<String> {
     let lease = cluster.api.get(
         "coordination.k8s.io/v1",
         "Lease",
         Some("edgesync-system"),
         "edgesync-writer",
     )?;
-    lease["spec"]["holderIdentity"].as_str().map(str::to_string)
+    // The holder is the head's name and a suffix unique to its process.
+    let holder = lease["spec"]["holderIdentity"].as_str()?;
+    let (name, suffix) = holder.split_once('_')?;
+    assert_eq!(suffix.len(), 8, "{holder}");
+    Some(name.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

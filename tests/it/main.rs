@@ -4,6 +4,7 @@
 mod deploy;
 mod dns;
 mod harness;
+mod heads;
 mod kube;
 mod metrics;
 mod sync;

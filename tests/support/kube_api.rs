@@ -64,6 +64,7 @@ v1                                 Service            services            namesp
 v1                                 Endpoints          endpoints           namespaced -      ep  -
 v1                                 ConfigMap          configmaps          namespaced -      cm  -
 coordination.k8s.io/v1             Lease              leases              namespaced -      -   -
+events.k8s.io/v1                   Event              events              namespaced -      ev  -
 rbac.authorization.k8s.io/v1       Role               roles               namespaced -      -   -
 rbac.authorization.k8s.io/v1       RoleBinding        rolebindings        namespaced -      -   -
 rbac.authorization.k8s.io/v1       ClusterRole        clusterroles        cluster    -      -   -

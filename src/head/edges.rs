@@ -1,0 +1,683 @@
+//! Joined edges and join tokens: who may hold a session with a head, and where each edge is.
+//! Standalone, they live in the head's database and the heads' registry document. With a
+//! cluster they live in the Kubernetes API — an `Edge` resource per joined edge and a Secret
+//! per join token (only the secret's hash) — read through a watch cache and read afresh before
+//! anything is refused, so every head, also one started a second ago with an empty state dir,
+//! lets in the same edges. Each head writes what it learns; presence is written coalesced.
+
+use crate::crd::edge::{Edge, EdgeSpec, EdgeStatus};
+use crate::daemon::Tasks;
+use crate::head::kube::FIELD_MANAGER;
+use crate::node::{Node, NodeError};
+use crate::registry::{self, Registration, Registry};
+use crate::store::JoinedNode;
+use crate::transport::tls::Identity;
+use futures_util::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store as Cache};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Label on every join token Secret.
+pub const TOKEN_LABEL: &str = "edgesync.io/join-token";
+/// Type of the join token Secrets.
+pub const TOKEN_SECRET_TYPE: &str = "edgesync.io/join-token";
+/// Finalizer that keeps a removed Edge until the writer head has deleted its DNS record.
+pub const DNS_FINALIZER: &str = "edgesync.io/dns-record";
+/// How often edge presence is compared with what the API shows and written if it differs.
+const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+/// At most this many presence writes a second, so a thousand edges reconnecting at once are a
+/// steady trickle, not a storm.
+const PRESENCE_WRITES_PER_TICK: usize = 50;
+/// A presence just written is not written again for this long while the cache catches up.
+const PRESENCE_SETTLE: Duration = Duration::from_secs(5);
+
+/// Name of the Secret holding join token `id`.
+pub fn token_secret_name(id: &str) -> String {
+    format!("edgesync-token-{id}")
+}
+
+/// What a head knows about one joined edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// SHA-256 of the public key let in under its name.
+    pub key_sha256: Vec<u8>,
+    /// When its certificate expires (unix seconds).
+    pub not_after: i64,
+}
+
+/// What a join or renewal expects to find registered under the name.
+pub enum Expect {
+    /// Nothing, or a registration whose certificate has expired (a join with a token).
+    Fresh,
+    /// The key the renewing edge presented.
+    Key(Vec<u8>),
+}
+
+/// The book of joined edges and join tokens; cheap to clone.
+#[derive(Clone)]
+pub struct Edges {
+    node: Node,
+    cluster: Option<Arc<InCluster>>,
+    /// Fires when something DNS depends on changed.
+    changed: Arc<Notify>,
+}
+
+struct InCluster {
+    edges: Api<Edge>,
+    secrets: Api<Secret>,
+    cache: Cache<Edge>,
+    recorder: Recorder,
+    /// Presence last written, per edge, and when.
+    written: Mutex<HashMap<String, (EdgeStatus, Instant)>>,
+}
+
+fn unix_now() -> i64 {
+    Timestamp::now().as_second()
+}
+
+fn rfc3339(unix: i64) -> String {
+    Timestamp::from_second(unix)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn unix_of(text: &str) -> i64 {
+    text.parse::<Timestamp>().map_or(0, |t| t.as_second())
+}
+
+fn api_message(e: kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => s.message,
+        e => e.to_string(),
+    }
+}
+
+fn is_code(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// The registration an Edge object holds; None while it is being deleted (removed).
+fn registered_of(edge: &Edge) -> Option<Registered> {
+    if edge.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    Some(Registered {
+        key_sha256: hex::decode(&edge.spec.public_key_sha256).ok()?,
+        not_after: unix_of(&edge.spec.certificate_not_after),
+    })
+}
+
+/// Whether `peer` may hold a session, given what is registered under its name.
+fn admission(peer: &Identity, registered: Option<&Registered>) -> Result<(), String> {
+    match registered {
+        Some(r) if r.key_sha256 == peer.key => Ok(()),
+        Some(_) => Err(format!(
+            "the certificate of {} was replaced by a newer join; this one is no longer accepted",
+            peer.name
+        )),
+        None => Err(format!(
+            "{} is not a registered node (removed with `edgesync node remove`?); join again with a token",
+            peer.name
+        )),
+    }
+}
+
+impl Edges {
+    /// The book of a standalone head: its database and the heads' registry document.
+    pub fn standalone(node: Node, tasks: &mut Tasks) -> Edges {
+        let edges = Edges {
+            node,
+            cluster: None,
+            changed: Arc::default(),
+        };
+        tasks.spawn(edges.clone().forward_registry_changes(tasks.token()));
+        edges
+    }
+
+    /// The book of a head with a cluster: Edge resources and token Secrets in `namespace`,
+    /// watched from now on; presence of the edges connected here is written as it changes.
+    pub fn in_cluster(
+        node: Node,
+        client: kube::Client,
+        namespace: &str,
+        identity: &str,
+        tasks: &mut Tasks,
+    ) -> Edges {
+        let edges_api: Api<Edge> = Api::all(client.clone());
+        let (cache, writer) = reflector::store();
+        let reporter = Reporter {
+            controller: "edgesync-head".into(),
+            instance: Some(identity.to_string()),
+        };
+        let cluster = Arc::new(InCluster {
+            edges: edges_api.clone(),
+            secrets: Api::namespaced(client.clone(), namespace),
+            cache,
+            recorder: Recorder::new(client, reporter),
+            written: Mutex::default(),
+        });
+        let edges = Edges {
+            node,
+            cluster: Some(cluster),
+            changed: Arc::default(),
+        };
+        let stream = reflector::reflector(writer, watcher(edges_api, watcher::Config::default()))
+            .default_backoff();
+        tasks.spawn(edges.clone().follow(stream, tasks.token()));
+        tasks.spawn(edges.clone().presence_loop(tasks.token()));
+        edges
+    }
+
+    /// Waits until what the cluster holds has been read (at once when standalone).
+    pub async fn ready(&self) {
+        if let Some(c) = &self.cluster {
+            let _ = c.cache.wait_until_ready().await;
+        }
+    }
+
+    /// Wakes when something DNS records depend on changed.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    async fn forward_registry_changes(self, shutdown: CancellationToken) {
+        let mut changes = self.node.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = changes.recv() => match changed {
+                    Ok(key) if key != registry::KEY => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => self.changed.notify_one(),
+                },
+            }
+        }
+    }
+
+    /// Keeps the watch cache filled; an Edge that goes (deleted, or being deleted) ends its
+    /// sessions here at once.
+    async fn follow(
+        self,
+        stream: impl futures_util::Stream<Item = Result<watcher::Event<Edge>, watcher::Error>>,
+        shutdown: CancellationToken,
+    ) {
+        tokio::pin!(stream);
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    None => return,
+                    Some(event) => event,
+                },
+            };
+            match event {
+                Ok(watcher::Event::Apply(edge) | watcher::Event::InitApply(edge))
+                    if registered_of(&edge).is_some() => {}
+                Ok(
+                    watcher::Event::Apply(edge)
+                    | watcher::Event::InitApply(edge)
+                    | watcher::Event::Delete(edge),
+                ) => {
+                    let name = edge.name_any();
+                    if self.node.is_connected(&name) {
+                        info!(node = %name, "edge removed; its sessions end");
+                    }
+                    self.node.drop_edge(&name).await;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot watch the Edge resources; retrying"),
+            }
+            self.changed.notify_one();
+        }
+    }
+
+    /// What is registered under `name`, read afresh from the cluster (or the database).
+    pub async fn registered(&self, name: &str) -> Result<Option<Registered>, String> {
+        match &self.cluster {
+            None => {
+                let stored = self
+                    .node
+                    .store()
+                    .node(name.to_string())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(stored.map(|n| Registered {
+                    key_sha256: n.key_sha256,
+                    not_after: n.cert_not_after,
+                }))
+            }
+            Some(c) => {
+                let edge = c.edges.get_opt(name).await.map_err(api_message)?;
+                Ok(edge.as_ref().and_then(registered_of))
+            }
+        }
+    }
+
+    /// Whether edge `name` is registered as far as the watch cache knows (no API call).
+    pub async fn is_registered(&self, name: &str) -> bool {
+        match &self.cluster {
+            None => matches!(self.node.store().node(name.to_string()).await, Ok(Some(_))),
+            Some(c) => c
+                .cache
+                .get(&ObjectRef::new(name))
+                .is_some_and(|e| registered_of(&e).is_some()),
+        }
+    }
+
+    /// Whether `peer` may hold a sync session: heads always, an edge only with the key last
+    /// issued to its name. The cache answers yes; a no is checked with a fresh read, so an
+    /// edge that joined through another head a moment ago is let in.
+    pub async fn admit(&self, peer: &Identity) -> Result<(), String> {
+        if peer.role != crate::transport::tls::Role::Edge {
+            return Ok(());
+        }
+        if let Some(c) = &self.cluster {
+            let cached = c.cache.get(&ObjectRef::new(&peer.name));
+            if admission(peer, cached.as_deref().and_then(registered_of).as_ref()).is_ok() {
+                return Ok(());
+            }
+        }
+        admission(peer, self.registered(&peer.name).await?.as_ref())
+    }
+
+    /// Records the certificate just issued to `joined.name`, provided what is registered is
+    /// what `expect` says; from then on only its key is let in, on every head.
+    pub async fn register(&self, joined: &JoinedNode, expect: Expect) -> Result<(), String> {
+        let Some(c) = &self.cluster else {
+            let current = self.registered(&joined.name).await?;
+            check_expected(&joined.name, current.as_ref(), &expect)?;
+            return self
+                .node
+                .register_edge(joined.clone())
+                .await
+                .map_err(|e| e.to_string());
+        };
+        let spec = EdgeSpec {
+            public_key_sha256: hex::encode(&joined.key_sha256),
+            certificate_not_after: rfc3339(joined.cert_not_after),
+        };
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        let existing = c.edges.get_opt(&joined.name).await.map_err(api_message)?;
+        check_expected(
+            &joined.name,
+            existing.as_ref().and_then(registered_of).as_ref(),
+            &expect,
+        )?;
+        let renewal = matches!(expect, Expect::Key(_));
+        let written = match existing {
+            Some(mut edge) if edge.metadata.deletion_timestamp.is_none() => {
+                // Replaced only as read: a concurrent join or removal makes this one fail.
+                edge.spec = spec;
+                c.edges.replace(&joined.name, &params, &edge).await
+            }
+            Some(_) => {
+                return Err(format!(
+                    "node {:?} is being removed; join again in a moment",
+                    joined.name
+                ));
+            }
+            None => {
+                let mut edge = Edge::new(&joined.name, spec);
+                edge.metadata.labels =
+                    Some([("app.kubernetes.io/managed-by".into(), "edgesync".into())].into());
+                c.edges.create(&params, &edge).await
+            }
+        };
+        let edge = written.map_err(|e| match e {
+            e if is_code(&e, 409) => format!(
+                "node {:?} joined or was removed meanwhile through another head; try again",
+                joined.name
+            ),
+            e => format!("cannot record the node in the cluster: {}", api_message(e)),
+        })?;
+        let (reason, note) = if renewal {
+            ("CertificateRenewed", "certificate renewed with a fresh key")
+        } else {
+            ("Joined", "joined with a token")
+        };
+        self.record(&edge, EventType::Normal, reason, "Join", note)
+            .await;
+        Ok(())
+    }
+
+    /// Forgets edge `name` (`edgesync node remove`): its key is let in nowhere any more and its
+    /// sessions end. Returns whether it was known.
+    pub async fn remove(&self, name: &str, actor: &str) -> Result<bool, NodeError> {
+        let Some(c) = &self.cluster else {
+            return self.node.remove_node(name).await;
+        };
+        let known = match c.edges.get_opt(name).await {
+            Ok(Some(edge)) => {
+                let note = format!("removed by {actor}");
+                self.record(&edge, EventType::Normal, "Removed", "Remove", &note)
+                    .await;
+                true
+            }
+            Ok(None) => false,
+            Err(e) => return Err(cluster_error(e)),
+        };
+        match c.edges.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(e) if is_code(&e, 404) => {}
+            Err(e) => return Err(cluster_error(e)),
+        }
+        self.node.drop_edge(name).await;
+        Ok(known)
+    }
+
+    /// Creates join token `id` (only the hash of its secret is kept) valid until `expires`.
+    pub async fn add_token(
+        &self,
+        id: &str,
+        secret_hash: Vec<u8>,
+        expires: i64,
+    ) -> Result<(), NodeError> {
+        let Some(c) = &self.cluster else {
+            return self.node.register_token(id, secret_hash, expires).await;
+        };
+        let data = [
+            ("secret-sha256", hex::encode(&secret_hash)),
+            ("expires-at", expires.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+        .collect();
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(token_secret_name(id)),
+                labels: Some(
+                    [
+                        (TOKEN_LABEL.to_string(), "true".to_string()),
+                        ("app.kubernetes.io/name".into(), "edgesync-head".into()),
+                    ]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            type_: Some(TOKEN_SECRET_TYPE.into()),
+            data: Some(data),
+            ..Secret::default()
+        };
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        c.secrets
+            .create(&params, &secret)
+            .await
+            .map_err(cluster_error)?;
+        self.forget_expired_tokens(c).await;
+        Ok(())
+    }
+
+    async fn forget_expired_tokens(&self, c: &InCluster) {
+        let listed = c
+            .secrets
+            .list(&ListParams::default().labels(&format!("{TOKEN_LABEL}=true")))
+            .await;
+        let Ok(listed) = listed else {
+            return;
+        };
+        let now = unix_now();
+        for secret in listed {
+            if token_of(&secret).is_some_and(|(_, expires)| expires < now) {
+                let name = secret.name_any();
+                if let Err(e) = c.secrets.delete(&name, &DeleteParams::default()).await
+                    && !is_code(&e, 404)
+                {
+                    warn!(secret = %name, error = %api_message(e), "cannot delete an expired join token");
+                }
+            }
+        }
+    }
+
+    /// The secret hash and expiry of join token `id`, if it exists.
+    pub async fn token(&self, id: &str) -> Result<Option<(Vec<u8>, i64)>, String> {
+        match &self.cluster {
+            None => self
+                .node
+                .store()
+                .token(id.to_string())
+                .await
+                .map_err(|e| e.to_string()),
+            Some(c) => {
+                let secret = c
+                    .secrets
+                    .get_opt(&token_secret_name(id))
+                    .await
+                    .map_err(api_message)?;
+                Ok(secret.as_ref().and_then(token_of))
+            }
+        }
+    }
+
+    /// What DNS records are made from: every registration (removed ones marked), each edge's
+    /// reachable address and the record published for it.
+    pub async fn dns_view(&self) -> Registry {
+        let Some(c) = &self.cluster else {
+            return self.node.registry().await;
+        };
+        let mut view = Registry::default();
+        for edge in c.cache.state() {
+            let name = edge.name_any();
+            let status = edge.status.clone().unwrap_or_default();
+            let registration = Registration {
+                key: edge.spec.public_key_sha256.clone(),
+                not_after: unix_of(&edge.spec.certificate_not_after),
+                removed: edge.metadata.deletion_timestamp.is_some(),
+            };
+            view.nodes.insert(name.clone(), registration);
+            if let Some(ip) = status.address.and_then(|a| a.parse().ok()) {
+                view.addresses.insert(name.clone(), ip);
+            }
+            if let Some(ip) = status.dns_address.and_then(|a| a.parse().ok()) {
+                view.dns.insert(name, ip);
+            }
+        }
+        view
+    }
+
+    /// Records that edge `name`'s DNS record now holds `address` (None: there is none). With a
+    /// cluster, an Edge with a record keeps a finalizer until the record is gone.
+    pub async fn set_published(&self, name: &str, address: Option<IpAddr>) -> Result<(), String> {
+        let Some(c) = &self.cluster else {
+            let edit =
+                |doc: &mut automerge::AutoCommit| registry::set_published(doc, name, address);
+            return self
+                .node
+                .edit_registry(edit)
+                .await
+                .map_err(|e| e.to_string());
+        };
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let Some(edge) = c.edges.get_opt(name).await.map_err(api_message)? else {
+            return Ok(());
+        };
+        let mut finalizers = edge.finalizers().to_vec();
+        let has = finalizers.iter().any(|f| f == DNS_FINALIZER);
+        if address.is_some() && !has {
+            finalizers.push(DNS_FINALIZER.into());
+            let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": edge.resource_version()}});
+            c.edges
+                .patch(name, &params, &Patch::Merge(&patch))
+                .await
+                .map_err(api_message)?;
+        }
+        let patch = json!({"status": {"dnsAddress": address.map(|a| a.to_string())}});
+        match c
+            .edges
+            .patch_status(name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_code(&e, 404) => return Ok(()),
+            Err(e) => return Err(api_message(e)),
+        }
+        if address.is_none() && has {
+            finalizers.retain(|f| f != DNS_FINALIZER);
+            let patch = json!({"metadata": {"finalizers": finalizers}});
+            match c.edges.patch(name, &params, &Patch::Merge(&patch)).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 404) => {}
+                Err(e) => return Err(api_message(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn record(&self, edge: &Edge, type_: EventType, reason: &str, action: &str, note: &str) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = c.recorder.publish(&event, &edge.object_ref(&())).await {
+            warn!(edge = %edge.name_any(), error = %api_message(e), "cannot record an event");
+        }
+    }
+
+    /// Writes the presence of the edges connected here (online, this head, address, when last
+    /// seen) into their Edge status when it changes, at a bounded rate.
+    async fn presence_loop(self, shutdown: CancellationToken) {
+        let Some(c) = self.cluster.clone() else {
+            return;
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = c.cache.wait_until_ready() => {}
+        }
+        let mut tick = tokio::time::interval(PRESENCE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let me = self.node.name().to_string();
+            let addresses = self.node.registry().await.addresses;
+            let mut writes = 0;
+            for edge in c.cache.state() {
+                if writes >= PRESENCE_WRITES_PER_TICK {
+                    break;
+                }
+                let name = edge.name_any();
+                let seen = edge.status.clone().unwrap_or_default();
+                let connected = self.node.is_connected(&name);
+                let wanted = match connected {
+                    true => EdgeStatus {
+                        online: Some(true),
+                        head: Some(me.clone()),
+                        address: addresses
+                            .get(&name)
+                            .map(|a| a.to_string())
+                            .or(seen.address.clone()),
+                        ..seen.clone()
+                    },
+                    // It left this head: say so, unless another head has it now.
+                    false if seen.online == Some(true) && seen.head.as_deref() == Some(&me) => {
+                        EdgeStatus {
+                            online: Some(false),
+                            ..seen.clone()
+                        }
+                    }
+                    false => continue,
+                };
+                let same = |a: &EdgeStatus, b: &EdgeStatus| {
+                    a.online == b.online && a.head == b.head && a.address == b.address
+                };
+                if same(&wanted, &seen) {
+                    continue;
+                }
+                let recent = crate::node::lock(&c.written)
+                    .get(&name)
+                    .is_some_and(|(w, at)| same(w, &wanted) && at.elapsed() < PRESENCE_SETTLE);
+                if recent || registered_of(&edge).is_none() {
+                    continue;
+                }
+                writes += 1;
+                let now = Timestamp::now().to_string();
+                let patch = if connected {
+                    Patch::Merge(json!({"status": {
+                        "online": true, "head": me, "address": wanted.address, "lastSeen": now,
+                    }}))
+                } else {
+                    // Only if this head still holds it: a head that took the edge over wins.
+                    let ops = json!([
+                        {"op": "test", "path": "/status/head", "value": me},
+                        {"op": "replace", "path": "/status/online", "value": false},
+                        {"op": "add", "path": "/status/lastSeen", "value": now},
+                    ]);
+                    match serde_json::from_value(ops) {
+                        Ok(ops) => Patch::Json(ops),
+                        Err(_) => continue,
+                    }
+                };
+                let params = PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                match c.edges.patch_status(&name, &params, &patch).await {
+                    Ok(_) => {
+                        crate::node::lock(&c.written).insert(name, (wanted, Instant::now()));
+                    }
+                    Err(e) if is_code(&e, 404) || is_code(&e, 422) || is_code(&e, 409) => {}
+                    Err(e) => {
+                        warn!(edge = %name, error = %api_message(e), "cannot record the edge's presence")
+                    }
+                }
+            }
+            crate::node::lock(&c.written).retain(|_, (_, at)| at.elapsed() < PRESENCE_SETTLE);
+        }
+    }
+}
+
+fn check_expected(name: &str, current: Option<&Registered>, expect: &Expect) -> Result<(), String> {
+    match (expect, current) {
+        (Expect::Fresh, Some(r)) if r.not_after > unix_now() => Err(format!(
+            "node {name:?} has already joined and its certificate is valid; choose another \
+             --node-name, or run `edgesync node remove {name}` on the head to let it join again"
+        )),
+        (Expect::Fresh, _) => Ok(()),
+        (Expect::Key(key), Some(r)) if r.key_sha256 == *key => Ok(()),
+        (Expect::Key(_), _) => Err(format!(
+            "{name} is not registered with this key any more; join again with a token"
+        )),
+    }
+}
+
+/// The secret hash and expiry a join token Secret holds.
+fn token_of(secret: &Secret) -> Option<(Vec<u8>, i64)> {
+    let data = secret.data.as_ref()?;
+    let text = |k: &str| String::from_utf8(data.get(k)?.0.clone()).ok();
+    let hash = hex::decode(text("secret-sha256")?).ok()?;
+    let expires = text("expires-at")?.parse().ok()?;
+    Some((hash, expires))
+}
+
+fn cluster_error(e: kube::Error) -> NodeError {
+    NodeError::Cluster(api_message(e))
+}

@@ -1,0 +1,214 @@
+//! Heads with a cluster come and go and nothing is lost: edges and join tokens live in the
+//! Kubernetes API (the emulator), so fresh heads with empty state dirs let every edge in, a
+//! rolling replacement refuses nobody, and two heads given one name never both write.
+
+use crate::harness::*;
+use crate::kube::{Cluster, lease_holder};
+use crate::{SOON, within};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+const API: &str = "edgesync.io/v1alpha1";
+/// How long an edge may take to notice a killed head (QUIC idle timeout) and dial again.
+const RECONNECT: Duration = Duration::from_secs(40);
+
+/// A head named `name` with the cluster, its files in `dir`, a short Lease.
+async fn head(cluster: &Cluster, dir: &Path, name: &str, addr: SocketAddr) -> HeadProc {
+    let args = [
+        "--kubeconfig",
+        &cluster.kubeconfig,
+        "--lease-duration",
+        "3s",
+    ];
+    HeadProc::start_named(dir, name, addr, &args).await
+}
+
+fn edge_object(cluster: &Cluster, name: &str) -> Option<Value> {
+    cluster.api.get(API, "Edge", None, name)
+}
+
+/// Whether `head` has a session with peer `name` now.
+fn connected(head: &HeadProc, name: &str) -> bool {
+    let out = head.daemon.cli(&["status", "-o", "json"]);
+    out.status.success()
+        && serde_json::from_slice::<Value>(&out.stdout).unwrap()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == name && p["connected"] == true)
+}
+
+/// Waits until the Edge resource says `edge` is online through head `head`.
+async fn online_through(cluster: &Cluster, edge: &str, head: &str) -> Value {
+    wait_for(&format!("Edge {edge} online through {head}"), SOON, || {
+        edge_object(cluster, edge)
+            .filter(|o| o["status"]["online"] == true && o["status"]["head"] == head)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_heads_with_empty_state_let_every_edge_in_and_take_old_tokens() {
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let addr = free_udp_addr();
+        let a = head(&cluster, &dir.path().join("a"), "head-a", addr).await;
+        let spare = ok(a.daemon.cli(&["token", "create"])).trim().to_string();
+        // Only the hash of a token's secret is in the cluster.
+        let secrets = cluster.api.list("v1", "Secret");
+        let tokens: Vec<&Value> = secrets
+            .iter()
+            .filter(|s| s["type"] == "edgesync.io/join-token")
+            .collect();
+        assert_eq!(tokens.len(), 2, "{secrets:?}");
+        let secret_part = spare.rsplit('.').next().unwrap();
+        assert!(
+            !serde_json::to_string(&tokens)
+                .unwrap()
+                .contains(secret_part)
+        );
+
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs.start("edge01", &[addr], Some(&a.token())).await;
+        let object = online_through(&cluster, "edge01", "head-a").await;
+        assert_eq!(object["status"]["address"], "127.0.0.1");
+        assert_eq!(
+            object["spec"]["publicKeySHA256"].as_str().unwrap().len(),
+            64
+        );
+        assert!(
+            object["spec"]["certificateNotAfter"].is_string(),
+            "{object}"
+        );
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        wait_for("manifest from the CRD", SOON, || {
+            dirs.manifest("default", "web")
+        })
+        .await;
+
+        // Every head gone, state and all; a fresh one takes the same address.
+        a.daemon.kill();
+        std::fs::remove_dir_all(dir.path().join("a")).unwrap();
+        let b = head(&cluster, &dir.path().join("b"), "head-b", addr).await;
+        // The edge notices the dead head when its QUIC idle timeout (20 s) runs out.
+        wait_for("the edge let in by the fresh head", RECONNECT, || {
+            connected(&b, "edge01").then_some(())
+        })
+        .await;
+        online_through(&cluster, "edge01", "head-b").await;
+        assert!(!edge.log_text().contains("not a registered node"));
+        // The user's edits still reach the edge through the fresh head.
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx:1.27")]))
+            .await;
+        wait_for("an edit through the fresh head", SOON, || {
+            dirs.manifest("default", "web")
+                .filter(|m| image(m) == "nginx:1.27")
+        })
+        .await;
+
+        // A token made before the wipe still joins a new edge.
+        let dirs2 = EdgeDirs::new(dir.path(), "edge02");
+        let _edge2 = dirs2.start("edge02", &[addr], Some(&spare)).await;
+        online_through(&cluster, "edge02", "head-b").await;
+
+        // Deleting its Edge resource shuts an edge out at once, on every head.
+        cluster.api.delete(API, "Edge", None, "edge02");
+        wait_for("edge02's session ended", SOON, || {
+            (!connected(&b, "edge02")).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!connected(&b, "edge02"), "edge02 came back");
+        assert!(connected(&b, "edge01"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_replacement_refuses_no_edge() {
+    within(200, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let addrs = [free_udp_addr(), free_udp_addr()];
+        let mut old = head(&cluster, &dir.path().join("h0"), "head-0", addrs[0]).await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs.start("edge01", &addrs, Some(&old.token())).await;
+        cluster
+            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .await;
+        wait_for("manifest from the CRD", SOON, || {
+            dirs.manifest("default", "web")
+        })
+        .await;
+        for round in 1..=3 {
+            // The new head starts with an empty state dir; the old one dies a second later.
+            let name = format!("head-{round}");
+            let new = head(
+                &cluster,
+                &dir.path().join(format!("h{round}")),
+                &name,
+                addrs[round % 2],
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // A crash first, then the graceful stops of a rolling update.
+            match round {
+                1 => old.daemon.kill(),
+                _ => old.daemon.stop().await,
+            }
+            wait_for("the edge let in by the new head", RECONNECT, || {
+                connected(&new, "edge01").then_some(())
+            })
+            .await;
+            let image = format!("nginx:1.{round}");
+            cluster
+                .apply(&edgenode("default", "edge01", &[("web", &image)]))
+                .await;
+            wait_for("the user's edit through the new head", SOON, || {
+                dirs.manifest("default", "web")
+                    .filter(|m| crate::harness::image(m) == image)
+            })
+            .await;
+            old = new;
+        }
+        assert!(
+            !edge.log_text().contains("not a registered node"),
+            "{}",
+            edge.log_text()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_heads_given_one_name_never_both_write() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let one = head(&cluster, &dir.path().join("one"), "head", free_udp_addr()).await;
+        let two = head(&cluster, &dir.path().join("two"), "head", free_udp_addr()).await;
+        wait_for("a writer", SOON, || lease_holder(&cluster)).await;
+        let writes = |h: &HeadProc| h.daemon.log_text().contains("this head is now the writer");
+        // Several renewals later, still one writer.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(
+            writes(&one) != writes(&two),
+            "one writer: {} / {}",
+            writes(&one),
+            writes(&two)
+        );
+        let (writer, standby) = if writes(&one) { (one, two) } else { (two, one) };
+        writer.daemon.kill();
+        wait_for("the other takes over", Duration::from_secs(15), || {
+            writes(&standby).then_some(())
+        })
+        .await;
+    })
+    .await;
+}
