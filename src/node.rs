@@ -750,6 +750,31 @@ impl Node {
         Ok(Some((model::read(&entry.doc, key)?, heads)))
     }
 
+    /// Document `key` as it was at `heads`; None when this node has no such document or not
+    /// all of that history.
+    pub async fn view_at_heads(
+        &self,
+        key: &str,
+        heads: &[automerge::ChangeHash],
+    ) -> Result<Option<DocView>, NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let mut entry = entry.lock().await;
+        if heads.is_empty()
+            || heads
+                .iter()
+                .any(|h| entry.doc.get_change_by_hash(h).is_none())
+        {
+            return Ok(None);
+        }
+        let past = entry.doc.fork_at(heads).map_err(|e| NodeError::Sync {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(model::read(&past, key)?))
+    }
+
     /// Writes the edge's report into document `key` if it differs. Returns the document's
     /// heads before and after.
     pub async fn report_status(

@@ -31,6 +31,17 @@ use tracing::{debug, info, warn};
 pub const FIELD_MANAGER: &str = "edgesync";
 /// Finalizer that holds a deleted EdgeNode until its edge has removed the pods (or is gone).
 pub const FINALIZER: &str = "edgesync.io/edge-cleanup";
+/// Annotation on each EdgeNode: the document heads (newest last) at which its document's pods
+/// equalled the resource's, so a head with no history of its own (all heads replaced, state
+/// dirs lost) finds a merge base in the history an edge or another head brings, rather than
+/// starting a competing history that could win over an edge's offline edits.
+pub const SYNCED_HEADS_ANNOTATION: &str = "edgesync.io/synced-heads";
+/// How many synced heads the annotation keeps: an edge that missed fewer edits than this
+/// still finds a common base.
+const SYNCED_HEADS_KEPT: usize = 8;
+/// How long a head waits, while the edge is connected, for history it never receives before
+/// it merges the resource without a base.
+const HISTORY_WAIT: Duration = Duration::from_secs(10);
 /// How often status is compared and, if changed, written.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// `lastSyncedAt` alone is refreshed at most this often, so syncing never causes a write storm.
@@ -241,6 +252,11 @@ struct Seen {
     /// Edits that lost to a concurrent one, shown as the Conflict condition until the user
     /// next changes the resource.
     conflicts: BTreeMap<String, BTreeSet<String>>,
+    /// The synced-heads annotation of each resource as last seen or written.
+    synced: BTreeMap<String, Vec<Vec<String>>>,
+    /// Resources whose document history has not reached this head yet, and since when their
+    /// edge has been connected here while waiting.
+    awaiting: BTreeMap<String, (DynamicObject, Option<Instant>)>,
 }
 
 impl Seen {
@@ -481,9 +497,9 @@ impl Bridge {
             return;
         };
         let finalizers = object.metadata.finalizers.clone().unwrap_or_default();
-        let ours = finalizers.iter().any(|f| f == FINALIZER);
+        let has_finalizer = finalizers.iter().any(|f| f == FINALIZER);
         if object.metadata.deletion_timestamp.is_some() {
-            if !ours {
+            if !has_finalizer {
                 return self.on_deleted(&key).await;
             }
             match self.node.delete(&key).await {
@@ -496,7 +512,7 @@ impl Bridge {
             lock(&self.seen).deleting.insert(key);
             return;
         }
-        if !ours {
+        if !has_finalizer {
             let mut finalizers = finalizers;
             finalizers.push(FINALIZER.into());
             let version = object.metadata.resource_version.clone();
@@ -522,7 +538,29 @@ impl Bridge {
             }
         };
         let theirs = pods_value(&desired.pods);
-        let base = lock(&self.seen).base.get(&key).cloned();
+        let synced = synced_heads(&object);
+        lock(&self.seen).synced.insert(key.clone(), synced.clone());
+        let mut base = lock(&self.seen).base.get(&key).cloned();
+        if base.is_none() && !synced.is_empty() {
+            // How long its edge has been connected here while this head waited.
+            let edge = object.metadata.name.clone().unwrap_or_default();
+            let waiting = lock(&self.seen).awaiting.get(&key).map(|(_, at)| *at);
+            let since = match self.node.is_connected(&edge) {
+                true => Some(waiting.flatten().unwrap_or_else(Instant::now)),
+                false => None,
+            };
+            match self.history_base(&key, &synced, since).await {
+                Some(found) => base = found,
+                None => {
+                    if waiting.is_none() {
+                        info!(doc = %key, "waiting for the document's history from its edge or another head before merging the resource");
+                    }
+                    lock(&self.seen).awaiting.insert(key, (object, since));
+                    return;
+                }
+            }
+        }
+        lock(&self.seen).awaiting.remove(&key);
         if base.as_ref() != Some(&theirs) {
             // The user changed the resource: they have seen what was kept.
             lock(&self.seen).conflicts.remove(&key);
@@ -554,16 +592,111 @@ impl Bridge {
             .as_object()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
-        match self.node.apply_node(&merged_node).await {
-            Ok(outcome) => debug!(doc = %key, result = %outcome.result, "EdgeNode applied"),
+        let changed = match self.node.apply_node(&merged_node).await {
+            Ok(outcome) => {
+                debug!(doc = %key, result = %outcome.result, "EdgeNode applied");
+                outcome.result != "unchanged"
+            }
             Err(e) => {
                 warn!(doc = %key, error = %e, "EdgeNode not applied");
                 return;
             }
-        }
+        };
         self.remember(&key, Some(theirs.clone())).await;
         if merged != theirs {
             self.write_spec(&key).await;
+        } else if (changed || synced.is_empty()) && has_finalizer {
+            // Once per change the user made, not on every status report; after adding the
+            // finalizer, the event of that write does it.
+            self.annotate(&key, &theirs, object.metadata.resource_version.clone())
+                .await;
+        }
+    }
+
+    /// The merge base for a resource this head has no base of: the document as it was at the
+    /// newest synced heads it holds. Some(None) when no such history will come — there is no
+    /// such edge, or it has been connected for a while and sent none: merged without a base.
+    /// None while the history may still arrive.
+    async fn history_base(
+        &self,
+        key: &str,
+        synced: &[Vec<String>],
+        connected_since: Option<Instant>,
+    ) -> Option<Option<Value>> {
+        for entry in synced.iter().rev() {
+            let Some(heads) = parse_heads(entry) else {
+                continue;
+            };
+            if let Ok(Some(view)) = self.node.view_at_heads(key, &heads).await {
+                debug!(doc = key, "merge base found in the document's history");
+                return Some(Some(pods_value(&view.pods)));
+            }
+        }
+        let edge = key.split_once('/').map_or(key, |(_, name)| name);
+        let waited = connected_since.is_some_and(|at| at.elapsed() >= HISTORY_WAIT);
+        if self.edges.is_registered(edge).await && !waited {
+            return None;
+        }
+        warn!(
+            doc = key,
+            "no history shared with the resource reached this head; merging without a base"
+        );
+        Some(None)
+    }
+
+    /// Records in the resource (still at `version`) the document heads at which its pods equal
+    /// `pods`, for a head that will have no base of its own.
+    async fn annotate(&self, key: &str, pods: &Value, version: Option<String>) {
+        if !self.writing() {
+            return;
+        }
+        let Some((namespace, name)) = key.split_once('/') else {
+            return;
+        };
+        let Ok(Some((view, heads))) = self.node.view_at(key).await else {
+            return;
+        };
+        if pods_value(&view.pods) != *pods {
+            return;
+        }
+        let current = lock(&self.seen)
+            .synced
+            .get(key)
+            .cloned()
+            .unwrap_or_default();
+        let Some(list) = with_synced(&current, &heads) else {
+            return;
+        };
+        let text = serde_json::to_string(&list).unwrap_or_default();
+        let patch = json!({"metadata": {
+            "resourceVersion": version,
+            "annotations": {SYNCED_HEADS_ANNOTATION: text},
+        }});
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        match self
+            .api(namespace)
+            .patch(name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                lock(&self.seen).synced.insert(key.to_string(), list);
+            }
+            // Changed meanwhile: the next event annotates.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(e) => warn!(doc = key, error = %e, "cannot record the synced heads"),
+        }
+    }
+
+    /// Merges again the resources that were waiting for their document's history.
+    async fn retry_awaiting(&self, keys: impl IntoIterator<Item = String>) {
+        for key in keys {
+            let waiting = lock(&self.seen).awaiting.get(&key).map(|(o, _)| o.clone());
+            if let Some(object) = waiting {
+                self.on_resource(object).await;
+            }
         }
     }
 
@@ -650,6 +783,8 @@ impl Bridge {
         seen.invalid.remove(key);
         seen.deleting.remove(key);
         seen.conflicts.remove(key);
+        seen.synced.remove(key);
+        seen.awaiting.remove(key);
     }
 
     /// Writes spec changes that came from edges (or `edgesync apply`) back to the resources.
@@ -673,7 +808,13 @@ impl Bridge {
                 continue;
             }
             let _turn = self.turn.lock().await;
-            for key in keys {
+            let (waiting, ready): (Vec<String>, Vec<String>) = {
+                let seen = lock(&self.seen);
+                keys.into_iter()
+                    .partition(|k| seen.awaiting.contains_key(k))
+            };
+            self.retry_awaiting(waiting).await;
+            for key in ready {
                 self.write_spec(&key).await;
             }
         }
@@ -688,11 +829,20 @@ impl Bridge {
         let Some((namespace, name)) = key.split_once('/') else {
             return;
         };
-        let Ok(Some((view, _))) = self.node.view(key).await else {
+        let Ok(Some((view, heads))) = self.node.view_at(key).await else {
             return;
         };
         lock(&self.seen).note_conflicts(key, view.conflicts.clone());
         let base = lock(&self.seen).base.get(key).cloned();
+        let current = lock(&self.seen)
+            .synced
+            .get(key)
+            .cloned()
+            .unwrap_or_default();
+        let synced = with_synced(&current, &heads).unwrap_or(current);
+        let annotations = json!({
+            SYNCED_HEADS_ANNOTATION: serde_json::to_string(&synced).unwrap_or_default()
+        });
         let api = self.api(namespace);
         if view.deleted || view.generation == 0 {
             if base.is_some() {
@@ -716,6 +866,7 @@ impl Bridge {
                 let mut object = DynamicObject::new(name, &self.resource).within(namespace);
                 object.data = json!({"spec": {"pods": list}});
                 object.metadata.finalizers = Some(vec![FINALIZER.into()]);
+                object.metadata.annotations = serde_json::from_value(annotations).ok();
                 if !view.labels.is_empty() {
                     object.metadata.labels = Some(view.labels.clone());
                 }
@@ -730,8 +881,10 @@ impl Bridge {
                     // Not seen yet (the relist is still coming): never write unconditionally.
                     return debug!(doc = key, "write-back waits for the resource's version");
                 };
-                let patch =
-                    json!({"metadata": {"resourceVersion": version}, "spec": {"pods": list}});
+                let patch = json!({
+                    "metadata": {"resourceVersion": version, "annotations": annotations},
+                    "spec": {"pods": list},
+                });
                 let params = PatchParams {
                     field_manager: Some(FIELD_MANAGER.into()),
                     ..PatchParams::default()
@@ -747,6 +900,7 @@ impl Bridge {
                     doc = key,
                     "spec edited on an edge written back to the EdgeNode"
                 );
+                lock(&self.seen).synced.insert(key.to_string(), synced);
                 self.remember(key, Some(pods)).await;
             }
             // The user changed it meanwhile: the watcher merges that in, then we write again.
@@ -788,6 +942,11 @@ impl Bridge {
             let deleting: Vec<String> = lock(&self.seen).deleting.iter().cloned().collect();
             for key in deleting {
                 self.release(&key).await;
+            }
+            let waiting: Vec<String> = lock(&self.seen).awaiting.keys().cloned().collect();
+            if !waiting.is_empty() {
+                let _turn = self.turn.lock().await;
+                self.retry_awaiting(waiting).await;
             }
         }
     }
@@ -1002,4 +1161,76 @@ fn key_of(object: &DynamicObject) -> Option<String> {
         object.metadata.namespace.as_deref()?,
         object.metadata.name.as_deref()?
     ))
+}
+
+/// The synced-heads annotation of `object` (empty when absent or unreadable).
+fn synced_heads(object: &DynamicObject) -> Vec<Vec<String>> {
+    object
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SYNCED_HEADS_ANNOTATION))
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default()
+}
+
+/// `list` with `heads` as its newest entry, at most [`SYNCED_HEADS_KEPT`] long; None when
+/// `heads` is the newest entry already.
+fn with_synced(list: &[Vec<String>], heads: &[automerge::ChangeHash]) -> Option<Vec<Vec<String>>> {
+    let entry: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
+    if entry.is_empty() || list.last() == Some(&entry) {
+        return None;
+    }
+    let mut list = list.to_vec();
+    list.push(entry);
+    let excess = list.len().saturating_sub(SYNCED_HEADS_KEPT);
+    list.drain(..excess);
+    Some(list)
+}
+
+/// The hashes of one synced-heads entry; None if any does not parse.
+fn parse_heads(entry: &[String]) -> Option<Vec<automerge::ChangeHash>> {
+    entry.iter().map(|h| h.parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(byte: u8) -> automerge::ChangeHash {
+        automerge::ChangeHash([byte; 32])
+    }
+
+    #[test]
+    fn synced_heads_keep_the_newest_entries_and_skip_a_repeat() {
+        let mut list: Vec<Vec<String>> = Vec::new();
+        for byte in 0..10u8 {
+            list = with_synced(&list, &[hash(byte), hash(byte + 100)]).unwrap();
+        }
+        assert_eq!(list.len(), SYNCED_HEADS_KEPT);
+        let newest = parse_heads(list.last().unwrap()).unwrap();
+        assert_eq!(newest, [hash(9), hash(109)]);
+        assert_eq!(parse_heads(&list[0]).unwrap()[0], hash(2));
+        assert!(with_synced(&list, &[hash(9), hash(109)]).is_none());
+        assert!(with_synced(&list, &[]).is_none());
+        assert!(parse_heads(&["not a hash".to_string()]).is_none());
+    }
+
+    #[test]
+    fn the_annotation_is_read_from_the_resource() {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "edgesync.io/v1alpha1", "kind": "EdgeNode",
+            "metadata": {"name": "edge01", "namespace": "default", "annotations": {
+                SYNCED_HEADS_ANNOTATION: serde_json::to_string(&[[hash(1).to_string()]]).unwrap(),
+            }},
+        }))
+        .unwrap();
+        assert_eq!(synced_heads(&object), [[hash(1).to_string()]]);
+        let bare: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "edgesync.io/v1alpha1", "kind": "EdgeNode",
+            "metadata": {"name": "edge01", "namespace": "default"},
+        }))
+        .unwrap();
+        assert!(synced_heads(&bare).is_empty());
+    }
 }

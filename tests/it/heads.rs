@@ -3,7 +3,7 @@
 //! rolling replacement refuses nobody, and two heads given one name never both write.
 
 use crate::harness::*;
-use crate::kube::{Cluster, lease_holder};
+use crate::kube::{Cluster, lease_holder, pairs, pod_images};
 use crate::{SOON, within};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -50,7 +50,7 @@ async fn online_through(cluster: &Cluster, edge: &str, head: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fresh_heads_with_empty_state_let_every_edge_in_and_take_old_tokens() {
+async fn fresh_heads_with_empty_state_keep_offline_edits_let_edges_in_and_take_old_tokens() {
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
@@ -84,16 +84,43 @@ async fn fresh_heads_with_empty_state_let_every_edge_in_and_take_old_tokens() {
             "{object}"
         );
         cluster
-            .apply(&edgenode("default", "edge01", &[("web", "nginx")]))
+            .apply(&edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx"), ("db", "postgres")],
+            ))
             .await;
-        wait_for("manifest from the CRD", SOON, || {
-            dirs.manifest("default", "web")
+        wait_for("manifests from the CRD", SOON, || {
+            dirs.manifest("default", "db")
+        })
+        .await;
+        // The resource records where the document stood when it matched.
+        wait_for("the synced heads recorded", SOON, || {
+            cluster
+                .object("default", "edge01")
+                .filter(|o| o["metadata"]["annotations"]["edgesync.io/synced-heads"].is_string())
         })
         .await;
 
-        // Every head gone, state and all; a fresh one takes the same address.
+        // Every head gone, state and all; meanwhile the edge is edited offline: a pod
+        // removed, one changed, one added.
         a.daemon.kill();
         std::fs::remove_dir_all(dir.path().join("a")).unwrap();
+        let offline = write(
+            dir.path(),
+            "offline.yaml",
+            &edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx:1.26"), ("cache", "memcached")],
+            ),
+        );
+        ok(edge.cli(&["apply", "-f", &offline]));
+        wait_for("the offline edit applied", SOON, || {
+            dirs.manifest("default", "cache")
+        })
+        .await;
+        // A fresh head takes the same address.
         let b = head(&cluster, &dir.path().join("b"), "head-b", addr).await;
         // The edge notices the dead head when its QUIC idle timeout (20 s) runs out.
         wait_for("the edge let in by the fresh head", RECONNECT, || {
@@ -102,9 +129,30 @@ async fn fresh_heads_with_empty_state_let_every_edge_in_and_take_old_tokens() {
         .await;
         online_through(&cluster, "edge01", "head-b").await;
         assert!(!edge.log_text().contains("not a registered node"));
+        // The offline edit wins over nothing: it reaches the resource whole.
+        let want = pairs(&[("cache", "memcached"), ("web", "nginx:1.26")]);
+        wait_for("the offline edit in the resource", SOON, || {
+            cluster
+                .object("default", "edge01")
+                .filter(|o| pod_images(o) == want)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            dirs.manifest("default", "db").is_none(),
+            "the removed pod came back"
+        );
+        assert_eq!(
+            image(&dirs.manifest("default", "web").unwrap()),
+            "nginx:1.26"
+        );
         // The user's edits still reach the edge through the fresh head.
         cluster
-            .apply(&edgenode("default", "edge01", &[("web", "nginx:1.27")]))
+            .apply(&edgenode(
+                "default",
+                "edge01",
+                &[("web", "nginx:1.27"), ("cache", "memcached")],
+            ))
             .await;
         wait_for("an edit through the fresh head", SOON, || {
             dirs.manifest("default", "web")

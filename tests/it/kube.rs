@@ -166,11 +166,12 @@ async fn kubectl_apply_reaches_the_edge_and_status_comes_back() {
             pod_images(&object),
             pairs(&[("db", "redis"), ("web", "nginx:1.27")])
         );
-        // Two applies and the head adding its finalizer, once.
+        // Two applies, the head adding its finalizer once, and recording the synced document
+        // heads once per applied change.
         let writes = cluster.api.write_count();
         assert_eq!(
             writes.get("PATCH edgenodes").copied().unwrap_or(0),
-            3,
+            5,
             "{writes:?}"
         );
         assert_eq!(
