@@ -173,3 +173,80 @@ async fn edges_get_records_and_every_other_record_stays_as_it_was() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_fresh_heads_rewrite_no_record_and_removal_deletes_it() {
+    within(150, async {
+        let dir = tempfile::tempdir().unwrap();
+        let api = Namecheap::start().await;
+        api.add_zone("example.org", existing());
+        let cluster = crate::kube::Cluster::start(dir.path()).await;
+        let config = head_config(dir.path(), &api);
+        let args = ["--config", &config, "--kubeconfig", &cluster.kubeconfig];
+        let addr = free_udp_addr();
+        let a = HeadProc::start_named(&dir.path().join("a"), "head-a", addr, &args).await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge01 = edge(&dirs, "edge01", &a, Some(&a.token()), Some("192.0.2.10"))
+            .ready()
+            .await;
+        wait_for("A record of edge01", PATIENT, || {
+            (ours(&api, "edge01") == Some(("A".into(), "192.0.2.10".into(), 300))).then_some(())
+        })
+        .await;
+        let edge_object = || {
+            cluster
+                .api
+                .get("edgesync.io/v1alpha1", "Edge", None, "edge01")
+        };
+        let object = wait_for("the published record in the Edge", PATIENT, || {
+            edge_object().filter(|o| o["status"]["dnsAddress"] == "192.0.2.10")
+        })
+        .await;
+        assert_eq!(
+            object["metadata"]["finalizers"],
+            serde_json::json!(["edgesync.io/dns-record"])
+        );
+        let set_hosts = |api: &Namecheap| {
+            api.requests()
+                .iter()
+                .filter(|(command, _)| {
+                    command.eq_ignore_ascii_case("namecheap.domains.dns.setHosts")
+                })
+                .count()
+        };
+        let writes = set_hosts(&api);
+
+        // Every head replaced with an empty state dir: the record is known, not rewritten.
+        a.daemon.kill();
+        std::fs::remove_dir_all(dir.path().join("a")).unwrap();
+        let b = HeadProc::start_named(&dir.path().join("b"), "head-b", addr, &args).await;
+        wait_for(
+            "the edge back through the fresh head",
+            Duration::from_secs(40),
+            || {
+                edge_object()
+                    .filter(|o| o["status"]["head"] == "head-b" && o["status"]["online"] == true)
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(set_hosts(&api), writes, "{:?}", api.requests());
+        assert_eq!(
+            ours(&api, "edge01"),
+            Some(("A".into(), "192.0.2.10".into(), 300))
+        );
+
+        // Removal deletes the record, then the Edge resource goes.
+        ok(b.daemon.cli(&["node", "remove", "edge01"]));
+        wait_for("edge01's record removed", PATIENT, || {
+            ours(&api, "edge01").is_none().then_some(())
+        })
+        .await;
+        wait_for("the Edge resource gone", PATIENT, || {
+            edge_object().is_none().then_some(())
+        })
+        .await;
+        drop(edge01);
+    })
+    .await;
+}
