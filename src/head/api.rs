@@ -114,8 +114,8 @@ impl Accounts {
     }
 
     /// Checks every user's access now (at start, so what expired while the head was down is
-    /// handled), then when the next acceptance expires, when any User resource changes (with a
-    /// cluster: a decision made on another head or with kubectl), and at least every 30 s.
+    /// handled), then when the next acceptance expires, when a user or the AUP changes (with a
+    /// cluster: also on another head or with kubectl), and at least every 30 s.
     pub async fn sweep_forever(self, shutdown: CancellationToken) {
         if let Some(mut changes) = self.users.changes() {
             let (wake, stop) = (self.granted.clone(), shutdown.clone());

@@ -704,8 +704,8 @@ impl Users {
         }
     }
 
-    /// With a cluster, a stream that yields whenever a User resource changes (on any head, or by
-    /// kubectl), so access is checked again at once; None when standalone.
+    /// With a cluster, a stream that yields whenever a User or an AcceptableUsePolicy changes
+    /// (on any head, or by kubectl), so access is checked again at once; None when standalone.
     pub fn changes(&self) -> Option<futures_util::stream::BoxStream<'static, ()>> {
         match &self.backend {
             Backend::Sqlite(_) => None,

@@ -428,22 +428,29 @@ impl Cluster {
         Ok(())
     }
 
-    /// Yields whenever a User changes.
+    /// Yields whenever a User or an AcceptableUsePolicy changes.
     pub(super) fn changes(&self) -> BoxStream<'static, ()> {
-        watcher(self.users.clone(), watcher::Config::default())
+        let users = watcher(self.users.clone(), watcher::Config::default())
             .default_backoff()
-            .filter_map(|event| async move {
-                match event {
-                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
-                    | Ok(watcher::Event::InitDone) => Some(()),
-                    Ok(_) => None,
-                    Err(e) => {
-                        debug!(error = %e, "watching users failed; retrying");
-                        None
-                    }
-                }
-            })
-            .boxed()
+            .filter_map(wake);
+        let aups = watcher(self.aups.clone(), watcher::Config::default())
+            .default_backoff()
+            .filter_map(wake);
+        futures_util::stream::select(users, aups).boxed()
+    }
+}
+
+/// Whether a watch event means something changed.
+async fn wake<K>(event: Result<watcher::Event<K>, watcher::Error>) -> Option<()> {
+    match event {
+        Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+            Some(())
+        }
+        Ok(_) => None,
+        Err(e) => {
+            debug!(error = %e, "watching users failed; retrying");
+            None
+        }
     }
 }
 
