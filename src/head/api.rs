@@ -131,10 +131,14 @@ impl Accounts {
                 }
             });
         }
+        let mut collected: Option<tokio::time::Instant> = None;
         loop {
             let mut next = SWEEP_INTERVAL;
-            if let Err(e) = self.users.forget_abandoned().await {
-                warn!(error = %e, "cannot remove abandoned registrations");
+            if collected.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL) {
+                collected = Some(tokio::time::Instant::now());
+                if let Err(e) = self.users.forget_abandoned().await {
+                    warn!(error = %e, "cannot remove abandoned registrations");
+                }
             }
             match self.users.list().await {
                 Ok(users) => {

@@ -502,10 +502,11 @@ impl Users {
         if crate::input::check_label(username).is_err() {
             return Ok(None); // never registered; and never put into a request path
         }
-        let Some(record) = self.backend.find(username).await? else {
+        // Both read whether or not the user exists: the same work either way.
+        let (found, aup) = tokio::join!(self.backend.find(username), self.backend.aup());
+        let (Some(record), current) = (found?, aup?.version) else {
             return Ok(None);
         };
-        let current = self.backend.aup().await?.version;
         let user = shown(record.clone(), current, unix_now());
         Ok(Some((record, user)))
     }

@@ -489,6 +489,18 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
         assert!(role_binding(&cluster, "ada").is_some());
         let (status, _) = api_c.register("ada", "new@example.org").await;
         assert_eq!(status, StatusCode::CONFLICT);
+
+        // Revoked with kubectl: the head removes access on its own.
+        users
+            .patch("ada", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": "Revoked"}})))
+            .await
+            .unwrap();
+        wait_for("access removed after kubectl revoked", SOON, || {
+            role_binding(&cluster, "ada").is_none().then_some(())
+        })
+        .await;
+        let (_, body) = api_c.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(body["status"], "Revoked", "{body}");
     })
     .await;
 }

@@ -137,7 +137,8 @@ impl Sqlite {
             .call(move |t| {
                 let taken = t
                     .query_row(
-                        "SELECT username = ?1 FROM users WHERE username = ?1 OR email = ?2 COLLATE NOCASE",
+                        "SELECT username = ?1 AS same FROM users WHERE username = ?1 OR email = ?2 COLLATE NOCASE
+                         ORDER BY same DESC LIMIT 1",
                         params![record.username, record.email],
                         |r| r.get::<_, bool>(0),
                     )
