@@ -58,13 +58,25 @@ impl Accounts {
             .await?;
         self.granted.notify_one();
         let kubeconfig = access.grant(name, &user.uid).await?;
-        // A decision or a new AUP that came in meanwhile, on any head, wins over this grant.
+        // A decision, a new AUP, or a sweep that came in meanwhile, on any head, may have
+        // recorded the access as gone: record it again if the user still may have it, else
+        // take it back. Either way the record does not lag behind the RoleBinding.
         let now = self.users.get(name).await?;
-        if let Some(refusal) = now.refusal() {
-            self.withdraw(&now, "system").await?;
-            return Err(refusal);
+        if now.access && now.may_use_cluster() {
+            return Ok(kubeconfig);
         }
-        Ok(kubeconfig)
+        match self
+            .users
+            .set_access(name, true, name, "kubeconfig issued")
+            .await
+        {
+            Ok(_) => Ok(kubeconfig),
+            Err(refusal @ UserError::Forbidden(_)) => {
+                self.withdraw(&now, "system").await?;
+                Err(refusal)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// An administrator's decision; access ends at once when it is withdrawn.
@@ -95,8 +107,10 @@ impl Accounts {
         self.withdraw(&user, actor).await
     }
 
-    /// Deletes the user's RoleBinding, then records that access is gone (unless the user may
-    /// use the cluster again by then). Repeating it, on any head, changes nothing.
+    /// Deletes the user's RoleBinding, records that access is gone (unless the user may use the
+    /// cluster again by then), and deletes it again: a grant on another head that recorded
+    /// access before this record was written and made the RoleBinding after the first delete
+    /// is undone too. Repeating it, on any head, changes nothing.
     async fn withdraw(&self, user: &User, actor: &str) -> Result<(), UserError> {
         let Some(access) = &self.access else {
             return Ok(());
@@ -107,9 +121,13 @@ impl Accounts {
             "the AUP acceptance expired or the AUP changed".into()
         };
         access.withdraw(&user.username).await?;
-        self.users
+        let now = self
+            .users
             .set_access(&user.username, false, actor, &reason)
             .await?;
+        if !now.access {
+            access.withdraw(&user.username).await?;
+        }
         Ok(())
     }
 

@@ -23,6 +23,7 @@ pub const DEFAULT_AUP: &str = include_str!("default-aup.txt");
 pub const DEFAULT_AUP_VALIDITY: Duration = Duration::from_secs(183 * 24 * 3600);
 /// How often a change is tried again when the user changed under it.
 const ATTEMPTS: usize = 8;
+
 /// Why a request about users failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
