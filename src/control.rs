@@ -244,11 +244,7 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
 }
 
 async fn users(State(ctx): State<Ctx>) -> ApiResult {
-    let users = accounts(&ctx)?
-        .users
-        .list()
-        .await
-        .map_err(UserError::from)?;
+    let users = accounts(&ctx)?.users.list().await?;
     Ok(Json(users).into_response())
 }
 

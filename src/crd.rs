@@ -2,6 +2,7 @@
 //! generated from the Rust types into `deploy/`.
 
 pub mod edge;
+pub mod user;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{CustomResource, CustomResourceExt};
@@ -184,6 +185,16 @@ pub const GENERATED: &[Generated] = &[
         plural: "edges",
         file: "deploy/crd-edges.yaml",
         crd: edge::Edge::crd,
+    },
+    Generated {
+        plural: "users",
+        file: "deploy/crd-users.yaml",
+        crd: user::User::crd,
+    },
+    Generated {
+        plural: "acceptableusepolicies",
+        file: "deploy/crd-acceptableusepolicies.yaml",
+        crd: user::AcceptableUsePolicy::crd,
     },
 ];
 

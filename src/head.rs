@@ -238,7 +238,12 @@ async fn accounts(
         aup_validity: config.aup_validity,
         reserved,
     };
-    let users = users::Users::open(store.clone(), policy).await?;
+    let users = match cluster {
+        None => users::Users::open(store.clone(), policy).await?,
+        Some(cluster) => users::Users::open_cluster(cluster.client.clone(), &config.name, policy)
+            .await
+            .map_err(|e| DaemonError::Config(format!("users in the cluster: {e}")))?,
+    };
     let access = match cluster {
         None => None,
         Some(cluster) => {

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use hyper::body::Bytes;
 use serde::Deserialize;
 use serde_json::json;
@@ -32,19 +33,16 @@ pub struct Accounts {
     pub users: Users,
     /// Cluster access; None on a standalone head.
     pub access: Option<Access>,
-    /// Wakes the sweeper when access is granted (its expiry may be the next one).
+    /// Wakes the sweeper when access is granted (its expiry may be the next one) or a user
+    /// changed.
     pub granted: Arc<tokio::sync::Notify>,
 }
 
 impl Accounts {
     /// A kubeconfig for `user`, if they may have one.
     pub async fn kubeconfig(&self, user: &User) -> Result<String, UserError> {
-        if !user.may_use_cluster() {
-            return Err(UserError::Forbidden(if user.aup.valid {
-                format!("user {} is {:?}, not Approved", user.username, user.status)
-            } else {
-                "the Acceptable Use Policy is not accepted or has expired; accept it with POST /api/v1/users/{username}/aup".into()
-            }));
+        if let Some(refusal) = user.refusal() {
+            return Err(refusal);
         }
         let Some(access) = &self.access else {
             return Err(UserError::Conflict(
@@ -52,14 +50,34 @@ impl Accounts {
                     .into(),
             ));
         };
-        // Recorded first: whatever grant() leaves behind, the sweep knows to remove it.
-        if !user.access {
-            self.users
-                .set_access(&user.username, true, &user.username, "kubeconfig issued")
-                .await?;
-            self.granted.notify_one();
+        // Recorded first (and only while the user may use the cluster): whatever grant()
+        // leaves behind, the sweep of any head knows to remove it.
+        let name = &user.username;
+        let user = self
+            .users
+            .set_access(name, true, name, "kubeconfig issued")
+            .await?;
+        self.granted.notify_one();
+        let kubeconfig = access.grant(name, &user.uid).await?;
+        // A decision, a new AUP, or a sweep that came in meanwhile, on any head, may have
+        // recorded the access as gone: record it again if the user still may have it, else
+        // take it back. Either way the record does not lag behind the RoleBinding.
+        let now = self.users.get(name).await?;
+        if now.access && now.may_use_cluster() {
+            return Ok(kubeconfig);
         }
-        access.grant(&user.username, &user.uid).await
+        match self
+            .users
+            .set_access(name, true, name, "kubeconfig issued")
+            .await
+        {
+            Ok(_) => Ok(kubeconfig),
+            Err(refusal @ UserError::Forbidden(_)) => {
+                self.withdraw(&now, "system").await?;
+                Err(refusal)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// An administrator's decision; access ends at once when it is withdrawn.
@@ -70,34 +88,77 @@ impl Accounts {
         actor: &str,
     ) -> Result<User, UserError> {
         let user = self.users.decide(username, decision, actor).await?;
-        self.enforce(&user, actor).await?;
-        Ok(user)
+        if !user.may_use_cluster() {
+            // Also when no access is recorded: a grant on another head may be under way.
+            self.withdraw(&user, actor).await?;
+        }
+        self.users.get(username).await
     }
 
-    /// Removes the access of a user who may no longer have it.
+    /// Removes the access of a user who may no longer have it, as found by a sweep.
     async fn enforce(&self, user: &User, actor: &str) -> Result<(), UserError> {
         if !user.access || user.may_use_cluster() {
             return Ok(());
         }
+        // The list may be old: another head may have acted, or the user renewed, since.
+        let user = self.users.get(&user.username).await?;
+        if !user.access || user.may_use_cluster() {
+            return Ok(());
+        }
+        self.withdraw(&user, actor).await
+    }
+
+    /// Deletes the user's RoleBinding, records that access is gone (unless the user may use the
+    /// cluster again by then), and deletes it again: a grant on another head that recorded
+    /// access before this record was written and made the RoleBinding after the first delete
+    /// is undone too. Repeating it, on any head, changes nothing.
+    async fn withdraw(&self, user: &User, actor: &str) -> Result<(), UserError> {
+        let Some(access) = &self.access else {
+            return Ok(());
+        };
         let reason = if user.aup.valid {
-            format!("status {:?}", user.status)
+            format!("status {}", user.status)
         } else {
             "the AUP acceptance expired or the AUP changed".into()
         };
-        if let Some(access) = &self.access {
-            access.withdraw(&user.username).await?;
-        }
-        self.users
+        access.withdraw(&user.username).await?;
+        let now = self
+            .users
             .set_access(&user.username, false, actor, &reason)
             .await?;
+        if !now.access {
+            access.withdraw(&user.username).await?;
+        }
         Ok(())
     }
 
     /// Checks every user's access now (at start, so what expired while the head was down is
-    /// handled), then when the next acceptance expires, and at least every 30 s.
+    /// handled), then when the next acceptance expires, when a user or the AUP changes (with a
+    /// cluster: also on another head or with kubectl), and at least every 30 s.
     pub async fn sweep_forever(self, shutdown: CancellationToken) {
+        if let Some(mut changes) = self.users.changes() {
+            let (wake, stop) = (self.granted.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        change = changes.next() => match change {
+                            Some(()) => wake.notify_one(),
+                            None => return,
+                        },
+                    }
+                }
+            });
+        }
+        let mut collected: Option<tokio::time::Instant> = None;
         loop {
             let mut next = SWEEP_INTERVAL;
+            if collected.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL) {
+                collected = Some(tokio::time::Instant::now());
+                if let Err(e) = self.users.forget_abandoned().await {
+                    warn!(error = %e, "cannot remove abandoned registrations");
+                }
+            }
             match self.users.list().await {
                 Ok(users) => {
                     let now = k8s_openapi::jiff::Timestamp::now();
@@ -200,7 +261,7 @@ async fn register(
 }
 
 async fn aup(State(accounts): State<Accounts>) -> ApiResult {
-    let aup = accounts.users.aup().await.map_err(UserError::from)?;
+    let aup = accounts.users.aup().await?;
     Ok(Json(aup).into_response())
 }
 

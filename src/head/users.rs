@@ -1,20 +1,28 @@
 //! People who use the cluster through the head: registration, approval, the Acceptable Use
-//! Policy and its expiry, and who currently has cluster access. Kept in SQLite; every change is
-//! logged and written to the audit table with its actor.
+//! Policy and its expiry, and who currently has cluster access. The rules live here, once; the
+//! records live in one of two backends: the head's SQLite database when it runs standalone
+//! ([`sqlite`]), or the User and AcceptableUsePolicy resources of the Kubernetes API when it
+//! has a cluster ([`cluster`]), so that every head serves every user. Each change is made with
+//! compare-and-set against what its rule was checked on, retried when someone else (another
+//! head, an administrator with kubectl) changed the user in between, and logged with its actor.
+
+pub mod cluster;
+pub mod sqlite;
 
 use crate::store::{Store, StoreError};
 use crate::transport::tls::random_bytes;
 use k8s_openapi::jiff::Timestamp;
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
-use tracing::info;
+use tracing::{debug, info};
 
 /// The policy shown until an administrator sets one with `edgesync aup set -f FILE`.
 pub const DEFAULT_AUP: &str = include_str!("default-aup.txt");
 /// How long an acceptance of the AUP lasts unless configured.
 pub const DEFAULT_AUP_VALIDITY: Duration = Duration::from_secs(183 * 24 * 3600);
+/// How often a change is tried again when the user changed under it.
+const ATTEMPTS: usize = 8;
 
 /// Why a request about users failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -71,38 +79,8 @@ impl UserError {
     }
 }
 
-/// Status of a user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Status {
-    /// Registered, waiting for an administrator.
-    Pending,
-    /// May use the cluster once the AUP is accepted.
-    Approved,
-    /// Refused by an administrator.
-    Rejected,
-    /// Access withdrawn by an administrator.
-    Revoked,
-}
-
-impl Status {
-    fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "Pending",
-            Status::Approved => "Approved",
-            Status::Rejected => "Rejected",
-            Status::Revoked => "Revoked",
-        }
-    }
-
-    fn parse(text: &str) -> Status {
-        match text {
-            "Approved" => Status::Approved,
-            "Rejected" => Status::Rejected,
-            "Revoked" => Status::Revoked,
-            _ => Status::Pending,
-        }
-    }
-}
+/// Status of a user: the administrator's decision, as the User resource writes it.
+pub use crate::crd::user::Approval as Status;
 
 /// An administrator's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +109,17 @@ impl Decision {
             Decision::Approve => Status::Approved,
             Decision::Reject => Status::Rejected,
             Decision::Revoke => Status::Revoked,
+        }
+    }
+
+    /// Whether the decision may be made about a user who is `current`; None when it is
+    /// already in force (approving an approved user succeeds and changes nothing).
+    fn allowed(self, current: Status) -> Option<bool> {
+        match self {
+            Decision::Approve if current == Status::Approved => None,
+            Decision::Approve => Some(true),
+            Decision::Reject => Some(current == Status::Pending),
+            Decision::Revoke => Some(current == Status::Approved),
         }
     }
 }
@@ -235,6 +224,21 @@ impl User {
     pub fn may_use_cluster(&self) -> bool {
         self.status == Status::Approved && self.aup.valid
     }
+
+    /// Why the user may not hold cluster credentials now (403), if they may not.
+    pub fn refusal(&self) -> Option<UserError> {
+        if self.may_use_cluster() {
+            return None;
+        }
+        Some(UserError::Forbidden(if self.aup.valid {
+            format!("user {} is {}, not Approved", self.username, self.status)
+        } else {
+            format!(
+                "the Acceptable Use Policy is not accepted or has expired; accept it with POST /api/v1/users/{}/aup",
+                self.username
+            )
+        }))
+    }
 }
 
 /// The current policy text.
@@ -257,10 +261,165 @@ pub struct Policy {
     pub reserved: Vec<String>,
 }
 
+/// A user as a backend keeps them.
+#[derive(Debug, Clone, PartialEq)]
+struct Record {
+    username: String,
+    uid: String,
+    email: String,
+    full_name: String,
+    /// SHA-256 of the secret.
+    secret: Vec<u8>,
+    status: Status,
+    aup_version: Option<i64>,
+    aup_accepted_at: Option<i64>,
+    aup_expires_at: Option<i64>,
+    access: bool,
+    /// What a guarded write compares against: the resourceVersion in the cluster (SQLite
+    /// compares the fields themselves).
+    revision: String,
+}
+
+/// One change to a user, decided by a rule on the record it is applied to.
+#[derive(Debug, Clone, PartialEq)]
+enum Change {
+    /// The administrator's decision.
+    Status(Status),
+    /// An acceptance of AUP `version`, at and until unix times.
+    Accept {
+        version: i64,
+        accepted_at: i64,
+        expires_at: i64,
+    },
+    /// Whether the RoleBinding exists.
+    Access(bool),
+}
+
+/// What happened, for the audit trail (SQLite rows or Kubernetes Events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Register,
+    Decide(Status),
+    AupAccept,
+    AupSet,
+    Access(bool),
+}
+
+impl Action {
+    /// The action as written in the audit table.
+    fn audit(self) -> String {
+        match self {
+            Action::Register => "register".into(),
+            Action::Decide(status) => status.as_str().to_lowercase(),
+            Action::AupAccept => "aup-accept".into(),
+            Action::AupSet => "aup-set".into(),
+            Action::Access(true) => "access-granted".into(),
+            Action::Access(false) => "access-removed".into(),
+        }
+    }
+
+    /// The Event's reason (what happened) and action (what was done).
+    fn event(self) -> (&'static str, &'static str) {
+        match self {
+            Action::Register => ("Registered", "Register"),
+            Action::Decide(Status::Approved) => ("Approved", "Approve"),
+            Action::Decide(Status::Rejected) => ("Rejected", "Reject"),
+            Action::Decide(Status::Revoked) => ("Revoked", "Revoke"),
+            Action::Decide(Status::Pending) => ("Pending", "Reset"),
+            Action::AupAccept => ("AUPAccepted", "AcceptAUP"),
+            Action::AupSet => ("AUPPublished", "PublishAUP"),
+            Action::Access(true) => ("AccessGranted", "GrantAccess"),
+            Action::Access(false) => ("AccessRemoved", "RemoveAccess"),
+        }
+    }
+}
+
+/// Who did what, and why.
+#[derive(Debug, Clone)]
+struct Note {
+    actor: String,
+    action: Action,
+    detail: String,
+}
+
+impl Note {
+    fn new(actor: &str, action: Action, detail: impl Into<String>) -> Note {
+        Note {
+            actor: actor.to_string(),
+            action,
+            detail: detail.into(),
+        }
+    }
+
+    /// Into the head's log.
+    fn log(&self, subject: &str) {
+        info!(actor = %self.actor, action = %self.action.audit(), %subject, detail = %self.detail, "user registry changed");
+    }
+}
+
+/// Where the records are.
+#[derive(Clone)]
+enum Backend {
+    /// The head's database (standalone).
+    Sqlite(sqlite::Sqlite),
+    /// The Kubernetes API (a head with a cluster).
+    Cluster(Box<cluster::Cluster>),
+}
+
+impl Backend {
+    async fn aup(&self) -> Result<Aup, UserError> {
+        match self {
+            Backend::Sqlite(db) => Ok(db.aup().await?),
+            Backend::Cluster(api) => api.aup().await,
+        }
+    }
+
+    async fn publish(&self, text: String, note: &Note) -> Result<Aup, UserError> {
+        match self {
+            Backend::Sqlite(db) => Ok(db.publish(text, note.clone()).await?),
+            Backend::Cluster(api) => api.publish(text, note).await,
+        }
+    }
+
+    async fn find(&self, username: &str) -> Result<Option<Record>, UserError> {
+        match self {
+            Backend::Sqlite(db) => Ok(db.find(username).await?),
+            Backend::Cluster(api) => api.find(username).await,
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Record>, UserError> {
+        match self {
+            Backend::Sqlite(db) => Ok(db.list().await?),
+            Backend::Cluster(api) => api.list().await,
+        }
+    }
+
+    /// Stores a new user; Duplicate when the username or e-mail is taken.
+    async fn insert(&self, record: &Record, notes: &[Note]) -> Result<(), UserError> {
+        let taken = match self {
+            Backend::Sqlite(db) => db.insert(record.clone(), notes.to_vec()).await?,
+            Backend::Cluster(api) => api.insert(record, notes).await?,
+        };
+        match taken {
+            Some(field) => Err(UserError::Duplicate { field }),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies `change` if the user is still as in `old`; false when they changed meanwhile.
+    async fn update(&self, old: &Record, change: &Change, note: &Note) -> Result<bool, UserError> {
+        match self {
+            Backend::Sqlite(db) => Ok(db.update(old.clone(), change.clone(), note.clone()).await?),
+            Backend::Cluster(api) => api.update(old, change, note).await,
+        }
+    }
+}
+
 /// The user registry.
 #[derive(Clone)]
 pub struct Users {
-    store: Store,
+    backend: Backend,
     policy: Policy,
 }
 
@@ -277,87 +436,55 @@ fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
-/// Raw row of the users table.
-struct Row {
-    username: String,
-    uid: String,
-    email: String,
-    full_name: String,
-    secret: Vec<u8>,
-    status: String,
-    aup_version: Option<i64>,
-    aup_accepted_at: Option<i64>,
-    aup_expires_at: Option<i64>,
-    access: bool,
-}
-
-const COLUMNS: &str = "username, email, full_name, secret_sha256, status, aup_version, \
-                       aup_accepted_at, aup_expires_at, access, uid";
-
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok(Row {
-        username: r.get(0)?,
-        email: r.get(1)?,
-        full_name: r.get(2)?,
-        secret: r.get(3)?,
-        status: r.get(4)?,
-        aup_version: r.get(5)?,
-        aup_accepted_at: r.get(6)?,
-        aup_expires_at: r.get(7)?,
-        access: r.get(8)?,
-        uid: r.get(9)?,
-    })
-}
-
-fn audit(
-    t: &rusqlite::Connection,
-    actor: &str,
-    action: &str,
-    subject: &str,
-    detail: &str,
-) -> rusqlite::Result<()> {
-    t.execute(
-        "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![unix_now(), actor, action, subject, detail],
-    )?;
-    info!(%actor, %action, %subject, %detail, "user registry changed");
-    Ok(())
+/// `record` as shown, with its acceptance checked against the `current` AUP version at `now`.
+fn shown(record: Record, current: i64, now: i64) -> User {
+    let valid =
+        record.aup_version == Some(current) && record.aup_expires_at.is_some_and(|e| e > now);
+    User {
+        username: record.username,
+        uid: record.uid,
+        email: record.email,
+        full_name: record.full_name,
+        status: record.status,
+        aup: Acceptance {
+            version: record.aup_version,
+            accepted_at: rfc3339(record.aup_accepted_at),
+            expires_at: rfc3339(record.aup_expires_at),
+            valid,
+        },
+        access: record.access,
+    }
 }
 
 impl Users {
-    /// The registry in `store`; puts the embedded AUP in place if none was ever set.
+    /// The registry in `store` (a standalone head); puts the embedded AUP in place if none was
+    /// ever set.
     pub async fn open(store: Store, policy: Policy) -> Result<Users, StoreError> {
-        store
-            .call(|t| {
-                let none: bool = t.query_row("SELECT COUNT(*) = 0 FROM aups", [], |r| r.get(0))?;
-                if none {
-                    t.execute(
-                        "INSERT INTO aups (text, created_at) VALUES (?1, ?2)",
-                        params![DEFAULT_AUP, unix_now()],
-                    )?;
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(Users { store, policy })
+        Ok(Users {
+            backend: Backend::Sqlite(sqlite::Sqlite::open(store).await?),
+            policy,
+        })
+    }
+
+    /// The registry in the cluster's User and AcceptableUsePolicy resources, shared by every
+    /// head of the cluster; `head` names this head in the Events it records. Creates the
+    /// embedded AUP as version 1 when the cluster has none.
+    pub async fn open_cluster(
+        client: kube::Client,
+        head: &str,
+        policy: Policy,
+    ) -> Result<Users, UserError> {
+        let users = Users {
+            backend: Backend::Cluster(Box::new(cluster::Cluster::new(client, head))),
+            policy,
+        };
+        users.aup().await?;
+        Ok(users)
     }
 
     /// The current AUP.
-    pub async fn aup(&self) -> Result<Aup, StoreError> {
-        self.store
-            .call(|t| {
-                t.query_row(
-                    "SELECT version, text FROM aups ORDER BY version DESC LIMIT 1",
-                    [],
-                    |r| {
-                        Ok(Aup {
-                            version: r.get(0)?,
-                            text: r.get(1)?,
-                        })
-                    },
-                )
-            })
-            .await
+    pub async fn aup(&self) -> Result<Aup, UserError> {
+        self.backend.aup().await
     }
 
     /// Publishes a new AUP version; users must accept it again.
@@ -365,106 +492,63 @@ impl Users {
         if text.trim().is_empty() {
             return Err(UserError::invalid("text", "the policy text is empty"));
         }
-        let actor = actor.to_string();
-        let version = self
-            .store
-            .call(move |t| {
-                t.execute(
-                    "INSERT INTO aups (text, created_at) VALUES (?1, ?2)",
-                    params![text, unix_now()],
-                )?;
-                let version = t.last_insert_rowid();
-                audit(t, &actor, "aup-set", "aup", &format!("version {version}"))?;
-                Ok(version)
-            })
-            .await?;
-        let aup = self.aup().await?;
-        debug_assert_eq!(aup.version, version);
+        let note = Note::new(actor, Action::AupSet, "");
+        let aup = self.backend.publish(text, &note).await?;
+        Note::new(actor, Action::AupSet, format!("version {}", aup.version)).log("aup");
         Ok(aup)
     }
 
-    fn user(&self, row: Row, current: i64, now: i64) -> User {
-        let valid = row.aup_version == Some(current) && row.aup_expires_at.is_some_and(|e| e > now);
-        User {
-            username: row.username,
-            uid: row.uid,
-            email: row.email,
-            full_name: row.full_name,
-            status: Status::parse(&row.status),
-            aup: Acceptance {
-                version: row.aup_version,
-                accepted_at: rfc3339(row.aup_accepted_at),
-                expires_at: rfc3339(row.aup_expires_at),
-                valid,
-            },
-            access: row.access,
+    /// The record of `username` and how it is shown, if they exist.
+    async fn load(&self, username: &str) -> Result<Option<(Record, User)>, UserError> {
+        if crate::input::check_label(username).is_err() {
+            return Ok(None); // never registered; and never put into a request path
         }
-    }
-
-    async fn find(&self, username: &str) -> Result<Option<(Row, i64)>, StoreError> {
-        let username = username.to_string();
-        self.store
-            .call(move |t| {
-                let current: i64 =
-                    t.query_row("SELECT MAX(version) FROM aups", [], |r| r.get(0))?;
-                let found = t
-                    .query_row(
-                        &format!("SELECT {COLUMNS} FROM users WHERE username = ?1"),
-                        [username],
-                        row,
-                    )
-                    .optional()?;
-                Ok(found.map(|r| (r, current)))
-            })
-            .await
+        // Both read whether or not the user exists: the same work either way.
+        let (found, aup) = tokio::join!(self.backend.find(username), self.backend.aup());
+        let (Some(record), current) = (found?, aup?.version) else {
+            return Ok(None);
+        };
+        let user = shown(record.clone(), current, unix_now());
+        Ok(Some((record, user)))
     }
 
     /// Registers a person; returns them and their secret (shown once, stored only hashed).
     pub async fn register(&self, request: Registration) -> Result<(User, String), UserError> {
         request.validate(&self.policy.reserved)?;
         let secret = hex::encode(random_bytes::<32>());
-        let uid = hex::encode(random_bytes::<16>());
         let status = if self.policy.auto_approve {
             Status::Approved
         } else {
             Status::Pending
         };
-        let (username, email, full_name) = (
-            request.username.clone(),
-            request.email.clone(),
-            request.full_name.trim().to_string(),
-        );
-        let secret_hash = hash(&secret);
-        let taken = self
-            .store
-            .call(move |t| {
-                let field = t
-                    .query_row(
-                        "SELECT CASE WHEN username = ?1 THEN 'username' ELSE 'email' END
-                         FROM users WHERE username = ?1 OR email = ?2 COLLATE NOCASE",
-                        params![username, email],
-                        |r| r.get::<_, String>(0),
-                    )
-                    .optional()?;
-                if field.is_some() {
-                    return Ok(field);
-                }
-                t.execute(
-                    "INSERT INTO users (username, uid, email, full_name, secret_sha256, status, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![username, uid, email, full_name, secret_hash, status.as_str(), unix_now()],
-                )?;
-                audit(t, &username, "register", &username, status.as_str())?;
-                if status == Status::Approved {
-                    audit(t, "policy:auto-approve", "approve", &username, "")?;
-                }
-                Ok(None)
-            })
-            .await?;
-        match taken.as_deref() {
-            Some("username") => return Err(UserError::Duplicate { field: "username" }),
-            Some(_) => return Err(UserError::Duplicate { field: "email" }),
-            None => {}
+        let record = Record {
+            username: request.username.clone(),
+            uid: hex::encode(random_bytes::<16>()),
+            email: request.email.clone(),
+            full_name: request.full_name.trim().to_string(),
+            secret: hash(&secret),
+            status,
+            aup_version: None,
+            aup_accepted_at: None,
+            aup_expires_at: None,
+            access: false,
+            revision: String::new(),
+        };
+        let mut notes = vec![Note::new(
+            &record.username,
+            Action::Register,
+            status.as_str(),
+        )];
+        if status == Status::Approved {
+            notes.push(Note::new(
+                "policy:auto-approve",
+                Action::Decide(Status::Approved),
+                "",
+            ));
+        }
+        self.backend.insert(&record, &notes).await?;
+        for note in &notes {
+            note.log(&record.username);
         }
         let user = self.get(&request.username).await?;
         Ok((user, secret))
@@ -472,59 +556,83 @@ impl Users {
 
     /// The user `username` (administrators).
     pub async fn get(&self, username: &str) -> Result<User, UserError> {
-        let (row, current) = self
-            .find(username)
+        let (_, user) = self
+            .load(username)
             .await?
             .ok_or_else(|| UserError::NotFound(username.to_string()))?;
-        Ok(self.user(row, current, unix_now()))
+        Ok(user)
     }
 
     /// The user `username` if `secret` is theirs; otherwise Unauthorized, whether or not the
     /// user exists, after the same work.
     pub async fn authenticate(&self, username: &str, secret: &str) -> Result<User, UserError> {
-        let found = self.find(username).await?;
+        let found = self.load(username).await?;
         let presented = hash(secret);
         let stored = found
             .as_ref()
-            .map_or([0u8; 32].as_slice(), |(r, _)| &r.secret);
+            .map(|(r, _)| r.secret.as_slice())
+            .filter(|s| s.len() == presented.len())
+            .unwrap_or([0u8; 32].as_slice());
         let matches: bool = subtle::ConstantTimeEq::ct_eq(presented.as_slice(), stored).into();
         match found {
-            Some((row, current)) if matches => Ok(self.user(row, current, unix_now())),
+            Some((_, user)) if matches => Ok(user),
             _ => Err(UserError::Unauthorized),
         }
     }
 
+    /// Applies what `rule` decides about `username` as the user is now, as one compare-and-set:
+    /// when the user changed in between (on another head, or by kubectl), the rule is checked
+    /// again on the new state. A rule answering None leaves the user as they are.
+    async fn modify<F>(&self, username: &str, rule: F) -> Result<User, UserError>
+    where
+        F: Fn(&User) -> Result<Option<(Change, Note)>, UserError>,
+    {
+        for _ in 0..ATTEMPTS {
+            let (record, user) = self
+                .load(username)
+                .await?
+                .ok_or_else(|| UserError::NotFound(username.to_string()))?;
+            let Some((change, note)) = rule(&user)? else {
+                return Ok(user);
+            };
+            if self.backend.update(&record, &change, &note).await? {
+                note.log(username);
+                return self.get(username).await;
+            }
+            debug!(user = %username, "user changed meanwhile; checking again");
+        }
+        Err(UserError::Conflict(format!(
+            "user {username} keeps being changed by someone else; try again"
+        )))
+    }
+
     /// Records that the user accepted AUP `version` (which must be the current one).
     pub async fn accept(&self, username: &str, version: i64) -> Result<User, UserError> {
-        let user = self.get(username).await?;
-        if matches!(user.status, Status::Rejected | Status::Revoked) {
-            return Err(UserError::Forbidden(format!(
-                "user {username} is {}",
-                user.status.as_str()
-            )));
-        }
         let current = self.aup().await?.version;
-        if version != current {
-            return Err(UserError::invalid(
-                "version",
-                format!("the current AUP is version {current}; read it with GET /api/v1/aup"),
-            ));
-        }
         let validity = i64::try_from(self.policy.aup_validity.as_secs()).unwrap_or(i64::MAX);
-        let name = username.to_string();
-        self.store
-            .call(move |t| {
-                let now = unix_now();
-                let expires = now.saturating_add(validity);
-                t.execute(
-                    "UPDATE users SET aup_version = ?2, aup_accepted_at = ?3, aup_expires_at = ?4
-                     WHERE username = ?1",
-                    params![name, version, now, expires],
-                )?;
-                audit(t, &name, "aup-accept", &name, &format!("version {version}"))
-            })
-            .await?;
-        self.get(username).await
+        self.modify(username, |user| {
+            if matches!(user.status, Status::Rejected | Status::Revoked) {
+                return Err(UserError::Forbidden(format!(
+                    "user {username} is {}",
+                    user.status
+                )));
+            }
+            if version != current {
+                return Err(UserError::invalid(
+                    "version",
+                    format!("the current AUP is version {current}; read it with GET /api/v1/aup"),
+                ));
+            }
+            let now = unix_now();
+            let change = Change::Accept {
+                version,
+                accepted_at: now,
+                expires_at: now.saturating_add(validity),
+            };
+            let note = Note::new(username, Action::AupAccept, format!("version {version}"));
+            Ok(Some((change, note)))
+        })
+        .await
     }
 
     /// An administrator's decision about `username`.
@@ -534,79 +642,77 @@ impl Users {
         decision: Decision,
         actor: &str,
     ) -> Result<User, UserError> {
-        let user = self.get(username).await?;
-        let allowed = match decision {
-            Decision::Approve => user.status != Status::Approved,
-            Decision::Reject => user.status == Status::Pending,
-            Decision::Revoke => user.status == Status::Approved,
-        };
-        if !allowed {
-            return Err(UserError::Conflict(format!(
+        self.modify(username, |user| match decision.allowed(user.status) {
+            None => Ok(None),
+            Some(true) => {
+                let status = decision.status();
+                Ok(Some((
+                    Change::Status(status),
+                    Note::new(actor, Action::Decide(status), ""),
+                )))
+            }
+            Some(false) => Err(UserError::Conflict(format!(
                 "user {username} is {}; cannot {}",
-                user.status.as_str(),
+                user.status,
                 format!("{decision:?}").to_lowercase()
-            )));
-        }
-        let (name, actor, status) = (
-            username.to_string(),
-            actor.to_string(),
-            decision.status().as_str(),
-        );
-        self.store
-            .call(move |t| {
-                t.execute(
-                    "UPDATE users SET status = ?2 WHERE username = ?1",
-                    params![name, status],
-                )?;
-                audit(t, &actor, &status.to_lowercase(), &name, "")
-            })
-            .await?;
-        self.get(username).await
+            ))),
+        })
+        .await
     }
 
     /// Every user, by name.
-    pub async fn list(&self) -> Result<Vec<User>, StoreError> {
-        let (rows, current) = self
-            .store
-            .call(|t| {
-                let current: i64 =
-                    t.query_row("SELECT MAX(version) FROM aups", [], |r| r.get(0))?;
-                let mut query =
-                    t.prepare(&format!("SELECT {COLUMNS} FROM users ORDER BY username"))?;
-                let rows = query.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
-                Ok((rows, current))
-            })
-            .await?;
+    pub async fn list(&self) -> Result<Vec<User>, UserError> {
+        let mut records = self.backend.list().await?;
+        let current = self.backend.aup().await?.version;
+        records.sort_by(|a, b| a.username.cmp(&b.username));
         let now = unix_now();
-        Ok(rows
+        Ok(records
             .into_iter()
-            .map(|r| self.user(r, current, now))
+            .map(|r| shown(r, current, now))
             .collect())
     }
 
-    /// Records whether the user's cluster access (RoleBinding) exists, with the reason.
+    /// Records whether the user's cluster access (RoleBinding) exists, with the reason. Access
+    /// is recorded only while the user may use the cluster (else 403), and recorded as removed
+    /// only while they may not: a decision or acceptance made meanwhile on another head wins.
     pub async fn set_access(
         &self,
         username: &str,
         access: bool,
         actor: &str,
         reason: &str,
-    ) -> Result<(), StoreError> {
-        let (name, actor, reason) = (username.to_string(), actor.to_string(), reason.to_string());
-        self.store
-            .call(move |t| {
-                t.execute(
-                    "UPDATE users SET access = ?2 WHERE username = ?1",
-                    params![name, access],
-                )?;
-                let action = if access {
-                    "access-granted"
-                } else {
-                    "access-removed"
-                };
-                audit(t, &actor, action, &name, &reason)
-            })
-            .await
+    ) -> Result<User, UserError> {
+        self.modify(username, |user| {
+            if let Some(refusal) = user.refusal().filter(|_| access) {
+                return Err(refusal);
+            }
+            if user.access == access || (!access && user.may_use_cluster()) {
+                return Ok(None);
+            }
+            Ok(Some((
+                Change::Access(access),
+                Note::new(actor, Action::Access(access), reason),
+            )))
+        })
+        .await
+    }
+
+    /// Removes registrations that were never completed (a head stopped between creating the
+    /// user and storing their secret), so their username and e-mail can be used again.
+    pub async fn forget_abandoned(&self) -> Result<(), UserError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Cluster(api) => api.forget_abandoned().await,
+        }
+    }
+
+    /// With a cluster, a stream that yields whenever a User or an AcceptableUsePolicy changes
+    /// (on any head, or by kubectl), so access is checked again at once; None when standalone.
+    pub fn changes(&self) -> Option<futures_util::stream::BoxStream<'static, ()>> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Cluster(api) => Some(api.changes()),
+        }
     }
 }
 
@@ -701,5 +807,83 @@ mod tests {
             users.decide("ada", Decision::Reject, "root").await,
             Err(UserError::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn decisions_follow_the_status_and_approving_twice_is_harmless() {
+        use Decision::*;
+        assert_eq!(Approve.allowed(Status::Approved), None);
+        for from in [Status::Pending, Status::Rejected, Status::Revoked] {
+            assert_eq!(Approve.allowed(from), Some(true));
+        }
+        assert_eq!(Reject.allowed(Status::Pending), Some(true));
+        assert_eq!(Reject.allowed(Status::Approved), Some(false));
+        assert_eq!(Revoke.allowed(Status::Approved), Some(true));
+        assert_eq!(Revoke.allowed(Status::Pending), Some(false));
+    }
+
+    #[tokio::test]
+    async fn access_is_recorded_only_while_the_rules_allow_it() {
+        let (_dir, users) = users(false).await;
+        users
+            .register(registration("ada", "ada@example.org"))
+            .await
+            .unwrap();
+        let refused = users.set_access("ada", true, "ada", "kubeconfig").await;
+        assert!(matches!(refused, Err(UserError::Forbidden(_))), "pending");
+        users
+            .decide("ada", Decision::Approve, "root")
+            .await
+            .unwrap();
+        let approved = users
+            .decide("ada", Decision::Approve, "root")
+            .await
+            .unwrap();
+        assert_eq!(
+            approved.status,
+            Status::Approved,
+            "approving twice succeeds"
+        );
+        let v = users.aup().await.unwrap().version;
+        users.accept("ada", v).await.unwrap();
+        assert!(
+            users
+                .set_access("ada", true, "ada", "kubeconfig")
+                .await
+                .unwrap()
+                .access
+        );
+        // Removing access for a user who may use the cluster (again) is not recorded.
+        let kept = users
+            .set_access("ada", false, "system", "stale")
+            .await
+            .unwrap();
+        assert!(kept.access);
+        users.decide("ada", Decision::Revoke, "root").await.unwrap();
+        let removed = users
+            .set_access("ada", false, "system", "revoked")
+            .await
+            .unwrap();
+        assert!(!removed.access);
+    }
+
+    #[tokio::test]
+    async fn a_change_is_written_only_onto_the_state_it_was_decided_on() {
+        let (_dir, users) = users(false).await;
+        users
+            .register(registration("ada", "ada@example.org"))
+            .await
+            .unwrap();
+        let (stale, _) = users.load("ada").await.unwrap().unwrap();
+        users.decide("ada", Decision::Reject, "root").await.unwrap();
+        let note = Note::new("root", Action::Decide(Status::Approved), "");
+        let applied = users
+            .backend
+            .update(&stale, &Change::Status(Status::Approved), &note)
+            .await
+            .unwrap();
+        assert!(!applied, "the user was rejected meanwhile");
+        assert_eq!(users.get("ada").await.unwrap().status, Status::Rejected);
+        assert!(users.load("../ada").await.unwrap().is_none());
     }
 }

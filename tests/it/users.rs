@@ -337,3 +337,180 @@ async fn the_api_serves_a_configured_certificate() {
     })
     .await;
 }
+
+/// A head of `cluster` in `dir/name`, whose registrations wait for an administrator.
+async fn cluster_head(dir: &std::path::Path, name: &str, kubeconfig: &str) -> HeadProc {
+    let args = ["--kubeconfig", kubeconfig, "--auto-approve", "false"];
+    HeadProc::start_named(&dir.join(name), name, free_udp_addr(), &args).await
+}
+
+fn role_binding(cluster: &KubeApi, namespace: &str) -> Option<Value> {
+    cluster.get(
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        Some(namespace),
+        "edgesync-user",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_dir() {
+    use kube::api::{Patch, PatchParams};
+    use sha2::Digest;
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = KubeApi::start().await;
+        cluster.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "edgesync-system"}}));
+        let kubeconfig_path = dir.path().join("kubeconfig");
+        cluster.write_kubeconfig(&kubeconfig_path);
+        let kubeconfig = kubeconfig_path.display().to_string();
+        let a = cluster_head(dir.path(), "head-a", &kubeconfig).await;
+        let b = cluster_head(dir.path(), "head-b", &kubeconfig).await;
+        let (api_a, api_b) = (Api::new(&a), Api::new(&b));
+
+        // Registered through head A: a User resource holding the secret's hash only.
+        let (status, body) = api_a.register("ada", "ada@example.org").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["status"], "Pending");
+        let secret = body["secret"].as_str().unwrap().to_string();
+        let object = cluster.get(API_VERSION, "User", None, "ada").expect("User ada");
+        assert_eq!(object["spec"]["approval"], "Pending");
+        assert_eq!(object["spec"]["email"], "ada@example.org");
+        let hashed = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
+        assert_eq!(object["status"]["secretSHA256"], hashed.as_str());
+        assert!(!object.to_string().contains(&secret), "{object}");
+        let aup = cluster.get(API_VERSION, "AcceptableUsePolicy", None, "v1").expect("AUP v1");
+        assert_eq!(aup["spec"]["version"], 1);
+
+        // Head B knows the name, the address and the secret.
+        for (username, email, field) in [
+            ("ada", "other@example.org", "username"),
+            ("bob", "ADA@example.org", "email"),
+        ] {
+            let (status, body) = api_b.register(username, email).await;
+            assert_eq!((status, &body["field"]), (StatusCode::CONFLICT, &json!(field)), "{body}");
+        }
+        assert!(cluster.get(API_VERSION, "User", None, "bob").is_none(), "the refused registration is gone");
+        let (status, body) = api_b.get("/api/v1/users/ada", &secret).await;
+        assert_eq!((status, &body["status"]), (StatusCode::OK, &json!("Pending")), "{body}");
+        let (status, wrong) = api_b.get("/api/v1/users/ada", "nope").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (_, nobody) = api_b.get("/api/v1/users/nobody", &secret).await;
+        assert_eq!(wrong, nobody);
+
+        // An administrator approves with kubectl: every head sees it.
+        let admin = admin_client(&kubeconfig_path).await;
+        let users: kube::Api<edgesync::crd::user::User> = kube::Api::all(admin);
+        users
+            .patch("ada", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": "Approved"}})))
+            .await
+            .unwrap();
+        let (_, body) = api_b.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(body["status"], "Approved", "{body}");
+        let listed = a.daemon.json(&["user", "list", "-o", "json"]);
+        assert_eq!(listed[0]["status"], "Approved", "{listed}");
+
+        // The AUP accepted and a kubeconfig issued through head B.
+        let (status, body) = api_b.accept("ada", &secret).await;
+        assert_eq!((status, &body["aup"]["valid"]), (StatusCode::OK, &json!(true)), "{body}");
+        let (status, body) = api_b.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(role_binding(&cluster, "ada").is_some());
+        let object = cluster.get(API_VERSION, "User", None, "ada").unwrap();
+        assert_eq!(object["status"]["accessGranted"], true, "{object}");
+        assert_eq!(object["status"]["aup"]["version"], 1, "{object}");
+
+        // Revoked on head B: access is gone, also for head A.
+        ok(b.daemon.cli(&["user", "revoke", "ada"]));
+        assert!(role_binding(&cluster, "ada").is_none());
+        let (status, _) = api_a.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (_, body) = api_a.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(body["status"], "Revoked", "{body}");
+
+        // Approved again on head A; a new AUP published on head A is what head B serves, and
+        // the access of the new policy's non-acceptors ends on its own.
+        ok(a.daemon.cli(&["user", "approve", "ada"]));
+        let (status, _) = api_a.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::OK);
+        let policy = write(dir.path(), "aup.txt", "Version two of the rules.\n");
+        ok(a.daemon.cli(&["aup", "set", "-f", &policy]));
+        let (_, aup) = api_b.get("/api/v1/aup", "").await;
+        assert_eq!((&aup["version"], &aup["text"]), (&json!(2), &json!("Version two of the rules.\n")));
+        wait_for("access removed for the new AUP", SOON, || role_binding(&cluster, "ada").is_none().then_some(())).await;
+        let (status, body) = api_b.accept("ada", &secret).await;
+        assert_eq!((status, &body["aup"]["version"]), (StatusCode::OK, &json!(2)), "{body}");
+
+        // Who did what, as Events on the User.
+        let events = cluster.list("events.k8s.io/v1", "Event");
+        let reasons: Vec<&str> = events
+            .iter()
+            .filter(|e| e["regarding"]["kind"] == "User" && e["regarding"]["name"] == "ada")
+            .map(|e| e["reason"].as_str().unwrap())
+            .collect();
+        for reason in ["Registered", "AUPAccepted", "AccessGranted", "Revoked", "AccessRemoved", "Approved"] {
+            assert!(reasons.contains(&reason), "no {reason} in {reasons:?}");
+        }
+        assert!(events.iter().all(|e| e["reportingController"] == "edgesync-head"));
+
+        // One address registered on both heads at the same moment: never two users.
+        for i in 0..5 {
+            let email = format!("same{i}@example.org");
+            let (name_a, name_b) = (format!("a{i}"), format!("b{i}"));
+            let (first, second) = tokio::join!(
+                api_a.register(&name_a, &email),
+                api_b.register(&name_b, &email)
+            );
+            let created = [&first, &second].iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
+            for (status, body) in [&first, &second] {
+                assert!(matches!(*status, StatusCode::CREATED | StatusCode::CONFLICT), "{body}");
+            }
+            let holders = cluster
+                .list(API_VERSION, "User")
+                .into_iter()
+                .filter(|u| u["spec"]["email"] == email.as_str())
+                .count();
+            assert!(created <= 1 && holders == created, "{first:?} {second:?}: {holders} users");
+        }
+
+        // Every head's state dir is lost; fresh heads serve the user as before.
+        a.daemon.stop().await;
+        b.daemon.stop().await;
+        for name in ["head-a", "head-b"] {
+            std::fs::remove_dir_all(dir.path().join(name)).unwrap();
+        }
+        let c = cluster_head(dir.path(), "head-c", &kubeconfig).await;
+        let api_c = Api::new(&c);
+        let (status, body) = api_c.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!((&body["status"], &body["aup"]["version"], &body["aup"]["valid"]), (&json!("Approved"), &json!(2), &json!(true)), "{body}");
+        let (status, body) = api_c.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(role_binding(&cluster, "ada").is_some());
+        let (status, _) = api_c.register("ada", "new@example.org").await;
+        assert_eq!(status, StatusCode::CONFLICT);
+
+        // Revoked with kubectl: the head removes access on its own.
+        users
+            .patch("ada", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": "Revoked"}})))
+            .await
+            .unwrap();
+        wait_for("access removed after kubectl revoked", SOON, || {
+            role_binding(&cluster, "ada").is_none().then_some(())
+        })
+        .await;
+        let (_, body) = api_c.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(body["status"], "Revoked", "{body}");
+    })
+    .await;
+}
+
+const API_VERSION: &str = "edgesync.io/v1alpha1";
+
+async fn admin_client(kubeconfig: &std::path::Path) -> kube::Client {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}

@@ -71,6 +71,9 @@ rbac.authorization.k8s.io/v1       ClusterRole        clusterroles        cluste
 rbac.authorization.k8s.io/v1       ClusterRoleBinding clusterrolebindings cluster    -      -   -
 edgesync.io/v1alpha1               EdgeNode           edgenodes           namespaced status en  -
 edgesync.io/v1alpha1               Edge               edges               cluster    status eg  -
+edgesync.io/v1alpha1               User               users               cluster    status eu  -
+edgesync.io/v1alpha1      AcceptableUsePolicy acceptableusepolicies     cluster    -      aup -
+events.k8s.io/v1                   Event              events              namespaced -      ev  -
 apiextensions.k8s.io/v1   CustomResourceDefinition customresourcedefinitions cluster -      crd,crds -
 ";
 
