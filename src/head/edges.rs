@@ -7,7 +7,7 @@
 
 use crate::crd::edge::{Edge, EdgeSpec, EdgeStatus};
 use crate::daemon::Tasks;
-use crate::head::kube::FIELD_MANAGER;
+use crate::head::kube::{patch_params, post_params};
 use crate::node::{Node, NodeError};
 use crate::registry::{self, Registration, Registry};
 use crate::store::JoinedNode;
@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store as Cache};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -159,7 +159,7 @@ impl Edges {
         let edges_api: Api<Edge> = Api::all(client.clone());
         let (cache, writer) = reflector::store();
         let reporter = Reporter {
-            controller: "edgesync-head".into(),
+            controller: crate::head::users::cluster::REPORTER.into(),
             instance: Some(identity.to_string()),
         };
         let cluster = Arc::new(InCluster {
@@ -309,10 +309,7 @@ impl Edges {
             public_key_sha256: hex::encode(&joined.key_sha256),
             certificate_not_after: rfc3339(joined.cert_not_after),
         };
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PostParams::default()
-        };
+        let params = post_params();
         let existing = c.edges.get_opt(&joined.name).await.map_err(api_message)?;
         check_expected(
             &joined.name,
@@ -414,10 +411,7 @@ impl Edges {
             data: Some(data),
             ..Secret::default()
         };
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PostParams::default()
-        };
+        let params = post_params();
         c.secrets
             .create(&params, &secret)
             .await
@@ -505,10 +499,7 @@ impl Edges {
                 .await
                 .map_err(|e| e.to_string());
         };
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
+        let params = patch_params();
         let Some(edge) = c.edges.get_opt(name).await.map_err(api_message)? else {
             return Ok(());
         };
@@ -636,10 +627,7 @@ impl Edges {
                         Err(_) => continue,
                     }
                 };
-                let params = PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..PatchParams::default()
-                };
+                let params = patch_params();
                 match c.edges.patch_status(&name, &params, &patch).await {
                     Ok(_) => {
                         crate::node::lock(&c.written).insert(name, (wanted, Instant::now()));

@@ -29,6 +29,22 @@ use tracing::{debug, info, warn};
 
 /// Field manager named on every write edgesync makes to the API server.
 pub const FIELD_MANAGER: &str = "edgesync";
+/// Parameters of a patch edgesync makes: its field manager named.
+pub fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
+/// Parameters of a create or replace edgesync makes: its field manager named.
+pub fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    }
+}
+
 /// Finalizer that holds a deleted EdgeNode until its edge has removed the pods (or is gone).
 pub const FINALIZER: &str = "edgesync.io/edge-cleanup";
 /// Annotation on each EdgeNode: the document heads (newest last) at which its document's pods
@@ -120,10 +136,7 @@ pub async fn shared_ca(
                 data: Some(data),
                 ..Secret::default()
             };
-            let params = PostParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..PostParams::default()
-            };
+            let params = post_params();
             match secrets.create(&params, &secret).await {
                 Ok(_) => {
                     info!(secret = CA_SECRET, %namespace, "stored this head's CA for the other heads");
@@ -672,10 +685,7 @@ impl Bridge {
             "resourceVersion": version,
             "annotations": {SYNCED_HEADS_ANNOTATION: text},
         }});
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
+        let params = patch_params();
         match self
             .api(namespace)
             .patch(name, &params, &Patch::Merge(&patch))
@@ -709,10 +719,7 @@ impl Bridge {
             return;
         };
         let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": version}});
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
+        let params = patch_params();
         match self
             .api(namespace)
             .patch(name, &params, &Patch::Merge(&patch))
@@ -870,10 +877,7 @@ impl Bridge {
                 if !view.labels.is_empty() {
                     object.metadata.labels = Some(view.labels.clone());
                 }
-                let params = PostParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..PostParams::default()
-                };
+                let params = post_params();
                 api.create(&params, &object).await.map(drop)
             }
             Some(_) => {
@@ -885,10 +889,7 @@ impl Bridge {
                     "metadata": {"resourceVersion": version, "annotations": annotations},
                     "spec": {"pods": list},
                 });
-                let params = PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..PatchParams::default()
-                };
+                let params = patch_params();
                 api.patch(name, &params, &Patch::Merge(&patch))
                     .await
                     .map(drop)
@@ -1006,10 +1007,7 @@ impl Bridge {
         if !due {
             return;
         }
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
+        let params = patch_params();
         let patch = json!({"status": status});
         match self
             .api(namespace)

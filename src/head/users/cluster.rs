@@ -10,12 +10,13 @@ use crate::crd::user::{
     AcceptableUsePolicy, AcceptableUsePolicySpec, EMAIL_LABEL, User as UserObject, UserSpec,
     aup_name,
 };
+use crate::head::kube::{patch_params, post_params};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
@@ -24,8 +25,6 @@ use tracing::{debug, info, warn};
 
 /// Reporting controller of the Events the heads record.
 pub const REPORTER: &str = "edgesync-head";
-/// Field manager of the heads' writes.
-const FIELD_MANAGER: &str = "edgesync";
 /// Label on every object edgesync makes.
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "edgesync");
 /// A registration whose secret was not stored within this time was abandoned (its head
@@ -135,20 +134,6 @@ fn patch_of(change: &Change, revision: &str) -> (serde_json::Value, bool) {
             json!({"metadata": guard, "status": {"accessGranted": access}}),
             true,
         ),
-    }
-}
-
-fn post_params() -> PostParams {
-    PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PostParams::default()
-    }
-}
-
-fn patch_params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PatchParams::default()
     }
 }
 
