@@ -40,6 +40,21 @@ fn connected(head: &HeadProc, name: &str) -> bool {
             .any(|p| p["name"] == name && p["connected"] == true)
 }
 
+/// Waits until the head answers 200 on /readyz (it has read the cluster's state).
+async fn ready(head: &HeadProc) {
+    let http = crate::users::client(head);
+    let url = format!("https://localhost:{}/readyz", head.api.port());
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let status = http.get(&url).send().await.map(|r| r.status().as_u16());
+        if status.as_ref().is_ok_and(|s| *s == 200) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "/readyz: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until the Edge resource says `edge` is online through head `head`.
 async fn online_through(cluster: &Cluster, edge: &str, head: &str) -> Value {
     wait_for(&format!("Edge {edge} online through {head}"), SOON, || {
@@ -204,6 +219,7 @@ async fn a_rolling_replacement_refuses_no_edge() {
                 addrs[round % 2],
             )
             .await;
+            ready(&new).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
             // A crash first, then the graceful stops of a rolling update.
             match round {

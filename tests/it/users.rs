@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 /// An HTTPS client that trusts only the head's CA.
-fn client(head: &HeadProc) -> reqwest::Client {
+pub(crate) fn client(head: &HeadProc) -> reqwest::Client {
     let pem = std::fs::read(head.state.join("ca.crt")).unwrap();
     let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
     let tls = edgesync::transport::tls::https_client_config(&der).unwrap();
