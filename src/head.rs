@@ -301,7 +301,8 @@ pub async fn create_token(
     Ok(token)
 }
 
-fn unix_now() -> i64 {
+/// Now, in unix seconds.
+pub(crate) fn unix_now() -> i64 {
     k8s_openapi::jiff::Timestamp::now().as_second()
 }
 
@@ -380,14 +381,11 @@ async fn join(
     }
     input::check_subdomain(&node).map_err(|r| format!("node name: {r}"))?;
     // Refused before signing when the name is taken; checked again as the node is recorded.
-    if let Some(existing) = edges.registered(&node).await?
-        && existing.not_after > unix_now()
-    {
-        return Err(format!(
-            "node {node:?} has already joined and its certificate is valid; choose another \
-             --node-name, or run `edgesync node remove {node}` on the head to let it join again"
-        ));
-    }
+    edges::check_expected(
+        &node,
+        edges.registered(&node).await?.as_ref(),
+        &Expect::Fresh,
+    )?;
     issue(edges, ca, &node, &csr, lifetime, Expect::Fresh).await
 }
 

@@ -8,6 +8,7 @@
 use crate::crd::edge::{Edge, EdgeSpec, EdgeStatus};
 use crate::daemon::Tasks;
 use crate::head::kube::{patch_params, post_params};
+use crate::head::unix_now;
 use crate::node::{Node, NodeError};
 use crate::registry::{self, Registration, Registry};
 use crate::store::JoinedNode;
@@ -82,10 +83,6 @@ struct InCluster {
     recorder: Recorder,
     /// Presence last written, per edge, and when.
     written: Mutex<HashMap<String, (EdgeStatus, Instant)>>,
-}
-
-fn unix_now() -> i64 {
-    Timestamp::now().as_second()
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -643,7 +640,12 @@ impl Edges {
     }
 }
 
-fn check_expected(name: &str, current: Option<&Registered>, expect: &Expect) -> Result<(), String> {
+/// Whether what is registered under `name` is what a join or renewal expects.
+pub fn check_expected(
+    name: &str,
+    current: Option<&Registered>,
+    expect: &Expect,
+) -> Result<(), String> {
     match (expect, current) {
         (Expect::Fresh, Some(r)) if r.not_after > unix_now() => Err(format!(
             "node {name:?} has already joined and its certificate is valid; choose another \
