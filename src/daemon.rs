@@ -51,7 +51,7 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     /// Kubernetes bridge.
     #[error(transparent)]
-    Kube(#[from] crate::head::kube::BridgeError),
+    Kube(#[from] crate::head::cluster::ClusterError),
 }
 
 /// A file error naming its path.

@@ -4,9 +4,10 @@
 
 pub mod access;
 pub mod api;
+pub mod bridge;
+pub mod cluster;
 pub mod dns;
 pub mod edges;
-pub mod kube;
 pub mod lease;
 pub mod peers;
 pub mod users;
@@ -46,9 +47,9 @@ impl Head {
         let dir = &config.state_dir;
         fsutil::ensure_dir(dir, 0o700).map_err(|source| io_err(dir, source))?;
         let store = Store::open(dir)?;
-        let cluster = self::kube::cluster(config.kubeconfig.as_deref()).await?;
+        let cluster = self::cluster::cluster(config.kubeconfig.as_deref()).await?;
         let ca = Arc::new(match &cluster {
-            Some(c) => self::kube::shared_ca(&c.client, &config.cluster_namespace, dir).await?,
+            Some(c) => self::cluster::shared_ca(&c.client, &config.cluster_namespace, dir).await?,
             None => Ca::load_or_create(dir)?,
         });
         let rules = Rules {
@@ -171,7 +172,7 @@ impl Head {
                     client_tls.clone(),
                     tasks.token(),
                 ));
-                self::kube::Bridge::start(
+                self::bridge::Bridge::start(
                     client,
                     node.clone(),
                     edges.clone(),
@@ -228,7 +229,7 @@ async fn report_ready(edges: Edges, ready: tokio::sync::watch::Sender<bool>) {
 async fn accounts(
     config: &HeadConfig,
     store: &Store,
-    cluster: Option<&self::kube::Cluster>,
+    cluster: Option<&self::cluster::Cluster>,
 ) -> Result<api::Accounts, DaemonError> {
     let mut reserved = vec![config.cluster_namespace.clone()];
     reserved.extend(config.watch_namespaces.iter().cloned());

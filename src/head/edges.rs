@@ -7,7 +7,7 @@
 
 use crate::crd::edge::{Edge, EdgeSpec, EdgeStatus};
 use crate::daemon::Tasks;
-use crate::head::kube::{patch_params, post_params};
+use crate::head::cluster::{patch_params, post_params};
 use crate::head::unix_now;
 use crate::node::{Node, NodeError};
 use crate::registry::{self, Registration, Registry};

@@ -474,8 +474,11 @@ fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
                     .ok_or(format!("path {from} does not exist"))?;
                 pointer_add(doc, path, value)?;
             }
+            // As the API server's JSON patch library does, a missing member tests equal to null
+            // (kube-runtime's finalizer helper relies on it).
             Some("test") => {
-                if doc.pointer(path) != Some(field("value")?) {
+                let value = field("value")?;
+                if doc.pointer(path).unwrap_or(&Value::Null) != value {
                     return Err(format!("test operation failed at {path}"));
                 }
             }

@@ -10,7 +10,7 @@ use crate::crd::user::{
     AcceptableUsePolicy, AcceptableUsePolicySpec, EMAIL_LABEL, User as UserObject, UserSpec,
     aup_name,
 };
-use crate::head::kube::{patch_params, post_params};
+use crate::head::cluster::{patch_params, post_params};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use k8s_openapi::api::core::v1::ObjectReference;
