@@ -67,6 +67,7 @@ impl Head {
                 c.client.clone(),
                 &config.cluster_namespace,
                 &identity,
+                config.lease_duration,
                 &mut tasks,
             ),
             None => Edges::standalone(node.clone(), &mut tasks),

@@ -8,6 +8,7 @@
 use crate::crd::edge::{Edge, EdgeSpec, EdgeStatus};
 use crate::daemon::Tasks;
 use crate::head::cluster::{patch_params, post_params};
+use crate::head::lease::HeadLeases;
 use crate::head::unix_now;
 use crate::node::{Node, NodeError};
 use crate::registry::{self, Registration, Registry};
@@ -83,6 +84,8 @@ struct InCluster {
     recorder: Recorder,
     /// Presence last written, per edge, and when.
     written: Mutex<HashMap<String, (EdgeStatus, Instant)>>,
+    /// The heads' own Leases: whether the head an edge is shown online through still runs.
+    heads: Arc<HeadLeases>,
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -145,14 +148,25 @@ impl Edges {
     }
 
     /// The book of a head with a cluster: Edge resources and token Secrets in `namespace`,
-    /// watched from now on; presence of the edges connected here is written as it changes.
+    /// watched from now on; presence of the edges connected here is written as it changes,
+    /// and of those shown online through a head that stopped (its Lease unrenewed for
+    /// `lease_duration`), cleared.
     pub fn in_cluster(
         node: Node,
         client: kube::Client,
         namespace: &str,
         identity: &str,
+        lease_duration: Duration,
         tasks: &mut Tasks,
     ) -> Edges {
+        let heads = HeadLeases::start(
+            client.clone(),
+            namespace,
+            node.name(),
+            identity,
+            lease_duration,
+            tasks,
+        );
         let edges_api: Api<Edge> = Api::all(client.clone());
         let (cache, writer) = reflector::store();
         let reporter = Reporter {
@@ -165,6 +179,7 @@ impl Edges {
             cache,
             recorder: Recorder::new(client, reporter),
             written: Mutex::default(),
+            heads,
         });
         let edges = Edges {
             node,
@@ -585,8 +600,15 @@ impl Edges {
                             .or(seen.address.clone()),
                         ..seen.clone()
                     },
-                    // It left this head: say so, unless another head has it now.
-                    false if seen.online == Some(true) && seen.head.as_deref() == Some(&me) => {
+                    // It left this head, or the head it was with has stopped: say so,
+                    // unless another head has it now.
+                    false
+                        if seen.online == Some(true)
+                            && seen
+                                .head
+                                .as_deref()
+                                .is_some_and(|head| head == me || c.heads.gone(head)) =>
+                    {
                         EdgeStatus {
                             online: Some(false),
                             ..seen.clone()
@@ -613,9 +635,10 @@ impl Edges {
                         "online": true, "head": me, "address": wanted.address, "lastSeen": now,
                     }}))
                 } else {
-                    // Only if this head still holds it: a head that took the edge over wins.
+                    // Only if the head it names still does: a head that took the edge
+                    // over wins.
                     let ops = json!([
-                        {"op": "test", "path": "/status/head", "value": me},
+                        {"op": "test", "path": "/status/head", "value": seen.head},
                         {"op": "replace", "path": "/status/online", "value": false},
                         {"op": "add", "path": "/status/lastSeen", "value": now},
                     ]);

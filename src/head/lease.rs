@@ -1,11 +1,14 @@
 //! One writer among several heads: whoever holds the coordination.k8s.io Lease
 //! `edgesync-writer` writes to the API server; the others stand by and take it over when its
 //! holder stops renewing. Expiry is judged by how long the record has stood unchanged as seen
-//! here, not by comparing clocks with the holder.
+//! here, not by comparing clocks with the holder. Each head also renews a Lease of its own, so
+//! the others can tell when it has stopped.
 
+use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PostParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -169,5 +172,147 @@ fn conflict_is_false<T>(result: Result<T, kube::Error>) -> Result<bool, kube::Er
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// Prefix of each head's own Lease (`edgesync-head-<name>`), renewed while the head runs, as
+/// kubelets renew their node Leases: an edge shown online through a head whose Lease stopped
+/// being renewed is shown offline by the heads still running.
+pub const HEAD_LEASE_PREFIX: &str = "edgesync-head-";
+/// Label on the heads' own Leases, so heads watch only those.
+const HEAD_LEASE_LABEL: &str = "edgesync.io/head-lease";
+
+/// The heads' own Leases: this head's renewed, everyone's watched.
+pub struct HeadLeases {
+    cache: reflector::Store<Lease>,
+    duration: Duration,
+    started: Instant,
+    /// Per head, its Lease's renewTime as last seen and since when it has stood unchanged.
+    observed: std::sync::Mutex<std::collections::HashMap<String, (Option<String>, Instant)>>,
+}
+
+impl HeadLeases {
+    /// Renews head `name`'s Lease every third of `duration` (as `identity`) and watches every
+    /// head's, in `namespace`.
+    pub fn start(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+        tasks: &mut crate::daemon::Tasks,
+    ) -> std::sync::Arc<HeadLeases> {
+        let api: Api<Lease> = Api::namespaced(client, namespace);
+        let (cache, writer) = reflector::store();
+        let selector = format!("{HEAD_LEASE_LABEL}=true");
+        let stream = reflector::reflector(
+            writer,
+            watcher(api.clone(), watcher::Config::default().labels(&selector)),
+        )
+        .default_backoff();
+        let shutdown = tasks.token();
+        tasks.spawn(async move {
+            tokio::pin!(stream);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    event = stream.next() => match event {
+                        None => return,
+                        Some(Err(e)) => warn!(error = %e, "head Lease watch failed; retrying"),
+                        Some(Ok(_)) => {}
+                    },
+                }
+            }
+        });
+        tasks.spawn(heartbeat(
+            api,
+            format!("{HEAD_LEASE_PREFIX}{name}"),
+            identity.to_string(),
+            duration,
+            tasks.token(),
+        ));
+        std::sync::Arc::new(HeadLeases {
+            cache,
+            duration,
+            started: Instant::now(),
+            observed: Default::default(),
+        })
+    }
+
+    /// Whether head `name` has stopped: its Lease has stood unrenewed (or absent) for a whole
+    /// duration as seen from here. Judged by this head's clock only, as the writer Lease is.
+    pub fn gone(&self, name: &str) -> bool {
+        let lease = self.cache.get(&reflector::ObjectRef::new(&format!(
+            "{HEAD_LEASE_PREFIX}{name}"
+        )));
+        let spec = lease.as_ref().and_then(|l| l.spec.as_ref());
+        let renewed = spec.and_then(|s| s.renew_time.as_ref().map(|t| t.0.to_string()));
+        let duration = spec
+            .and_then(|s| s.lease_duration_seconds)
+            .map_or(self.duration, |s| Duration::from_secs(s.max(1) as u64));
+        let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let since = match observed.get(name) {
+            Some((seen, since)) if *seen == renewed => *since,
+            _ => {
+                // Absent since this head started, or renewed just now.
+                let since = if renewed.is_none() {
+                    self.started
+                } else {
+                    Instant::now()
+                };
+                observed.insert(name.to_string(), (renewed, since));
+                since
+            }
+        };
+        since.elapsed() >= duration
+    }
+}
+
+/// Renews `lease` every third of `duration` until shutdown.
+async fn heartbeat(
+    api: Api<Lease>,
+    lease: String,
+    identity: String,
+    duration: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(duration / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let spec = LeaseSpec {
+            holder_identity: Some(identity.clone()),
+            lease_duration_seconds: Some(duration.as_secs().max(1) as i32),
+            renew_time: Some(now),
+            ..LeaseSpec::default()
+        };
+        let patch = serde_json::json!({
+            "metadata": {"labels": {HEAD_LEASE_LABEL: "true"}},
+            "spec": spec,
+        });
+        let params = crate::head::cluster::patch_params();
+        let result = match api.patch(&lease, &params, &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                let object = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(lease.clone()),
+                        labels: Some([(HEAD_LEASE_LABEL.into(), "true".into())].into()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(spec),
+                };
+                api.create(&crate::head::cluster::post_params(), &object)
+                    .await
+                    .map(drop)
+            }
+            other => other.map(drop),
+        };
+        if let Err(e) = result {
+            warn!(%lease, error = %e, "cannot renew this head's Lease");
+        }
     }
 }

@@ -209,6 +209,7 @@ async fn a_rolling_replacement_refuses_no_edge() {
             dirs.manifest("default", "web")
         })
         .await;
+        let mut users: Vec<(String, String)> = Vec::new();
         for round in 1..=3 {
             // The new head starts with an empty state dir; the old one dies a second later.
             let name = format!("head-{round}");
@@ -220,6 +221,18 @@ async fn a_rolling_replacement_refuses_no_edge() {
             )
             .await;
             ready(&new).await;
+            // Users call the API of the new head: every earlier registration signs in.
+            let api = crate::users::Api::new(&new);
+            let username = format!("user{round}");
+            let (status, body) = api
+                .register(&username, &format!("{username}@example.org"))
+                .await;
+            assert_eq!(status.as_u16(), 201, "{body}");
+            users.push((username, body["secret"].as_str().unwrap().to_string()));
+            for (username, secret) in &users {
+                let (status, body) = api.get(&format!("/api/v1/users/{username}"), secret).await;
+                assert_eq!(status.as_u16(), 200, "{username} through {name}: {body}");
+            }
             tokio::time::sleep(Duration::from_secs(1)).await;
             // A crash first, then the graceful stops of a rolling update.
             match round {
@@ -273,6 +286,30 @@ async fn two_heads_given_one_name_never_both_write() {
             writes(&standby).then_some(())
         })
         .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_shown_online_through_a_head_that_stopped_is_shown_offline() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let a = head(&cluster, &dir.path().join("a"), "head-a", free_udp_addr()).await;
+        let _b = head(&cluster, &dir.path().join("b"), "head-b", free_udp_addr()).await;
+        // The edge knows head A only, so it cannot move to B.
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let _edge = dirs.start("edge01", &[a.addr], Some(&a.token())).await;
+        online_through(&cluster, "edge01", "head-a").await;
+        // Head B leaves alone an edge of a head that runs (Leases of 3 s, renewed each 1 s).
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        online_through(&cluster, "edge01", "head-a").await;
+        a.daemon.kill();
+        let object = wait_for("Edge edge01 offline", Duration::from_secs(15), || {
+            edge_object(&cluster, "edge01").filter(|o| o["status"]["online"] == false)
+        })
+        .await;
+        assert_eq!(object["status"]["head"], "head-a", "{object}");
     })
     .await;
 }

@@ -21,13 +21,14 @@ pub(crate) fn client(head: &HeadProc) -> reqwest::Client {
         .unwrap()
 }
 
-struct Api {
+/// The head's user API, as a client calls it.
+pub(crate) struct Api {
     http: reqwest::Client,
     base: String,
 }
 
 impl Api {
-    fn new(head: &HeadProc) -> Api {
+    pub(crate) fn new(head: &HeadProc) -> Api {
         Api {
             http: client(head),
             base: format!("https://localhost:{}", head.api.port()),
@@ -42,7 +43,7 @@ impl Api {
         (status, body)
     }
 
-    async fn register(&self, username: &str, email: &str) -> (StatusCode, Value) {
+    pub(crate) async fn register(&self, username: &str, email: &str) -> (StatusCode, Value) {
         let body = json!({"username": username, "email": email, "fullName": "Ada Lovelace"});
         self.send(
             self.http
@@ -52,7 +53,7 @@ impl Api {
         .await
     }
 
-    async fn get(&self, path: &str, secret: &str) -> (StatusCode, Value) {
+    pub(crate) async fn get(&self, path: &str, secret: &str) -> (StatusCode, Value) {
         self.send(self.http.get(self.url(path)).bearer_auth(secret))
             .await
     }
