@@ -1,12 +1,20 @@
-//! Static pod manifests: pure rendering and planning, plus the thin IO that writes files
-//! atomically and removes only files edgesync owns.
+//! Static pod manifests: pure rendering and planning, plus the thin IO that looks at a path
+//! without following links, writes files atomically, and removes only regular files
+//! edgesync owns (recorded in SQLite).
 
 use crate::crd::{MANAGED_ANNOTATION, MANAGED_LABEL, SOURCE_ANNOTATION};
+use crate::fsutil::{self, TEMP_PREFIX, TEMP_SUFFIX};
 use crate::store::OwnedFile;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+
+/// The longest file name a Linux file system holds (`NAME_MAX`), in bytes.
+pub const MAX_FILE_NAME: usize = 255;
+/// A file larger than this is hashed but not parsed for edgesync's annotations.
+const PARSE_LIMIT: usize = 8 << 20;
 
 /// A manifest that should exist.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,14 +82,25 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// `dir/file` if `file` is a plain file name that cannot leave `dir`.
+/// Why `file` cannot be a manifest's name: it could leave the directory, or no file system
+/// would hold a name that long.
+pub fn check_file_name(file: &str) -> Result<(), String> {
+    let plain = !file.is_empty() && !file.starts_with('.') && !file.contains(['/', '\\', '\0']);
+    if !plain {
+        return Err(format!("{file:?} is not a plain file name"));
+    }
+    if file.len() > MAX_FILE_NAME {
+        return Err(format!(
+            "its manifest file name would be {} bytes, more than the {MAX_FILE_NAME} a file name may have; use a shorter pod name",
+            file.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `dir/file` if `file` is a plain file name that cannot leave `dir` and can exist.
 pub fn path_in(dir: &Path, file: &str) -> Option<PathBuf> {
-    let plain = !file.is_empty()
-        && !file.starts_with('.')
-        && !file.contains('/')
-        && !file.contains('\\')
-        && !file.contains('\0');
-    plain.then(|| dir.join(file))
+    check_file_name(file).ok().map(|()| dir.join(file))
 }
 
 /// What to do to reach the desired files.
@@ -89,45 +108,77 @@ pub fn path_in(dir: &Path, file: &str) -> Option<PathBuf> {
 pub struct Plan {
     /// Files to (re)write: missing, changed in the spec, or edited by hand.
     pub write: Vec<Desired>,
-    /// Owned files no longer desired, still holding edgesync's content: delete them.
+    /// Owned files no longer desired: delete them (whatever their content now).
     pub remove: Vec<OwnedFile>,
-    /// Owned files no longer desired whose content someone replaced with their own: forget
-    /// them but leave the file.
-    pub disown: Vec<OwnedFile>,
-    /// Desired files whose name is taken by a file edgesync did not write.
-    pub blocked: Vec<Desired>,
+    /// Owned files no longer desired whose path now holds something that is not a regular
+    /// file: nothing of edgesync's is left there, so forget them and leave the path alone.
+    pub forget: Vec<(OwnedFile, String)>,
+    /// Desired files that cannot be written now, with the reason: the pod's failure alone.
+    pub blocked: Vec<(Desired, String)>,
 }
 
-/// A file as found in the manifest directory.
+/// What occupies a path in the manifest directory, seen without following a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OnDisk {
-    /// SHA-256 of its content, hex.
-    pub sha256: String,
-    /// The EdgeNode key in its annotations, if it is marked as managed by edgesync.
-    pub managed_by: Option<String>,
+pub enum OnDisk {
+    /// Nothing.
+    Absent,
+    /// A regular file.
+    File {
+        /// SHA-256 of its content, hex.
+        sha256: String,
+        /// The EdgeNode key in its annotations, if it is marked as managed by edgesync.
+        managed_by: Option<String>,
+    },
+    /// Something edgesync never writes through, replaces nor removes: a directory, a
+    /// symbolic link (dangling or not), a device. Says which.
+    NotAFile(&'static str),
+    /// The path could not be looked at; the error.
+    Unreadable(String),
 }
 
-/// Plans the changes. `on_disk` inspects a file (None if absent). `keep` lists owned files to
-/// leave alone although not desired (pods refused after being applied keep their previous
-/// manifest). A file edgesync has no record of is adopted only if it carries edgesync's
-/// annotations for the same EdgeNode (a state dir that was lost); otherwise it blocks the pod.
+/// Plans the changes. `on_disk` inspects a path. `keep` lists owned files to leave alone
+/// although not desired (pods refused after being applied keep their previous manifest).
+///
+/// A path edgesync owns (recorded in SQLite) holding a regular file is made to match the
+/// document whatever its content, and removed when no longer desired. A regular file
+/// edgesync has no record of is adopted only if it carries edgesync's annotations for the
+/// same EdgeNode (a state dir that was lost); otherwise it blocks the pod. Anything that is
+/// not a regular file blocks the pod until it is gone, and is never touched.
 pub fn plan(
     desired: &[Desired],
     owned: &[OwnedFile],
     keep: &[String],
-    on_disk: impl Fn(&str) -> Option<OnDisk>,
+    on_disk: impl Fn(&str) -> OnDisk,
 ) -> Plan {
     let owned_by_file: BTreeMap<&str, &OwnedFile> =
         owned.iter().map(|o| (o.file.as_str(), o)).collect();
     let mut plan = Plan::default();
     for want in desired {
+        if let Err(reason) = check_file_name(&want.file) {
+            plan.blocked.push((want.clone(), reason));
+            continue;
+        }
         let ours = owned_by_file.contains_key(want.file.as_str());
-        match on_disk(&want.file) {
-            Some(found) if !ours && found.managed_by.as_deref() != Some(want.key.as_str()) => {
-                plan.blocked.push(want.clone())
-            }
-            Some(found) if found.sha256 == want.sha256() && ours => {}
-            _ => plan.write.push(want.clone()),
+        let file = &want.file;
+        let blocked = match on_disk(file) {
+            OnDisk::Absent => None,
+            OnDisk::File { sha256, .. } if ours && sha256 == want.sha256() => continue,
+            OnDisk::File { .. } if ours => None,
+            OnDisk::File { managed_by, .. } if managed_by.as_ref() == Some(&want.key) => None,
+            OnDisk::File { .. } => Some(format!(
+                "{file} exists in the manifest directory and was not written by edgesync"
+            )),
+            OnDisk::NotAFile(kind) => Some(format!(
+                "{file} in the manifest directory is a {kind}; edgesync never follows, replaces \
+                 or removes it, and writes the manifest once it is gone"
+            )),
+            OnDisk::Unreadable(error) => Some(format!(
+                "{file} in the manifest directory cannot be looked at: {error}"
+            )),
+        };
+        match blocked {
+            None => plan.write.push(want.clone()),
+            Some(reason) => plan.blocked.push((want.clone(), reason)),
         }
     }
     for file in owned {
@@ -136,28 +187,171 @@ pub fn plan(
             continue;
         }
         match on_disk(&file.file) {
-            Some(found) if found.sha256 != file.sha256 && found.managed_by.is_none() => {
-                plan.disown.push(file.clone())
-            }
+            OnDisk::NotAFile(kind) => plan.forget.push((
+                file.clone(),
+                format!("a {kind} is in its place; leaving it alone"),
+            )),
             _ => plan.remove.push(file.clone()),
         }
     }
     plan
 }
 
-/// Inspects a file in `dir`: None if it does not exist or cannot be read.
-pub fn inspect(dir: &Path, file: &str) -> Option<OnDisk> {
-    let bytes = std::fs::read(path_in(dir, file)?).ok()?;
-    let annotations = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .map(|v| v["metadata"]["annotations"].clone());
-    let managed_by = annotations
-        .filter(|a| a[MANAGED_ANNOTATION] == "true")
-        .and_then(|a| a[SOURCE_ANNOTATION].as_str().map(str::to_string));
-    Some(OnDisk {
-        sha256: sha256_hex(&bytes),
-        managed_by,
-    })
+/// Inspects a path in `dir` without following a link.
+pub fn inspect(dir: &Path, file: &str) -> OnDisk {
+    let Some(path) = path_in(dir, file) else {
+        return OnDisk::Unreadable(format!("{file:?} is not a plain file name"));
+    };
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return OnDisk::Absent,
+        Err(e) => return OnDisk::Unreadable(e.to_string()),
+    };
+    if let Some(kind) = not_a_file(&meta) {
+        return OnDisk::NotAFile(kind);
+    }
+    match read_regular(&path) {
+        Ok((sha256, bytes)) => OnDisk::File {
+            sha256,
+            managed_by: bytes.as_deref().and_then(managed_by),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => OnDisk::Absent,
+        Err(e) => OnDisk::Unreadable(e.to_string()),
+    }
+}
+
+/// What `meta` (from `symlink_metadata`) is, unless it is a regular file.
+fn not_a_file(meta: &std::fs::Metadata) -> Option<&'static str> {
+    let kind = meta.file_type();
+    if kind.is_file() {
+        None
+    } else if kind.is_symlink() {
+        Some("symbolic link")
+    } else if kind.is_dir() {
+        Some("directory")
+    } else {
+        Some("special file")
+    }
+}
+
+/// Opens `path` without following a link (nor blocking on a FIFO) and checks that it is a
+/// regular file.
+fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
+        .open(path)?;
+    match not_a_file(&file.metadata()?) {
+        None => Ok(file),
+        Some(kind) => Err(io::Error::other(format!("it is a {kind}"))),
+    }
+}
+
+/// The SHA-256 (hex) of a regular file, and its bytes if it is small enough to parse.
+fn read_regular(path: &Path) -> io::Result<(String, Option<Vec<u8>>)> {
+    let mut file = open_regular(path)?;
+    let mut hash = Sha256::new();
+    let mut bytes = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        if bytes.len() <= PARSE_LIMIT {
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    }
+    let small = bytes.len() <= PARSE_LIMIT;
+    Ok((hex::encode(hash.finalize()), small.then_some(bytes)))
+}
+
+/// The EdgeNode key in a manifest's annotations, if it is marked as managed by edgesync.
+fn managed_by(bytes: &[u8]) -> Option<String> {
+    let manifest = serde_json::from_slice::<Value>(bytes).ok()?;
+    let annotations = &manifest["metadata"]["annotations"];
+    (annotations[MANAGED_ANNOTATION] == "true")
+        .then(|| annotations[SOURCE_ANNOTATION].as_str().map(str::to_string))
+        .flatten()
+}
+
+/// Error for a path that holds something other than a regular file.
+fn in_the_way(kind: &str) -> io::Error {
+    io::Error::other(format!(
+        "a {kind} is in its place; edgesync never follows, replaces or removes it"
+    ))
+}
+
+/// Writes `want` into `dir` atomically (temp file, fsync, rename), unless its path holds
+/// something that is not a regular file.
+pub fn write(dir: &Path, want: &Desired) -> io::Result<()> {
+    let path = path_in(dir, &want.file).ok_or_else(|| io::Error::other("not a plain file name"))?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) => {
+            if let Some(kind) = not_a_file(&meta) {
+                return Err(in_the_way(kind));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // A link planted after the check is replaced by the rename, never written through.
+    fsutil::write_atomic(&path, &want.content, 0o600)
+}
+
+/// Removes `file` from `dir` if it is a regular file; returns whether there was one.
+pub fn remove(dir: &Path, file: &str) -> io::Result<bool> {
+    let Some(path) = path_in(dir, file) else {
+        return Ok(false);
+    };
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) => {
+            if let Some(kind) = not_a_file(&meta) {
+                return Err(in_the_way(kind));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    // Unlinking never follows a link.
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `name` is one of edgesync's own temp files: `.edgesync-<letters and digits>.tmp`.
+pub fn is_temp_file(name: &str) -> bool {
+    name.strip_prefix(TEMP_PREFIX)
+        .and_then(|rest| rest.strip_suffix(TEMP_SUFFIX))
+        .is_some_and(|random| {
+            (1..=32).contains(&random.len()) && random.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+}
+
+/// Removes the temp files a crash left in `dir` (regular files named as edgesync names its
+/// own, nothing else); returns their names.
+pub fn remove_temp_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !is_temp_file(&name) || !entry.file_type()?.is_file() {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed.push(name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -192,11 +386,15 @@ mod tests {
         );
     }
 
-    fn found(sha: &str, managed_by: Option<&str>) -> Option<OnDisk> {
-        Some(OnDisk {
+    fn found(sha: &str, managed_by: Option<&str>) -> OnDisk {
+        OnDisk::File {
             sha256: sha.to_string(),
             managed_by: managed_by.map(str::to_string),
-        })
+        }
+    }
+
+    fn blocked_pods(plan: &Plan) -> Vec<&str> {
+        plan.blocked.iter().map(|(d, _)| d.pod.as_str()).collect()
     }
 
     #[test]
@@ -225,7 +423,8 @@ mod tests {
             },
         );
         assert!(plan_.write.is_empty());
-        assert_eq!(plan_.blocked, vec![b]);
+        assert_eq!(blocked_pods(&plan_), ["db"]);
+        assert!(plan_.blocked[0].1.contains("not written by edgesync"));
         assert_eq!(plan_.remove, vec![gone.clone()]);
         let drifted = plan(std::slice::from_ref(&a), &[owned(&a)], &[], |_| {
             found("edited", None)
@@ -235,13 +434,13 @@ mod tests {
             &[],
             std::slice::from_ref(&gone),
             std::slice::from_ref(&gone.file),
-            |_| None,
+            |_| OnDisk::Absent,
         );
         assert!(kept.remove.is_empty());
     }
 
     #[test]
-    fn plan_adopts_own_files_after_state_loss_and_spares_replaced_ones() {
+    fn plan_adopts_own_files_after_state_loss_and_removes_owned_files_whatever_their_content() {
         let a = Desired::render("default", "edge01", "web", &pod("nginx"));
         let adopted = plan(std::slice::from_ref(&a), &[], &[], |_| {
             found("old", Some("default/edge01"))
@@ -250,13 +449,55 @@ mod tests {
         let other_node = plan(std::slice::from_ref(&a), &[], &[], |_| {
             found("old", Some("default/edge02"))
         });
-        assert_eq!(other_node.blocked, vec![a.clone()]);
-        let replaced = plan(&[], &[owned(&a)], &[], |_| found("someone else's", None));
-        assert_eq!((replaced.remove.len(), replaced.disown.len()), (0, 1));
-        let edited_but_ours = plan(&[], &[owned(&a)], &[], |_| {
-            found("edited", Some("default/edge01"))
+        assert_eq!(blocked_pods(&other_node), ["web"]);
+        // Recorded as written: edited by hand, it is still edgesync's to remove or repair.
+        for content in [found("someone else's", None), found("edited", Some("x/y"))] {
+            let removed = plan(&[], &[owned(&a)], &[], |_| content.clone());
+            assert_eq!((removed.remove.len(), removed.forget.len()), (1, 0));
+            let repaired = plan(std::slice::from_ref(&a), &[owned(&a)], &[], |_| {
+                content.clone()
+            });
+            assert_eq!(repaired.write, vec![a.clone()]);
+        }
+    }
+
+    #[test]
+    fn plan_never_writes_or_removes_what_is_not_a_regular_file() {
+        let a = Desired::render("default", "edge01", "web", &pod("nginx"));
+        for (kind, ours) in [
+            ("directory", true),
+            ("symbolic link", true),
+            ("symbolic link", false),
+        ] {
+            let owned_files = if ours { vec![owned(&a)] } else { vec![] };
+            let blocked = plan(std::slice::from_ref(&a), &owned_files, &[], |_| {
+                OnDisk::NotAFile(kind)
+            });
+            assert!(blocked.write.is_empty());
+            assert_eq!(blocked_pods(&blocked), ["web"]);
+            assert!(blocked.blocked[0].1.contains(kind), "{blocked:?}");
+        }
+        let gone = plan(&[], &[owned(&a)], &[], |_| OnDisk::NotAFile("directory"));
+        assert!(gone.remove.is_empty());
+        assert_eq!(gone.forget.len(), 1);
+        let unreadable = plan(std::slice::from_ref(&a), &[], &[], |_| {
+            OnDisk::Unreadable("permission denied".into())
         });
-        assert_eq!(edited_but_ours.remove, vec![owned(&a)]);
+        assert_eq!(blocked_pods(&unreadable), ["web"]);
+    }
+
+    #[test]
+    fn a_name_too_long_for_a_file_blocks_its_pod_alone() {
+        let long = "a".repeat(240);
+        let a = Desired::render("default", "edge01", &long, &pod("nginx"));
+        let b = Desired::render("default", "edge01", "web", &pod("nginx"));
+        let plan_ = plan(&[a, b.clone()], &[], &[], |f| {
+            assert!(f.len() <= MAX_FILE_NAME, "never looked at");
+            OnDisk::Absent
+        });
+        assert_eq!(plan_.write, vec![b]);
+        assert_eq!(blocked_pods(&plan_), [long.as_str()]);
+        assert!(plan_.blocked[0].1.contains("262 bytes, more than the 255"));
     }
 
     #[test]
@@ -266,8 +507,94 @@ mod tests {
             path_in(dir, "edgesync_a_b.json"),
             Some(PathBuf::from("/m/edgesync_a_b.json"))
         );
-        for bad in ["", "../x", "a/b", ".hidden", ".."] {
+        let long = "a".repeat(256);
+        for bad in ["", "../x", "a/b", ".hidden", "..", &long] {
             assert_eq!(path_in(dir, bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn inspect_sees_links_and_directories_without_following_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("target.json");
+        std::fs::write(&target, b"{}").unwrap();
+        let m = dir.path();
+        std::os::unix::fs::symlink(&target, m.join("linked.json")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("none"), m.join("dangling.json")).unwrap();
+        std::fs::create_dir(m.join("dir.json")).unwrap();
+        let a = Desired::render("default", "edge01", "web", &pod("nginx"));
+        std::fs::write(m.join("file.json"), &a.content).unwrap();
+        assert_eq!(inspect(m, "linked.json"), OnDisk::NotAFile("symbolic link"));
+        assert_eq!(
+            inspect(m, "dangling.json"),
+            OnDisk::NotAFile("symbolic link")
+        );
+        assert_eq!(inspect(m, "dir.json"), OnDisk::NotAFile("directory"));
+        assert_eq!(inspect(m, "absent.json"), OnDisk::Absent);
+        assert_eq!(
+            inspect(m, "file.json"),
+            found(&a.sha256(), Some("default/edge01"))
+        );
+        // Neither writing nor removing goes through a link or into a directory.
+        for name in ["linked.json", "dangling.json", "dir.json"] {
+            let want = Desired {
+                file: name.into(),
+                ..a.clone()
+            };
+            assert!(write(m, &want).is_err(), "{name}");
+            assert!(remove(m, name).is_err(), "{name}");
+        }
+        assert!(m.join("linked.json").is_symlink() && m.join("dangling.json").is_symlink());
+        assert!(m.join("dir.json").is_dir());
+        assert_eq!(std::fs::read(&target).unwrap(), b"{}");
+        assert!(!outside.path().join("none").exists());
+        assert!(remove(m, "file.json").unwrap());
+        assert!(!remove(m, "file.json").unwrap());
+    }
+
+    #[test]
+    fn only_edgesyncs_own_temp_files_are_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path();
+        for name in [".edgesync-x.tmp", ".edgesync-Ab12Cd.tmp"] {
+            std::fs::write(m.join(name), "partial").unwrap();
+        }
+        let kept = [
+            ".edgesync-.tmp",
+            ".edgesync-x.tmp.bak",
+            ".edgesync-a-b.tmp",
+            "edgesync-x.tmp",
+            "edgesync_default_web.json",
+            ".other-x.tmp",
+        ];
+        for name in kept {
+            std::fs::write(m.join(name), "not a leftover").unwrap();
+        }
+        std::fs::create_dir(m.join(".edgesync-dir.tmp")).unwrap();
+        std::os::unix::fs::symlink(
+            m.join("edgesync_default_web.json"),
+            m.join(".edgesync-link.tmp"),
+        )
+        .unwrap();
+        let mut removed = remove_temp_files(m).unwrap();
+        removed.sort();
+        assert_eq!(removed, [".edgesync-Ab12Cd.tmp", ".edgesync-x.tmp"]);
+        for name in kept {
+            assert_eq!(
+                std::fs::read_to_string(m.join(name)).unwrap(),
+                "not a leftover"
+            );
+        }
+        assert!(m.join(".edgesync-dir.tmp").is_dir());
+        assert!(m.join(".edgesync-link.tmp").is_symlink());
+        // The pattern is the one the atomic writer uses.
+        let tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .suffix(TEMP_SUFFIX)
+            .tempfile_in(m)
+            .unwrap();
+        let name = tmp.path().file_name().unwrap().to_str().unwrap();
+        assert!(is_temp_file(name), "{name}");
     }
 }
