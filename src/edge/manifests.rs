@@ -278,26 +278,26 @@ fn managed_by(bytes: &[u8]) -> Option<String> {
         .flatten()
 }
 
-/// Error for a path that holds something other than a regular file.
-fn in_the_way(kind: &str) -> io::Error {
-    io::Error::other(format!(
-        "a {kind} is in its place; edgesync never follows, replaces or removes it"
-    ))
+/// Whether a regular file is at `path` (Ok(false) if nothing is); an error if something else
+/// is, which is never followed, replaced nor removed.
+fn regular_or_absent(path: &Path) -> io::Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => match not_a_file(&meta) {
+            None => Ok(true),
+            Some(kind) => Err(io::Error::other(format!(
+                "a {kind} is in its place; edgesync never follows, replaces or removes it"
+            ))),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes `want` into `dir` atomically (temp file, fsync, rename), unless its path holds
 /// something that is not a regular file.
 pub fn write(dir: &Path, want: &Desired) -> io::Result<()> {
     let path = path_in(dir, &want.file).ok_or_else(|| io::Error::other("not a plain file name"))?;
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) => {
-            if let Some(kind) = not_a_file(&meta) {
-                return Err(in_the_way(kind));
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    regular_or_absent(&path)?;
     // A link planted after the check is replaced by the rename, never written through.
     fsutil::write_atomic(&path, &want.content, 0o600)
 }
@@ -307,14 +307,8 @@ pub fn remove(dir: &Path, file: &str) -> io::Result<bool> {
     let Some(path) = path_in(dir, file) else {
         return Ok(false);
     };
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) => {
-            if let Some(kind) = not_a_file(&meta) {
-                return Err(in_the_way(kind));
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
+    if !regular_or_absent(&path)? {
+        return Ok(false);
     }
     // Unlinking never follows a link.
     match std::fs::remove_file(&path) {
