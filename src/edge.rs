@@ -17,7 +17,7 @@ use crate::store::Store;
 use crate::transport::tls::{self, Role};
 use reconcile::Reconciler;
 use std::sync::Arc;
-use tracing::info;
+use tracing::{info, warn};
 
 /// A running edge.
 pub struct Edge {
@@ -48,6 +48,16 @@ impl Edge {
                 .as_deref()
                 .and_then(|a| a.parse().ok()),
         );
+        match manifests::remove_temp_files(&config.manifest_dir) {
+            Ok(removed) => {
+                for file in removed {
+                    info!(%file, "removed a temp file left by a crash");
+                }
+            }
+            Err(e) => {
+                warn!(dir = %config.manifest_dir.display(), error = %e, "cannot clean up temp files")
+            }
+        }
         let mut reconciler = Reconciler::new(node.clone(), config.manifest_dir.clone());
         reconciler.run_once(None).await;
         tasks.spawn(reconciler.run(config.drift_interval, tasks.token()));

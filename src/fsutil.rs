@@ -4,6 +4,11 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+/// Temp files of `write_atomic` are named `<TEMP_PREFIX><random letters and digits><TEMP_SUFFIX>`.
+pub const TEMP_PREFIX: &str = ".edgesync-";
+/// See `TEMP_PREFIX`.
+pub const TEMP_SUFFIX: &str = ".tmp";
+
 /// Writes `data` to `path` atomically with permissions `mode`: a temp file in the same
 /// directory, fsync, rename over `path`, fsync of the directory. Readers see the old or
 /// the new content, never a mix; a crash leaves at most a stray temp file.
@@ -13,8 +18,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
-        .prefix(".edgesync-")
-        .suffix(".tmp")
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
         .permissions(std::fs::Permissions::from_mode(mode))
         .tempfile_in(dir)?;
     tmp.write_all(data)?;

@@ -120,7 +120,7 @@ pub struct DocSave {
     pub synced_at: Option<String>,
 }
 
-/// A manifest file edgesync wrote and owns.
+/// A manifest file edgesync wrote and owns (recorded before it is written).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedFile {
     /// File name inside the manifest dir.
@@ -326,7 +326,8 @@ impl Store {
         .await
     }
 
-    /// Manifest files edgesync owns.
+    /// Manifest files edgesync owns: recorded as written, so it repairs or removes them
+    /// whatever their content (but never a link or directory found in their place).
     pub async fn owned_files(&self) -> Result<Vec<OwnedFile>, StoreError> {
         self.call(|t| {
             let mut stmt =
@@ -357,7 +358,8 @@ impl Store {
         .await
     }
 
-    /// Forgets `file` (after deleting it).
+    /// Forgets `file`: after deleting it, after its first write failed, or once something that is
+    /// not a regular file took its place.
     pub async fn disown_file(&self, file: String) -> Result<(), StoreError> {
         self.call(move |t| {
             t.execute("DELETE FROM manifests WHERE file = ?1", [file])

@@ -1,5 +1,9 @@
-//! Static pod manifests: pure rendering and planning, plus the thin IO that writes files
-//! atomically and removes only files edgesync owns.
+//! Static pod manifests: pure rendering and planning; the thin IO that carries a plan out
+//! is in `disk`.
+
+mod disk;
+
+pub use disk::{inspect, remove, remove_temp_files, write};
 
 use crate::crd::{MANAGED_ANNOTATION, MANAGED_LABEL, SOURCE_ANNOTATION};
 use crate::store::OwnedFile;
@@ -7,6 +11,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// The longest file name a Linux file system holds (`NAME_MAX`), in bytes.
+pub const MAX_FILE_NAME: usize = 255;
 
 /// A manifest that should exist.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,14 +81,25 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// `dir/file` if `file` is a plain file name that cannot leave `dir`.
+/// Why `file` cannot be a manifest's name: it could leave the directory, or no file system
+/// would hold a name that long.
+pub fn check_file_name(file: &str) -> Result<(), String> {
+    let plain = !file.is_empty() && !file.starts_with('.') && !file.contains(['/', '\\', '\0']);
+    if !plain {
+        return Err(format!("{file:?} is not a plain file name"));
+    }
+    if file.len() > MAX_FILE_NAME {
+        return Err(format!(
+            "its manifest file name would be {} bytes, more than the {MAX_FILE_NAME} a file name may have; use a shorter pod name",
+            file.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `dir/file` if `file` is a plain file name that cannot leave `dir` and can exist.
 pub fn path_in(dir: &Path, file: &str) -> Option<PathBuf> {
-    let plain = !file.is_empty()
-        && !file.starts_with('.')
-        && !file.contains('/')
-        && !file.contains('\\')
-        && !file.contains('\0');
-    plain.then(|| dir.join(file))
+    check_file_name(file).ok().map(|()| dir.join(file))
 }
 
 /// What to do to reach the desired files.
@@ -89,45 +107,77 @@ pub fn path_in(dir: &Path, file: &str) -> Option<PathBuf> {
 pub struct Plan {
     /// Files to (re)write: missing, changed in the spec, or edited by hand.
     pub write: Vec<Desired>,
-    /// Owned files no longer desired, still holding edgesync's content: delete them.
+    /// Owned files no longer desired: delete them (whatever their content now).
     pub remove: Vec<OwnedFile>,
-    /// Owned files no longer desired whose content someone replaced with their own: forget
-    /// them but leave the file.
-    pub disown: Vec<OwnedFile>,
-    /// Desired files whose name is taken by a file edgesync did not write.
-    pub blocked: Vec<Desired>,
+    /// Owned files no longer desired whose path now holds something that is not a regular
+    /// file: nothing of edgesync's is left there, so forget them and leave the path alone.
+    pub forget: Vec<(OwnedFile, String)>,
+    /// Desired files that cannot be written now, with the reason: the pod's failure alone.
+    pub blocked: Vec<(Desired, String)>,
 }
 
-/// A file as found in the manifest directory.
+/// What occupies a path in the manifest directory, seen without following a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OnDisk {
-    /// SHA-256 of its content, hex.
-    pub sha256: String,
-    /// The EdgeNode key in its annotations, if it is marked as managed by edgesync.
-    pub managed_by: Option<String>,
+pub enum OnDisk {
+    /// Nothing.
+    Absent,
+    /// A regular file.
+    File {
+        /// SHA-256 of its content, hex.
+        sha256: String,
+        /// The EdgeNode key in its annotations, if it is marked as managed by edgesync.
+        managed_by: Option<String>,
+    },
+    /// Something edgesync never writes through, replaces nor removes: a directory, a
+    /// symbolic link (dangling or not), a device. Says which.
+    NotAFile(&'static str),
+    /// The path could not be looked at; the error.
+    Unreadable(String),
 }
 
-/// Plans the changes. `on_disk` inspects a file (None if absent). `keep` lists owned files to
-/// leave alone although not desired (pods refused after being applied keep their previous
-/// manifest). A file edgesync has no record of is adopted only if it carries edgesync's
-/// annotations for the same EdgeNode (a state dir that was lost); otherwise it blocks the pod.
+/// Plans the changes. `on_disk` inspects a path. `keep` lists owned files to leave alone
+/// although not desired (pods refused after being applied keep their previous manifest).
+///
+/// A path edgesync owns (recorded in SQLite) holding a regular file is made to match the
+/// document whatever its content, and removed when no longer desired. A regular file
+/// edgesync has no record of is adopted only if it carries edgesync's annotations for the
+/// same EdgeNode (a state dir that was lost); otherwise it blocks the pod. Anything that is
+/// not a regular file blocks the pod until it is gone, and is never touched.
 pub fn plan(
     desired: &[Desired],
     owned: &[OwnedFile],
     keep: &[String],
-    on_disk: impl Fn(&str) -> Option<OnDisk>,
+    on_disk: impl Fn(&str) -> OnDisk,
 ) -> Plan {
     let owned_by_file: BTreeMap<&str, &OwnedFile> =
         owned.iter().map(|o| (o.file.as_str(), o)).collect();
     let mut plan = Plan::default();
     for want in desired {
+        if let Err(reason) = check_file_name(&want.file) {
+            plan.blocked.push((want.clone(), reason));
+            continue;
+        }
         let ours = owned_by_file.contains_key(want.file.as_str());
-        match on_disk(&want.file) {
-            Some(found) if !ours && found.managed_by.as_deref() != Some(want.key.as_str()) => {
-                plan.blocked.push(want.clone())
-            }
-            Some(found) if found.sha256 == want.sha256() && ours => {}
-            _ => plan.write.push(want.clone()),
+        let file = &want.file;
+        let blocked = match on_disk(file) {
+            OnDisk::Absent => None,
+            OnDisk::File { sha256, .. } if ours && sha256 == want.sha256() => continue,
+            OnDisk::File { .. } if ours => None,
+            OnDisk::File { managed_by, .. } if managed_by.as_ref() == Some(&want.key) => None,
+            OnDisk::File { .. } => Some(format!(
+                "{file} exists in the manifest directory and was not written by edgesync"
+            )),
+            OnDisk::NotAFile(kind) => Some(format!(
+                "{file} in the manifest directory is a {kind}; edgesync never follows, replaces \
+                 or removes it, and writes the manifest once it is gone"
+            )),
+            OnDisk::Unreadable(error) => Some(format!(
+                "{file} in the manifest directory cannot be looked at: {error}"
+            )),
+        };
+        match blocked {
+            None => plan.write.push(want.clone()),
+            Some(reason) => plan.blocked.push((want.clone(), reason)),
         }
     }
     for file in owned {
@@ -136,28 +186,14 @@ pub fn plan(
             continue;
         }
         match on_disk(&file.file) {
-            Some(found) if found.sha256 != file.sha256 && found.managed_by.is_none() => {
-                plan.disown.push(file.clone())
-            }
+            OnDisk::NotAFile(kind) => plan.forget.push((
+                file.clone(),
+                format!("a {kind} is in its place; leaving it alone"),
+            )),
             _ => plan.remove.push(file.clone()),
         }
     }
     plan
-}
-
-/// Inspects a file in `dir`: None if it does not exist or cannot be read.
-pub fn inspect(dir: &Path, file: &str) -> Option<OnDisk> {
-    let bytes = std::fs::read(path_in(dir, file)?).ok()?;
-    let annotations = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .map(|v| v["metadata"]["annotations"].clone());
-    let managed_by = annotations
-        .filter(|a| a[MANAGED_ANNOTATION] == "true")
-        .and_then(|a| a[SOURCE_ANNOTATION].as_str().map(str::to_string));
-    Some(OnDisk {
-        sha256: sha256_hex(&bytes),
-        managed_by,
-    })
 }
 
 #[cfg(test)]
@@ -192,11 +228,15 @@ mod tests {
         );
     }
 
-    fn found(sha: &str, managed_by: Option<&str>) -> Option<OnDisk> {
-        Some(OnDisk {
+    fn found(sha: &str, managed_by: Option<&str>) -> OnDisk {
+        OnDisk::File {
             sha256: sha.to_string(),
             managed_by: managed_by.map(str::to_string),
-        })
+        }
+    }
+
+    fn blocked_pods(plan: &Plan) -> Vec<&str> {
+        plan.blocked.iter().map(|(d, _)| d.pod.as_str()).collect()
     }
 
     #[test]
@@ -225,7 +265,8 @@ mod tests {
             },
         );
         assert!(plan_.write.is_empty());
-        assert_eq!(plan_.blocked, vec![b]);
+        assert_eq!(blocked_pods(&plan_), ["db"]);
+        assert!(plan_.blocked[0].1.contains("not written by edgesync"));
         assert_eq!(plan_.remove, vec![gone.clone()]);
         let drifted = plan(std::slice::from_ref(&a), &[owned(&a)], &[], |_| {
             found("edited", None)
@@ -235,13 +276,13 @@ mod tests {
             &[],
             std::slice::from_ref(&gone),
             std::slice::from_ref(&gone.file),
-            |_| None,
+            |_| OnDisk::Absent,
         );
         assert!(kept.remove.is_empty());
     }
 
     #[test]
-    fn plan_adopts_own_files_after_state_loss_and_spares_replaced_ones() {
+    fn plan_adopts_own_files_after_state_loss_and_removes_owned_files_whatever_their_content() {
         let a = Desired::render("default", "edge01", "web", &pod("nginx"));
         let adopted = plan(std::slice::from_ref(&a), &[], &[], |_| {
             found("old", Some("default/edge01"))
@@ -250,13 +291,55 @@ mod tests {
         let other_node = plan(std::slice::from_ref(&a), &[], &[], |_| {
             found("old", Some("default/edge02"))
         });
-        assert_eq!(other_node.blocked, vec![a.clone()]);
-        let replaced = plan(&[], &[owned(&a)], &[], |_| found("someone else's", None));
-        assert_eq!((replaced.remove.len(), replaced.disown.len()), (0, 1));
-        let edited_but_ours = plan(&[], &[owned(&a)], &[], |_| {
-            found("edited", Some("default/edge01"))
+        assert_eq!(blocked_pods(&other_node), ["web"]);
+        // Recorded as written: edited by hand, it is still edgesync's to remove or repair.
+        for content in [found("someone else's", None), found("edited", Some("x/y"))] {
+            let removed = plan(&[], &[owned(&a)], &[], |_| content.clone());
+            assert_eq!((removed.remove.len(), removed.forget.len()), (1, 0));
+            let repaired = plan(std::slice::from_ref(&a), &[owned(&a)], &[], |_| {
+                content.clone()
+            });
+            assert_eq!(repaired.write, vec![a.clone()]);
+        }
+    }
+
+    #[test]
+    fn plan_never_writes_or_removes_what_is_not_a_regular_file() {
+        let a = Desired::render("default", "edge01", "web", &pod("nginx"));
+        for (kind, ours) in [
+            ("directory", true),
+            ("symbolic link", true),
+            ("symbolic link", false),
+        ] {
+            let owned_files = if ours { vec![owned(&a)] } else { vec![] };
+            let blocked = plan(std::slice::from_ref(&a), &owned_files, &[], |_| {
+                OnDisk::NotAFile(kind)
+            });
+            assert!(blocked.write.is_empty());
+            assert_eq!(blocked_pods(&blocked), ["web"]);
+            assert!(blocked.blocked[0].1.contains(kind), "{blocked:?}");
+        }
+        let gone = plan(&[], &[owned(&a)], &[], |_| OnDisk::NotAFile("directory"));
+        assert!(gone.remove.is_empty());
+        assert_eq!(gone.forget.len(), 1);
+        let unreadable = plan(std::slice::from_ref(&a), &[], &[], |_| {
+            OnDisk::Unreadable("permission denied".into())
         });
-        assert_eq!(edited_but_ours.remove, vec![owned(&a)]);
+        assert_eq!(blocked_pods(&unreadable), ["web"]);
+    }
+
+    #[test]
+    fn a_name_too_long_for_a_file_blocks_its_pod_alone() {
+        let long = "a".repeat(240);
+        let a = Desired::render("default", "edge01", &long, &pod("nginx"));
+        let b = Desired::render("default", "edge01", "web", &pod("nginx"));
+        let plan_ = plan(&[a, b.clone()], &[], &[], |f| {
+            assert!(f.len() <= MAX_FILE_NAME, "never looked at");
+            OnDisk::Absent
+        });
+        assert_eq!(plan_.write, vec![b]);
+        assert_eq!(blocked_pods(&plan_), [long.as_str()]);
+        assert!(plan_.blocked[0].1.contains("262 bytes, more than the 255"));
     }
 
     #[test]
@@ -266,7 +349,8 @@ mod tests {
             path_in(dir, "edgesync_a_b.json"),
             Some(PathBuf::from("/m/edgesync_a_b.json"))
         );
-        for bad in ["", "../x", "a/b", ".hidden", ".."] {
+        let long = "a".repeat(256);
+        for bad in ["", "../x", "a/b", ".hidden", "..", &long] {
             assert_eq!(path_in(dir, bad), None, "{bad}");
         }
     }

@@ -5,8 +5,7 @@
 
 use super::manifests::{self, Desired};
 use crate::crd::{POD_APPLIED, POD_REFUSED, PodState};
-use crate::daemon::{DaemonError, io_err};
-use crate::fsutil;
+use crate::daemon::DaemonError;
 use crate::input;
 use crate::node::{AppliedPod, Node};
 use crate::store::OwnedFile;
@@ -27,6 +26,8 @@ pub struct Reconciler {
     done: HashMap<String, Done>,
     /// Per document, what the last reconcile left.
     applied: BTreeMap<String, Vec<AppliedPod>>,
+    /// Per document and file, why its pod is stuck, as last logged.
+    warned: HashMap<(String, String), String>,
 }
 
 /// A document as last reconciled.
@@ -77,6 +78,7 @@ impl Reconciler {
             dir,
             done: HashMap::new(),
             applied: BTreeMap::new(),
+            warned: HashMap::new(),
         }
     }
 
@@ -111,6 +113,7 @@ impl Reconciler {
     }
 
     /// Reconciles the documents in `only` (if their wishes changed), or every document.
+    /// A document that fails is tried again later and holds back no other.
     pub async fn run_once(&mut self, only: Option<&BTreeSet<String>>) {
         self.node.metrics().reconcile_runs.inc();
         if let Err(e) = self.reconcile(only).await {
@@ -140,61 +143,73 @@ impl Reconciler {
         if keys.is_empty() {
             return Ok(());
         }
-        let store = self.node.store().clone();
         let mut owned = None;
         if only.is_none() {
             // Files of documents that are gone.
-            let files = store.owned_files().await?;
+            let files = self.node.store().owned_files().await?;
             keys.extend(files.iter().map(|o| o.key.clone()));
             owned = Some(files);
         }
         for key in keys {
-            let current = self.node.heads(&key).await;
-            let done = self
-                .done
-                .get(&key)
-                .filter(|d| current.as_ref() == Some(&d.heads));
-            let (wanted, heads) = match done {
-                // Only this edge's own report changed it since.
-                Some(_) if only.is_some() => continue,
-                Some(done) => (Some(done.wanted.clone()), done.heads.clone()),
-                None => match self.wanted(&key).await? {
-                    Some((wanted, heads)) => (Some(wanted), heads),
-                    None => (None, Vec::new()),
-                },
-            };
-            let digest = wanted.as_ref().map(Wanted::digest);
-            if only.is_some()
-                && let Some(done) = self.done.get_mut(&key)
-                && Some(done.digest) == digest
-            {
-                // Changed, but not in what it asks of this edge (a head wrote a condition).
-                done.heads = heads;
-                continue;
+            if let Err(e) = self.reconcile_doc(&key, only.is_some(), &mut owned).await {
+                self.node.metrics().reconcile_failures.inc();
+                warn!(doc = %key, error = %e, "reconcile of this document failed; will retry");
+                self.done.remove(&key);
             }
-            let all = match &owned {
-                Some(files) => files,
-                None => owned.insert(store.owned_files().await?),
-            };
-            let owned: Vec<OwnedFile> = all.iter().filter(|o| o.key == key).cloned().collect();
-            match wanted {
-                Some(wanted) => {
-                    let heads = self.apply(&key, wanted.clone(), &owned, heads).await?;
-                    let digest = digest.expect("set with wanted");
-                    self.done.insert(
-                        key,
-                        Done {
-                            heads,
-                            digest,
-                            wanted,
-                        },
-                    );
-                }
-                None => {
-                    self.write(&Wanted::default(), &owned).await?;
-                    self.done.remove(&key);
-                    self.applied.remove(&key);
-                }
+        }
+        Ok(())
+    }
+
+    /// Reconciles document `key`; with `changed_only`, only if what it asks changed. `owned`
+    /// caches the owned files of this pass.
+    async fn reconcile_doc(
+        &mut self,
+        key: &str,
+        changed_only: bool,
+        owned: &mut Option<Vec<OwnedFile>>,
+    ) -> Result<(), DaemonError> {
+        let current = self.node.heads(key).await;
+        let done = self
+            .done
+            .get(key)
+            .filter(|d| current.as_ref() == Some(&d.heads));
+        let (wanted, heads) = match done {
+            // Only this edge's own report changed it since.
+            Some(_) if changed_only => return Ok(()),
+            Some(done) => (Some(done.wanted.clone()), done.heads.clone()),
+            None => match self.wanted(key).await? {
+                Some((wanted, heads)) => (Some(wanted), heads),
+                None => (None, Vec::new()),
+            },
+        };
+        let digest = wanted.as_ref().map(Wanted::digest);
+        if changed_only
+            && let Some(done) = self.done.get_mut(key)
+            && Some(done.digest) == digest
+        {
+            // Changed, but not in what it asks of this edge (a head wrote a condition).
+            done.heads = heads;
+            return Ok(());
+        }
+        let all = match owned {
+            Some(files) => files,
+            None => owned.insert(self.node.store().owned_files().await?),
+        };
+        let owned: Vec<OwnedFile> = all.iter().filter(|o| o.key == key).cloned().collect();
+        match (wanted, digest) {
+            (Some(wanted), Some(digest)) => {
+                let heads = self.apply(key, wanted.clone(), &owned, heads).await?;
+                let done = Done {
+                    heads,
+                    digest,
+                    wanted,
+                };
+                self.done.insert(key.to_string(), done);
+            }
+            _ => {
+                self.write(key, &Wanted::default(), &owned).await?;
+                self.done.remove(key);
+                self.applied.remove(key);
             }
         }
         Ok(())
@@ -262,14 +277,11 @@ impl Reconciler {
         owned: &[OwnedFile],
         read_at: Vec<ChangeHash>,
     ) -> Result<Vec<ChangeHash>, DaemonError> {
-        let blocked = self.write(&wanted, owned).await?;
-        for blocked in blocked {
-            if let Some(p) = wanted.pods.iter_mut().find(|p| p.name == blocked.pod) {
+        let stuck = self.write(key, &wanted, owned).await?;
+        for s in &stuck {
+            if let Some(p) = wanted.pods.iter_mut().find(|p| p.name == s.pod) {
                 p.state = POD_REFUSED.into();
-                p.reason = Some(format!(
-                    "{} exists in the manifest directory and was not written by edgesync",
-                    blocked.file
-                ));
+                p.reason = Some(s.reason.clone());
             }
         }
         let reported = self
@@ -283,11 +295,13 @@ impl Reconciler {
         let namespace = crate::model::split_key(key).map_or("", |(ns, _)| ns);
         let applied = wanted.pods.into_iter().map(|p| {
             let file = manifests::file_name(namespace, &p.name);
-            // A pod refused after being applied keeps its previous manifest.
-            let kept = owned
-                .iter()
-                .any(|o| o.file == file && wanted.refused_files.contains(&o.file));
-            let written = p.state == POD_APPLIED || kept;
+            // A pod refused after being applied, or whose new manifest could not be written,
+            // keeps its previous manifest.
+            let previous = owned.iter().any(|o| o.file == file);
+            let written = match stuck.iter().find(|s| s.pod == p.name) {
+                Some(s) => s.kept,
+                None => p.state == POD_APPLIED || previous,
+            };
             AppliedPod {
                 edgenode: key.to_string(),
                 pod: p.name,
@@ -300,21 +314,31 @@ impl Reconciler {
         Ok(heads)
     }
 
-    /// Makes the files of one document (owning `owned`) what `wanted` asks; returns the pods
-    /// whose file name is taken by a file edgesync did not write.
+    /// Makes the files of document `key` (owning `owned`) what `wanted` asks. A file that
+    /// cannot be written fails its pod alone: returns those pods, with the reasons.
     async fn write(
-        &self,
+        &mut self,
+        key: &str,
         wanted: &Wanted,
         owned: &[OwnedFile],
-    ) -> Result<Vec<Desired>, DaemonError> {
-        let store = self.node.store();
+    ) -> Result<Vec<Stuck>, DaemonError> {
+        let store = self.node.store().clone();
         let plan = manifests::plan(&wanted.desired, owned, &wanted.refused_files, |f| {
             manifests::inspect(&self.dir, f)
         });
-        for want in &plan.write {
-            let Some(path) = manifests::path_in(&self.dir, &want.file) else {
-                continue;
-            };
+        let mut stuck: Vec<Stuck> = plan
+            .blocked
+            .into_iter()
+            .map(|(want, reason)| Stuck {
+                pod: want.pod,
+                file: want.file,
+                reason,
+                kept: false,
+            })
+            .collect();
+        for want in plan.write {
+            let previous = owned.iter().any(|o| o.file == want.file);
+            // Recorded before it is written, so a crash never orphans it.
             store
                 .own_file(OwnedFile {
                     file: want.file.clone(),
@@ -323,27 +347,267 @@ impl Reconciler {
                     sha256: want.sha256(),
                 })
                 .await?;
-            fsutil::write_atomic(&path, &want.content, 0o600)
-                .map_err(|source| io_err(&path, source))?;
-            info!(file = %path.display(), doc = %want.key, "manifest written");
-        }
-        for gone in &plan.remove {
-            if let Some(path) = manifests::path_in(&self.dir, &gone.file) {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => info!(file = %path.display(), "manifest removed"),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => return Err(io_err(&path, source)),
+            match manifests::write(&self.dir, &want) {
+                Ok(()) => info!(file = %want.file, doc = %want.key, "manifest written"),
+                Err(e) => {
+                    if !previous {
+                        store.disown_file(want.file.clone()).await?;
+                    }
+                    stuck.push(Stuck {
+                        reason: format!("writing {} failed: {e}; edgesync tries again", want.file),
+                        pod: want.pod,
+                        file: want.file,
+                        kept: previous,
+                    });
                 }
             }
-            store.disown_file(gone.file.clone()).await?;
         }
-        for replaced in &plan.disown {
-            warn!(file = %replaced.file, "someone replaced this manifest with their own content; leaving it and forgetting it");
+        for gone in &plan.remove {
+            match manifests::remove(&self.dir, &gone.file) {
+                Ok(removed) => {
+                    if removed {
+                        info!(file = %gone.file, doc = %key, "manifest removed");
+                    }
+                    store.disown_file(gone.file.clone()).await?;
+                }
+                Err(e) => {
+                    warn!(file = %gone.file, doc = %key, error = %e, "cannot remove this manifest; will retry")
+                }
+            }
+        }
+        for (replaced, why) in &plan.forget {
+            warn!(file = %replaced.file, doc = %key, "{why}; edgesync forgets this manifest");
             store.disown_file(replaced.file.clone()).await?;
         }
-        for blocked in &plan.blocked {
-            warn!(file = %blocked.file, "a file edgesync did not write has this name; leaving it alone");
+        // Each pod's trouble is logged when it starts or changes, not on every pass.
+        self.warned
+            .retain(|(doc, file), _| doc != key || stuck.iter().any(|s| &s.file == file));
+        for s in &stuck {
+            let seen = self
+                .warned
+                .insert((key.to_string(), s.file.clone()), s.reason.clone());
+            if seen.as_ref() != Some(&s.reason) {
+                warn!(doc = %key, pod = %s.pod, reason = %s.reason, "manifest not written");
+            }
         }
-        Ok(plan.blocked)
+        Ok(stuck)
+    }
+}
+
+/// A pod whose manifest could not be written this pass.
+struct Stuck {
+    pod: String,
+    file: String,
+    reason: String,
+    /// Whether the manifest edgesync wrote before is still in place.
+    kept: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::{DesiredNode, Rules};
+    use crate::store::Store;
+    use crate::transport::tls::Role;
+    use std::path::Path;
+
+    struct Edge {
+        node: Node,
+        reconciler: Reconciler,
+        manifests: tempfile::TempDir,
+        _state: tempfile::TempDir,
+    }
+
+    impl Edge {
+        async fn new() -> Edge {
+            let state = tempfile::tempdir().unwrap();
+            let manifests = tempfile::tempdir().unwrap();
+            let store = Store::open(state.path()).unwrap();
+            let node = Node::open(Role::Edge, "edge01", store, Rules::new("default"))
+                .await
+                .unwrap();
+            let reconciler = Reconciler::new(node.clone(), manifests.path().to_path_buf());
+            Edge {
+                node,
+                reconciler,
+                manifests,
+                _state: state,
+            }
+        }
+
+        fn dir(&self) -> &Path {
+            self.manifests.path()
+        }
+
+        /// Writes the spec of EdgeNode `namespace/edge01` as given, unchecked (as an older head
+        /// or a direct document edit might), then reconciles as a change notice would.
+        async fn apply(&mut self, namespace: &str, pods: &[(&str, &str)]) {
+            let desired = DesiredNode {
+                namespace: namespace.into(),
+                name: "edge01".into(),
+                labels: Default::default(),
+                pods: pods
+                    .iter()
+                    .map(|(name, image)| {
+                        let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                            "metadata": {"name": name},
+                            "spec": {"containers": [{"name": "main", "image": image}]}});
+                        (name.to_string(), pod)
+                    })
+                    .collect(),
+            };
+            self.node.apply_node(&desired).await.unwrap();
+            let key = BTreeSet::from([desired.key()]);
+            self.reconciler.run_once(Some(&key)).await;
+        }
+
+        /// A full pass, as the drift timer makes.
+        async fn drift_pass(&mut self) {
+            self.reconciler.run_once(None).await;
+        }
+
+        fn path(&self, namespace: &str, pod: &str) -> PathBuf {
+            self.dir().join(manifests::file_name(namespace, pod))
+        }
+
+        fn image(&self, namespace: &str, pod: &str) -> Option<String> {
+            let text = std::fs::read(self.path(namespace, pod)).ok()?;
+            let manifest: serde_json::Value = serde_json::from_slice(&text).ok()?;
+            manifest["spec"]["containers"][0]["image"]
+                .as_str()
+                .map(str::to_string)
+        }
+
+        /// The state and reason the edge reported for a pod, in the document's status.
+        async fn reported(&self, namespace: &str, pod: &str) -> (String, String) {
+            let key = format!("{namespace}/edge01");
+            let (view, _) = self.node.view(&key).await.unwrap().unwrap();
+            let state = view.pod_states.iter().find(|p| p.name == pod).unwrap();
+            (
+                state.state.clone(),
+                state.reason.clone().unwrap_or_default(),
+            )
+        }
+    }
+
+    async fn within<F: std::future::Future<Output = ()>>(body: F) {
+        tokio::time::timeout(Duration::from_secs(30), body)
+            .await
+            .expect("test timed out");
+    }
+
+    #[tokio::test]
+    async fn one_pod_that_cannot_be_written_holds_back_no_other_pod_nor_edgenode() {
+        within(async {
+            let mut edge = Edge::new().await;
+            // A valid DNS-1123 name of 239 characters: its file name cannot exist.
+            let long = format!("{0}.{0}.{0}.{0}", "a".repeat(59));
+            std::fs::create_dir(edge.path("default", "stuck")).unwrap();
+            // "default" is reconciled before "other": a failure in it must not stop "other".
+            edge.apply("other", &[("web", "nginx")]).await;
+            let pods = [
+                ("stuck", "nginx"),
+                (long.as_str(), "nginx"),
+                ("web", "nginx"),
+            ];
+            edge.apply("default", &pods).await;
+            edge.drift_pass().await;
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx"));
+            assert_eq!(edge.image("other", "web").as_deref(), Some("nginx"));
+            let (state, reason) = edge.reported("default", "stuck").await;
+            assert_eq!(state, POD_REFUSED);
+            assert!(reason.contains("is a directory"), "{reason}");
+            let (state, reason) = edge.reported("default", &long).await;
+            assert_eq!(state, POD_REFUSED);
+            assert!(reason.contains("more than the 255"), "{reason}");
+            assert_eq!(edge.reported("default", "web").await.0, POD_APPLIED);
+
+            // Later edits and drift repair go on around the stuck pods.
+            let pods = [
+                ("stuck", "nginx"),
+                (long.as_str(), "nginx"),
+                ("web", "nginx:2"),
+            ];
+            edge.apply("default", &pods).await;
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx:2"));
+            std::fs::write(edge.path("other", "web"), "edited").unwrap();
+            edge.drift_pass().await;
+            assert_eq!(edge.image("other", "web").as_deref(), Some("nginx"));
+            assert!(edge.path("default", "stuck").is_dir(), "left alone");
+
+            // Once the directory is gone, the manifest is written.
+            std::fs::remove_dir(edge.path("default", "stuck")).unwrap();
+            edge.drift_pass().await;
+            assert_eq!(edge.image("default", "stuck").as_deref(), Some("nginx"));
+            assert_eq!(edge.reported("default", "stuck").await.0, POD_APPLIED);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_hand_edited_manifest_is_edgesyncs_whatever_comes_first() {
+        within(async {
+            let mut edge = Edge::new().await;
+            edge.apply("default", &[("web", "nginx"), ("db", "redis")])
+                .await;
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx"));
+
+            // Edited by hand, then removed from the spec before any drift pass.
+            std::fs::write(edge.path("default", "web"), "{\"hand\": \"edited\"}").unwrap();
+            edge.apply("default", &[("db", "redis")]).await;
+            assert!(!edge.path("default", "web").exists(), "removed");
+            // Edited by hand, then changed in the spec before any drift pass.
+            std::fs::write(edge.path("default", "db"), "{\"hand\": \"edited\"}").unwrap();
+            edge.apply("default", &[("db", "redis:2")]).await;
+            assert_eq!(edge.image("default", "db").as_deref(), Some("redis:2"));
+            // Edited by hand with no apply: the drift pass repairs it.
+            std::fs::write(edge.path("default", "db"), "not even JSON").unwrap();
+            edge.drift_pass().await;
+            assert_eq!(edge.image("default", "db").as_deref(), Some("redis:2"));
+            // A pod that comes back is written again.
+            edge.apply("default", &[("db", "redis:2"), ("web", "nginx")])
+                .await;
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx"));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn links_in_the_manifest_dir_are_never_followed_nor_replaced() {
+        within(async {
+            let mut edge = Edge::new().await;
+            let outside = tempfile::tempdir().unwrap();
+            let dangling_target = outside.path().join("dangling-target.json");
+            let target = outside.path().join("target.json");
+            std::fs::write(&target, "outside").unwrap();
+            std::os::unix::fs::symlink(&dangling_target, edge.path("default", "dangling")).unwrap();
+            let pods = [("dangling", "nginx"), ("web", "nginx")];
+            edge.apply("default", &pods).await;
+            edge.drift_pass().await;
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx"));
+            let (state, reason) = edge.reported("default", "dangling").await;
+            assert_eq!(state, POD_REFUSED);
+            assert!(reason.contains("symbolic link"), "{reason}");
+
+            // A managed manifest replaced by a link to a file outside.
+            std::fs::remove_file(edge.path("default", "web")).unwrap();
+            std::os::unix::fs::symlink(&target, edge.path("default", "web")).unwrap();
+            edge.drift_pass().await;
+            edge.apply("default", &[("dangling", "nginx"), ("web", "nginx:2")])
+                .await;
+            edge.apply("default", &[]).await;
+            edge.drift_pass().await;
+
+            for pod in ["dangling", "web"] {
+                assert!(edge.path("default", pod).is_symlink(), "{pod} link kept");
+            }
+            assert!(
+                !dangling_target.exists(),
+                "nothing written through the link"
+            );
+            assert_eq!(std::fs::read_to_string(&target).unwrap(), "outside");
+            assert!(edge.node.store().owned_files().await.unwrap().is_empty());
+        })
+        .await;
     }
 }

@@ -292,7 +292,8 @@ impl EdgeDirs {
         }
     }
 
-    /// Spawns `edgesync edge` for node `name` dialing `heads` (token optional), not waiting.
+    /// Spawns `edgesync edge` for node `name` dialing `heads` (token optional), not waiting;
+    /// drift is checked every 200ms unless `extra` says otherwise.
     pub fn spawn(
         &self,
         name: &str,
@@ -310,9 +311,10 @@ impl EdgeDirs {
             self.manifests.display().to_string(),
             "--socket".into(),
             self.socket.display().to_string(),
-            "--drift-interval".into(),
-            "200ms".into(),
         ];
+        if !extra.contains(&"--drift-interval") {
+            args.extend(["--drift-interval".into(), "200ms".into()]);
+        }
         for head in heads {
             args.extend(["--head".into(), head.to_string()]);
         }

@@ -6,6 +6,7 @@ mod dns;
 mod harness;
 mod heads;
 mod kube;
+mod manifests;
 mod metrics;
 mod sync;
 mod users;
