@@ -249,6 +249,8 @@ impl Bridge {
     /// One term as the writer: a Controller per scope, the routing of document changes to
     /// them, and the status writer.
     async fn lead(self: Arc<Self>) {
+        // Whether an edge is registered decides how long to wait for its history.
+        self.edges.ready().await;
         self.status.mark_all();
         let mut scopes = Vec::new();
         let mut controllers = Vec::new();
