@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The example EdgeNode shipped in `example/edge01.yaml` (the old proof of concept's).
+/// The example EdgeNode shipped in `example/edge01.yaml`.
 pub const EXAMPLE: &str = include_str!("../example/edge01.yaml");
 
 fn runtime(e: impl std::fmt::Display) -> CommandError {

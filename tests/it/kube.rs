@@ -900,3 +900,58 @@ async fn a_head_keeps_only_the_namespaces_it_is_told_to_watch() {
     })
     .await;
 }
+
+/// What `kubectl apply -f FILE` does: finds the file's kind through discovery (refused when
+/// the API server does not serve its group), then applies the object server-side.
+async fn kubectl_apply_file(client: &kube::Client, path: &str) -> Result<(), kube::Error> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let object: kube::api::DynamicObject = serde_saphyr::from_str(&text).unwrap();
+    let types = object.types.clone().unwrap();
+    let gvk = kube::api::GroupVersionKind::try_from(&types).unwrap();
+    let (resource, _) = kube::discovery::pinned_kind(client, &gvk).await?;
+    let namespace = object.metadata.namespace.clone().unwrap();
+    let name = object.metadata.name.clone().unwrap();
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), &namespace, &resource);
+    let params = PatchParams::apply("kubectl").force();
+    api.patch(&name, &params, &Patch::Apply(&object)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_works_with_kubectl_and_its_legacy_form_with_edgesync_apply() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path()).await;
+        let head = cluster.head(dir.path()).await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let _edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/example/edge01.yaml");
+        let legacy = concat!(env!("CARGO_MANIFEST_DIR"), "/example/edge01-legacy.yaml");
+
+        let refused = kubectl_apply_file(&cluster.client, legacy).await;
+        assert!(refused.is_err(), "the legacy group is not served");
+        kubectl_apply_file(&cluster.client, example).await.unwrap();
+        let manifest = wait_for("the example's pod on the edge", SOON, || {
+            dirs.manifest("default", "nginx")
+        })
+        .await;
+        assert_eq!(image(&manifest), "nginx");
+
+        // The legacy form, with another image, through edgesync apply: the resource follows.
+        let text = std::fs::read_to_string(legacy)
+            .unwrap()
+            .replace("image: nginx", "image: nginx:1.27");
+        let file = write(dir.path(), "legacy.yaml", &text);
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        wait_for("the legacy file's edit in the resource", SOON, || {
+            cluster
+                .object("default", "edge01")
+                .filter(|o| pod_images(o) == [("nginx".to_string(), "nginx:1.27".to_string())])
+        })
+        .await;
+    })
+    .await;
+}
