@@ -8,7 +8,7 @@ pub mod reconcile;
 
 use crate::config::EdgeConfig;
 use crate::control;
-use crate::daemon::{DaemonError, Tasks, io_err};
+use crate::daemon::{self, DaemonError, Tasks, io_err};
 use crate::fsutil;
 use crate::input::{self, Rules};
 use crate::link;
@@ -23,6 +23,22 @@ use tracing::{info, warn};
 pub struct Edge {
     node: Node,
     tasks: Tasks,
+    /// Held until the edge stops.
+    _lock: daemon::StateLock,
+}
+
+/// Creates the manifest dir if missing and checks a file can be written in it (with the name
+/// pattern of edgesync's own temp files, removed at once).
+fn check_writable(dir: &std::path::Path) -> Result<(), DaemonError> {
+    fsutil::ensure_dir(dir, 0o755).map_err(|source| io_err(dir, source))?;
+    tempfile::Builder::new()
+        .prefix(fsutil::TEMP_PREFIX)
+        .suffix(fsutil::TEMP_SUFFIX)
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| {
+            DaemonError::Config(format!("manifest dir {}: not writable: {e}", dir.display()))
+        })
 }
 
 impl Edge {
@@ -31,17 +47,20 @@ impl Edge {
         let dir = &config.state_dir;
         input::check_subdomain(&config.node_name)
             .map_err(|r| DaemonError::Config(format!("--node-name: {r}")))?;
-        fsutil::ensure_dir(dir, 0o700).map_err(|source| io_err(dir, source))?;
-        fsutil::ensure_dir(&config.manifest_dir, 0o755)
-            .map_err(|source| io_err(&config.manifest_dir, source))?;
-        let mut tasks = Tasks::default();
-        join::credentials(&config, &tasks.token()).await?;
+        // Everything this edge needs is checked before it joins, so a start that fails never
+        // uses up its node name: its own state dir, a writable manifest dir, its socket.
+        let lock = daemon::lock_state_dir(dir, "edge")?;
+        check_writable(&config.manifest_dir)?;
         let store = Store::open(dir)?;
         let rules = Rules {
             default_namespace: "default".into(),
             privileged_namespaces: config.privileged_namespaces.clone(),
         };
         let node = Node::open(Role::Edge, &config.node_name, store, rules).await?;
+        let mut tasks = Tasks::default();
+        // Bound now, served once the edge is up: a CLI that gets an answer finds it started.
+        let control = control::serve(&config.socket, node.clone(), None, tasks.token()).await?;
+        join::credentials(&config, &tasks.token()).await?;
         node.set_advertise(
             config
                 .advertise_address
@@ -74,9 +93,13 @@ impl Edge {
         });
         tasks.spawn(link::dial(node.clone(), targets, client, tasks.token()));
         tasks.spawn(join::renew_loop(config.clone(), tasks.token()));
-        tasks.spawn(control::serve(&config.socket, node.clone(), None, tasks.token()).await?);
+        tasks.spawn(control);
         info!(node = %config.node_name, manifests = %config.manifest_dir.display(), "edge ready");
-        Ok(Edge { node, tasks })
+        Ok(Edge {
+            node,
+            tasks,
+            _lock: lock,
+        })
     }
 
     /// The node core.

@@ -39,13 +39,15 @@ pub struct Head {
     local_addr: SocketAddr,
     ca_hash: String,
     tasks: Tasks,
+    /// Held until the head stops.
+    _lock: crate::daemon::StateLock,
 }
 
 impl Head {
     /// Creates state (CA, database, first join token) as needed and starts serving.
     pub async fn start(config: HeadConfig) -> Result<Head, DaemonError> {
         let dir = &config.state_dir;
-        fsutil::ensure_dir(dir, 0o700).map_err(|source| io_err(dir, source))?;
+        let lock = crate::daemon::lock_state_dir(dir, "head")?;
         let store = Store::open(dir)?;
         let cluster = self::cluster::cluster(config.kubeconfig.as_deref()).await?;
         let ca = Arc::new(match &cluster {
@@ -195,6 +197,7 @@ impl Head {
             local_addr,
             ca_hash: ca.hash(),
             tasks,
+            _lock: lock,
         })
     }
 

@@ -92,7 +92,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(args: Vec<String>, log: PathBuf, socket: PathBuf) -> Daemon {
+    /// Spawns `edgesync ARGS`, its stderr going to `log`, not waiting.
+    pub fn spawn(args: Vec<String>, log: PathBuf, socket: PathBuf) -> Daemon {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
