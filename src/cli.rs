@@ -142,7 +142,8 @@ pub struct HeadArgs {
     )]
     #[serde(alias = "api_hostnames")]
     pub api_hostname: Vec<String>,
-    /// Approve registrations at once (true, the default) or wait for `edgesync user approve`.
+    /// Approve registrations at once (true), or let them wait for `edgesync user approve` (false,
+    /// the default).
     #[arg(long, env = "EDGESYNC_AUTO_APPROVE")]
     pub auto_approve: Option<bool>,
     /// How long an acceptance of the Acceptable Use Policy lasts (e.g. 6months, 90d).

@@ -246,10 +246,11 @@ pub async fn user(action: crate::cli::UserAction) -> Result<(), CommandError> {
     crate::input::check_label(&name).map_err(|r| CommandError::Usage(format!("username: {r}")))?;
     let uri = format!("/v1/users/{name}/{verb}?actor={}", actor());
     let user = call(&socket, Method::POST, &uri, None).await?;
-    println!(
-        "user {name:?} is now {}",
-        user["status"].as_str().unwrap_or_default()
-    );
+    let status = user["status"].as_str().unwrap_or_default();
+    match user["changed"].as_bool() {
+        Some(false) => println!("user {name:?} is already {status}; nothing changed"),
+        _ => println!("user {name:?} is now {status}"),
+    }
     Ok(())
 }
 

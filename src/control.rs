@@ -269,8 +269,13 @@ async fn decide(
             json!({"error": format!("unknown action {action:?}; use approve, reject or revoke")}),
         )
     })?;
-    let user = accounts(&ctx)?.decide(&name, decision, &actor(q)).await?;
-    Ok(Json(user).into_response())
+    let accounts = accounts(&ctx)?;
+    let before = accounts.users.get(&name).await?.status;
+    let user = accounts.decide(&name, decision, &actor(q)).await?;
+    // Whether this call changed anything (approving an approved user succeeds, changing nothing).
+    let mut body = serde_json::to_value(&user).unwrap_or_default();
+    body["changed"] = json!(before != user.status);
+    Ok(Json(body).into_response())
 }
 
 async fn set_aup(State(ctx): State<Ctx>, Query(q): Query<ActorQuery>, text: String) -> ApiResult {

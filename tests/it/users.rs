@@ -81,10 +81,18 @@ async fn registration_refusals_and_the_aup_on_a_standalone_head() {
         let (status, body) = api.register("ada", "ada@example.org").await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(
-            body["status"], "Approved",
-            "the embedded default auto-approves"
+            body["status"], "Pending",
+            "registrations wait for an administrator by default"
         );
         let secret = body["secret"].as_str().unwrap().to_string();
+        let (status, body) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        let said = ok(head.daemon.cli(&["user", "approve", "ada"]));
+        assert!(said.contains("is now Approved"), "{said}");
+        let again = ok(head.daemon.cli(&["user", "approve", "ada"]));
+        assert!(again.contains("is already Approved"), "{again}");
+        let (_, body) = api.get("/api/v1/users/ada", &secret).await;
+        assert_eq!(body["status"], "Approved", "{body}");
 
         for (username, email, field) in [
             ("ada", "other@example.org", "username"),
