@@ -74,6 +74,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 .await
                 .context("edge failed to start")?;
             runtime::notify_ready();
+            runtime::notify_status(
+                "serving its pods from local state; syncing whenever a head answers",
+            );
             runtime::terminated().await;
             runtime::notify_stopping();
             edge.shutdown().await;

@@ -36,6 +36,22 @@ pub fn notify_ready() {
     }
 }
 
+/// Tells systemd what the service is waiting for (`systemctl status` shows it), and gives
+/// its start another `wait` before it may time out: a start that waits for a head to answer
+/// waits as long as it takes. A no-op outside systemd.
+pub fn notify_waiting(status: &str, wait: std::time::Duration) {
+    let usec = u32::try_from(wait.as_micros()).unwrap_or(u32::MAX);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Status(status),
+        sd_notify::NotifyState::ExtendTimeoutUsec(usec),
+    ]);
+}
+
+/// Tells systemd (and `systemctl status`) what the service is doing now.
+pub fn notify_status(status: &str) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(status)]);
+}
+
 /// Tells systemd the service is stopping.
 pub fn notify_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

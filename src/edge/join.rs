@@ -116,9 +116,14 @@ async fn join(
                 }
             }
         }
+        let delay = backoff.next_delay();
+        crate::runtime::notify_waiting(
+            "waiting for a head to answer, to join (nothing to serve before that)",
+            delay + Duration::from_secs(30),
+        );
         tokio::select! {
             _ = shutdown.cancelled() => return Err(DaemonError::Config("stopped before joining".into())),
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }
