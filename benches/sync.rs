@@ -35,6 +35,14 @@ impl Figure {
     }
 }
 
+/// The binary measured: the one cargo built for this bench, or the one
+/// `EDGESYNC_BENCH_BIN` names (for example the shipped static one, from `cargo dist`).
+fn edgesync_bin() -> std::path::PathBuf {
+    std::env::var_os("EDGESYNC_BENCH_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_edgesync").into())
+}
+
 /// A head process with its files under `dir`.
 struct HeadProcess {
     child: Child,
@@ -52,7 +60,7 @@ impl HeadProcess {
             .unwrap()
             .local_addr()
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_edgesync"))
+        let child = Command::new(edgesync_bin())
             .args(["head", "--name", "head", "--listen", &addr.to_string()])
             .args(["--api-listen", &api.to_string()])
             .arg("--state-dir")
@@ -401,7 +409,7 @@ async fn idle(seconds: u64) -> Vec<Figure> {
     let relay = relay::Relay::start(head.addr).await.unwrap();
     let wire = || relayed(&relay);
     let edge_dir = dir.path().join("edge");
-    let mut edge = Command::new(env!("CARGO_BIN_EXE_edgesync"))
+    let mut edge = Command::new(edgesync_bin())
         .args([
             "edge",
             "--node-name",
@@ -509,7 +517,7 @@ async fn cold_start() -> Vec<Figure> {
     let edge_dir = dir.path().join("edge");
     let manifests = edge_dir.join("manifests");
     let spawn = |head: &str, token: Option<&str>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_edgesync"));
+        let mut command = Command::new(edgesync_bin());
         command
             .args(["edge", "--node-name", "edge01", "--head", head])
             .arg("--state-dir")
