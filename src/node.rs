@@ -117,6 +117,11 @@ pub struct PeerInfo {
     pub bytes_out: u64,
     /// Bytes of sync frames received from this peer since this node started.
     pub bytes_in: u64,
+    /// Another address the same edge certificate is connected from at the same time: two
+    /// machines sharing one state dir (a cloned one), or a move the old session has not
+    /// noticed yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub also_from: Option<String>,
 }
 
 /// One manifest file as the edge reconciler left it.
@@ -944,7 +949,19 @@ impl Node {
             last_seen: None,
             bytes_out: 0,
             bytes_in: 0,
+            also_from: None,
         });
+        let host = |a: &str| {
+            a.parse::<std::net::SocketAddr>()
+                .map_or(a.to_string(), |s| s.ip().to_string())
+        };
+        if info.connected && peer.role == Role::Edge && host(&info.address) != host(address) {
+            warn!(
+                edge = %peer.name, first = %info.address, second = %address,
+                "the same edge certificate is connected from two addresses at once; if this lasts, two machines share one state dir (cloned): give each its own state dir and join it with its own name"
+            );
+            info.also_from = Some(info.address.clone());
+        }
         info.role = peer.role;
         info.address = address.to_string();
         info.sessions += 1;
@@ -957,6 +974,9 @@ impl Node {
         if let Some(info) = lock(&self.0.peers).get_mut(&peer.name) {
             info.sessions = info.sessions.saturating_sub(1);
             info.connected = info.sessions > 0;
+            if info.sessions <= 1 {
+                info.also_from = None;
+            }
         }
         if self.0.role == Role::Head && peer.role == Role::Edge {
             let me = self.0.name.clone();
@@ -1184,6 +1204,31 @@ mod tests {
         Node::open(Role::Head, "head", store, Rules::new("default"))
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_edge_certificate_from_two_addresses_at_once_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = open(dir.path()).await;
+        let edge = Identity {
+            role: Role::Edge,
+            name: "edge01".into(),
+            key: vec![1],
+        };
+        let at = |seen: &str| PeerAddress {
+            seen: seen.into(),
+            reachable: "192.0.2.1".parse().unwrap(),
+        };
+        let also_from = |node: &Node| lock(&node.0.peers)["edge01"].also_from.clone();
+        node.peer_connected(&edge, &at("192.0.2.1:4000"));
+        // A reconnect from the same host (a new port) while the old session lingers is not.
+        node.peer_connected(&edge, &at("192.0.2.1:4001"));
+        assert_eq!(also_from(&node), None);
+        node.peer_disconnected(&edge).await;
+        node.peer_connected(&edge, &at("198.51.100.7:4000"));
+        assert_eq!(also_from(&node).as_deref(), Some("192.0.2.1:4001"));
+        node.peer_disconnected(&edge).await;
+        assert_eq!(also_from(&node), None);
     }
 
     fn chunk_sizes(dir: &std::path::Path) -> Vec<usize> {
