@@ -5,11 +5,13 @@
 //! deleted resource until its edge has removed the pods. Status goes out through one writer
 //! ([`status`]). While another head writes, this one only follows, keeping its merge bases.
 
+mod follow;
+mod orphans;
 mod plan;
 mod status;
 
 use crate::daemon::Tasks;
-use crate::head::cluster::{patch_params, post_params};
+use crate::head::cluster::patch_params;
 use crate::head::edges::Edges;
 use crate::input;
 use crate::node::{Node, NodeError};
@@ -356,98 +358,6 @@ impl Bridge {
         }
     }
 
-    /// Documents without a resource and resources without a document, in one scope, once its
-    /// cache is filled: a document made elsewhere (on an edge, or while another head wrote)
-    /// gets a resource; a resource deleted while nobody watched takes its document along.
-    async fn orphans(&self, scope: &Scope) {
-        if scope.store.wait_until_ready().await.is_err() {
-            return;
-        }
-        loop {
-            let (keys, all) = scope.orphans.next().await;
-            let keys: BTreeSet<String> = match all {
-                true => {
-                    let known: Vec<String> = lock(&self.seen).base.keys().cloned().collect();
-                    known.into_iter().chain(self.node.keys()).collect()
-                }
-                false => keys,
-            };
-            let in_scope = |key: &String| {
-                self.in_scope(key)
-                    && key.split_once('/').is_some_and(|(ns, _)| {
-                        scope.namespace.as_deref().is_none_or(|scope| scope == ns)
-                    })
-            };
-            for key in keys.iter().filter(|k| in_scope(k)) {
-                let Some((namespace, name)) = key.split_once('/') else {
-                    continue;
-                };
-                let object = ObjectRef::new_with(name, self.resource.clone()).within(namespace);
-                if scope.store.get(&object).is_some() {
-                    continue;
-                }
-                let known = lock(&self.seen).base.contains_key(key);
-                if !known {
-                    self.create_resource(key).await;
-                    continue;
-                }
-                // A resource this head just made may not be in its cache yet: ask.
-                match self.api(namespace).get_opt(name).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => self.resource_deleted(key).await,
-                    Err(e) => warn!(doc = %key, error = %e, "cannot read the resource"),
-                }
-            }
-        }
-    }
-
-    /// The resource is gone (deleted without waiting for the edge, or while no head watched):
-    /// the document goes too, and the edge removes the pods.
-    async fn resource_deleted(&self, key: &str) {
-        match self.node.delete(key).await {
-            Ok(()) => info!(doc = key, "EdgeNode deleted; the edge removes its pods"),
-            Err(NodeError::NotFound(_)) => {}
-            Err(e) => return warn!(doc = key, error = %e, "cannot delete the document"),
-        }
-        self.forget(key).await;
-    }
-
-    /// Makes the resource for a document that has none.
-    async fn create_resource(&self, key: &str) {
-        let Some((namespace, name)) = key.split_once('/') else {
-            return;
-        };
-        let Ok(Some((view, heads))) = self.node.view_at(key).await else {
-            return;
-        };
-        if view.deleted || view.generation == 0 {
-            return;
-        }
-        let synced = with_synced(&[], &heads).unwrap_or_default();
-        let mut object = DynamicObject::new(name, &self.resource).within(namespace);
-        object.data = json!({"spec": {"pods": view.pods.values().collect::<Vec<_>>()}});
-        object.metadata.finalizers = Some(vec![FINALIZER.into()]);
-        object.metadata.annotations = Some(
-            [(
-                SYNCED_HEADS_ANNOTATION.to_string(),
-                serde_json::to_string(&synced).unwrap_or_default(),
-            )]
-            .into(),
-        );
-        if !view.labels.is_empty() {
-            object.metadata.labels = Some(view.labels.clone());
-        }
-        match self.api(namespace).create(&post_params(), &object).await {
-            Ok(_) => {
-                info!(doc = key, "EdgeNode made on an edge; resource created");
-                self.remember(key, Some(pods_value(&view.pods))).await;
-            }
-            // Someone made it meanwhile: the Controller merges it in.
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => warn!(doc = key, error = %e, "cannot create the resource"),
-        }
-    }
-
     /// Merges the resource into the document and the document into the resource.
     async fn apply(&self, key: &str, object: &DynamicObject) -> Result<Action, ReconcileError> {
         let json = serde_json::to_value(object).unwrap_or_default();
@@ -742,44 +652,6 @@ impl Bridge {
         );
         self.forget(key).await;
         Ok(Action::await_change())
-    }
-
-    // ---- the follower -----------------------------------------------------------------
-
-    /// While another head writes: watches the resources and records a resource's pods as
-    /// the merge base whenever the document (kept up to date by the writer through
-    /// head-to-head sync) holds exactly them, so a takeover starts from a base both sides had.
-    async fn follow(&self) {
-        let scopes = self.scope_apis().into_iter().map(|(_, api)| async move {
-            let stream = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .applied_objects();
-            tokio::pin!(stream);
-            while let Some(object) = stream.next().await {
-                match object {
-                    Ok(object) => self.follow_one(&object).await,
-                    Err(e) => warn!(error = %e, "EdgeNode watch failed; retrying"),
-                }
-            }
-        });
-        futures_util::future::join_all(scopes).await;
-    }
-
-    async fn follow_one(&self, object: &DynamicObject) {
-        let Some(key) = key_of(object) else {
-            return;
-        };
-        let json = serde_json::to_value(object).unwrap_or_default();
-        let rules = self.node.rules().clone();
-        let Ok(desired) = input::parse_edgenode(&json, &format!("EdgeNode {key}"), &rules) else {
-            return;
-        };
-        let theirs = pods_value(&desired.pods);
-        let agreed = matches!(self.node.view(&key).await,
-            Ok(Some((view, _))) if !view.deleted && pods_value(&view.pods) == theirs);
-        if agreed && lock(&self.seen).base.get(&key) != Some(&theirs) {
-            self.remember(&key, Some(theirs)).await;
-        }
     }
 }
 

@@ -4,11 +4,14 @@
 
 use crate::daemon::DaemonError;
 use crate::transport::tls::Ca;
+use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use std::path::Path;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Field manager named on every write edgesync makes to the API server.
 pub const FIELD_MANAGER: &str = "edgesync";
@@ -211,4 +214,40 @@ fn pem_block(label: &str, der: &[u8]) -> String {
         "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
         lines.join("\n")
     )
+}
+
+/// A cache of `api`'s objects, kept up to date by a reflector running as a daemon task, which
+/// hands each watch event to `on_event` as well.
+pub fn cache<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    tasks: &mut crate::daemon::Tasks,
+    mut on_event: impl FnMut(&watcher::Event<K>) + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let shutdown = tasks.token();
+    tasks.spawn(async move {
+        tokio::pin!(stream);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    None => return,
+                    Some(Err(e)) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; retrying"),
+                    Some(Ok(event)) => on_event(&event),
+                },
+            }
+        }
+    });
+    reader
 }

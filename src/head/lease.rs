@@ -4,11 +4,10 @@
 //! here, not by comparing clocks with the holder. Each head also renews a Lease of its own, so
 //! the others can tell when it has stopped.
 
-use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, Patch, PostParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::{reflector, watcher};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -203,27 +202,9 @@ impl HeadLeases {
         tasks: &mut crate::daemon::Tasks,
     ) -> std::sync::Arc<HeadLeases> {
         let api: Api<Lease> = Api::namespaced(client, namespace);
-        let (cache, writer) = reflector::store();
         let selector = format!("{HEAD_LEASE_LABEL}=true");
-        let stream = reflector::reflector(
-            writer,
-            watcher(api.clone(), watcher::Config::default().labels(&selector)),
-        )
-        .default_backoff();
-        let shutdown = tasks.token();
-        tasks.spawn(async move {
-            tokio::pin!(stream);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    event = stream.next() => match event {
-                        None => return,
-                        Some(Err(e)) => warn!(error = %e, "head Lease watch failed; retrying"),
-                        Some(Ok(_)) => {}
-                    },
-                }
-            }
-        });
+        let config = watcher::Config::default().labels(&selector);
+        let cache = crate::head::cluster::cache(api.clone(), config, tasks, |_| {});
         tasks.spawn(heartbeat(
             api,
             format!("{HEAD_LEASE_PREFIX}{name}"),

@@ -8,11 +8,10 @@ use super::{Bridge, lock};
 use crate::crd::{Condition, EdgeNodeStatus, MANAGED_LABEL, Phase};
 use crate::daemon::Tasks;
 use crate::head::cluster::patch_params;
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, Patch};
-use kube::runtime::reflector::{self, ObjectRef, Store as Cache};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store as Cache};
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -238,8 +237,8 @@ impl ClusterView {
 /// Annotation the kubelet puts on the mirror pod of a static pod.
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
-/// A reflector's cache of `api`, kept up to date by a daemon task.
-/// Each change to an object asks `status` to look at the EdgeNodes of the edge it names.
+/// A cache of `api`; each change to an object asks `status` to look at the EdgeNodes of the
+/// edge it names.
 fn cache<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -256,29 +255,15 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
-    let shutdown = tasks.token();
-    tasks.spawn(async move {
-        tokio::pin!(stream);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                event = stream.next() => match event {
-                    None => return,
-                    Some(Err(e)) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; retrying"),
-                    Some(Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object))) => {
-                        if let Some(edge) = edge_of(&object) {
-                            status.mark(edge);
-                        }
-                    }
-                    Some(Ok(watcher::Event::InitDone)) => status.mark_all(),
-                    Some(Ok(_)) => {}
-                },
+    crate::head::cluster::cache(api, config, tasks, move |event| match event {
+        watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
+            if let Some(edge) = edge_of(object) {
+                status.mark(edge);
             }
         }
-    });
-    reader
+        watcher::Event::InitDone => status.mark_all(),
+        _ => {}
+    })
 }
 
 /// Folds what the cluster shows into the status the edge reported: with a Node of the edge's
