@@ -1,10 +1,29 @@
 //! EdgeNode files from users: parse YAML/JSON, refuse anything invalid, normalise pods.
 
 use crate::crd::{API_VERSION, LEGACY_API_VERSION};
-use crate::edge::policy;
+use crate::edge::{manifests, policy};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// Largest text one apply takes (all its documents), in bytes.
+pub const MAX_INPUT_BYTES: usize = 1 << 20;
+/// Largest EdgeNode: its `spec` as compact JSON, in bytes.
+pub const MAX_EDGENODE_BYTES: usize = 512 << 10;
+/// Most pods one EdgeNode holds (the kubelet's default `--max-pods`).
+pub const MAX_PODS: usize = 110;
+/// Longest file name the edge's manifest directory can hold (NAME_MAX of Linux file systems).
+pub const MAX_FILE_NAME: usize = 255;
+/// Most YAML nodes (scalars, sequences, mappings) in one apply's text, aliases expanded.
+pub const MAX_NODES: usize = 50_000;
+/// Deepest nesting of sequences and mappings (a Pod needs about 20).
+pub const MAX_DEPTH: usize = 48;
+/// Most YAML anchors (`&name`) in one apply's text.
+pub const MAX_ANCHORS: usize = 10_000;
+/// Most documents (`---`) in one apply's text.
+pub const MAX_DOCUMENTS: usize = 500;
+/// How much of a value a message shows.
+const SHOW_CHARS: usize = 64;
 
 /// A refused input: which object, which field, and why. Displays as one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,22 +78,38 @@ impl Rules {
 }
 
 /// Parses every EdgeNode in a YAML or JSON text (several documents, or a `List`).
-/// All or nothing: the first invalid field refuses the whole text.
+/// All or nothing: the first invalid field refuses the whole text. The text is bounded before
+/// it is parsed ([`MAX_INPUT_BYTES`]) and while it is parsed (nodes, depth, aliases,
+/// documents), so a hostile text costs little memory or time.
 pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, InvalidInput> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| InvalidInput {
-        object: "input".into(),
-        field: "(syntax)".into(),
-        reason: format!("not valid YAML or JSON: {}", one_line(&e.to_string())),
-    })?;
+    if text.len() > MAX_INPUT_BYTES {
+        return Err(invalid(
+            "input",
+            "(size)",
+            &format!(
+                "{} bytes, more than the {MAX_INPUT_BYTES} one apply takes; split it into several files",
+                text.len()
+            ),
+        ));
+    }
+    check_budget(text)?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, parse_options())
+        .map_err(|e| {
+            invalid(
+                "input",
+                "(syntax)",
+                &format!("not valid YAML or JSON: {}", one_line(&e.to_string())),
+            )
+        })?;
     let mut objects = Vec::new();
-    for (i, doc) in docs.into_iter().enumerate() {
+    for (i, mut doc) in docs.into_iter().enumerate() {
         let label = format!("document {}", i + 1);
         if doc.get("kind").and_then(Value::as_str) == Some("List") {
-            let Some(items) = doc.get("items").and_then(Value::as_array) else {
+            let Some(Value::Array(items)) = doc.get_mut("items").map(Value::take) else {
                 return Err(invalid(&label, "items", "a List needs an items array"));
             };
-            for (j, item) in items.iter().enumerate() {
-                objects.push((format!("{label} item {}", j + 1), item.clone()));
+            for (j, item) in items.into_iter().enumerate() {
+                objects.push((format!("{label} item {}", j + 1), item));
             }
         } else {
             objects.push((label, doc));
@@ -98,6 +133,132 @@ pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, In
     Ok(nodes)
 }
 
+/// Walks the YAML event stream of `text` without building anything, and refuses it when it
+/// exceeds what real EdgeNodes need: [`MAX_NODES`] nodes once aliases are expanded (the size of
+/// each anchor is counted, never expanded), [`MAX_DEPTH`] levels, [`MAX_DOCUMENTS`] documents,
+/// [`MAX_ANCHORS`] anchors. Only a text within these budgets is then deserialized, so a refused
+/// one costs no more memory than its events.
+pub fn check_budget(text: &str) -> Result<(), InvalidInput> {
+    use serde_saphyr::granit_parser::{Event, Options, Parser};
+    let mut options = Options::default();
+    // One level beyond the budget, so that the budget reports it.
+    options.flow_nesting_limit = MAX_DEPTH + 1;
+    options.block_nesting_limit = MAX_DEPTH + 1;
+    options.emit_comments = false;
+    let refuse = |limit: String, line: usize| {
+        invalid(
+            "input",
+            "(size)",
+            &format!("{limit} (line {line}), more than EdgeNodes need; see Limits in the README"),
+        )
+    };
+    // The expanded size of each anchor; per open collection: its anchor and the node count
+    // when it started.
+    let mut anchors: HashMap<usize, usize> = HashMap::new();
+    let mut open: Vec<(usize, usize)> = Vec::new();
+    let (mut nodes, mut documents) = (0usize, 0usize);
+    for event in Parser::new_from_str_with_options(text, options) {
+        let (event, span) = event.map_err(scan_error)?;
+        let line = span.start.line();
+        let before = nodes;
+        match event {
+            Event::DocumentStart(..) => {
+                documents += 1;
+                if documents > MAX_DOCUMENTS {
+                    return Err(refuse(format!("more than {MAX_DOCUMENTS} documents"), line));
+                }
+            }
+            Event::Scalar(value, _, anchor, _) => {
+                if value.len() > MAX_EDGENODE_BYTES {
+                    return Err(refuse(
+                        format!(
+                            "a value of {} bytes, more than an EdgeNode holds",
+                            value.len()
+                        ),
+                        line,
+                    ));
+                }
+                nodes += 1;
+                if anchor != 0 {
+                    anchors.insert(anchor, 1);
+                }
+            }
+            Event::SequenceStart(_, anchor, _) | Event::MappingStart(_, anchor, _) => {
+                nodes += 1;
+                open.push((anchor, nodes));
+                if open.len() > MAX_DEPTH {
+                    return Err(refuse(
+                        format!("nested deeper than {MAX_DEPTH} levels"),
+                        line,
+                    ));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((anchor, start)) = open.pop()
+                    && anchor != 0
+                {
+                    anchors.insert(anchor, nodes - start + 1);
+                }
+            }
+            Event::Alias(anchor) => {
+                // An alias of a collection still open is recursive; deserializing refuses it.
+                nodes = nodes.saturating_add(anchors.get(&anchor).copied().unwrap_or(1));
+                if nodes > MAX_NODES {
+                    return Err(refuse(
+                        format!("YAML aliases that expand to more than {MAX_NODES} nodes"),
+                        line,
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if nodes > MAX_NODES && before <= MAX_NODES {
+            return Err(refuse(format!("more than {MAX_NODES} YAML nodes"), line));
+        }
+        if anchors.len() > MAX_ANCHORS {
+            return Err(refuse(
+                format!("more than {MAX_ANCHORS} YAML anchors"),
+                line,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A syntax error of the YAML parser, as one line; the parser's own nesting limit (hit in flow
+/// collections such as `[[[`) reads as the depth budget.
+fn scan_error(e: serde_saphyr::granit_parser::ScanError) -> InvalidInput {
+    use serde_saphyr::granit_parser::ErrorKind;
+    let at = format!("line {} column {}", e.marker().line(), e.marker().col() + 1);
+    match e.kind() {
+        ErrorKind::RecursionLimitExceeded => invalid(
+            "input",
+            "(size)",
+            &format!(
+                "nested deeper than {MAX_DEPTH} levels ({at}), more than EdgeNodes need; see Limits in the README"
+            ),
+        ),
+        _ => invalid(
+            "input",
+            "(syntax)",
+            &format!("not valid YAML or JSON: {} at {at}", one_line(&e.info())),
+        ),
+    }
+}
+
+/// Deserializing a text that passed [`check_budget`]: the parser's own budgets are looser, and
+/// no snippet of the input is quoted in errors.
+fn parse_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            // Counted exactly by check_budget instead.
+            enforce_alias_anchor_ratio: false,
+        },
+        emit_comments: false,
+        with_snippet: false,
+    }
+}
+
 /// Validates one EdgeNode object given as JSON.
 pub fn parse_edgenode(
     object: &Value,
@@ -113,7 +274,7 @@ pub fn parse_edgenode(
     };
     for key in map.keys() {
         if !["apiVersion", "kind", "metadata", "spec", "status"].contains(&key.as_str()) {
-            return Err(invalid(label, key, "unknown field"));
+            return Err(invalid(label, &clip(key), "unknown field"));
         }
     }
     match map.get("apiVersion").and_then(Value::as_str) {
@@ -122,7 +283,7 @@ pub fn parse_edgenode(
             return Err(invalid(
                 label,
                 "apiVersion",
-                &format!("{other:?} is not supported; use {API_VERSION}"),
+                &format!("{} is not supported; use {API_VERSION}", show(other)),
             ));
         }
         None => {
@@ -133,15 +294,16 @@ pub fn parse_edgenode(
             ));
         }
     }
-    match map.get("kind").and_then(Value::as_str) {
-        Some("EdgeNode") => {}
-        other => {
+    match map.get("kind") {
+        Some(kind) if kind == "EdgeNode" => {}
+        Some(other) => {
             return Err(invalid(
                 label,
                 "kind",
-                &format!("{other:?} is not EdgeNode"),
+                &format!("{} is not EdgeNode", show_json(other)),
             ));
         }
+        None => return Err(invalid(label, "kind", "missing; use EdgeNode")),
     }
     let metadata = map.get("metadata").and_then(Value::as_object);
     let name = metadata
@@ -167,34 +329,60 @@ pub fn parse_edgenode(
         })?,
     };
 
+    let empty = Map::new();
     let spec = match map.get("spec") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(spec)) => spec.clone(),
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(spec)) => spec,
         Some(_) => return Err(invalid(&object_name, "spec", "must be a mapping")),
     };
     if let Some(key) = spec.keys().find(|k| k.as_str() != "pods") {
         return Err(invalid(
             &object_name,
-            &format!("spec.{key}"),
+            &format!("spec.{}", clip(key)),
             "unknown field",
         ));
     }
-    let pods = match spec.get("pods") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(pods)) => pods.clone(),
+    let pods: &[Value] = match spec.get("pods") {
+        None | Some(Value::Null) => &[],
+        Some(Value::Array(pods)) => pods,
         Some(_) => return Err(invalid(&object_name, "spec.pods", "must be a list of pods")),
     };
+    if pods.len() > MAX_PODS {
+        return Err(invalid(
+            &object_name,
+            "spec.pods",
+            &format!(
+                "{} pods, more than the {MAX_PODS} an EdgeNode holds; put the others in an EdgeNode of the same name in another namespace",
+                pods.len()
+            ),
+        ));
+    }
+    let size = json_len(spec);
+    if size > MAX_EDGENODE_BYTES {
+        return Err(invalid(
+            &object_name,
+            "spec",
+            &format!(
+                "{size} bytes as JSON, more than the {MAX_EDGENODE_BYTES} an EdgeNode holds; put some pods in an EdgeNode of the same name in another namespace"
+            ),
+        ));
+    }
     let privileged = rules.privileged_namespaces.iter().any(|n| n == namespace);
     let mut by_name = BTreeMap::new();
     for (i, pod) in pods.iter().enumerate() {
         let path = format!("spec.pods[{i}]");
         let (pod_name, pod) = normalise_pod(pod, name, privileged)
+            .and_then(|(pod_name, pod)| {
+                check_manifest_name(namespace, &pod_name)
+                    .map_err(|r| (".metadata.name".to_string(), r))?;
+                Ok((pod_name, pod))
+            })
             .map_err(|(field, reason)| invalid(&object_name, &format!("{path}{field}"), &reason))?;
         if by_name.insert(pod_name.clone(), pod).is_some() {
             return Err(invalid(
                 &object_name,
                 &format!("{path}.metadata.name"),
-                &format!("duplicate pod name {pod_name:?}"),
+                &format!("duplicate pod name {}", show(&pod_name)),
             ));
         }
     }
@@ -213,19 +401,19 @@ pub fn normalise_pod(
     node: &str,
     privileged: bool,
 ) -> Result<(String, Value), (String, String)> {
-    let err = |field: &str, reason: &str| (field.to_string(), reason.to_string());
+    let err = |field: &str, reason: &str| (clip(field), reason.to_string());
     let Some(map) = pod.as_object() else {
         return Err(err("", "must be a Pod mapping"));
     };
     match map.get("apiVersion") {
         None => {}
         Some(v) if v == "v1" => {}
-        Some(v) => return Err(err(".apiVersion", &format!("{v} is not v1"))),
+        Some(v) => return Err(err(".apiVersion", &format!("{} is not v1", show_json(v)))),
     }
     match map.get("kind") {
         None => {}
         Some(v) if v == "Pod" => {}
-        Some(v) => return Err(err(".kind", &format!("{v} is not Pod"))),
+        Some(v) => return Err(err(".kind", &format!("{} is not Pod", show_json(v)))),
     }
     let mut input = pod.clone();
     if let Some(obj) = input.as_object_mut() {
@@ -283,7 +471,7 @@ pub fn normalise_pod(
         if !seen.insert(container.name.as_str()) {
             return Err(err(
                 &format!("{path}.name"),
-                &format!("duplicate container name {:?}", container.name),
+                &format!("duplicate container name {}", show(&container.name)),
             ));
         }
         if container.image.as_deref().is_none_or(str::is_empty) {
@@ -337,7 +525,8 @@ pub fn check_label(value: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{value:?} is not a valid DNS-1123 label (lowercase letters, digits and '-', at most 63)"
+            "{} is not a valid DNS-1123 label (lowercase letters, digits and '-', at most 63)",
+            show(value)
         ))
     }
 }
@@ -351,21 +540,85 @@ pub fn check_subdomain(value: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{value:?} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)"
+            "{} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)",
+            show(value)
         ))
     }
 }
 
+/// Checks that the static pod manifest of pod `pod` in `namespace` has a file name the edge's
+/// manifest directory can hold (at most [`MAX_FILE_NAME`] bytes).
+pub fn check_manifest_name(namespace: &str, pod: &str) -> Result<(), String> {
+    let file = manifests::file_name(namespace, pod);
+    if file.len() <= MAX_FILE_NAME {
+        return Ok(());
+    }
+    let fits = MAX_FILE_NAME - manifests::file_name(namespace, "").len();
+    Err(format!(
+        "too long: its manifest file name on the edge would be {} bytes, more than the \
+         {MAX_FILE_NAME} a file name may have; in namespace {namespace:?} a pod name may have at \
+         most {fits} characters",
+        file.len()
+    ))
+}
+
+/// A value for a message, quoted: at most 64 characters of it, then how long it was, so a
+/// huge value is never echoed whole.
+pub fn show(value: &str) -> String {
+    match value.char_indices().nth(SHOW_CHARS) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
+    }
+}
+
+/// A JSON value for a message, as [`show`] does: strings quoted, anything else as JSON.
+fn show_json(value: &Value) -> String {
+    match value {
+        Value::String(s) => show(s),
+        other => {
+            let json = other.to_string();
+            clip(&json)
+        }
+    }
+}
+
+/// Text made of input (a field path, another library's message) cut to a few hundred
+/// characters, saying how long it was.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(4 * SHOW_CHARS) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+    }
+}
+
+/// The length of `value` as compact JSON, without building the text.
+fn json_len<T: serde::Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 fn invalid(object: &str, field: &str, reason: &str) -> InvalidInput {
     InvalidInput {
-        object: object.to_string(),
-        field: field.to_string(),
+        object: clip(object),
+        field: clip(field),
         reason: reason.to_string(),
     }
 }
 
+/// Another library's message as one line, clipped (it may quote the input).
 fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    clip(&text.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 #[cfg(test)]
@@ -482,6 +735,142 @@ mod tests {
             privileged_namespaces: vec!["default".into()],
         };
         assert!(parse_edgenodes(&with_pods(pod), &rules).is_ok());
+    }
+
+    /// Nine levels of nine aliases: 9^9 nodes if expanded.
+    fn alias_bomb() -> String {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn hostile_yaml_is_refused_while_parsing_within_budgets() {
+        let anchored = format!("b: &b [{}]\n", vec!["x"; 100].join(", "));
+        let moderate = format!("{anchored}c: [{}]\n", vec!["*b"; 1000].join(", "));
+        let cases = [
+            (alias_bomb(), "aliases"),
+            // 100,000 nodes from 1,100: under the parser's own default limits.
+            (moderate, "aliases"),
+            ("[".repeat(10_000), "nested deeper than"),
+            ("- x\n".repeat(MAX_NODES + 1), "YAML nodes"),
+            ("---\na: 1\n".repeat(MAX_DOCUMENTS + 1), "documents"),
+        ];
+        for (text, expected) in cases {
+            let started = std::time::Instant::now();
+            let message = refusal(&text);
+            assert!(
+                message.starts_with("input: (size): ") && message.contains(expected),
+                "{message:?} should name the limit {expected:?}"
+            );
+            assert!(message.len() < 200, "{message}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        }
+        // A few anchors, as people use them for shared settings, are fine.
+        let shared = with_pods(
+            "    - metadata: {name: a}\n      spec: {containers: [&c {name: c, image: nginx}]}\n    - metadata: {name: b}\n      spec: {containers: [*c]}\n",
+        );
+        assert_eq!(parse(&shared).unwrap()[0].pods.len(), 2);
+    }
+
+    #[test]
+    fn oversized_inputs_are_refused_before_parsing() {
+        let text = format!("{EXAMPLE}#{}", "x".repeat(MAX_INPUT_BYTES));
+        let message = refusal(&text);
+        assert!(
+            message.starts_with("input: (size): ")
+                && message.contains(&MAX_INPUT_BYTES.to_string()),
+            "{message}"
+        );
+    }
+
+    fn pods(count: usize, env: &str) -> String {
+        (0..count)
+            .map(|i| format!("    - metadata: {{name: p{i}}}\n      spec: {{containers: [{{name: c, image: nginx, env: [{{name: E, value: {env:?}}}]}}]}}\n"))
+            .collect()
+    }
+
+    #[test]
+    fn edgenodes_are_bounded_in_pods_and_bytes() {
+        assert!(parse(&with_pods(&pods(MAX_PODS, "v"))).is_ok());
+        let message = refusal(&with_pods(&pods(MAX_PODS + 1, "v")));
+        assert!(
+            message.starts_with("EdgeNode default/edge01: spec.pods: 111 pods, more than the 110"),
+            "{message}"
+        );
+        let big = "v".repeat(MAX_EDGENODE_BYTES / 4);
+        assert!(parse(&with_pods(&pods(3, &big))).is_ok());
+        let message = refusal(&with_pods(&pods(4, &big)));
+        assert!(
+            message.starts_with("EdgeNode default/edge01: spec: ")
+                && message.contains(&format!("more than the {MAX_EDGENODE_BYTES}")),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn pod_names_whose_manifest_file_cannot_exist_are_refused() {
+        let ns = "n".repeat(63);
+        let text = |pod: &str| {
+            with_pods(&format!(
+                "    - metadata: {{name: {pod}}}\n      spec: {{containers: [{{name: c, image: nginx}}]}}\n"
+            ))
+            .replace("name: edge01", &format!("name: e\n  namespace: {ns}"))
+        };
+        // edgesync_<ns>_<pod>.json: 15 + 63 + 177 = 255 bytes.
+        let longest = format!("{0}.{0}.{1}", "a".repeat(63), "b".repeat(49));
+        assert_eq!(manifests::file_name(&ns, &longest).len(), MAX_FILE_NAME);
+        assert!(parse(&text(&longest)).is_ok());
+        let message = refusal(&text(&format!("{longest}b")));
+        assert!(
+            message.contains("spec.pods[0].metadata.name: too long")
+                && message.contains("at most 177 characters"),
+            "{message}"
+        );
+        assert!(!message.contains(&longest), "{message}");
+    }
+
+    #[test]
+    fn refusals_never_echo_huge_values() {
+        // Under the size limits, so each is refused for what it is.
+        let huge = "a".repeat(300 << 10);
+        let cases = [
+            EXAMPLE.replace(
+                "name: nginx\n      spec",
+                &format!("name: {huge}\n      spec"),
+            ),
+            EXAMPLE.replace("name: edge01", &format!("name: {huge}")),
+            // YAML keys have at most 1024 characters.
+            EXAMPLE.replace("pods:", &format!("{}: 1\n  pods:", &huge[..1000])),
+            EXAMPLE.replace(
+                "image: nginx",
+                &format!("image: nginx\n            ? {huge}\n            : 1"),
+            ),
+            EXAMPLE.replace("edge.k8s.io/v1alpha1", &huge),
+            EXAMPLE.replace("kind: Pod", &format!("kind: {huge}")),
+            EXAMPLE.replace("apiVersion: v1", &format!("apiVersion: [{huge}]")),
+            EXAMPLE.replace(
+                "imagePullPolicy: IfNotPresent",
+                &format!("ports: [{{containerPort: {huge}}}]"),
+            ),
+        ];
+        for text in cases {
+            let message = refusal(&text);
+            assert!(
+                message.len() < 600,
+                "{}",
+                &message[..1000.min(message.len())]
+            );
+            assert!(message.contains("… ("), "{message}");
+        }
+        assert_eq!(show("web"), "\"web\"");
+        assert_eq!(
+            show(&"é".repeat(100)),
+            format!("{:?}… (200 bytes)", "é".repeat(64))
+        );
     }
 
     #[test]
