@@ -1,29 +1,17 @@
 //! EdgeNode files from users: parse YAML/JSON, refuse anything invalid, normalise pods.
 
 use crate::crd::{API_VERSION, LEGACY_API_VERSION};
-use crate::edge::{manifests, policy};
+use crate::edge::policy;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-/// Largest text one apply takes (all its documents), in bytes.
-pub const MAX_INPUT_BYTES: usize = 1 << 20;
-/// Largest EdgeNode: its `spec` as compact JSON, in bytes.
-pub const MAX_EDGENODE_BYTES: usize = 512 << 10;
-/// Most pods one EdgeNode holds (the kubelet's default `--max-pods`).
-pub const MAX_PODS: usize = 110;
-/// Longest file name the edge's manifest directory can hold (NAME_MAX of Linux file systems).
-pub const MAX_FILE_NAME: usize = 255;
-/// Most YAML nodes (scalars, sequences, mappings) in one apply's text, aliases expanded.
-pub const MAX_NODES: usize = 50_000;
-/// Deepest nesting of sequences and mappings (a Pod needs about 20).
-pub const MAX_DEPTH: usize = 48;
-/// Most YAML anchors (`&name`) in one apply's text.
-pub const MAX_ANCHORS: usize = 10_000;
-/// Most documents (`---`) in one apply's text.
-pub const MAX_DOCUMENTS: usize = 500;
-/// How much of a value a message shows.
-const SHOW_CHARS: usize = 64;
+mod limits;
+pub use limits::{
+    MAX_ANCHORS, MAX_DEPTH, MAX_DOCUMENTS, MAX_EDGENODE_BYTES, MAX_FILE_NAME, MAX_INPUT_BYTES,
+    MAX_NODES, MAX_PODS, check_budget, check_manifest_name, clip, show,
+};
+use limits::{json_len, show_json};
 
 /// A refused input: which object, which field, and why. Displays as one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,119 +121,6 @@ pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, In
     Ok(nodes)
 }
 
-/// Walks the YAML event stream of `text` without building anything, and refuses it when it
-/// exceeds what real EdgeNodes need: [`MAX_NODES`] nodes once aliases are expanded (the size of
-/// each anchor is counted, never expanded), [`MAX_DEPTH`] levels, [`MAX_DOCUMENTS`] documents,
-/// [`MAX_ANCHORS`] anchors. Only a text within these budgets is then deserialized, so a refused
-/// one costs no more memory than its events.
-pub fn check_budget(text: &str) -> Result<(), InvalidInput> {
-    use serde_saphyr::granit_parser::{Event, Options, Parser};
-    let mut options = Options::default();
-    // One level beyond the budget, so that the budget reports it.
-    options.flow_nesting_limit = MAX_DEPTH + 1;
-    options.block_nesting_limit = MAX_DEPTH + 1;
-    options.emit_comments = false;
-    let refuse = |limit: String, line: usize| {
-        invalid(
-            "input",
-            "(size)",
-            &format!("{limit} (line {line}), more than EdgeNodes need; see Limits in the README"),
-        )
-    };
-    // The expanded size of each anchor; per open collection: its anchor and the node count
-    // when it started.
-    let mut anchors: HashMap<usize, usize> = HashMap::new();
-    let mut open: Vec<(usize, usize)> = Vec::new();
-    let (mut nodes, mut documents) = (0usize, 0usize);
-    for event in Parser::new_from_str_with_options(text, options) {
-        let (event, span) = event.map_err(scan_error)?;
-        let line = span.start.line();
-        let before = nodes;
-        match event {
-            Event::DocumentStart(..) => {
-                documents += 1;
-                if documents > MAX_DOCUMENTS {
-                    return Err(refuse(format!("more than {MAX_DOCUMENTS} documents"), line));
-                }
-            }
-            Event::Scalar(value, _, anchor, _) => {
-                if value.len() > MAX_EDGENODE_BYTES {
-                    return Err(refuse(
-                        format!(
-                            "a value of {} bytes, more than an EdgeNode holds",
-                            value.len()
-                        ),
-                        line,
-                    ));
-                }
-                nodes += 1;
-                if anchor != 0 {
-                    anchors.insert(anchor, 1);
-                }
-            }
-            Event::SequenceStart(_, anchor, _) | Event::MappingStart(_, anchor, _) => {
-                nodes += 1;
-                open.push((anchor, nodes));
-                if open.len() > MAX_DEPTH {
-                    return Err(refuse(
-                        format!("nested deeper than {MAX_DEPTH} levels"),
-                        line,
-                    ));
-                }
-            }
-            Event::SequenceEnd | Event::MappingEnd => {
-                if let Some((anchor, start)) = open.pop()
-                    && anchor != 0
-                {
-                    anchors.insert(anchor, nodes - start + 1);
-                }
-            }
-            Event::Alias(anchor) => {
-                // An alias of a collection still open is recursive; deserializing refuses it.
-                nodes = nodes.saturating_add(anchors.get(&anchor).copied().unwrap_or(1));
-                if nodes > MAX_NODES {
-                    return Err(refuse(
-                        format!("YAML aliases that expand to more than {MAX_NODES} nodes"),
-                        line,
-                    ));
-                }
-            }
-            _ => {}
-        }
-        if nodes > MAX_NODES && before <= MAX_NODES {
-            return Err(refuse(format!("more than {MAX_NODES} YAML nodes"), line));
-        }
-        if anchors.len() > MAX_ANCHORS {
-            return Err(refuse(
-                format!("more than {MAX_ANCHORS} YAML anchors"),
-                line,
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A syntax error of the YAML parser, as one line; the parser's own nesting limit (hit in flow
-/// collections such as `[[[`) reads as the depth budget.
-fn scan_error(e: serde_saphyr::granit_parser::ScanError) -> InvalidInput {
-    use serde_saphyr::granit_parser::ErrorKind;
-    let at = format!("line {} column {}", e.marker().line(), e.marker().col() + 1);
-    match e.kind() {
-        ErrorKind::RecursionLimitExceeded => invalid(
-            "input",
-            "(size)",
-            &format!(
-                "nested deeper than {MAX_DEPTH} levels ({at}), more than EdgeNodes need; see Limits in the README"
-            ),
-        ),
-        _ => invalid(
-            "input",
-            "(syntax)",
-            &format!("not valid YAML or JSON: {} at {at}", one_line(&e.info())),
-        ),
-    }
-}
-
 /// Deserializing a text that passed [`check_budget`]: the parser's own budgets are looser, and
 /// no snippet of the input is quoted in errors.
 fn parse_options() -> serde_saphyr::Options {
@@ -274,7 +149,7 @@ pub fn parse_edgenode(
     };
     for key in map.keys() {
         if !["apiVersion", "kind", "metadata", "spec", "status"].contains(&key.as_str()) {
-            return Err(invalid(label, &clip(key), "unknown field"));
+            return Err(invalid(label, key, "unknown field"));
         }
     }
     match map.get("apiVersion").and_then(Value::as_str) {
@@ -338,7 +213,7 @@ pub fn parse_edgenode(
     if let Some(key) = spec.keys().find(|k| k.as_str() != "pods") {
         return Err(invalid(
             &object_name,
-            &format!("spec.{}", clip(key)),
+            &format!("spec.{key}"),
             "unknown field",
         ));
     }
@@ -546,68 +421,6 @@ pub fn check_subdomain(value: &str) -> Result<(), String> {
     }
 }
 
-/// Checks that the static pod manifest of pod `pod` in `namespace` has a file name the edge's
-/// manifest directory can hold (at most [`MAX_FILE_NAME`] bytes).
-pub fn check_manifest_name(namespace: &str, pod: &str) -> Result<(), String> {
-    let file = manifests::file_name(namespace, pod);
-    if file.len() <= MAX_FILE_NAME {
-        return Ok(());
-    }
-    let fits = MAX_FILE_NAME - manifests::file_name(namespace, "").len();
-    Err(format!(
-        "too long: its manifest file name on the edge would be {} bytes, more than the \
-         {MAX_FILE_NAME} a file name may have; in namespace {namespace:?} a pod name may have at \
-         most {fits} characters",
-        file.len()
-    ))
-}
-
-/// A value for a message, quoted: at most 64 characters of it, then how long it was, so a
-/// huge value is never echoed whole.
-pub fn show(value: &str) -> String {
-    match value.char_indices().nth(SHOW_CHARS) {
-        None => format!("{value:?}"),
-        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
-    }
-}
-
-/// A JSON value for a message, as [`show`] does: strings quoted, anything else as JSON.
-fn show_json(value: &Value) -> String {
-    match value {
-        Value::String(s) => show(s),
-        other => {
-            let json = other.to_string();
-            clip(&json)
-        }
-    }
-}
-
-/// Text made of input (a field path, another library's message) cut to a few hundred
-/// characters, saying how long it was.
-pub fn clip(text: &str) -> String {
-    match text.char_indices().nth(4 * SHOW_CHARS) {
-        None => text.to_string(),
-        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
-    }
-}
-
-/// The length of `value` as compact JSON, without building the text.
-fn json_len<T: serde::Serialize>(value: &T) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
-}
-
 fn invalid(object: &str, field: &str, reason: &str) -> InvalidInput {
     InvalidInput {
         object: clip(object),
@@ -635,7 +448,7 @@ mod tests {
         parse(text).unwrap_err().to_string()
     }
 
-    fn with_pods(pods: &str) -> String {
+    pub(super) fn with_pods(pods: &str) -> String {
         format!(
             "apiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: edge01\nspec:\n  pods:\n{pods}"
         )
@@ -737,45 +550,6 @@ mod tests {
         assert!(parse_edgenodes(&with_pods(pod), &rules).is_ok());
     }
 
-    /// Nine levels of nine aliases: 9^9 nodes if expanded.
-    fn alias_bomb() -> String {
-        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
-        for i in 1..9 {
-            let refs = vec![format!("*a{}", i - 1); 9].join(", ");
-            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
-        }
-        text
-    }
-
-    #[test]
-    fn hostile_yaml_is_refused_while_parsing_within_budgets() {
-        let anchored = format!("b: &b [{}]\n", vec!["x"; 100].join(", "));
-        let moderate = format!("{anchored}c: [{}]\n", vec!["*b"; 1000].join(", "));
-        let cases = [
-            (alias_bomb(), "aliases"),
-            // 100,000 nodes from 1,100: under the parser's own default limits.
-            (moderate, "aliases"),
-            ("[".repeat(10_000), "nested deeper than"),
-            ("- x\n".repeat(MAX_NODES + 1), "YAML nodes"),
-            ("---\na: 1\n".repeat(MAX_DOCUMENTS + 1), "documents"),
-        ];
-        for (text, expected) in cases {
-            let started = std::time::Instant::now();
-            let message = refusal(&text);
-            assert!(
-                message.starts_with("input: (size): ") && message.contains(expected),
-                "{message:?} should name the limit {expected:?}"
-            );
-            assert!(message.len() < 200, "{message}");
-            assert!(started.elapsed() < std::time::Duration::from_secs(5));
-        }
-        // A few anchors, as people use them for shared settings, are fine.
-        let shared = with_pods(
-            "    - metadata: {name: a}\n      spec: {containers: [&c {name: c, image: nginx}]}\n    - metadata: {name: b}\n      spec: {containers: [*c]}\n",
-        );
-        assert_eq!(parse(&shared).unwrap()[0].pods.len(), 2);
-    }
-
     #[test]
     fn oversized_inputs_are_refused_before_parsing() {
         let text = format!("{EXAMPLE}#{}", "x".repeat(MAX_INPUT_BYTES));
@@ -822,7 +596,10 @@ mod tests {
         };
         // edgesync_<ns>_<pod>.json: 15 + 63 + 177 = 255 bytes.
         let longest = format!("{0}.{0}.{1}", "a".repeat(63), "b".repeat(49));
-        assert_eq!(manifests::file_name(&ns, &longest).len(), MAX_FILE_NAME);
+        assert_eq!(
+            crate::edge::manifests::file_name(&ns, &longest).len(),
+            MAX_FILE_NAME
+        );
         assert!(parse(&text(&longest)).is_ok());
         let message = refusal(&text(&format!("{longest}b")));
         assert!(
