@@ -626,7 +626,11 @@ mod tests {
                 "image: nginx",
                 &format!("image: nginx\n            ? {huge}\n            : 1"),
             ),
-            EXAMPLE.replace("edge.k8s.io/v1alpha1", &huge),
+            EXAMPLE.replacen(
+                EXAMPLE.lines().next().unwrap(),
+                &format!("apiVersion: {huge}"),
+                1,
+            ),
             EXAMPLE.replace("kind: Pod", &format!("kind: {huge}")),
             EXAMPLE.replace("apiVersion: v1", &format!("apiVersion: [{huge}]")),
             EXAMPLE.replace(
@@ -643,6 +647,12 @@ mod tests {
             );
             assert!(message.contains("… ("), "{message}");
         }
+        // A key is part of the field's path: its line breaks and escapes stay escaped.
+        let message = refusal(&EXAMPLE.replace("pods:", "\"a\\nb\\e[31m\": 1\n  pods:"));
+        assert!(
+            message.ends_with("spec.a\\nb\\u{1b}[31m: unknown field"),
+            "{message}"
+        );
         assert_eq!(show("web"), "\"web\"");
         assert_eq!(
             show(&"é".repeat(100)),

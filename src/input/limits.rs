@@ -173,13 +173,25 @@ pub(super) fn show_json(value: &Value) -> String {
     }
 }
 
-/// Text made of input (a field path, another library's message) cut to a few hundred
-/// characters, saying how long it was.
+/// Text made of input (a field path with the input's keys, another library's message) as it
+/// may go into a one-line message: control characters escaped (`\n`, `\u{1b}`), cut to a few
+/// hundred characters, saying how long it was.
 pub fn clip(text: &str) -> String {
-    match text.char_indices().nth(4 * SHOW_CHARS) {
-        None => text.to_string(),
-        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+    let end = text
+        .char_indices()
+        .nth(4 * SHOW_CHARS)
+        .map_or(text.len(), |(end, _)| end);
+    let mut clipped = String::with_capacity(end);
+    for c in text[..end].chars() {
+        match c.is_control() {
+            true => clipped.extend(c.escape_default()),
+            false => clipped.push(c),
+        }
     }
+    if end < text.len() {
+        clipped.push_str(&format!("… ({} bytes)", text.len()));
+    }
+    clipped
 }
 
 /// The length of `value` as compact JSON, without building the text.
