@@ -78,19 +78,46 @@ fn check_resource(resource: &str) -> Result<(), CommandError> {
     }
 }
 
+/// The text of `file` (`-`: standard input), refused before anything is sent when it is larger
+/// than `limit` bytes; `what` completes "more than the N bytes ...".
+fn read_text(file: &Path, limit: usize, what: &str) -> Result<String, CommandError> {
+    let name = file.display().to_string();
+    let usage = |reason: String| CommandError::Usage(format!("{name}: {reason}"));
+    let too_large = |size: Option<u64>| {
+        let size = size.map(|s| format!("{s} bytes, ")).unwrap_or_default();
+        usage(format!("{size}more than the {limit} bytes {what}"))
+    };
+    let mut reader: Box<dyn Read> = if name == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        let opened = std::fs::File::open(file).map_err(|e| usage(e.to_string()))?;
+        match opened.metadata() {
+            Ok(meta) if meta.is_file() && meta.len() > limit as u64 => {
+                return Err(too_large(Some(meta.len())));
+            }
+            _ => Box::new(opened),
+        }
+    };
+    let mut bytes = Vec::new();
+    reader
+        .by_ref()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| usage(e.to_string()))?;
+    if bytes.len() > limit {
+        return Err(too_large(None));
+    }
+    String::from_utf8(bytes).map_err(|_| usage("not UTF-8 text".into()))
+}
+
 /// `edgesync apply -f FILE`.
 pub async fn apply(args: &ApplyArgs) -> Result<(), CommandError> {
     let name = args.file.display().to_string();
-    let text = if name == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| CommandError::Usage(format!("standard input: {e}")))?;
-        text
-    } else {
-        std::fs::read_to_string(&args.file)
-            .map_err(|e| CommandError::Usage(format!("{name}: {e}")))?
-    };
+    let text = read_text(
+        &args.file,
+        crate::input::MAX_INPUT_BYTES,
+        "one apply takes; split it into several files",
+    )?;
     let uri = format!("/v1/apply?namespace={}", args.namespace);
     let result = call(&args.socket, Method::POST, &uri, Some(text.into_bytes())).await;
     let outcomes: Vec<ApplyOutcome> = match result {
@@ -294,12 +321,11 @@ fn print_users(users: &Value, output: &str) -> Result<(), CommandError> {
 
 /// `edgesync aup set -f FILE`.
 pub async fn aup_set(socket: &Path, file: &str) -> Result<(), CommandError> {
-    let text = if file == "-" {
-        std::io::read_to_string(std::io::stdin())
-    } else {
-        std::fs::read_to_string(file)
-    }
-    .map_err(|e| CommandError::Usage(format!("{file}: {e}")))?;
+    let text = read_text(
+        Path::new(file),
+        crate::control::MAX_BODY,
+        "a policy may have",
+    )?;
     let uri = format!("/v1/aup?actor={}", actor());
     let aup = call(socket, Method::PUT, &uri, Some(text.into_bytes())).await?;
     println!(

@@ -112,7 +112,10 @@ pub async fn serve(
             "/v1/edgenodes/{namespace}/{name}",
             get(get_one).delete(delete),
         )
-        .route("/v1/apply", post(apply))
+        .route(
+            "/v1/apply",
+            post(apply).layer(DefaultBodyLimit::max(crate::input::MAX_INPUT_BYTES)),
+        )
         .route("/v1/tokens", post(token))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/metrics", get(metrics))

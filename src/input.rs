@@ -6,6 +6,13 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
+mod limits;
+pub use limits::{
+    MAX_ANCHORS, MAX_DEPTH, MAX_DOCUMENTS, MAX_EDGENODE_BYTES, MAX_FILE_NAME, MAX_INPUT_BYTES,
+    MAX_NODES, MAX_PODS, check_budget, check_manifest_name, clip, show,
+};
+use limits::{json_len, show_json};
+
 /// A refused input: which object, which field, and why. Displays as one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{object}: {field}: {reason}")]
@@ -59,22 +66,38 @@ impl Rules {
 }
 
 /// Parses every EdgeNode in a YAML or JSON text (several documents, or a `List`).
-/// All or nothing: the first invalid field refuses the whole text.
+/// All or nothing: the first invalid field refuses the whole text. The text is bounded before
+/// it is parsed ([`MAX_INPUT_BYTES`]) and while it is parsed (nodes, depth, aliases,
+/// documents), so a hostile text costs little memory or time.
 pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, InvalidInput> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| InvalidInput {
-        object: "input".into(),
-        field: "(syntax)".into(),
-        reason: format!("not valid YAML or JSON: {}", one_line(&e.to_string())),
-    })?;
+    if text.len() > MAX_INPUT_BYTES {
+        return Err(invalid(
+            "input",
+            "(size)",
+            &format!(
+                "{} bytes, more than the {MAX_INPUT_BYTES} one apply takes; split it into several files",
+                text.len()
+            ),
+        ));
+    }
+    check_budget(text)?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, parse_options())
+        .map_err(|e| {
+            invalid(
+                "input",
+                "(syntax)",
+                &format!("not valid YAML or JSON: {}", one_line(&e.to_string())),
+            )
+        })?;
     let mut objects = Vec::new();
-    for (i, doc) in docs.into_iter().enumerate() {
+    for (i, mut doc) in docs.into_iter().enumerate() {
         let label = format!("document {}", i + 1);
         if doc.get("kind").and_then(Value::as_str) == Some("List") {
-            let Some(items) = doc.get("items").and_then(Value::as_array) else {
+            let Some(Value::Array(items)) = doc.get_mut("items").map(Value::take) else {
                 return Err(invalid(&label, "items", "a List needs an items array"));
             };
-            for (j, item) in items.iter().enumerate() {
-                objects.push((format!("{label} item {}", j + 1), item.clone()));
+            for (j, item) in items.into_iter().enumerate() {
+                objects.push((format!("{label} item {}", j + 1), item));
             }
         } else {
             objects.push((label, doc));
@@ -96,6 +119,19 @@ pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, In
         nodes.push(node);
     }
     Ok(nodes)
+}
+
+/// Deserializing a text that passed [`check_budget`]: the parser's own budgets are looser, and
+/// no snippet of the input is quoted in errors.
+fn parse_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            // Counted exactly by check_budget instead.
+            enforce_alias_anchor_ratio: false,
+        },
+        emit_comments: false,
+        with_snippet: false,
+    }
 }
 
 /// Validates one EdgeNode object given as JSON.
@@ -122,7 +158,7 @@ pub fn parse_edgenode(
             return Err(invalid(
                 label,
                 "apiVersion",
-                &format!("{other:?} is not supported; use {API_VERSION}"),
+                &format!("{} is not supported; use {API_VERSION}", show(other)),
             ));
         }
         None => {
@@ -133,15 +169,16 @@ pub fn parse_edgenode(
             ));
         }
     }
-    match map.get("kind").and_then(Value::as_str) {
-        Some("EdgeNode") => {}
-        other => {
+    match map.get("kind") {
+        Some(kind) if kind == "EdgeNode" => {}
+        Some(other) => {
             return Err(invalid(
                 label,
                 "kind",
-                &format!("{other:?} is not EdgeNode"),
+                &format!("{} is not EdgeNode", show_json(other)),
             ));
         }
+        None => return Err(invalid(label, "kind", "missing; use EdgeNode")),
     }
     let metadata = map.get("metadata").and_then(Value::as_object);
     let name = metadata
@@ -167,9 +204,10 @@ pub fn parse_edgenode(
         })?,
     };
 
+    let empty = Map::new();
     let spec = match map.get("spec") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(spec)) => spec.clone(),
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(spec)) => spec,
         Some(_) => return Err(invalid(&object_name, "spec", "must be a mapping")),
     };
     if let Some(key) = spec.keys().find(|k| k.as_str() != "pods") {
@@ -179,22 +217,47 @@ pub fn parse_edgenode(
             "unknown field",
         ));
     }
-    let pods = match spec.get("pods") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(pods)) => pods.clone(),
+    let pods: &[Value] = match spec.get("pods") {
+        None | Some(Value::Null) => &[],
+        Some(Value::Array(pods)) => pods,
         Some(_) => return Err(invalid(&object_name, "spec.pods", "must be a list of pods")),
     };
+    if pods.len() > MAX_PODS {
+        return Err(invalid(
+            &object_name,
+            "spec.pods",
+            &format!(
+                "{} pods, more than the {MAX_PODS} an EdgeNode holds; put the others in an EdgeNode of the same name in another namespace",
+                pods.len()
+            ),
+        ));
+    }
+    let size = json_len(spec);
+    if size > MAX_EDGENODE_BYTES {
+        return Err(invalid(
+            &object_name,
+            "spec",
+            &format!(
+                "{size} bytes as JSON, more than the {MAX_EDGENODE_BYTES} an EdgeNode holds; put some pods in an EdgeNode of the same name in another namespace"
+            ),
+        ));
+    }
     let privileged = rules.privileged_namespaces.iter().any(|n| n == namespace);
     let mut by_name = BTreeMap::new();
     for (i, pod) in pods.iter().enumerate() {
         let path = format!("spec.pods[{i}]");
         let (pod_name, pod) = normalise_pod(pod, name, privileged)
+            .and_then(|(pod_name, pod)| {
+                check_manifest_name(namespace, &pod_name)
+                    .map_err(|r| (".metadata.name".to_string(), r))?;
+                Ok((pod_name, pod))
+            })
             .map_err(|(field, reason)| invalid(&object_name, &format!("{path}{field}"), &reason))?;
         if by_name.insert(pod_name.clone(), pod).is_some() {
             return Err(invalid(
                 &object_name,
                 &format!("{path}.metadata.name"),
-                &format!("duplicate pod name {pod_name:?}"),
+                &format!("duplicate pod name {}", show(&pod_name)),
             ));
         }
     }
@@ -213,19 +276,19 @@ pub fn normalise_pod(
     node: &str,
     privileged: bool,
 ) -> Result<(String, Value), (String, String)> {
-    let err = |field: &str, reason: &str| (field.to_string(), reason.to_string());
+    let err = |field: &str, reason: &str| (clip(field), reason.to_string());
     let Some(map) = pod.as_object() else {
         return Err(err("", "must be a Pod mapping"));
     };
     match map.get("apiVersion") {
         None => {}
         Some(v) if v == "v1" => {}
-        Some(v) => return Err(err(".apiVersion", &format!("{v} is not v1"))),
+        Some(v) => return Err(err(".apiVersion", &format!("{} is not v1", show_json(v)))),
     }
     match map.get("kind") {
         None => {}
         Some(v) if v == "Pod" => {}
-        Some(v) => return Err(err(".kind", &format!("{v} is not Pod"))),
+        Some(v) => return Err(err(".kind", &format!("{} is not Pod", show_json(v)))),
     }
     let mut input = pod.clone();
     if let Some(obj) = input.as_object_mut() {
@@ -283,7 +346,7 @@ pub fn normalise_pod(
         if !seen.insert(container.name.as_str()) {
             return Err(err(
                 &format!("{path}.name"),
-                &format!("duplicate container name {:?}", container.name),
+                &format!("duplicate container name {}", show(&container.name)),
             ));
         }
         if container.image.as_deref().is_none_or(str::is_empty) {
@@ -337,7 +400,8 @@ pub fn check_label(value: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{value:?} is not a valid DNS-1123 label (lowercase letters, digits and '-', at most 63)"
+            "{} is not a valid DNS-1123 label (lowercase letters, digits and '-', at most 63)",
+            show(value)
         ))
     }
 }
@@ -351,21 +415,23 @@ pub fn check_subdomain(value: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{value:?} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)"
+            "{} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)",
+            show(value)
         ))
     }
 }
 
 fn invalid(object: &str, field: &str, reason: &str) -> InvalidInput {
     InvalidInput {
-        object: object.to_string(),
-        field: field.to_string(),
+        object: clip(object),
+        field: clip(field),
         reason: reason.to_string(),
     }
 }
 
+/// Another library's message as one line, clipped (it may quote the input).
 fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    clip(&text.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 #[cfg(test)]
@@ -382,7 +448,7 @@ mod tests {
         parse(text).unwrap_err().to_string()
     }
 
-    fn with_pods(pods: &str) -> String {
+    pub(super) fn with_pods(pods: &str) -> String {
         format!(
             "apiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: edge01\nspec:\n  pods:\n{pods}"
         )
@@ -482,6 +548,116 @@ mod tests {
             privileged_namespaces: vec!["default".into()],
         };
         assert!(parse_edgenodes(&with_pods(pod), &rules).is_ok());
+    }
+
+    #[test]
+    fn oversized_inputs_are_refused_before_parsing() {
+        let text = format!("{EXAMPLE}#{}", "x".repeat(MAX_INPUT_BYTES));
+        let message = refusal(&text);
+        assert!(
+            message.starts_with("input: (size): ")
+                && message.contains(&MAX_INPUT_BYTES.to_string()),
+            "{message}"
+        );
+    }
+
+    fn pods(count: usize, env: &str) -> String {
+        (0..count)
+            .map(|i| format!("    - metadata: {{name: p{i}}}\n      spec: {{containers: [{{name: c, image: nginx, env: [{{name: E, value: {env:?}}}]}}]}}\n"))
+            .collect()
+    }
+
+    #[test]
+    fn edgenodes_are_bounded_in_pods_and_bytes() {
+        assert!(parse(&with_pods(&pods(MAX_PODS, "v"))).is_ok());
+        let message = refusal(&with_pods(&pods(MAX_PODS + 1, "v")));
+        assert!(
+            message.starts_with("EdgeNode default/edge01: spec.pods: 111 pods, more than the 110"),
+            "{message}"
+        );
+        let big = "v".repeat(MAX_EDGENODE_BYTES / 4);
+        assert!(parse(&with_pods(&pods(3, &big))).is_ok());
+        let message = refusal(&with_pods(&pods(4, &big)));
+        assert!(
+            message.starts_with("EdgeNode default/edge01: spec: ")
+                && message.contains(&format!("more than the {MAX_EDGENODE_BYTES}")),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn pod_names_whose_manifest_file_cannot_exist_are_refused() {
+        let ns = "n".repeat(63);
+        let text = |pod: &str| {
+            with_pods(&format!(
+                "    - metadata: {{name: {pod}}}\n      spec: {{containers: [{{name: c, image: nginx}}]}}\n"
+            ))
+            .replace("name: edge01", &format!("name: e\n  namespace: {ns}"))
+        };
+        // edgesync_<ns>_<pod>.json: 15 + 63 + 177 = 255 bytes.
+        let longest = format!("{0}.{0}.{1}", "a".repeat(63), "b".repeat(49));
+        assert_eq!(
+            crate::edge::manifests::file_name(&ns, &longest).len(),
+            MAX_FILE_NAME
+        );
+        assert!(parse(&text(&longest)).is_ok());
+        let message = refusal(&text(&format!("{longest}b")));
+        assert!(
+            message.contains("spec.pods[0].metadata.name: too long")
+                && message.contains("at most 177 characters"),
+            "{message}"
+        );
+        assert!(!message.contains(&longest), "{message}");
+    }
+
+    #[test]
+    fn refusals_never_echo_huge_values() {
+        // Under the size limits, so each is refused for what it is.
+        let huge = "a".repeat(300 << 10);
+        let cases = [
+            EXAMPLE.replace(
+                "name: nginx\n      spec",
+                &format!("name: {huge}\n      spec"),
+            ),
+            EXAMPLE.replace("name: edge01", &format!("name: {huge}")),
+            // YAML keys have at most 1024 characters.
+            EXAMPLE.replace("pods:", &format!("{}: 1\n  pods:", &huge[..1000])),
+            EXAMPLE.replace(
+                "image: nginx",
+                &format!("image: nginx\n            ? {huge}\n            : 1"),
+            ),
+            EXAMPLE.replacen(
+                EXAMPLE.lines().next().unwrap(),
+                &format!("apiVersion: {huge}"),
+                1,
+            ),
+            EXAMPLE.replace("kind: Pod", &format!("kind: {huge}")),
+            EXAMPLE.replace("apiVersion: v1", &format!("apiVersion: [{huge}]")),
+            EXAMPLE.replace(
+                "imagePullPolicy: IfNotPresent",
+                &format!("ports: [{{containerPort: {huge}}}]"),
+            ),
+        ];
+        for text in cases {
+            let message = refusal(&text);
+            assert!(
+                message.len() < 600,
+                "{}",
+                &message[..1000.min(message.len())]
+            );
+            assert!(message.contains("… ("), "{message}");
+        }
+        // A key is part of the field's path: its line breaks and escapes stay escaped.
+        let message = refusal(&EXAMPLE.replace("pods:", "\"a\\nb\\e[31m\": 1\n  pods:"));
+        assert!(
+            message.ends_with("spec.a\\nb\\u{1b}[31m: unknown field"),
+            "{message}"
+        );
+        assert_eq!(show("web"), "\"web\"");
+        assert_eq!(
+            show(&"é".repeat(100)),
+            format!("{:?}… (200 bytes)", "é".repeat(64))
+        );
     }
 
     #[test]

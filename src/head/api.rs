@@ -4,9 +4,11 @@
 use super::access::Access;
 use super::users::{Decision, Registration, User, UserError, Users};
 use crate::node::Node;
+use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRef, Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRef, Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,6 +25,12 @@ use tracing::{info, warn};
 
 /// Largest request body of the API.
 pub const MAX_BODY: usize = 16 * 1024;
+/// How long a request may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long, and how much of, a refused body is still read and thrown away after the 413, so
+/// a client that sends all before it reads gets the answer rather than a reset connection.
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+const DRAIN_BYTES: usize = 64 << 20;
 /// How often access is checked against status and AUP expiry.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -241,7 +249,8 @@ fn parse<T: serde::de::DeserializeOwned>(
         )
     })?;
     serde_path_to_error::deserialize(&value).map_err(|e| {
-        let inner = e.inner().to_string();
+        // serde quotes the value it refused; a body may hold a long one.
+        let inner = crate::input::clip(&e.inner().to_string());
         let field = match e.path().to_string() {
             p if p == "." => inner.split('`').nth(1).unwrap_or_default().to_string(),
             p => p,
@@ -327,6 +336,81 @@ async fn kubeconfig(
     Ok(([(header::CONTENT_TYPE, "application/yaml")], kubeconfig).into_response())
 }
 
+/// Reads each request's body, at most [`MAX_BODY`] bytes, before a handler sees it. A larger
+/// body, by its Content-Length or (chunked) as it arrives, is answered 413 at once; the rest of
+/// it is read and dropped in the background, within bounds, and the connection then closes.
+async fn bounded_body(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+        // A client that waits for "100 Continue" is answered without being asked for the body.
+        let expects = parts.headers.contains_key(header::EXPECT);
+        return too_large((!expects).then_some(body));
+    }
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(BODY_TIMEOUT, async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| "the request body could not be read")?;
+            if bytes.len() + chunk.len() > MAX_BODY {
+                return Ok::<_, &str>(false);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(true)
+    })
+    .await;
+    match read {
+        Ok(Ok(true)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Ok(false)) => too_large(Some(Body::from_stream(stream))),
+        Ok(Err(message)) => ApiError(StatusCode::BAD_REQUEST, message.into(), None).into_response(),
+        Err(_) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body took longer than {}s",
+                BODY_TIMEOUT.as_secs()
+            ),
+            None,
+        )
+        .into_response(),
+    }
+}
+
+/// 413, closing the connection once the rest of `body` is read and dropped (or given up on).
+fn too_large(body: Option<Body>) -> Response {
+    if let Some(body) = body {
+        tokio::spawn(async move {
+            let mut stream = body.into_data_stream();
+            let mut seen = 0;
+            let _ = tokio::time::timeout(DRAIN_TIME, async {
+                while let Some(Ok(chunk)) = stream.next().await {
+                    seen += chunk.len();
+                    if seen > DRAIN_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+    let mut response = ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is larger than {MAX_BODY} bytes"),
+        None,
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// What the API's handlers share.
 #[derive(Clone)]
 struct ApiState {
@@ -387,6 +471,7 @@ fn router(accounts: Accounts, node: Node, ready: watch::Receiver<bool>) -> Route
         .route("/api/v1/users/{username}/kubeconfig", get(kubeconfig))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into(), None) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(bounded_body))
         .with_state(ApiState {
             accounts,
             node,

@@ -6,6 +6,7 @@ mod deploy;
 mod dns;
 mod harness;
 mod heads;
+mod inputs;
 mod kube;
 mod manifests;
 mod metrics;
