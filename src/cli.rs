@@ -237,6 +237,29 @@ pub enum TokenAction {
         /// How long the token is valid (e.g. 24h, 30m, 7d).
         #[arg(long, default_value = "24h")]
         ttl: String,
+        /// Print the whole `edgesync edge …` command an edge joins with, not only the token.
+        #[arg(long)]
+        print_join_command: bool,
+        /// With --print-join-command: the head address edges dial (default: this head's).
+        #[arg(long, requires = "print_join_command")]
+        head: Option<String>,
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// List the join tokens: id, expiry, age (never a secret).
+    List {
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Delete a join token: no edge can join with it any more (edges that joined stay).
+    Delete {
+        /// The token's id (the third part of the token, as `token list` shows).
+        id: String,
         /// Control socket of the head.
         #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,

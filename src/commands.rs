@@ -227,14 +227,73 @@ pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
 }
 
 /// `edgesync token create`.
-pub async fn token_create(socket: &Path, ttl: &str) -> Result<(), CommandError> {
-    let ttl = crate::config::parse_duration("--ttl", ttl)
-        .map_err(|e| CommandError::Usage(e.to_string()))?;
-    let body = serde_json::json!({"ttlSeconds": ttl.as_secs()})
-        .to_string()
-        .into_bytes();
-    let value = call(socket, Method::POST, "/v1/tokens", Some(body)).await?;
-    println!("{}", value["token"].as_str().unwrap_or_default());
+pub async fn token(action: crate::cli::TokenAction) -> Result<(), CommandError> {
+    use crate::cli::TokenAction;
+    match action {
+        TokenAction::Create {
+            ttl,
+            print_join_command,
+            head,
+            socket,
+        } => {
+            let ttl = crate::config::parse_duration("--ttl", &ttl)
+                .map_err(|e| CommandError::Usage(e.to_string()))?;
+            let body = serde_json::json!({"ttlSeconds": ttl.as_secs()})
+                .to_string()
+                .into_bytes();
+            let value = call(&socket, Method::POST, "/v1/tokens", Some(body)).await?;
+            let token = value["token"].as_str().unwrap_or_default();
+            match print_join_command {
+                false => println!("{token}"),
+                true => {
+                    let head =
+                        head.unwrap_or_else(|| value["head"].as_str().unwrap_or_default().into());
+                    println!(
+                        "edgesync edge --node-name \"$(hostname)\" --head {head} --token {token}"
+                    );
+                }
+            }
+        }
+        TokenAction::List { output, socket } => {
+            let tokens = call(&socket, Method::GET, "/v1/tokens", None).await?;
+            match output.as_str() {
+                "json" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&tokens).unwrap_or_default()
+                ),
+                _ => {
+                    let now = crate::head::unix_now();
+                    let mut rows = vec![vec!["ID".to_string(), "EXPIRES".into(), "AGE".into()]];
+                    for t in tokens.as_array().into_iter().flatten() {
+                        let expires = t["expiresAt"].as_i64().unwrap_or(0);
+                        let created = t["createdAt"].as_i64().unwrap_or(0);
+                        let expires = match expires <= now {
+                            true => "expired".to_string(),
+                            false => format!("in {}", span(expires - now)),
+                        };
+                        let made = if created > 0 {
+                            span(now - created)
+                        } else {
+                            "-".into()
+                        };
+                        rows.push(vec![t["id"].as_str().unwrap_or("-").into(), expires, made]);
+                    }
+                    print!("{}", table(rows));
+                }
+            }
+        }
+        TokenAction::Delete { id, socket } => {
+            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(CommandError::Usage(format!(
+                    "token id {}: letters and digits only, as `edgesync token list` shows",
+                    crate::input::show(&id)
+                )));
+            }
+            let uri = format!("/v1/tokens/{id}?actor={}", actor());
+            call(&socket, Method::DELETE, &uri, None).await?;
+            println!("join token {id:?} deleted");
+        }
+    }
     Ok(())
 }
 
@@ -340,8 +399,12 @@ pub fn age(since: Option<&str>, now: Timestamp) -> String {
     let Some(then) = since.and_then(|s| s.parse::<Timestamp>().ok()) else {
         return "<unknown>".into();
     };
-    let secs = now.as_second().saturating_sub(then.as_second()).max(0);
-    match secs {
+    span(now.as_second().saturating_sub(then.as_second()))
+}
+
+/// A number of seconds as kubectl prints ages: `5s`, `3m`, `2h`, `4d`.
+fn span(secs: i64) -> String {
+    match secs.max(0) {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
         s if s < 172_800 => format!("{}h", s / 3600),

@@ -57,6 +57,8 @@ pub enum ControlError {
 /// What only a head serves: join tokens and user administration.
 #[derive(Clone)]
 pub struct HeadControl {
+    /// Where edges reach this head, for printed join commands.
+    pub join_address: String,
     /// Hash of the CA, for join tokens.
     pub ca_hash: String,
     /// Users and their access.
@@ -69,6 +71,7 @@ pub struct HeadControl {
 struct Ctx {
     node: Node,
     ca_hash: Option<String>,
+    join_address: Option<String>,
     accounts: Option<Accounts>,
     edges: Option<Edges>,
 }
@@ -116,7 +119,8 @@ pub async fn serve(
             "/v1/apply",
             post(apply).layer(DefaultBodyLimit::max(crate::input::MAX_INPUT_BYTES)),
         )
-        .route("/v1/tokens", post(token))
+        .route("/v1/tokens", post(token).get(tokens))
+        .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/metrics", get(metrics))
         .route("/v1/users", get(users))
@@ -126,6 +130,7 @@ pub async fn serve(
         .with_state(Ctx {
             node,
             ca_hash: head.as_ref().map(|h| h.ca_hash.clone()),
+            join_address: head.as_ref().map(|h| h.join_address.clone()),
             edges: head.as_ref().map(|h| h.edges.clone()),
             accounts: head.map(|h| h.accounts),
         });
@@ -318,7 +323,48 @@ async fn token(State(ctx): State<Ctx>, Json(req): Json<TokenRequest>) -> ApiResu
         ))
         .map(|t| t.to_string())
         .unwrap_or_default();
-    Ok(Json(json!({"token": token.to_string(), "expiresAt": expires})).into_response())
+    let head = ctx.join_address.clone().unwrap_or_default();
+    Ok(
+        Json(json!({"token": token.to_string(), "expiresAt": expires, "head": head}))
+            .into_response(),
+    )
+}
+
+fn head_edges(ctx: &Ctx) -> Result<&Edges, ApiError> {
+    ctx.edges.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": "join tokens live on a head; this node is an edge"}),
+        )
+    })
+}
+
+fn internal(e: String) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e}))
+}
+
+async fn tokens(State(ctx): State<Ctx>) -> ApiResult {
+    let tokens = head_edges(&ctx)?.tokens().await.map_err(internal)?;
+    Ok(Json(tokens).into_response())
+}
+
+async fn delete_token(
+    State(ctx): State<Ctx>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<ActorQuery>,
+) -> ApiResult {
+    if !head_edges(&ctx)?
+        .delete_token(&id)
+        .await
+        .map_err(internal)?
+    {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no join token {}", crate::input::show(&id))}),
+        ));
+    }
+    tracing::info!(token = %crate::input::show(&id), actor = %actor(q), "join token deleted");
+    Ok(Json(json!({"deleted": id})).into_response())
 }
 
 /// Client of the control socket.

@@ -139,6 +139,7 @@ impl Head {
         })?;
         tasks.spawn(api);
         let head_control = control::HeadControl {
+            join_address: join_address(&config.api_hostnames, local_addr),
             ca_hash: ca.hash(),
             accounts,
             edges: edges.clone(),
@@ -304,6 +305,20 @@ pub async fn create_token(
         .add_token(&token.id, token.secret_hash(), expires)
         .await?;
     Ok(token)
+}
+
+/// Where edges reach this head, for printed join commands: its QUIC address when that names
+/// an address, else the first `--api-hostname` (or this host's name) with the QUIC port.
+fn join_address(hostnames: &[String], quic: SocketAddr) -> String {
+    if !quic.ip().is_unspecified() {
+        return quic.to_string();
+    }
+    let host = hostnames.first().cloned().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "HEAD-ADDRESS".into())
+    });
+    format!("{host}:{}", quic.port())
 }
 
 /// Now, in unix seconds.

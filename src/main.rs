@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use edgesync::cli::{AupAction, Cli, Command, NodeAction, TokenAction};
+use edgesync::cli::{AupAction, Cli, Command, NodeAction};
 use edgesync::commands::{self, CommandError};
 use edgesync::config::ConfigError;
 use edgesync::{crd, dev, edge, head, runtime};
@@ -81,9 +81,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             runtime::notify_stopping();
             edge.shutdown().await;
         }
-        Command::Token {
-            action: TokenAction::Create { ttl, socket },
-        } => commands::token_create(&socket, &ttl).await?,
+        Command::Token { action } => commands::token(action).await?,
         Command::Node {
             action: NodeAction::Remove { name, socket },
         } => commands::node_remove(&socket, &name).await?,

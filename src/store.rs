@@ -400,6 +400,24 @@ impl Store {
         .await
     }
 
+    /// Every join token: id, expiry and creation (unix seconds), newest first.
+    pub async fn tokens(&self) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        self.call(|t| {
+            let mut stmt = t.prepare(
+                "SELECT id, expires_at, created_at FROM tokens ORDER BY created_at DESC",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Deletes join token `id`; whether there was one.
+    pub async fn delete_token(&self, id: String) -> Result<bool, StoreError> {
+        self.call(move |t| Ok(t.execute("DELETE FROM tokens WHERE id = ?1", [id])? > 0))
+            .await
+    }
+
     /// The node called `name`, if it joined.
     pub async fn node(&self, name: String) -> Result<Option<JoinedNode>, StoreError> {
         self.call(move |t| {

@@ -48,7 +48,22 @@ const PRESENCE_SETTLE: Duration = Duration::from_secs(5);
 
 /// Name of the Secret holding join token `id`.
 pub fn token_secret_name(id: &str) -> String {
-    format!("edgesync-token-{id}")
+    format!("{TOKEN_PREFIX}{id}")
+}
+
+/// Prefix of the join token Secrets' names.
+const TOKEN_PREFIX: &str = "edgesync-token-";
+
+/// A join token as listed: never its secret.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenInfo {
+    /// The token's id (its public part).
+    pub id: String,
+    /// When it stops being accepted (unix seconds).
+    pub expires_at: i64,
+    /// When it was made (unix seconds; 0 if unknown).
+    pub created_at: i64,
 }
 
 /// What a head knows about one joined edge.
@@ -469,6 +484,72 @@ impl Edges {
                     .await
                     .map_err(api_message)?;
                 Ok(secret.as_ref().and_then(token_of))
+            }
+        }
+    }
+
+    /// Every join token (never its secret): id, expiry and creation (unix seconds), newest
+    /// first.
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, String> {
+        let mut tokens: Vec<TokenInfo> = match &self.cluster {
+            None => self
+                .node
+                .store()
+                .tokens()
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|(id, expires_at, created_at)| TokenInfo {
+                    id,
+                    expires_at,
+                    created_at,
+                })
+                .collect(),
+            Some(c) => c
+                .secrets
+                .list(&ListParams::default().labels(&format!("{TOKEN_LABEL}=true")))
+                .await
+                .map_err(api_message)?
+                .into_iter()
+                .filter_map(|secret| {
+                    let id = secret.name_any().strip_prefix(TOKEN_PREFIX)?.to_string();
+                    let (_, expires_at) = token_of(&secret)?;
+                    let created_at = secret
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map_or(0, |t| t.0.as_second());
+                    Some(TokenInfo {
+                        id,
+                        expires_at,
+                        created_at,
+                    })
+                })
+                .collect(),
+        };
+        tokens.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        Ok(tokens)
+    }
+
+    /// Deletes join token `id`, so no edge can join with it any more; whether there was one.
+    pub async fn delete_token(&self, id: &str) -> Result<bool, String> {
+        match &self.cluster {
+            None => self
+                .node
+                .store()
+                .delete_token(id.to_string())
+                .await
+                .map_err(|e| e.to_string()),
+            Some(c) => {
+                match c
+                    .secrets
+                    .delete(&token_secret_name(id), &DeleteParams::default())
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_code(&e, 404) => Ok(false),
+                    Err(e) => Err(api_message(e)),
+                }
             }
         }
     }

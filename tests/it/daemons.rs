@@ -96,3 +96,69 @@ async fn a_second_daemon_on_a_state_dir_refuses_before_touching_anything() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_joins_with_the_printed_command_and_deleted_tokens_are_refused() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(&dir.path().join("head"), free_udp_addr(), &[]).await;
+        let line = ok(head
+            .daemon
+            .cli(&["token", "create", "--print-join-command"]));
+        // edgesync edge --node-name "$(hostname)" --head ADDR --token TOKEN
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            words[..4],
+            ["edgesync", "edge", "--node-name", "\"$(hostname)\""],
+            "{line}"
+        );
+        assert_eq!(words[4..6], ["--head", &head.addr.to_string()], "{line}");
+        assert_eq!(words[6], "--token", "{line}");
+        let token = words[7].to_string();
+        let id = token.split('.').nth(2).unwrap().to_string();
+
+        let listed = head.daemon.json(&["token", "list", "-o", "json"]);
+        let ids: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            2,
+            "the first start's token and this one: {listed}"
+        );
+        assert!(ids.contains(&id.as_str()), "{listed}");
+        assert!(
+            !listed
+                .to_string()
+                .contains(token.split('.').nth(3).unwrap()),
+            "no secret listed"
+        );
+        let table = ok(head.daemon.cli(&["token", "list"]));
+        assert!(
+            table.starts_with("ID") && table.contains(&id) && table.contains("in 2"),
+            "{table}"
+        );
+
+        // The printed command, with this edge's name for "$(hostname)".
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let _edge = dirs.start("edge01", &[head.addr], Some(&token)).await;
+
+        ok(head.daemon.cli(&["token", "delete", &id]));
+        let listed = head.daemon.json(&["token", "list", "-o", "json"]);
+        assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+        let again = head.daemon.cli(&["token", "delete", &id]);
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("no join token"));
+        let refused =
+            EdgeDirs::new(dir.path(), "edge02").spawn("edge02", &[head.addr], Some(&token), &[]);
+        assert_ne!(
+            refused.exit_code(SOON).await,
+            0,
+            "a deleted token joins no edge"
+        );
+    })
+    .await;
+}

@@ -85,6 +85,19 @@ async fn fresh_heads_with_empty_state_keep_offline_edits_let_edges_in_and_take_o
                 .unwrap()
                 .contains(secret_part)
         );
+        // Listed and deleted through the Secrets: a third token, made and deleted again.
+        let third = ok(a.daemon.cli(&["token", "create"])).trim().to_string();
+        let third_id = third.split('.').nth(2).unwrap();
+        let listed = a.daemon.json(&["token", "list", "-o", "json"]);
+        assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+        ok(a.daemon.cli(&["token", "delete", third_id]));
+        let name = format!("edgesync-token-{third_id}");
+        assert!(
+            cluster
+                .api
+                .get("v1", "Secret", Some("edgesync-system"), &name)
+                .is_none()
+        );
 
         let dirs = EdgeDirs::new(dir.path(), "edge01");
         let edge = dirs.start("edge01", &[addr], Some(&a.token())).await;
