@@ -1,6 +1,5 @@
 //! One sync session per connection: Automerge's sync protocol per (peer, document), pushed on
 //! every change, with sync state persisted so a reconnect sends only what is missing.
-
 //!
 //! A failure that concerns one document (a message too large, undecodable or not applicable)
 //! stays with that document: it is logged, counted, reported to the peer, and the document is
@@ -453,13 +452,12 @@ impl Session {
                 self.push(&key).await?;
             } else {
                 // Nothing of it is here: the first message of an empty document asks for all.
-                let mut fresh = sync::State::new();
                 let ask = automerge::AutoCommit::new()
                     .sync()
-                    .generate_sync_message(&mut fresh)
-                    .map(sync::Message::encode)
-                    .unwrap_or_default();
-                self.queue(Some(&key), wire::sync_frames(&key, ask)?)?;
+                    .generate_sync_message(&mut sync::State::new());
+                if let Some(ask) = ask {
+                    self.queue(Some(&key), wire::sync_frames(&key, ask.encode())?)?;
+                }
             }
         }
         Ok(())
