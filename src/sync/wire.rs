@@ -433,7 +433,7 @@ impl Reassembly {
         offset: u32,
         data: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, ChunkError> {
-        let end = offset + data.len() as u32;
+        let end = offset.saturating_add(data.len() as u32);
         if offset == 0 {
             // A new message: whatever was left of an earlier one for this document is gone.
             self.forget(doc);
