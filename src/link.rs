@@ -1,19 +1,23 @@
 //! Links between peers: the accept loop (sync sessions and joins on one QUIC port) and the
 //! dial loop with capped, jittered backoff. Both run a sync session per connection.
 
+pub mod admission;
+
+use crate::metrics::ReasonLabels;
 use crate::node::Node;
 use crate::node::PeerAddress;
 use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
 use crate::sync::{log_end, run_session};
 use crate::transport::tls::Identity;
 use crate::transport::{self, Backoff};
+use admission::{Admission, Decision, Ticket};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// Answers a join or renewal request (the first frame of a stream), given the caller's
 /// certificate identity if it presented one.
@@ -41,24 +45,28 @@ pub type TlsSource = Arc<dyn Fn() -> Result<rustls::ClientConfig, String> + Send
 
 /// How long shutdown waits for close frames to reach peers.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Connections that may be between accept and their first frame at once (each holds at
-/// most one bounded first frame).
-const MAX_HANDSHAKES: usize = 256;
 /// A session shorter than this does not reset the reconnect backoff, so a peer that accepts
 /// and then fails at once is not hammered.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// How long a connection attempt may take to complete the QUIC handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new connection may take to open its first stream and send its first frame.
-const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// Refusals under load are logged at most this often (each is counted in the metrics).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Accepts connections on `endpoint` until `shutdown`: certified peers the gate admits get a
-/// sync session, others may only join (if there is a gate).
+/// sync session, others may only join (if there is a gate). Attempts that have proven nothing
+/// yet are bounded per source and in total (see [`admission`]); a certified peer stops counting
+/// once its handshake completes.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     node: Node,
     gate: Option<Gate>,
     shutdown: CancellationToken,
 ) {
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let admission = Admission::new();
+    let mut last_logged: Option<tokio::time::Instant> = None;
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -68,15 +76,28 @@ pub async fn serve(
             },
         };
         let remote = incoming.remote_address();
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            warn!(peer = %remote, "too many connections being set up; refused");
-            incoming.refuse();
-            continue;
+        let ticket = match admission.decide(remote.ip(), incoming.remote_address_validated()) {
+            Decision::Admit(ticket) => ticket,
+            Decision::Retry => {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Decision::Refuse => {
+                incoming.refuse();
+                refused(&node, "busy");
+                if last_logged.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                    last_logged = Some(tokio::time::Instant::now());
+                    warn!(peer = %remote, pending = admission.pending(), "too many connections being set up from this address; refusing its new ones");
+                }
+                continue;
+            }
         };
         let (node, gate, shutdown) = (node.clone(), gate.clone(), shutdown.child_token());
         tokio::spawn(
             async move {
-                if let Err(e) = handle_incoming(incoming, node, gate, permit, shutdown).await {
+                if let Err(e) = handle_incoming(incoming, node, gate, ticket, shutdown).await {
                     warn!(error = %e, "connection refused");
                 }
             }
@@ -87,27 +108,85 @@ pub async fn serve(
     let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
 }
 
+fn refused(node: &Node, reason: &str) {
+    let labels = ReasonLabels {
+        reason: reason.into(),
+    };
+    node.metrics()
+        .handshakes_refused
+        .get_or_create(&labels)
+        .inc();
+}
+
+/// Runs `step` of an unproven connection attempt within `limit`, unless the attempt's place is
+/// taken back first. None (after logging and counting why) if it did not finish.
+async fn unproven<T>(
+    node: &Node,
+    ticket: Option<&Ticket>,
+    limit: Duration,
+    step: impl Future<Output = T>,
+) -> Option<T> {
+    let cut = async {
+        match ticket {
+            Some(ticket) => ticket.cut.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = cut => {
+            debug!("connection attempt cut off to make room for other addresses");
+            refused(node, "evicted");
+            None
+        }
+        done = tokio::time::timeout(limit, step) => {
+            if done.is_err() {
+                debug!(?limit, "connection attempt timed out");
+                refused(node, "timeout");
+            }
+            done.ok()
+        }
+    }
+}
+
 async fn handle_incoming(
     incoming: quinn::Incoming,
     node: Node,
     gate: Option<Gate>,
-    handshake: tokio::sync::OwnedSemaphorePermit,
+    ticket: Ticket,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let conn = incoming.await.map_err(|e| e.to_string())?;
+    let mut ticket = Some(ticket);
+    let handshake = std::future::IntoFuture::into_future(incoming);
+    let Some(conn) = unproven(&node, ticket.as_ref(), HANDSHAKE_TIMEOUT, handshake).await else {
+        return Ok(());
+    };
+    let conn = match conn {
+        Ok(conn) => conn,
+        Err(e) => {
+            debug!(error = %e, "handshake failed");
+            refused(&node, "handshake");
+            return Ok(());
+        }
+    };
     let remote = conn.remote_address();
     let identity = transport::peer_identity(&conn);
-    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
+    if identity.is_some() {
+        // A certificate of this CA: no longer an unproven attempt.
+        ticket = None;
+    }
+    let first = async {
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let frame = read_frame(&mut recv, MAX_FIRST_FRAME)
             .await
             .map_err(|e| e.to_string())?;
         Ok::<_, String>((send, recv, frame))
-    })
-    .await
-    .map_err(|_| "no request within 10s".to_string())??;
-    let (send, recv, frame) = first;
-    drop(handshake);
+    };
+    let Some(first) = unproven(&node, ticket.as_ref(), FIRST_FRAME_TIMEOUT, first).await else {
+        conn.close(1u32.into(), b"no request in time");
+        return Ok(());
+    };
+    let (send, recv, frame) = first?;
+    drop(ticket);
     match (frame, identity) {
         (Some(Frame::Hello { advertise, .. }), Some(peer)) => {
             let admitted = match &gate {

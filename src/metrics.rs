@@ -26,6 +26,13 @@ pub struct TrafficLabels {
     pub direction: String,
 }
 
+/// Labels giving a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: String,
+}
+
 /// Labels naming an edge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EdgeLabels {
@@ -47,6 +54,11 @@ pub struct Metrics {
     pub peers: Family<RoleLabels, Gauge>,
     /// Sync messages applied, by the sending peer's role.
     pub sync_rounds: Family<RoleLabels, Counter>,
+    /// Sync messages for one document not sent or not applied (the session went on), by the
+    /// peer's role.
+    pub sync_failures: Family<RoleLabels, Counter>,
+    /// QUIC connection attempts refused or cut off before they sent their first frame, by why.
+    pub handshakes_refused: Family<ReasonLabels, Counter>,
     /// Bytes on the wire.
     pub bytes: Family<TrafficLabels, Counter>,
     /// Frames on the wire.
@@ -83,6 +95,8 @@ impl Metrics {
         let m = Metrics {
             peers: Family::default(),
             sync_rounds: Family::default(),
+            sync_failures: Family::default(),
+            handshakes_refused: Family::default(),
             bytes: Family::default(),
             frames: Family::default(),
             documents: Gauge::default(),
@@ -101,6 +115,16 @@ impl Metrics {
             "sync_rounds",
             "Sync messages received and applied",
             m.sync_rounds.clone(),
+        );
+        registry.register(
+            "sync_failures",
+            "Sync messages for one document not sent or not applied; the session went on",
+            m.sync_failures.clone(),
+        );
+        registry.register(
+            "handshakes_refused",
+            "Connection attempts refused or cut off before their first frame",
+            m.handshakes_refused.clone(),
         );
         registry.register_with_unit(
             "wire",

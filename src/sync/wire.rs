@@ -2,7 +2,13 @@
 //!
 //! A frame is `version u8 | kind u8 | length u32 (big endian) | payload`. Payload fields are
 //! `u32` length-prefixed byte strings. Every length is checked before anything is allocated.
+//!
+//! A sync message that does not fit one frame goes as [`Frame::SyncChunk`]s of at most
+//! [`SYNC_CHUNK`] bytes, put back together by a [`Reassembly`] that holds at most
+//! [`MAX_REASSEMBLY`] bytes per session; a message over [`MAX_SYNC_MESSAGE`] is refused for its
+//! document alone.
 
+use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Wire format version this build speaks.
@@ -10,6 +16,18 @@ pub const VERSION: u8 = 1;
 /// Largest frame accepted or sent (payload bytes).
 pub const MAX_FRAME: usize = 8 << 20;
 const MAX_DOC_KEY: usize = 64 + 253 + 1;
+/// Largest sync message (one document's changes, or the whole document) sent or accepted.
+pub const MAX_SYNC_MESSAGE: usize = 64 << 20;
+/// Bytes of a sync message per [`Frame::SyncChunk`].
+pub const SYNC_CHUNK: usize = 1 << 20;
+/// Most bytes of partly received sync messages one session holds (claimed sizes, reserved
+/// when a message's first chunk arrives).
+pub const MAX_REASSEMBLY: usize = MAX_SYNC_MESSAGE;
+/// Most documents with a partly received sync message at once in one session (a sender sends
+/// one such message at a time).
+pub const MAX_PARTIAL_DOCS: usize = 4;
+/// Longest [`Frame::Error`] text accepted.
+pub const MAX_ERROR_TEXT: usize = 4096;
 
 /// One message between peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +46,18 @@ pub enum Frame {
         doc: String,
         /// Encoded `automerge::sync::Message`.
         message: Vec<u8>,
+    },
+    /// A part of an Automerge sync message too large for one [`Frame::Sync`]. The parts of one
+    /// message go in order; parts of another document's message may come in between.
+    SyncChunk {
+        /// Document key `namespace/name`.
+        doc: String,
+        /// Length of the whole message.
+        total: u32,
+        /// Where in the message this part starts.
+        offset: u32,
+        /// The part.
+        data: Vec<u8>,
     },
     /// Opens a join stream: the token and a certificate request.
     JoinRequest {
@@ -98,6 +128,9 @@ pub enum WireError {
     /// Payload does not match its kind.
     #[error("malformed frame: {0}")]
     Malformed(&'static str),
+    /// A sync message too large to send.
+    #[error("sync message of {0} bytes exceeds the limit of {MAX_SYNC_MESSAGE}")]
+    MessageTooLarge(usize),
 }
 
 impl Frame {
@@ -110,7 +143,22 @@ impl Frame {
             Frame::Error { .. } => 5,
             Frame::Renew { .. } => 6,
             Frame::Summary { .. } => 7,
+            Frame::SyncChunk { .. } => 8,
         }
+    }
+
+    /// An error frame; the text is cut to what the peer accepts.
+    pub fn error(message: impl Into<String>) -> Frame {
+        let mut message = message.into();
+        if message.len() > MAX_ERROR_TEXT {
+            let mut end = MAX_ERROR_TEXT - 3;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("...");
+        }
+        Frame::Error { message }
     }
 
     /// Encodes the frame, header included.
@@ -149,6 +197,17 @@ impl Frame {
             Frame::JoinAccepted { cert_pem, ca_pem } => {
                 put(cert_pem.as_bytes());
                 put(ca_pem.as_bytes());
+            }
+            Frame::SyncChunk {
+                doc,
+                total,
+                offset,
+                data,
+            } => {
+                put(doc.as_bytes());
+                put(&total.to_be_bytes());
+                put(&offset.to_be_bytes());
+                put(data);
             }
             Frame::Error { message } => put(message.as_bytes()),
             Frame::Renew { csr } => put(csr),
@@ -194,7 +253,7 @@ impl Frame {
                 ca_pem: fields.text(64 << 10)?,
             },
             5 => Frame::Error {
-                message: fields.text(4096)?,
+                message: fields.text(MAX_ERROR_TEXT)?,
             },
             6 => Frame::Renew {
                 csr: fields.bytes(16 << 10)?,
@@ -205,6 +264,22 @@ impl Frame {
                     entries.push((fields.text(MAX_DOC_KEY)?, fields.bytes(DIGEST_LEN)?));
                 }
                 Frame::Summary { entries }
+            }
+            8 => {
+                let (doc, total, offset) =
+                    (fields.text(MAX_DOC_KEY)?, fields.u32()?, fields.u32()?);
+                let data = fields.bytes(SYNC_CHUNK)?;
+                if data.is_empty() || offset as u64 + data.len() as u64 > total as u64 {
+                    return Err(WireError::Malformed(
+                        "sync message part outside its message",
+                    ));
+                }
+                Frame::SyncChunk {
+                    doc,
+                    total,
+                    offset,
+                    data,
+                }
             }
             _ => return Err(WireError::Malformed("unknown frame kind")),
         };
@@ -230,6 +305,14 @@ impl Fields<'_> {
         let (field, rest) = rest.split_at(len);
         self.0 = rest;
         Ok(field.to_vec())
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let bytes = self.bytes(4)?;
+        let bytes: [u8; 4] = bytes
+            .try_into()
+            .map_err(|_| WireError::Malformed("short integer"))?;
+        Ok(u32::from_be_bytes(bytes))
     }
 
     fn text(&mut self, limit: usize) -> Result<String, WireError> {
@@ -275,6 +358,179 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(bytes.len())
 }
 
+/// The encoded frames that carry sync `message` for document `doc`: one [`Frame::Sync`] when it
+/// fits (as every edgesync reads), else [`Frame::SyncChunk`]s of [`SYNC_CHUNK`] bytes.
+pub fn sync_frames(doc: &str, message: Vec<u8>) -> Result<Vec<Vec<u8>>, WireError> {
+    if message.len() > MAX_SYNC_MESSAGE {
+        return Err(WireError::MessageTooLarge(message.len()));
+    }
+    if 8 + doc.len() + message.len() <= MAX_FRAME {
+        let doc = doc.to_string();
+        return Ok(vec![Frame::Sync { doc, message }.encode()?]);
+    }
+    let total = message.len() as u32;
+    message
+        .chunks(SYNC_CHUNK)
+        .enumerate()
+        .map(|(i, data)| {
+            Frame::SyncChunk {
+                doc: doc.to_string(),
+                total,
+                offset: (i * SYNC_CHUNK) as u32,
+                data: data.to_vec(),
+            }
+            .encode()
+        })
+        .collect()
+}
+
+/// A chunked sync message for one document could not be put together; the rest of that
+/// message is dropped as it arrives.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    /// The message is larger than any this node accepts.
+    #[error("sync message of {0} bytes exceeds the limit of {MAX_SYNC_MESSAGE}")]
+    TooLarge(usize),
+    /// Other documents' messages hold the session's reassembly budget.
+    #[error(
+        "sync message of {0} bytes does not fit beside the other partly received messages \
+         (at most {MAX_REASSEMBLY} bytes and {MAX_PARTIAL_DOCS} documents per session)"
+    )]
+    Busy(usize),
+    /// A part is missing, repeated or out of place.
+    #[error("sync message part at offset {offset} out of place (expected offset {expected})")]
+    OutOfPlace {
+        /// The part's offset.
+        offset: u32,
+        /// The offset expected next.
+        expected: u32,
+    },
+}
+
+/// Partly received chunked sync messages of one session, bounded in bytes and documents.
+#[derive(Debug, Default)]
+pub struct Reassembly {
+    partial: HashMap<String, Partial>,
+    reserved: usize,
+}
+
+#[derive(Debug)]
+struct Partial {
+    total: u32,
+    next: u32,
+    /// None while the rest of a refused message is being dropped.
+    buf: Option<Vec<u8>>,
+}
+
+impl Reassembly {
+    /// Takes one part (checked by [`Frame::decode`] to lie within its message); returns the
+    /// whole message after its last part. After an error the remaining parts of that message
+    /// are dropped without another error.
+    pub fn push(
+        &mut self,
+        doc: &str,
+        total: u32,
+        offset: u32,
+        data: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, ChunkError> {
+        let end = offset.saturating_add(data.len() as u32);
+        if offset == 0 {
+            // A new message: whatever was left of an earlier one for this document is gone.
+            self.forget(doc);
+            return self.start(doc, total, data);
+        }
+        let expected = match self.partial.get_mut(doc) {
+            Some(p) if p.total == total && p.next == offset => {
+                p.next = end;
+                if let Some(buf) = p.buf.as_mut() {
+                    buf.extend_from_slice(&data);
+                }
+                None
+            }
+            Some(p) => Some(p.next),
+            None => Some(0),
+        };
+        if let Some(expected) = expected {
+            self.forget(doc);
+            self.drop_rest(doc, total, end);
+            return Err(ChunkError::OutOfPlace { offset, expected });
+        }
+        if end < total {
+            return Ok(None);
+        }
+        let done = self.partial.remove(doc).and_then(|p| p.buf);
+        if done.is_some() {
+            self.reserved -= total as usize;
+        }
+        Ok(done)
+    }
+
+    fn start(
+        &mut self,
+        doc: &str,
+        total: u32,
+        data: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, ChunkError> {
+        let size = total as usize;
+        let end = data.len() as u32;
+        if end == total {
+            return Ok(Some(data));
+        }
+        let buffering = self.partial.values().filter(|p| p.buf.is_some()).count();
+        let error = if size > MAX_SYNC_MESSAGE {
+            Some(ChunkError::TooLarge(size))
+        } else if self.reserved + size > MAX_REASSEMBLY || buffering >= MAX_PARTIAL_DOCS {
+            Some(ChunkError::Busy(size))
+        } else {
+            None
+        };
+        if let Some(error) = error {
+            self.drop_rest(doc, total, end);
+            return Err(error);
+        }
+        self.reserved += size;
+        let mut buf = Vec::with_capacity(size.min(2 * SYNC_CHUNK));
+        buf.extend_from_slice(&data);
+        let partial = Partial {
+            total,
+            next: end,
+            buf: Some(buf),
+        };
+        self.partial.insert(doc.to_string(), partial);
+        Ok(None)
+    }
+
+    /// Remembers to drop the parts of `doc`'s message after `end`, if more are to come and
+    /// few enough messages are being dropped (otherwise each later part is refused alone).
+    fn drop_rest(&mut self, doc: &str, total: u32, end: u32) {
+        let dropping = self.partial.values().filter(|p| p.buf.is_none()).count();
+        if end < total && dropping < MAX_PARTIAL_DOCS {
+            let partial = Partial {
+                total,
+                next: end,
+                buf: None,
+            };
+            self.partial.insert(doc.to_string(), partial);
+        }
+    }
+
+    fn forget(&mut self, doc: &str) {
+        if let Some(Partial {
+            buf: Some(_),
+            total,
+            ..
+        }) = self.partial.remove(doc)
+        {
+            self.reserved -= total as usize;
+        }
+    }
+
+    /// Bytes reserved by partly received messages.
+    pub fn reserved(&self) -> usize {
+        self.reserved
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +565,12 @@ mod tests {
                     ("default/edge01".into(), vec![1; DIGEST_LEN]),
                     ("team-a/edge01".into(), vec![2; DIGEST_LEN]),
                 ],
+            },
+            Frame::SyncChunk {
+                doc: "default/edge01".into(),
+                total: 10,
+                offset: 4,
+                data: vec![5; 6],
             },
         ]
     }
@@ -374,5 +636,213 @@ mod tests {
             }
         })
         .await;
+    }
+
+    fn decode_all(frames: &[Vec<u8>]) -> Vec<Frame> {
+        frames
+            .iter()
+            .map(|bytes| {
+                let len = u32::from_be_bytes(bytes[2..6].try_into().unwrap()) as usize;
+                assert!(len <= MAX_FRAME, "frame of {len} bytes");
+                Frame::decode(bytes[1], &bytes[6..]).unwrap()
+            })
+            .collect()
+    }
+
+    /// Whole messages and errors, by document.
+    type Fed = (Vec<(String, Vec<u8>)>, Vec<(String, ChunkError)>);
+
+    /// Feeds chunk frames to `r`; returns the whole messages and the errors.
+    fn feed(r: &mut Reassembly, frames: Vec<Frame>) -> Fed {
+        let (mut done, mut errors) = (Vec::new(), Vec::new());
+        for frame in frames {
+            let Frame::SyncChunk {
+                doc,
+                total,
+                offset,
+                data,
+            } = frame
+            else {
+                panic!("not a chunk: {frame:?}");
+            };
+            match r.push(&doc, total, offset, data) {
+                Ok(Some(message)) => done.push((doc, message)),
+                Ok(None) => {}
+                Err(e) => errors.push((doc, e)),
+            }
+        }
+        (done, errors)
+    }
+
+    fn chunks(doc: &str, message: &[u8]) -> Vec<Frame> {
+        let total = message.len() as u32;
+        message
+            .chunks(SYNC_CHUNK)
+            .enumerate()
+            .map(|(i, data)| Frame::SyncChunk {
+                doc: doc.into(),
+                total,
+                offset: (i * SYNC_CHUNK) as u32,
+                data: data.to_vec(),
+            })
+            .collect()
+    }
+
+    fn message(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn a_message_that_fits_goes_in_one_sync_frame_a_larger_one_in_bounded_chunks() {
+        let small = message(1000, 1);
+        let frames = decode_all(&sync_frames("ns/edge01", small.clone()).unwrap());
+        assert_eq!(
+            frames,
+            [Frame::Sync {
+                doc: "ns/edge01".into(),
+                message: small
+            }]
+        );
+
+        let large = message(MAX_FRAME + 3 * SYNC_CHUNK / 2, 2);
+        let frames = decode_all(&sync_frames("ns/edge01", large.clone()).unwrap());
+        assert_eq!(frames.len(), 10);
+        let mut r = Reassembly::default();
+        let (done, errors) = feed(&mut r, frames);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(done, [("ns/edge01".to_string(), large)]);
+        assert_eq!(r.reserved(), 0);
+
+        let too_large = vec![0; MAX_SYNC_MESSAGE + 1];
+        assert!(matches!(
+            sync_frames("ns/edge01", too_large),
+            Err(WireError::MessageTooLarge(n)) if n == MAX_SYNC_MESSAGE + 1
+        ));
+    }
+
+    #[test]
+    fn parts_of_several_documents_interleave_and_each_comes_out_whole() {
+        let (a, b) = (message(3 * SYNC_CHUNK + 5, 3), message(2 * SYNC_CHUNK, 4));
+        let (mut ca, mut cb) = (chunks("ns/a", &a), chunks("ns/b", &b));
+        let mut mixed = Vec::new();
+        while !ca.is_empty() || !cb.is_empty() {
+            if !ca.is_empty() {
+                mixed.push(ca.remove(0));
+            }
+            if !cb.is_empty() {
+                mixed.push(cb.remove(0));
+            }
+        }
+        let mut r = Reassembly::default();
+        let (done, errors) = feed(&mut r, mixed);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(done, [("ns/b".to_string(), b), ("ns/a".to_string(), a)]);
+        assert_eq!(r.reserved(), 0);
+    }
+
+    #[test]
+    fn a_refused_message_costs_one_error_and_no_memory_and_others_still_pass() {
+        let mut r = Reassembly::default();
+        // Claims more than any message may be: refused at its first part, the rest dropped.
+        let claim = (MAX_SYNC_MESSAGE + SYNC_CHUNK) as u32;
+        let huge: Vec<Frame> = (0..4)
+            .map(|i| Frame::SyncChunk {
+                doc: "ns/huge".into(),
+                total: claim,
+                offset: i * SYNC_CHUNK as u32,
+                data: vec![0; SYNC_CHUNK],
+            })
+            .collect();
+        let (done, errors) = feed(&mut r, huge);
+        assert!(done.is_empty());
+        assert_eq!(
+            errors,
+            [("ns/huge".to_string(), ChunkError::TooLarge(claim as usize))]
+        );
+        assert_eq!(r.reserved(), 0);
+
+        // A missing part: one error, the rest of that message dropped.
+        let mut gap = chunks("ns/gap", &message(4 * SYNC_CHUNK, 5));
+        gap.remove(1);
+        let (done, errors) = feed(&mut r, gap);
+        assert!(done.is_empty());
+        assert_eq!(
+            errors,
+            [(
+                "ns/gap".to_string(),
+                ChunkError::OutOfPlace {
+                    offset: 2 * SYNC_CHUNK as u32,
+                    expected: SYNC_CHUNK as u32
+                }
+            )]
+        );
+        assert_eq!(r.reserved(), 0);
+
+        // The next message of the same document, and another document's, come through.
+        let again = message(2 * SYNC_CHUNK + 1, 6);
+        let (done, errors) = feed(&mut r, chunks("ns/gap", &again));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(done, [("ns/gap".to_string(), again)]);
+    }
+
+    #[test]
+    fn partly_received_messages_are_bounded_in_bytes_and_documents() {
+        let mut r = Reassembly::default();
+        let first = |doc: &str, total: usize| Frame::SyncChunk {
+            doc: doc.into(),
+            total: total as u32,
+            offset: 0,
+            data: vec![1; SYNC_CHUNK],
+        };
+        // Most of the budget is claimed by one message; a second that does not fit is refused.
+        let big = MAX_REASSEMBLY - 8 * SYNC_CHUNK;
+        let (_, errors) = feed(&mut r, vec![first("ns/big", big)]);
+        assert!(errors.is_empty());
+        assert_eq!(r.reserved(), big);
+        let (_, errors) = feed(&mut r, vec![first("ns/other", 9 * SYNC_CHUNK)]);
+        assert_eq!(
+            errors,
+            [("ns/other".to_string(), ChunkError::Busy(9 * SYNC_CHUNK))]
+        );
+        // Small ones fit, up to the number of documents (the big one is one of them).
+        let docs: Vec<String> = (0..MAX_PARTIAL_DOCS).map(|i| format!("ns/d{i}")).collect();
+        let frames = docs.iter().map(|d| first(d, SYNC_CHUNK + 1)).collect();
+        let (_, errors) = feed(&mut r, frames);
+        let refused: Vec<&str> = errors.iter().map(|(d, _)| d.as_str()).collect();
+        assert_eq!(refused, [docs[MAX_PARTIAL_DOCS - 1].as_str()]);
+        assert!(r.reserved() <= MAX_REASSEMBLY);
+        // A new message for a document replaces its unfinished one and frees its bytes.
+        let (done, errors) = feed(&mut r, vec![first("ns/big", SYNC_CHUNK)]);
+        assert!(errors.is_empty());
+        assert_eq!(done.len(), 1);
+        assert_eq!(r.reserved(), (MAX_PARTIAL_DOCS - 1) * (SYNC_CHUNK + 1));
+    }
+
+    #[test]
+    fn chunk_frames_outside_their_message_are_malformed() {
+        let frame = Frame::SyncChunk {
+            doc: "ns/a".into(),
+            total: 10,
+            offset: 8,
+            data: vec![0; 3],
+        };
+        let bytes = frame.encode().unwrap();
+        assert!(matches!(
+            Frame::decode(bytes[1], &bytes[6..]),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn error_text_is_cut_to_what_the_peer_accepts() {
+        let frame = Frame::error("é".repeat(3000));
+        let Frame::Error { message } = &frame else {
+            unreachable!()
+        };
+        assert!(message.len() <= MAX_ERROR_TEXT && message.ends_with("..."));
+        let bytes = frame.encode().unwrap();
+        assert_eq!(Frame::decode(bytes[1], &bytes[6..]).unwrap(), frame);
     }
 }

@@ -8,6 +8,7 @@ mod harness;
 mod heads;
 mod inputs;
 mod kube;
+mod limits;
 mod manifests;
 mod metrics;
 mod sync;
