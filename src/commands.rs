@@ -49,12 +49,26 @@ fn error_text(status: StatusCode, body: &[u8]) -> String {
     }
 }
 
+/// The socket of the edge's systemd unit, apart from a head's default one on the same host.
+pub const EDGE_UNIT_SOCKET: &str = "/run/edgesync-edge/edgesync.sock";
+
+/// `socket`, or, when it is the default and absent but the edge unit's socket is there (an
+/// edge installed by the package), the edge's.
+fn resolve_socket(socket: &Path) -> std::path::PathBuf {
+    let edge = Path::new(EDGE_UNIT_SOCKET);
+    match socket == Path::new(crate::cli::DEFAULT_SOCKET) && !socket.exists() && edge.exists() {
+        true => edge.to_path_buf(),
+        false => socket.to_path_buf(),
+    }
+}
+
 async fn call(
     socket: &Path,
     method: Method,
     uri: &str,
     body: Option<Vec<u8>>,
 ) -> Result<Value, CommandError> {
+    let socket = &resolve_socket(socket);
     let (status, body) = Client::new(socket).request(method, uri, body).await?;
     match status {
         s if s.is_success() => serde_json::from_slice(&body).map_err(|e| {
