@@ -216,23 +216,37 @@ fn pem_block(label: &str, der: &[u8]) -> String {
     )
 }
 
-/// A cache of `api`'s objects, kept up to date by a reflector running as a daemon task, which
-/// hands each watch event to `on_event` as well.
-pub fn cache<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    tasks: &mut crate::daemon::Tasks,
-    mut on_event: impl FnMut(&watcher::Event<K>) + Send + 'static,
-) -> Store<K>
-where
+/// A resource type the heads keep caches of.
+pub trait Cached:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Cached for K where
     K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
+}
+
+/// A cache of `api`'s objects, kept up to date by a reflector running as a daemon task, which
+/// hands each watch event to `on_event` as well.
+pub fn cache<K: Cached>(
+    api: Api<K>,
+    config: watcher::Config,
+    tasks: &mut crate::daemon::Tasks,
+    mut on_event: impl FnMut(&watcher::Event<K>) + Send + 'static,
+) -> Store<K> {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
     let shutdown = tasks.token();

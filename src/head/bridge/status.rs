@@ -239,22 +239,13 @@ const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// A cache of `api`; each change to an object asks `status` to look at the EdgeNodes of the
 /// edge it names.
-fn cache<K>(
+fn cache<K: crate::head::cluster::Cached>(
     api: Api<K>,
     config: watcher::Config,
     status: Arc<Pending>,
     edge_of: fn(&K) -> Option<String>,
     tasks: &mut Tasks,
-) -> Cache<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
+) -> Cache<K> {
     crate::head::cluster::cache(api, config, tasks, move |event| match event {
         watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
             if let Some(edge) = edge_of(object) {
