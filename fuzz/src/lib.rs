@@ -27,8 +27,9 @@ fn now<F: Future>(future: F) -> F::Output {
 }
 
 /// The wire decoder: `data` as a payload of any kind, and as a stream of frames read as a
-/// connection's first frame and as a session's frames. Every decoded frame encodes back to
-/// bytes that decode to the same frame.
+/// connection's first frame and as a session's frames, whose sync message parts go through the
+/// session's reassembly. Every decoded frame encodes back to bytes that decode to the same
+/// frame; reassembly stays within its budget and yields only whole messages.
 pub fn wire_frame(data: &[u8]) {
     if let Some((&kind, payload)) = data.split_first()
         && let Ok(frame) = Frame::decode(kind, payload)
@@ -37,10 +38,44 @@ pub fn wire_frame(data: &[u8]) {
     }
     for limit in [MAX_FIRST_FRAME, MAX_FRAME] {
         let mut stream = data;
+        let mut reassembly = wire::Reassembly::default();
         while let Ok(Some(frame)) = now(wire::read_frame(&mut stream, limit)) {
             round_trip(&frame);
+            if let Frame::SyncChunk {
+                doc,
+                total,
+                offset,
+                data,
+            } = frame
+                && let Ok(Some(message)) = reassembly.push(&doc, total, offset, data)
+            {
+                assert_eq!(message.len(), total as usize, "a whole message");
+            }
+            assert!(reassembly.reserved() <= wire::MAX_REASSEMBLY);
         }
     }
+    // A message split into frames comes back whole, in one frame or in parts.
+    let doc = "default/edge01";
+    let frames = wire::sync_frames(doc, data.to_vec()).expect("a small message is sent");
+    let mut reassembly = wire::Reassembly::default();
+    let mut whole = None;
+    for bytes in frames {
+        match now(wire::read_frame(&mut &bytes[..], MAX_FRAME)) {
+            Ok(Some(Frame::Sync { message, .. })) => whole = Some(message),
+            Ok(Some(Frame::SyncChunk {
+                total,
+                offset,
+                data,
+                ..
+            })) => {
+                whole = reassembly
+                    .push(doc, total, offset, data)
+                    .expect("parts in order")
+            }
+            other => panic!("not a sync frame: {other:?}"),
+        }
+    }
+    assert_eq!(whole.as_deref(), Some(data));
 }
 
 fn round_trip(frame: &Frame) {
