@@ -368,7 +368,8 @@ mod fuzz_targets;
 /// `cargo test`. `scripts/fuzz-smoke` runs the same targets under libFuzzer.
 #[test]
 fn the_fuzz_corpus_and_its_mutations_pass_every_target() {
-    let targets: [(&str, fn(&[u8])); 3] = [
+    type Target = fn(&[u8]);
+    let targets: [(&str, Target); 3] = [
         ("wire_frame", fuzz_targets::wire_frame),
         ("edgenode_input", fuzz_targets::edgenode_input),
         ("join_request", fuzz_targets::join_request),
@@ -432,7 +433,7 @@ fn the_readme_states_the_input_limits() {
         let digits = n.to_string();
         let mut grouped = String::new();
         for (i, c) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
                 grouped.push(',');
             }
             grouped.push(c);
