@@ -391,7 +391,7 @@ fn the_fuzz_corpus_and_its_mutations_pass_every_target() {
             let input = std::fs::read(file).unwrap();
             run(&input);
             for _ in 0..8 {
-                if started.elapsed() > std::time::Duration::from_secs(10) {
+                if started.elapsed() > std::time::Duration::from_secs(5) {
                     break;
                 }
                 run(&mutate(&input, &mut rng));
@@ -428,7 +428,9 @@ fn mutate(input: &[u8], rng: &mut fastrand::Rng) -> Vec<u8> {
 fn the_readme_states_the_input_limits() {
     let readme = include_str!("../../README.md");
     let limits = &readme[readme.find("## Limits").unwrap()..];
-    let limits = &limits[..limits[3..].find("\n## ").unwrap()];
+    let limits = &limits[..limits[1..]
+        .find("\n## ")
+        .map_or(limits.len(), |end| end + 1)];
     let numbers = |n: usize| {
         let digits = n.to_string();
         let mut grouped = String::new();
