@@ -6,7 +6,7 @@ use crate::harness::*;
 use crate::kube::Cluster;
 use crate::{SOON, within};
 use edgesync::crd::EdgeNode;
-use edgesync::input::{MAX_INPUT_BYTES, MAX_NODES, MAX_PODS};
+use edgesync::input::{self, MAX_INPUT_BYTES, MAX_NODES, MAX_PODS};
 use kube::api::{Api, PostParams};
 use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
@@ -358,4 +358,105 @@ async fn refused_inputs_leave_the_heads_memory_near_its_baseline() {
         }
     })
     .await;
+}
+
+#[path = "../../fuzz/src/lib.rs"]
+mod fuzz_targets;
+
+/// The fuzz targets, as plain functions, over the committed corpus and seeded mutations of it
+/// (a bounded loop, no sanitizer): what the fuzzer found interesting stays checked by every
+/// `cargo test`. `scripts/fuzz-smoke` runs the same targets under libFuzzer.
+#[test]
+fn the_fuzz_corpus_and_its_mutations_pass_every_target() {
+    type Target = fn(&[u8]);
+    let targets: [(&str, Target); 3] = [
+        ("wire_frame", fuzz_targets::wire_frame),
+        ("edgenode_input", fuzz_targets::edgenode_input),
+        ("join_request", fuzz_targets::join_request),
+    ];
+    for (target, run) in targets {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "{} is empty", dir.display());
+        let started = std::time::Instant::now();
+        let mut rng = fastrand::Rng::with_seed(12);
+        for file in &files {
+            let input = std::fs::read(file).unwrap();
+            run(&input);
+            for _ in 0..8 {
+                if started.elapsed() > std::time::Duration::from_secs(5) {
+                    break;
+                }
+                run(&mutate(&input, &mut rng));
+            }
+        }
+    }
+}
+
+/// `input` with one random edit: a bit flipped, a byte set, a range cut or repeated.
+fn mutate(input: &[u8], rng: &mut fastrand::Rng) -> Vec<u8> {
+    let mut out = input.to_vec();
+    if out.is_empty() {
+        return vec![rng.u8(..)];
+    }
+    let at = rng.usize(..out.len());
+    match rng.u8(..4) {
+        0 => out[at] ^= 1 << rng.u8(..8),
+        1 => out[at] = rng.u8(..),
+        2 => {
+            let end = rng.usize(at..=out.len());
+            out.drain(at..end);
+        }
+        _ => {
+            let end = rng.usize(at..=out.len().min(at + 64));
+            let copy = out[at..end].to_vec();
+            out.splice(at..at, copy);
+        }
+    }
+    out
+}
+
+/// The README's Limits section states the limits that are enforced.
+#[test]
+fn the_readme_states_the_input_limits() {
+    let readme = include_str!("../../README.md");
+    let limits = &readme[readme.find("## Limits").unwrap()..];
+    let limits = &limits[..limits[1..]
+        .find("\n## ")
+        .map_or(limits.len(), |end| end + 1)];
+    let numbers = |n: usize| {
+        let digits = n.to_string();
+        let mut grouped = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                grouped.push(',');
+            }
+            grouped.push(c);
+        }
+        grouped
+    };
+    for limit in [
+        input::MAX_INPUT_BYTES,
+        input::MAX_DOCUMENTS,
+        input::MAX_NODES,
+        input::MAX_DEPTH,
+        input::MAX_ANCHORS,
+        input::MAX_EDGENODE_BYTES,
+        input::MAX_PODS,
+        edgesync::head::api::MAX_BODY,
+        edgesync::sync::wire::MAX_FRAME,
+    ] {
+        assert!(
+            limits.contains(&numbers(limit)),
+            "Limits lacks {}",
+            numbers(limit)
+        );
+    }
 }
