@@ -1,13 +1,14 @@
 //! Randomized fault schedules with real head and edge processes, each reproducible from its
 //! seed. A schedule SIGKILLs and restarts the head and edges (also mid-apply), cuts and
-//! degrades links (loss, delay, reordering, duplication, one-way cuts), applies edits on both
-//! sides, edits and removes manifests by hand and plants foreign files; then it heals
-//! everything and checks that every acknowledged edit is present or superseded, that head and
-//! edges hold the same EdgeNodes, and that each manifest directory holds exactly what its
-//! documents say beside the untouched foreign files; last, one edit per EdgeNode made after
-//! healing must reach everyone.
+//! degrades links (loss, delay, reordering, duplication, one-way cuts), applies and deletes
+//! EdgeNodes on both sides (one side after the other, or both at once), edits and removes
+//! manifests by hand and plants foreign files, and now and then settles (heals everything
+//! and checks, then goes on). At the end it heals everything and checks that every
+//! acknowledged edit is present or superseded, that head and edges hold the same EdgeNodes,
+//! and that each manifest directory holds exactly what its documents say beside the untouched
+//! foreign files; last, one edit per EdgeNode made after healing must reach everyone.
 //!
-//! `cargo test --test it chaos::short` runs a few fixed seeds (CI);
+//! `cargo test --test it chaos::short` runs 8 fixed seeds (CI, about a minute);
 //! `cargo test --test it chaos::long -- --ignored` runs 200. Environment:
 //! `EDGESYNC_CHAOS_SEED` (first seed), `EDGESYNC_CHAOS_SCHEDULES` (how many; 1 when only the
 //! seed is given), `EDGESYNC_CHAOS_PARALLEL` (schedules at once, default 2). A failure prints
@@ -21,16 +22,15 @@ use check::Expect;
 use plan::{Plan, Step};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use world::World;
+use world::{CONVERGE, World};
 
-/// How long a healed schedule may take to converge.
-const CONVERGE: Duration = Duration::from_secs(120);
 /// How long one schedule may take in all.
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn short() {
-    run(&[1, 2, 3, 4]).await;
+    let seeds: Vec<u64> = (1..=8).collect();
+    run(&seeds).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -153,29 +153,41 @@ async fn schedule(seed: u64) -> Result<String, String> {
         return Err(fail(&mut world, format!("after the final edits: {e}")));
     }
     let acked = world.applies.iter().filter(|a| a.acked).count();
-    // How the applies killed mid-way ended: acknowledged, cut off, or killed before they came.
-    let mut kills = [0; 3];
-    for (step, outcome) in plan.steps.iter().zip(&world.outcomes) {
-        if let Step::Apply {
-            kill_after_us: Some(_),
-            ..
-        } = step
-        {
-            match outcome {
-                o if o.starts_with("acknowledged") => kills[0] += 1,
-                o if o.contains("cannot reach") => kills[2] += 1,
-                _ => kills[1] += 1,
-            }
-        }
-    }
     Ok(format!(
-        "seed {seed}: {} edge(s), {} steps, {acked} of {} applies acknowledged, killed mid-apply {kills:?} (acknowledged, cut off, before); converged {:.1}s after healing; {:.1}s in all",
+        "seed {seed}: {} edge(s), {} steps, {acked} of {} edits acknowledged; {}; converged {:.1}s after healing; {:.1}s in all",
         plan.edges,
         plan.steps.len(),
         world.applies.len(),
+        tally(&plan, &world.outcomes),
         converged.as_secs_f64(),
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// What the steps did, in numbers: how the applies killed mid-way ended (acknowledged, cut
+/// off, or killed before they came) and how many hand edits found a manifest to edit.
+fn tally(plan: &Plan, outcomes: &[String]) -> String {
+    let (mut acked, mut cut, mut before, mut hand, mut edited) = (0, 0, 0, 0, 0);
+    for (step, outcome) in plan.steps.iter().zip(outcomes) {
+        match step {
+            Step::Apply {
+                kill_after_us: Some(_),
+                ..
+            } => match outcome {
+                o if o.starts_with("acknowledged") => acked += 1,
+                o if o.contains("cannot reach") => before += 1,
+                _ => cut += 1,
+            },
+            Step::HandEdit { .. } => {
+                hand += 1;
+                edited += usize::from(outcome.starts_with("edited"));
+            }
+            _ => {}
+        }
+    }
+    format!(
+        "killed mid-apply: {acked} acknowledged, {cut} cut off, {before} before it came; {edited} of {hand} hand edits found a manifest"
+    )
 }
 
 /// A failure report: the seed, what went wrong, the steps (with what each did, if known,

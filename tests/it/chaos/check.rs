@@ -1,15 +1,16 @@
 //! What must hold once a schedule has healed: no acknowledged edit lost, the head and each
 //! edge holding the same EdgeNodes, the edge's report of each current spec back at the head,
-//! and each edge's manifest directory holding exactly its manifests beside untouched foreign
-//! things.
+//! each edge's manifest directory holding exactly its manifests beside untouched foreign
+//! things, and nothing written outside it.
 //!
 //! "Superseded": each field (one pod of one EdgeNode: absent, or present with an image) ends
-//! as the value set by the last acknowledged apply on the head or by the last on the edge, or
+//! as the value set by the last acknowledged edit on the head or by the last on the edge, or
 //! by an unacknowledged apply (killed mid-way: it may or may not have landed) after that last
-//! on its side. A later edit on one side supersedes that side's earlier ones; the head's and
-//! the edge's are taken as concurrent, as the test cannot see when they synced, and
-//! concurrent edits of one field resolve either way (Automerge's rule). With no acknowledged
-//! apply at all, the field may still be absent.
+//! on its side. A delete sets every pod absent (and hides the EdgeNode). A later edit on one
+//! side supersedes that side's earlier ones; the head's and the edge's are taken as
+//! concurrent, as the test cannot see when they synced, and concurrent edits of one field
+//! resolve either way (Automerge's rule). With no acknowledged edit at all, the field may
+//! still be absent.
 
 use super::plan::{FOREIGN, ForeignKind, NAMESPACES, PODS, Side, Spec, doc_key, node_name};
 use super::world::{Applied, World, cli};

@@ -140,6 +140,15 @@ pub enum Step {
         /// When to kill the daemon while the apply runs, if at all.
         kill_after_us: Option<u64>,
     },
+    /// An apply on the head and one on edge `edge` at the same moment.
+    ApplyBoth {
+        /// What the head's sets.
+        head: Vec<Spec>,
+        /// Which edge.
+        edge: usize,
+        /// What the edge's sets.
+        on_edge: Vec<Spec>,
+    },
     /// `edgesync delete edgenode` of edge `edge`'s EdgeNode in `namespace` on `on`.
     Delete {
         /// Where it runs.
@@ -151,7 +160,8 @@ pub enum Step {
     },
     /// A fault on the link of edge `i`.
     Link(usize, LinkFault),
-    /// A hand edit of the manifest of `pod` in `namespace` on edge `edge` (if it is there).
+    /// A hand edit of the manifest of `pod` in `namespace` on edge `edge`; if it is not
+    /// there, of another of edgesync's manifests there, if any.
     HandEdit {
         /// Which edge.
         edge: usize,
@@ -171,6 +181,9 @@ pub enum Step {
     },
     /// Let time pass (sync, reconcile and drift repair happen meanwhile).
     Pause(u64),
+    /// Heal every link, start every daemon, and check what must hold (see `check`) before
+    /// going on: an acknowledged edit lost and later superseded is seen here.
+    Settle,
 }
 
 /// The steps of one schedule, and the edits made once it has healed.
@@ -236,28 +249,7 @@ impl Plan {
         let steps = (0..count).map(|i| planner.step(i)).collect();
         let finals = (0..edges)
             .flat_map(|edge| NAMESPACES.map(|ns| (edge, ns)))
-            .map(|(edge, namespace)| {
-                let rng = &mut planner.rng;
-                let on = if rng.bool() {
-                    Side::Head
-                } else {
-                    Side::Edge(edge)
-                };
-                let mut pods = BTreeMap::new();
-                for _ in 0..rng.usize(1..=3) {
-                    let pod = PODS[rng.usize(..PODS.len())];
-                    pods.insert(pod.to_string(), format!("{pod}:final"));
-                }
-                let namespace = namespace.to_string();
-                (
-                    on,
-                    Spec {
-                        namespace,
-                        edge,
-                        pods,
-                    },
-                )
-            })
+            .map(|(edge, namespace)| planner.final_edit(edge, namespace))
             .collect();
         Plan {
             seed,
@@ -273,12 +265,13 @@ impl Planner {
     fn step(&mut self, i: usize) -> Step {
         let edge = self.rng.usize(..self.edges);
         match self.rng.u32(0..100) {
-            0..=29 => self.apply(i, None),
-            30..=35 => {
+            0..=27 => self.apply(i, None),
+            28..=33 => {
                 let kill = Some(self.rng.u64(0..=15_000));
                 self.apply(i, kill)
             }
-            36..=41 => match (self.head_up, self.rng.bool()) {
+            34..=39 => self.apply_both(i),
+            40..=45 => match (self.head_up, self.rng.bool()) {
                 (false, _) => {
                     self.head_up = true;
                     Step::StartHead
@@ -289,7 +282,7 @@ impl Planner {
                 }
                 (true, false) => Step::RestartHead,
             },
-            42..=51 => match (self.edge_up[edge], self.rng.bool()) {
+            46..=55 => match (self.edge_up[edge], self.rng.bool()) {
                 (false, _) => {
                     self.edge_up[edge] = true;
                     Step::StartEdge(edge)
@@ -300,53 +293,102 @@ impl Planner {
                 }
                 (true, false) => Step::RestartEdge(edge),
             },
-            52..=66 => Step::Link(edge, self.link_fault()),
-            67..=76 => {
-                let namespace = NAMESPACES[self.rng.usize(..NAMESPACES.len())];
-                let key = doc_key(namespace, edge);
-                // A pod either side last asked for, most likely to have a manifest.
-                let asked: Vec<&'static str> = PODS
-                    .into_iter()
-                    .filter(|p| {
-                        [Side::Head, Side::Edge(edge)].iter().any(|&side| {
-                            self.last
-                                .get(&(side, key.clone()))
-                                .is_some_and(|pods| pods.contains_key(*p))
-                        })
-                    })
-                    .collect();
-                let rng = &mut self.rng;
-                let pod = rng
-                    .choice(asked)
-                    .unwrap_or_else(|| PODS[rng.usize(..PODS.len())]);
-                let edit = match rng.u32(0..3) {
-                    0 => HandEdit::Delete,
-                    1 => HandEdit::Junk(
-                        ["{\"hand\": \"edited\"}", "not even JSON", ""][rng.usize(..3)],
-                    ),
-                    _ => HandEdit::Image(format!("hand:s{i}")),
-                };
-                Step::HandEdit {
-                    edge,
-                    namespace,
-                    pod,
-                    edit,
-                }
-            }
-            77..=80 => self.delete(),
-            81..=84 => {
-                let left: Vec<usize> = (0..FOREIGN.len())
-                    .filter(|f| !self.planted[edge].contains(f))
-                    .collect();
-                match self.rng.choice(left) {
-                    Some(index) => {
-                        self.planted[edge].push(index);
-                        Step::Plant { edge, index }
-                    }
-                    None => Step::Pause(100),
-                }
+            56..=68 => Step::Link(edge, self.link_fault()),
+            69..=77 => self.hand_edit(i, edge),
+            78..=81 => self.delete(),
+            82..=85 => self.plant(edge),
+            86..=88 => {
+                self.head_up = true;
+                self.edge_up.fill(true);
+                Step::Settle
             }
             _ => Step::Pause(self.rng.u64(100..=2000)),
+        }
+    }
+
+    /// A fresh pod list for edge `edge`'s EdgeNode in `namespace`, applied on one side
+    /// after everything healed.
+    fn final_edit(&mut self, edge: usize, namespace: &str) -> (Side, Spec) {
+        let rng = &mut self.rng;
+        let on = if rng.bool() {
+            Side::Head
+        } else {
+            Side::Edge(edge)
+        };
+        let mut pods = BTreeMap::new();
+        for _ in 0..rng.usize(1..=3) {
+            let pod = PODS[rng.usize(..PODS.len())];
+            pods.insert(pod.to_string(), format!("{pod}:final"));
+        }
+        let namespace = namespace.to_string();
+        let spec = Spec {
+            namespace,
+            edge,
+            pods,
+        };
+        (on, spec)
+    }
+
+    /// A hand edit of a manifest on `edge`.
+    fn hand_edit(&mut self, i: usize, edge: usize) -> Step {
+        let namespace = NAMESPACES[self.rng.usize(..NAMESPACES.len())];
+        let key = doc_key(namespace, edge);
+        // A pod either side last asked for, most likely to have a manifest.
+        let asked: Vec<&'static str> = PODS
+            .into_iter()
+            .filter(|p| {
+                [Side::Head, Side::Edge(edge)].iter().any(|&side| {
+                    self.last
+                        .get(&(side, key.clone()))
+                        .is_some_and(|pods| pods.contains_key(*p))
+                })
+            })
+            .collect();
+        let rng = &mut self.rng;
+        let pod = rng
+            .choice(asked)
+            .unwrap_or_else(|| PODS[rng.usize(..PODS.len())]);
+        let edit = match rng.u32(0..3) {
+            0 => HandEdit::Delete,
+            1 => HandEdit::Junk(["{\"hand\": \"edited\"}", "not even JSON", ""][rng.usize(..3)]),
+            _ => HandEdit::Image(format!("hand:s{i}")),
+        };
+        Step::HandEdit {
+            edge,
+            namespace,
+            pod,
+            edit,
+        }
+    }
+
+    /// Something foreign planted on `edge` (a pause once everything is).
+    fn plant(&mut self, edge: usize) -> Step {
+        let left: Vec<usize> = (0..FOREIGN.len())
+            .filter(|f| !self.planted[edge].contains(f))
+            .collect();
+        match self.rng.choice(left) {
+            Some(index) => {
+                self.planted[edge].push(index);
+                Step::Plant { edge, index }
+            }
+            None => Step::Pause(100),
+        }
+    }
+
+    /// Applies on the head and an edge at once, both to the same EdgeNode or not (a single
+    /// apply unless both are up).
+    fn apply_both(&mut self, i: usize) -> Step {
+        let up: Vec<usize> = (0..self.edges).filter(|&e| self.edge_up[e]).collect();
+        let edge = match self.rng.choice(up) {
+            Some(edge) if self.head_up => edge,
+            _ => return self.apply(i, None),
+        };
+        let namespace = NAMESPACES[self.rng.usize(..NAMESPACES.len())];
+        let other = NAMESPACES[self.rng.usize(..NAMESPACES.len())];
+        Step::ApplyBoth {
+            head: vec![self.edit(i, Side::Head, edge, namespace)],
+            edge,
+            on_edge: vec![self.edit(i, Side::Edge(edge), edge, other)],
         }
     }
 
@@ -428,7 +470,8 @@ impl Planner {
     }
 
     /// A small change to what this side (or else the other) last applied; now and then a
-    /// fresh pod list. New images name the step, so each value says which apply set it.
+    /// fresh pod list. New images name the step and the side, so each value says which apply
+    /// set it.
     fn edit(&mut self, i: usize, on: Side, edge: usize, namespace: &str) -> Spec {
         let key = doc_key(namespace, edge);
         let other = match on {
@@ -444,7 +487,8 @@ impl Planner {
         .unwrap_or_default();
         for _ in 0..rng.usize(1..=2) {
             let pod = PODS[rng.usize(..PODS.len())];
-            let image = format!("{pod}:s{i}");
+            let side = if on == Side::Head { 'h' } else { 'e' };
+            let image = format!("{pod}:s{i}{side}");
             match (pods.contains_key(pod), rng.bool()) {
                 (true, true) => pods.remove(pod),
                 _ => pods.insert(pod.to_string(), image),
@@ -456,5 +500,49 @@ impl Planner {
             edge,
             pods,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_always_gives_the_same_plan_and_seeds_cover_every_kind_of_step() {
+        assert_eq!(Plan::new(7).to_string(), Plan::new(7).to_string());
+        assert_ne!(Plan::new(7).to_string(), Plan::new(8).to_string());
+        let mut kinds = std::collections::BTreeSet::new();
+        for seed in 0..50 {
+            for step in Plan::new(seed).steps {
+                let kind = format!("{step:?}");
+                let kind = kind.split([' ', '(']).next().unwrap().to_string();
+                let killed = matches!(
+                    step,
+                    Step::Apply {
+                        kill_after_us: Some(_),
+                        ..
+                    }
+                );
+                kinds.insert(if killed { "Apply killed".into() } else { kind });
+            }
+        }
+        let all = [
+            "Apply",
+            "Apply killed",
+            "ApplyBoth",
+            "Delete",
+            "HandEdit",
+            "KillEdge",
+            "KillHead",
+            "Link",
+            "Pause",
+            "Plant",
+            "RestartEdge",
+            "RestartHead",
+            "Settle",
+            "StartEdge",
+            "StartHead",
+        ];
+        assert_eq!(kinds, all.iter().map(|k| k.to_string()).collect());
     }
 }

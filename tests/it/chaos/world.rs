@@ -2,6 +2,7 @@
 //! relay; carries out the steps and records what each did, above all which applies were
 //! acknowledged.
 
+use super::check::{self, Expect};
 use super::plan::{FOREIGN, ForeignKind, HandEdit, LinkFault, Side, Spec, Step, node_name};
 use crate::harness::{Daemon, EdgeDirs, HeadProc, bin, edgenode, free_udp_addr};
 use crate::relay::{Direction, Relay};
@@ -9,13 +10,15 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
+/// How long a healed schedule may take to converge.
+pub const CONVERGE: Duration = Duration::from_secs(120);
 /// How long one CLI command may take before the schedule fails.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One `edgesync apply` and whether it was acknowledged (exited 0).
+/// One edit (an `apply`, or a `delete`, which leaves no pods) and whether it was acknowledged.
 #[derive(Debug)]
 pub struct Applied {
     /// Where it ran.
@@ -47,7 +50,7 @@ pub struct World {
     head: Option<HeadProc>,
     /// The edges.
     pub edges: Vec<EdgeProc>,
-    /// Every apply, in order.
+    /// Every edit, in order.
     pub applies: Vec<Applied>,
     /// What each step did, one line per step.
     pub outcomes: Vec<String>,
@@ -117,7 +120,7 @@ impl World {
     }
 
     /// Carries out step `i`, recording what it did; an error if something failed that
-    /// must not (an apply on a daemon left running, a restart).
+    /// must not (an edit on a daemon left running).
     pub async fn run(&mut self, i: usize, step: &Step) -> Result<(), String> {
         let outcome = match step {
             Step::KillHead => self.kill(Side::Head),
@@ -139,6 +142,14 @@ impl World {
             } => {
                 let kill = kill_after_us.map(Duration::from_micros);
                 self.apply(Some(i), *on, specs, kill).await?
+            }
+            Step::ApplyBoth {
+                head,
+                edge,
+                on_edge,
+            } => {
+                let edge = (Side::Edge(*edge), on_edge.as_slice());
+                self.apply_together(i, (Side::Head, head), edge).await?
             }
             Step::Delete {
                 on,
@@ -172,11 +183,12 @@ impl World {
                 pod,
                 edit,
             } => {
-                let path = self.edges[*edge]
-                    .dirs
-                    .manifests
-                    .join(format!("edgesync_{namespace}_{pod}.json"));
-                hand_edit(&path, edit)
+                let dir = &self.edges[*edge].dirs.manifests;
+                let file = format!("edgesync_{namespace}_{pod}.json");
+                match pick_manifest(dir, &file, i) {
+                    Some(file) => hand_edit(&dir.join(&file), edit, &file),
+                    None => "no manifest there".to_string(),
+                }
             }
             Step::Plant { edge, index } => {
                 let (name, kind) = FOREIGN[*index];
@@ -197,6 +209,13 @@ impl World {
                 tokio::time::sleep(Duration::from_millis(*ms)).await;
                 "done".to_string()
             }
+            Step::Settle => {
+                self.heal().await;
+                let started = Instant::now();
+                let acked = Expect::Acknowledged(&self.applies);
+                check::wait_converged(self, &acked, CONVERGE).await?;
+                format!("converged in {:.1}s", started.elapsed().as_secs_f64())
+            }
         };
         self.outcomes.push(outcome);
         Ok(())
@@ -213,6 +232,46 @@ impl World {
         specs: &[Spec],
         kill: Option<Duration>,
     ) -> Result<String, String> {
+        let (child, input) = self.start_apply(on, specs).await?;
+        if kill.is_some() {
+            // The command reads its input before it connects: once it waits for the end of
+            // it, the kill lands that long into the apply rather than into the command's start.
+            waiting_for_input(child.id()).await;
+        }
+        drop(input);
+        if let Some(after) = kill {
+            tokio::time::sleep(after).await;
+            self.kill(on);
+        }
+        let out = finish(child).await?;
+        self.record(step, on, specs, out, kill.is_some())
+    }
+
+    /// Two applies at once, one on each side.
+    pub async fn apply_together(
+        &mut self,
+        step: usize,
+        (a, a_specs): (Side, &[Spec]),
+        (b, b_specs): (Side, &[Spec]),
+    ) -> Result<String, String> {
+        let (a_child, a_input) = self.start_apply(a, a_specs).await?;
+        let (b_child, b_input) = self.start_apply(b, b_specs).await?;
+        waiting_for_input(a_child.id()).await;
+        waiting_for_input(b_child.id()).await;
+        drop((a_input, b_input));
+        let (a_out, b_out) = tokio::join!(finish(a_child), finish(b_child));
+        let a_said = self.record(Some(step), a, a_specs, a_out?, false)?;
+        let b_said = self.record(Some(step), b, b_specs, b_out?, false)?;
+        Ok(format!("{a:?} {a_said}; {b:?} {b_said}"))
+    }
+
+    /// Starts `edgesync apply -f -` of `specs` on `on` and writes its input, leaving the
+    /// input open: the command waits until it is closed.
+    async fn start_apply(
+        &self,
+        on: Side,
+        specs: &[Spec],
+    ) -> Result<(tokio::process::Child, tokio::process::ChildStdin), String> {
         let text: Vec<String> = specs
             .iter()
             .map(|s| {
@@ -233,23 +292,25 @@ impl World {
             .write_all(text.join("---\n").as_bytes())
             .await
             .unwrap();
-        if kill.is_some() {
-            // The command reads its input before it connects: once it waits for the end of
-            // it, the kill lands that long into the apply rather than into the command's start.
-            waiting_for_input(child.id()).await;
-        }
-        drop(input);
-        if let Some(after) = kill {
-            tokio::time::sleep(after).await;
-            self.kill(on);
-        }
-        let out = finish(child).await?;
+        Ok((child, input))
+    }
+
+    /// Records how an apply of `specs` on `on` ended and says so; an error if it was not
+    /// acknowledged although its daemon was not `killed`.
+    fn record(
+        &mut self,
+        step: Option<usize>,
+        on: Side,
+        specs: &[Spec],
+        out: Output,
+        killed: bool,
+    ) -> Result<String, String> {
         let acked = out.status.success();
         let said = match acked {
             true => String::from_utf8_lossy(&out.stdout).replace('\n', "; "),
             false => String::from_utf8_lossy(&out.stderr).replace('\n', " "),
         };
-        if !acked && kill.is_none() {
+        if !acked && !killed {
             return Err(format!("apply on {on:?} failed ({}): {said}", out.status));
         }
         self.applies.push(Applied {
@@ -363,12 +424,27 @@ fn link_target(dir: &Path) -> PathBuf {
     outside(dir).join("target.json")
 }
 
-/// Edits the manifest at `path` by hand if a regular file is there; never creates one (a
-/// manifest removed meanwhile stays removed).
-fn hand_edit(path: &Path, edit: &HandEdit) -> String {
-    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
-        return "no manifest there".to_string();
+/// `file` if a regular file of that name is in `dir`, else another of edgesync's manifests
+/// there (the `i`th, round), if there is one.
+fn pick_manifest(dir: &Path, file: &str, i: usize) -> Option<String> {
+    let is_file = |name: &str| std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.is_file());
+    if is_file(file) {
+        return Some(file.to_string());
     }
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("edgesync_") && n.ends_with(".json"))
+        .filter(|n| !FOREIGN.iter().any(|(foreign, _)| foreign == n) && is_file(n))
+        .collect();
+    names.sort();
+    (!names.is_empty()).then(|| names.swap_remove(i % names.len()))
+}
+
+/// Edits the manifest `file` at `path` by hand; never creates one (a manifest removed
+/// meanwhile stays removed).
+fn hand_edit(path: &Path, edit: &HandEdit, file: &str) -> String {
     let overwrite = |text: &[u8]| {
         std::fs::OpenOptions::new()
             .write(true)
@@ -389,7 +465,7 @@ fn hand_edit(path: &Path, edit: &HandEdit) -> String {
         }
     };
     match done {
-        Ok(()) => "edited".to_string(),
+        Ok(()) => format!("edited {file}"),
         Err(e) => format!("gone meanwhile ({e})"),
     }
 }
