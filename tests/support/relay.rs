@@ -268,8 +268,7 @@ impl Ctx {
                 return;
             }
             let copies = 1 + usize::from(chance(faults.duplicate));
-            let jitter = fastrand::u128(0..=faults.jitter.as_nanos());
-            let jitter = Duration::from_nanos(u64::try_from(jitter).unwrap_or(u64::MAX));
+            let jitter = faults.jitter.mul_f64(fastrand::f64());
             (copies, faults.delay + jitter, faults.latency)
         };
         if !latency.is_zero() {

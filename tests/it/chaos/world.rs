@@ -457,10 +457,11 @@ fn hand_edit(path: &Path, edit: &HandEdit, file: &str) -> String {
         HandEdit::Junk(text) => overwrite(text.as_bytes()),
         HandEdit::Image(image) => {
             let text = std::fs::read(path).unwrap_or_default();
-            let Ok(mut manifest) = serde_json::from_slice::<serde_json::Value>(&text) else {
-                return "not JSON; left as it is".to_string();
+            let mut manifest = serde_json::from_slice(&text).unwrap_or(serde_json::Value::Null);
+            let Some(old) = manifest.pointer_mut("/spec/containers/0/image") else {
+                return format!("{file} holds no image; left as it is");
             };
-            manifest["spec"]["containers"][0]["image"] = image.as_str().into();
+            *old = image.as_str().into();
             overwrite(&serde_json::to_vec_pretty(&manifest).unwrap())
         }
     };
