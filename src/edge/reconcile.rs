@@ -216,11 +216,16 @@ impl Reconciler {
     }
 
     /// What document `key` asks for and the heads it was read at, or None if there is no
-    /// such document.
+    /// such document. A deleted one asks for no pod, even if it still holds some (added on
+    /// one side while the other deleted it: a delete removes only the pods it saw): no one
+    /// sees that EdgeNode any more.
     async fn wanted(&self, key: &str) -> Result<Option<(Wanted, Vec<ChangeHash>)>, DaemonError> {
-        let Some((view, heads)) = self.node.view_at(key).await? else {
+        let Some((mut view, heads)) = self.node.view_at(key).await? else {
             return Ok(None);
         };
+        if view.deleted {
+            view.pods.clear();
+        }
         let privileged = view.privileged
             || self
                 .node

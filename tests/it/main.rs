@@ -1,6 +1,7 @@
 //! Integration tests: the built binary as real head and edge processes on loopback, QUIC with
 //! mutual TLS, SQLite on disk, and a UDP relay that cuts and degrades the link.
 
+mod chaos;
 mod daemons;
 mod deploy;
 mod dns;

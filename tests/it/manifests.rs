@@ -272,3 +272,43 @@ async fn a_temp_file_left_by_a_crash_is_removed_on_start_and_nothing_else() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_edgenode_runs_no_pod_not_even_one_added_apart_while_it_was_deleted() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head_addr = free_udp_addr();
+        let head = HeadProc::start(dir.path(), head_addr, &[]).await;
+        let relay = crate::relay::Relay::start(head_addr).await.unwrap();
+        let edge_dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = edge_dirs
+            .start("edge01", &[relay.local_addr()], Some(&head.token()))
+            .await;
+        apply(&head.daemon, dir.path(), &[("web", "nginx")]);
+        wait_for("web", SOON, || edge_dirs.manifest("default", "web")).await;
+
+        // Apart: the edge adds a pod the head never sees, the head deletes the EdgeNode.
+        relay.cut();
+        apply(&edge, dir.path(), &[("web", "nginx"), ("cache", "redis")]);
+        wait_for("cache", SOON, || edge_dirs.manifest("default", "cache")).await;
+        ok(head.daemon.cli(&["delete", "edgenode", "edge01"]));
+        relay.heal();
+
+        // The delete removes only the pods the head saw; the document still holds cache,
+        // but the EdgeNode is gone for everyone, so its pods are too.
+        let gone = |daemon: &Daemon| {
+            let list = daemon.json(&["get", "edgenodes", "-A", "-o", "json"]);
+            list["items"] == serde_json::json!([])
+        };
+        wait_for("the deletion on the edge", SOON, || {
+            gone(&edge).then_some(())
+        })
+        .await;
+        assert!(gone(&head.daemon));
+        wait_for("no manifest left", SOON, || {
+            edge_dirs.files().is_empty().then_some(())
+        })
+        .await;
+    })
+    .await;
+}

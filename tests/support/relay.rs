@@ -1,4 +1,5 @@
-//! UDP relay between QUIC peers that can cut, delay, drop and duplicate datagrams.
+//! UDP relay between QUIC peers that can cut (both ways or one way), delay, reorder, drop and
+//! duplicate datagrams.
 //!
 //! Tests place a [`Relay`] between a QUIC client and a QUIC server on 127.0.0.1: the client
 //! dials [`Relay::local_addr`] and the relay forwards to the server. Faults are switched on and
@@ -32,9 +33,12 @@ pub struct RelayStats {
     pub dropped: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Direction {
+/// Which way a datagram travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a client to the upstream server.
     ToUpstream,
+    /// From the upstream server back to a client.
     ToClient,
 }
 
@@ -52,12 +56,29 @@ impl RelayStats {
 /// Fault settings and counters, shared by the [`Relay`] handle and all of its tasks.
 #[derive(Debug, Default)]
 struct State {
-    cut: bool,
+    faults: Faults,
+    stats: RelayStats,
+}
+
+/// The faults a [`Relay`] applies to each datagram.
+#[derive(Debug, Default, Clone, Copy)]
+struct Faults {
+    cut_to_upstream: bool,
+    cut_to_client: bool,
     drop: f64,
     duplicate: f64,
     delay: Duration,
+    jitter: Duration,
     latency: Duration,
-    stats: RelayStats,
+}
+
+impl Faults {
+    fn cut(&self, dir: Direction) -> bool {
+        match dir {
+            Direction::ToUpstream => self.cut_to_upstream,
+            Direction::ToClient => self.cut_to_client,
+        }
+    }
 }
 
 /// Locks the shared state; a panic elsewhere while holding it does not matter here.
@@ -110,33 +131,57 @@ impl Relay {
 
     /// Drops every datagram in both directions until [`Relay::heal`].
     pub fn cut(&self) {
-        lock(&self.state).cut = true;
+        let faults = &mut lock(&self.state).faults;
+        faults.cut_to_upstream = true;
+        faults.cut_to_client = true;
     }
 
-    /// Ends a [`Relay::cut`]; traffic flows again.
+    /// Drops every datagram travelling `dir` (the other way still flows) until [`Relay::heal`].
+    pub fn cut_one_way(&self, dir: Direction) {
+        let faults = &mut lock(&self.state).faults;
+        match dir {
+            Direction::ToUpstream => faults.cut_to_upstream = true,
+            Direction::ToClient => faults.cut_to_client = true,
+        }
+    }
+
+    /// Ends a [`Relay::cut`] or [`Relay::cut_one_way`]; traffic flows again.
     pub fn heal(&self) {
-        lock(&self.state).cut = false;
+        let faults = &mut lock(&self.state).faults;
+        faults.cut_to_upstream = false;
+        faults.cut_to_client = false;
+    }
+
+    /// Ends every fault: no cut, loss, delay, jitter, latency nor duplication.
+    pub fn clear(&self) {
+        lock(&self.state).faults = Faults::default();
     }
 
     /// Each datagram (each direction) is dropped with this probability (0.0..=1.0).
     pub fn set_drop(&self, probability: f64) {
-        lock(&self.state).drop = probability.clamp(0.0, 1.0);
+        lock(&self.state).faults.drop = probability.clamp(0.0, 1.0);
     }
 
     /// Each forwarded datagram is delayed by this much (order per direction is not preserved).
     pub fn set_delay(&self, delay: Duration) {
-        lock(&self.state).delay = delay;
+        lock(&self.state).faults.delay = delay;
+    }
+
+    /// Each forwarded datagram is delayed by a further random time up to this much, so later
+    /// datagrams overtake earlier ones (reordering).
+    pub fn set_jitter(&self, jitter: Duration) {
+        lock(&self.state).faults.jitter = jitter;
     }
 
     /// Each forwarded datagram is held this long, in order: a long link (unlike
     /// [`Relay::set_delay`], which reorders). Used instead of the delay while set.
     pub fn set_latency(&self, latency: Duration) {
-        lock(&self.state).latency = latency;
+        lock(&self.state).faults.latency = latency;
     }
 
     /// Each forwarded datagram is sent twice with this probability (0.0..=1.0).
     pub fn set_duplicate(&self, probability: f64) {
-        lock(&self.state).duplicate = probability.clamp(0.0, 1.0);
+        lock(&self.state).faults.duplicate = probability.clamp(0.0, 1.0);
     }
 
     /// Counters: datagrams and bytes forwarded each way and dropped, for assertions on traffic.
@@ -212,16 +257,19 @@ impl Ctx {
         }
     }
 
-    /// Applies cut, drop, duplicate and delay to one datagram, then sends it from `socket` to `to`.
+    /// Applies cut, drop, duplicate, delay and jitter to one datagram, then sends it from
+    /// `socket` to `to`.
     async fn forward(&self, socket: &Arc<UdpSocket>, data: &[u8], to: SocketAddr, dir: Direction) {
         let (copies, delay, latency) = {
             let mut state = lock(&self.state);
-            if state.cut || chance(state.drop) {
+            let faults = state.faults;
+            if faults.cut(dir) || chance(faults.drop) {
                 state.stats.dropped += 1;
                 return;
             }
-            let copies = 1 + usize::from(chance(state.duplicate));
-            (copies, state.delay, state.latency)
+            let copies = 1 + usize::from(chance(faults.duplicate));
+            let jitter = faults.jitter.mul_f64(fastrand::f64());
+            (copies, faults.delay + jitter, faults.latency)
         };
         if !latency.is_zero() {
             let _ = self.ordered.send(Held {
@@ -255,9 +303,12 @@ impl Ctx {
 
     /// Sends one datagram unless the link was cut meanwhile; updates the counters.
     async fn send(&self, socket: &UdpSocket, data: &[u8], to: SocketAddr, dir: Direction) {
-        if lock(&self.state).cut {
-            lock(&self.state).stats.dropped += 1;
-            return;
+        {
+            let mut state = lock(&self.state);
+            if state.faults.cut(dir) {
+                state.stats.dropped += 1;
+                return;
+            }
         }
         let result = socket.send_to(data, to).await;
         let stats = &mut lock(&self.state).stats;
