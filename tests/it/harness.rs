@@ -121,15 +121,23 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the control socket answers.
+    /// Waits until the control socket answers. A daemon binds it before it is up (an edge
+    /// before it joins) and answers once it is, so each try is bounded and awaited, never a
+    /// blocking call: a task spawned last on this runtime thread (such as the relay an edge
+    /// joins through) runs only once the thread awaits, and a blocked thread deadlocks it.
     pub async fn ready(self) -> Self {
-        let socket = self.socket.clone();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if cli(&["status", "-o", "json", "--socket", socket.to_str().unwrap()])
-                .status
-                .success()
-            {
+            let status = tokio::process::Command::new(bin())
+                .args(["status", "-o", "json", "--socket"])
+                .arg(&self.socket)
+                .env_remove("EDGESYNC_SOCKET")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .status();
+            let answered = tokio::time::timeout(Duration::from_secs(2), status).await;
+            if answered.is_ok_and(|s| s.is_ok_and(|s| s.success())) {
                 return self;
             }
             assert!(
