@@ -8,8 +8,7 @@
 //! and that each manifest directory holds exactly what its documents say beside the untouched
 //! foreign files; last, one edit per EdgeNode made after healing must reach everyone.
 //!
-//! `cargo test --test it chaos::short -- --ignored` runs 8 fixed seeds (about a minute; out
-//! of CI for now, see its `ignore`);
+//! `cargo test --test it chaos::short` runs 8 fixed seeds (about a minute, in CI);
 //! `cargo test --test it chaos::long -- --ignored` runs 200. Environment:
 //! `EDGESYNC_CHAOS_SEED` (first seed), `EDGESYNC_CHAOS_SCHEDULES` (how many; 1 when only the
 //! seed is given), `EDGESYNC_CHAOS_PARALLEL` (schedules at once, default 2). A failure prints
@@ -29,7 +28,6 @@ use world::{CONVERGE, World};
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "hung in a loaded CI run on 2026-12-02 with no CPU used; kept out of CI until found: cargo test --test it chaos::short -- --ignored"]
 async fn short() {
     let seeds: Vec<u64> = (1..=8).collect();
     run(&seeds).await;
