@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 mod limits;
 pub use limits::{
-    MAX_ANCHORS, MAX_DEPTH, MAX_DOCUMENTS, MAX_EDGENODE_BYTES, MAX_FILE_NAME, MAX_INPUT_BYTES,
-    MAX_NODES, MAX_PODS, check_budget, check_manifest_name, clip, show,
+    MAX_ANCHORS, MAX_DEPTH, MAX_DOCUMENTS, MAX_EDGENODE_BYTES, MAX_FILE_NAME, MAX_HISTORY_BYTES,
+    MAX_INPUT_BYTES, MAX_NODES, MAX_PODS, check_budget, check_manifest_name, clip, show,
 };
 use limits::{json_len, show_json};
 

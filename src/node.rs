@@ -4,7 +4,7 @@
 use crate::crd::{
     Condition, EdgeNode, EdgeNodeSpec, EdgeNodeStatus, POD_APPLIED, POD_REFUSED, Phase, PodState,
 };
-use crate::input::{self, DesiredNode, InvalidInput, Rules};
+use crate::input::{self, DesiredNode, InvalidInput, MAX_HISTORY_BYTES, Rules};
 use crate::metrics::{EdgeLabels, Metrics, RoleLabels};
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registration, Registry};
@@ -62,6 +62,8 @@ pub struct DocEntry {
     chunks: usize,
     /// Heads as of the last successful store write.
     persisted_heads: Vec<automerge::ChangeHash>,
+    /// Bytes stored for it: the snapshot and the chunks since.
+    stored_bytes: usize,
 }
 
 impl DocEntry {
@@ -83,6 +85,7 @@ impl DocEntry {
             doc,
             last_synced_at: stored.last_synced_at,
             chunks: stored.chunks.len(),
+            stored_bytes: stored.snapshot.len() + stored.chunks.iter().map(Vec::len).sum::<usize>(),
         })
     }
 
@@ -93,6 +96,7 @@ impl DocEntry {
             last_synced_at: None,
             chunks: COMPACT_AFTER_CHUNKS,
             persisted_heads: Vec::new(),
+            stored_bytes: 0,
         }
     }
 }
@@ -224,6 +228,7 @@ pub struct ReportedAt {
 struct Staged {
     heads: Vec<automerge::ChangeHash>,
     chunks: usize,
+    stored_bytes: usize,
     synced_at: Option<String>,
     changed: bool,
 }
@@ -242,12 +247,15 @@ fn stage(
     if !changed && sync_states.is_empty() && synced_at.is_none() {
         return None;
     }
-    let (write, chunks) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
-        (DocWrite::Snapshot(entry.doc.save()), 0)
+    let (write, chunks, stored_bytes) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
+        let snapshot = entry.doc.save();
+        let bytes = snapshot.len();
+        (DocWrite::Snapshot(snapshot), 0, bytes)
     } else {
         let chunk = entry.doc.save_incremental();
         let stored = entry.chunks + usize::from(!chunk.is_empty());
-        (DocWrite::Chunk(chunk), stored)
+        let bytes = entry.stored_bytes + chunk.len();
+        (DocWrite::Chunk(chunk), stored, bytes)
     };
     let save = DocSave {
         key: key.to_string(),
@@ -258,10 +266,36 @@ fn stage(
     let staged = Staged {
         heads,
         chunks,
+        stored_bytes,
         synced_at,
         changed,
     };
     Some((save, staged))
+}
+
+/// Refuses an edit that gives a document more than `limit` bytes of history
+/// ([`MAX_HISTORY_BYTES`], what one sync message carries): an edge that has none of it must be
+/// able to receive it whole. Documents that store little are let through without counting.
+fn check_history(key: &str, entry: &mut DocEntry, limit: usize) -> Result<(), NodeError> {
+    const COUNT_FROM: usize = 1 << 20;
+    if entry.stored_bytes < COUNT_FROM {
+        return Ok(());
+    }
+    let changes = entry.doc.get_changes(&[]);
+    let history: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
+    if history <= limit {
+        return Ok(());
+    }
+    Err(InvalidInput {
+        object: format!("EdgeNode {key}"),
+        field: "spec".into(),
+        reason: format!(
+            "this edit would bring its history to {} MiB, more than the {} MiB an edge receives at once; apply it under another name or namespace",
+            history >> 20,
+            limit >> 20
+        ),
+    }
+    .into())
 }
 
 /// Current time, RFC 3339.
@@ -579,6 +613,7 @@ impl Node {
     /// Finishes a staged write that is stored: subscribers hear of the change.
     fn stored(&self, key: &str, entry: &mut DocEntry, staged: Staged) {
         entry.chunks = staged.chunks;
+        entry.stored_bytes = staged.stored_bytes;
         entry.persisted_heads = staged.heads;
         if staged.synced_at.is_some() {
             entry.last_synced_at = staged.synced_at;
@@ -657,7 +692,11 @@ impl Node {
         let mut saves = Vec::new();
         let mut staged = Vec::new();
         for (i, (key, desired)) in order.iter().enumerate() {
-            let edited = self.edit_spec(&mut locked[i].doc, desired);
+            let edited = self
+                .edit_spec(&mut locked[i].doc, desired)
+                .and_then(|edited| {
+                    check_history(key, &mut locked[i], MAX_HISTORY_BYTES).map(|()| edited)
+                });
             let result = match edited {
                 Ok((false, _)) => "created",
                 Ok((true, true)) => "configured",
@@ -1229,6 +1268,40 @@ mod tests {
         assert_eq!(also_from(&node).as_deref(), Some("192.0.2.1:4001"));
         node.peer_disconnected(&edge).await;
         assert_eq!(also_from(&node), None);
+    }
+
+    #[test]
+    fn an_edit_past_the_history_an_edge_can_receive_is_refused() {
+        use automerge::{ROOT, transaction::Transactable};
+        let actor = ActorId::random();
+        let mut entry = DocEntry::genesis("default/e1", &actor);
+        // Three changes of 600 KiB that do not compress (an xorshift stream as hex).
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..3 {
+            let text: String = (0..600 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    char::from_digit((x % 16) as u32, 16).unwrap()
+                })
+                .collect();
+            entry.doc.put(ROOT, "blob", text).unwrap();
+            entry.doc.commit();
+        }
+        // A document that stores little is not counted.
+        assert!(check_history("default/e1", &mut entry, 1 << 20).is_ok());
+        entry.stored_bytes = 2 << 20;
+        assert!(check_history("default/e1", &mut entry, 8 << 20).is_ok());
+        let refused = check_history("default/e1", &mut entry, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("EdgeNode default/e1")
+                && refused.contains("spec")
+                && refused.contains("more than the 1 MiB an edge receives at once"),
+            "{refused}"
+        );
     }
 
     fn chunk_sizes(dir: &std::path::Path) -> Vec<usize> {

@@ -10,6 +10,10 @@ use std::collections::HashMap;
 pub const MAX_INPUT_BYTES: usize = 1 << 20;
 /// Largest EdgeNode: its `spec` as compact JSON, in bytes.
 pub const MAX_EDGENODE_BYTES: usize = 512 << 10;
+/// Most history one EdgeNode's document holds, in bytes of changes: an edge that has none of
+/// it receives it in one sync message, which carries at most
+/// [`MAX_SYNC_MESSAGE`](crate::sync::wire::MAX_SYNC_MESSAGE) bytes.
+pub const MAX_HISTORY_BYTES: usize = crate::sync::wire::MAX_SYNC_MESSAGE / 4 * 3;
 /// Most pods one EdgeNode holds (the kubelet's default `--max-pods`).
 pub const MAX_PODS: usize = 110;
 /// Longest file name the edge's manifest directory can hold (NAME_MAX of Linux file systems).

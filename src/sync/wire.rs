@@ -324,6 +324,9 @@ impl Fields<'_> {
 /// proven anything.
 pub const MAX_FIRST_FRAME: usize = 64 << 10;
 
+/// Bytes of a frame's payload reserved before they arrive.
+const READ_AHEAD: usize = 64 << 10;
+
 /// Reads one frame of at most `limit` payload bytes; `Ok(None)` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -343,8 +346,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > limit.min(MAX_FRAME) {
         return Err(WireError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload).await?;
+    // The buffer grows as bytes arrive: a peer announcing a large frame and sending little
+    // holds no more memory than it sent.
+    let mut payload = Vec::with_capacity(len.min(READ_AHEAD));
+    (&mut *reader)
+        .take(len as u64)
+        .read_to_end(&mut payload)
+        .await?;
+    if payload.len() < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Frame::decode(header[1], &payload).map(Some)
 }
 
@@ -623,6 +634,12 @@ mod tests {
             assert!(matches!(
                 read_frame(&mut &big_first[..], MAX_FIRST_FRAME).await,
                 Err(WireError::TooLarge(131072))
+            ));
+            // Announces 8 MiB and sends 3 bytes: an end of stream, with 3 bytes read.
+            let short = [VERSION, 2, 0, 0x80, 0, 0, 1, 2, 3];
+            assert!(matches!(
+                read_frame(&mut &short[..], MAX_FRAME).await,
+                Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof
             ));
             let unknown_kind = [VERSION, 77, 0, 0, 0, 0];
             assert!(matches!(
