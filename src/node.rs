@@ -13,7 +13,7 @@ use crate::store::{
 };
 use crate::sync::feed::{Feed, Feeds};
 use crate::transport::tls::{Identity, Role};
-use automerge::sync::{self, SyncDoc};
+use automerge::sync;
 use automerge::{ActorId, AutoCommit};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -466,12 +466,6 @@ impl Node {
         self.0.feeds.subscribe(peer)
     }
 
-    /// Every document key, the heads' registry included (what sync sessions offer; each
-    /// session filters by what its peer may access).
-    pub fn sync_keys(&self) -> Vec<String> {
-        lock(&self.0.docs).keys().cloned().collect()
-    }
-
     /// The heads' registry as this head knows it.
     pub async fn registry(&self) -> Registry {
         match self.entry(registry::KEY) {
@@ -839,15 +833,10 @@ impl Node {
         Ok(Some(ReportedAt { before, after }))
     }
 
-    /// Applies a sync message from `peer` to document `key` (created from genesis if new), stores
-    /// the result and the sync state, then announces the change.
-    pub async fn receive_sync(
-        &self,
-        peer: &str,
-        key: &str,
-        message: sync::Message,
-        state: &mut sync::State,
-    ) -> Result<(), NodeError> {
+    /// Document `key` for a sync session to apply a message to: created (from the shared
+    /// genesis) if it is not here yet. Only EdgeNode keys, and on a head the heads' registry,
+    /// are taken from peers.
+    pub fn sync_entry(&self, key: &str) -> Result<Arc<tokio::sync::Mutex<DocEntry>>, NodeError> {
         let edgenode_key = model::split_key(key).is_some_and(|(ns, name)| {
             input::check_label(ns).is_ok() && input::check_subdomain(name).is_ok()
         });
@@ -858,33 +847,57 @@ impl Node {
                 reason: "not a valid namespace/name key".into(),
             });
         }
-        let entry = self.entry_or_genesis(key);
-        let mut entry = entry.lock().await;
-        entry
-            .doc
-            .sync()
-            .receive_sync_message(state, message)
-            .map_err(|e| NodeError::Sync {
-                key: key.to_string(),
-                reason: e.to_string(),
-            })?;
-        lock(&self.0.shared).insert(
-            (peer.to_string(), key.to_string()),
-            state.shared_heads.clone(),
-        );
+        Ok(self.entry_or_genesis(key))
+    }
+
+    /// Document `key`, if it is here.
+    pub fn sync_doc(&self, key: &str) -> Option<Arc<tokio::sync::Mutex<DocEntry>>> {
+        self.entry(key)
+    }
+
+    /// After a sync message from `peer` was applied to `entry` (document `key`): stores what
+    /// it brought with the session's sync `state`, then announces it. Nothing is announced
+    /// before it is stored; if the write fails, the entry goes back to what is stored.
+    pub async fn synced(
+        &self,
+        peer: &str,
+        key: &str,
+        entry: &mut DocEntry,
+        state: Option<Vec<u8>>,
+        shared_heads: Vec<automerge::ChangeHash>,
+    ) -> Result<(), NodeError> {
+        lock(&self.0.shared).insert((peer.to_string(), key.to_string()), shared_heads);
         if entry.doc.get_heads() == entry.persisted_heads {
             // Nothing new (an acknowledgement): the session keeps the sync state and stores
             // it when it ends; a state stored stale only costs a little resending.
             entry.last_synced_at = Some(now());
             return Ok(());
         }
-        let states = vec![(peer.to_string(), state.encode())];
-        self.persist(key, &mut entry, states, true).await?;
-        drop(entry);
+        let states = state.map(|s| (peer.to_string(), s)).into_iter().collect();
+        self.persist(key, entry, states, true).await
+    }
+
+    /// After document `key` was synced and its lock let go: on a head, a changed registry of
+    /// heads is taken in.
+    pub async fn after_sync(&self, key: &str) -> Result<(), NodeError> {
         if key == registry::KEY && self.0.role == Role::Head {
             self.adopt_registry().await?;
         }
         Ok(())
+    }
+
+    /// The heads of every document (what sync sessions offer; each session filters by what
+    /// its peer may access).
+    pub async fn sync_heads(&self) -> Vec<(String, Vec<automerge::ChangeHash>)> {
+        let entries: Vec<_> = lock(&self.0.docs)
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.clone()))
+            .collect();
+        let mut heads = Vec::with_capacity(entries.len());
+        for (key, entry) in entries {
+            heads.push((key, entry.lock().await.doc.get_heads()));
+        }
+        heads
     }
 
     /// The heads of document `key`, if there is one.
@@ -892,18 +905,6 @@ impl Node {
         let entry = self.entry(key)?;
         let heads = entry.lock().await.doc.get_heads();
         Some(heads)
-    }
-
-    /// A short digest of document `key`'s heads (see [`crate::sync::wire::Frame::Summary`]).
-    pub async fn heads_digest(&self, key: &str) -> Option<Vec<u8>> {
-        Some(crate::sync::wire::heads_digest(&self.heads(key).await?))
-    }
-
-    /// The next sync message for `key` towards a peer, if any.
-    pub async fn generate_sync(&self, key: &str, state: &mut sync::State) -> Option<sync::Message> {
-        let entry = self.entry(key)?;
-        let mut entry = entry.lock().await;
-        entry.doc.sync().generate_sync_message(state)
     }
 
     /// Fires when peer `name` is removed: its sessions end at once.

@@ -147,6 +147,15 @@ impl Frame {
         }
     }
 
+    /// The document a sync frame (whole or a part) concerns, and the message bytes it carries.
+    pub fn sync_part(&self) -> Option<(&str, usize)> {
+        match self {
+            Frame::Sync { doc, message } => Some((doc, message.len())),
+            Frame::SyncChunk { doc, data, .. } => Some((doc, data.len())),
+            _ => None,
+        }
+    }
+
     /// An error frame; the text is cut to what the peer accepts.
     pub fn error(message: impl Into<String>) -> Frame {
         let mut message = message.into();

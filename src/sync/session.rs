@@ -1,0 +1,865 @@
+//! The sync protocol of one session with one peer, sans IO: frames and change notices go in,
+//! frames to send and sync states to store come out. No socket, database, clock or metrics
+//! is inside: the caller lends the document a step concerns, passes the time, sends what
+//! [`Session::poll_transmit`] returns, and reads [`Session::poll_event`] for what to log and
+//! count. [`crate::sync::run_session`] drives it over a QUIC stream; the tests below drive
+//! two of them in memory.
+//!
+//! Automerge's sync protocol runs per document. A failure that concerns one document (a
+//! message too large, undecodable or not applicable) stays with it: the peer hears why, and
+//! the document is tried again after a backoff while the others go on.
+
+use super::wire::{self, Frame, Reassembly, WireError};
+use crate::transport::tls::Identity;
+use automerge::sync::{self, SyncDoc};
+use automerge::{AutoCommit, ChangeHash};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// How long a document whose sync failed waits before it is tried again; doubles with each
+/// failure in a row, up to [`RETRY_MAX`].
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait before a failed document is tried again.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Documents that may be failing at once in one session; more ends the session.
+pub const MAX_FAILING: usize = 1024;
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The stream broke or carried an invalid frame.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// The encoded frames of one message, and the document they concern (None for a frame about
+/// no document in particular).
+#[derive(Debug)]
+pub struct Transmit {
+    /// The document.
+    pub doc: Option<String>,
+    /// Encoded frames, sent in order.
+    pub frames: Vec<Vec<u8>>,
+}
+
+/// Something the caller logs or counts.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A document's sync failed; the peer was told why. `retry_in` is None when the document
+    /// waits for the peer instead (a message of ours too large to send).
+    Failed {
+        /// The document.
+        doc: String,
+        /// Why.
+        reason: String,
+        /// When it is tried again.
+        retry_in: Option<Duration>,
+    },
+    /// The peer sent a message for a document it may not access; it was told so.
+    Refused {
+        /// The document.
+        doc: String,
+    },
+    /// The peer reported an error.
+    PeerError {
+        /// Its text.
+        message: String,
+    },
+}
+
+/// What a frame asks of the caller, which holds the documents.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A whole sync message for a document the peer may access: lend the document to
+    /// [`Session::receive`].
+    Message {
+        /// The document.
+        doc: String,
+        /// The decoded message.
+        message: sync::Message,
+    },
+    /// The peer's heads digests: answer with [`Session::on_summary`].
+    Summary(Vec<(String, Vec<u8>)>),
+}
+
+/// A document whose sync with this peer failed.
+#[derive(Debug, Default)]
+struct Failing {
+    /// Failures in a row.
+    strikes: u32,
+    /// Until when its messages are dropped; None once it is being tried again.
+    retry_at: Option<Instant>,
+}
+
+/// One session's protocol state: a sync state per document, partly received messages, the
+/// documents that failed, and what waits to go out.
+#[derive(Debug)]
+pub struct Session {
+    peer: Identity,
+    states: HashMap<String, sync::State>,
+    reassembly: Reassembly,
+    failing: HashMap<String, Failing>,
+    transmit: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl Session {
+    /// A session with `peer`, resuming from the sync states stored at the end of the last one
+    /// (`(document, encoded state)`; one that does not decode starts fresh).
+    pub fn new(peer: Identity, stored: Vec<(String, Vec<u8>)>) -> Session {
+        let states = stored
+            .into_iter()
+            .filter_map(|(key, bytes)| Some((key, sync::State::decode(&bytes).ok()?)))
+            .collect();
+        Session {
+            peer,
+            states,
+            reassembly: Reassembly::default(),
+            failing: HashMap::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> &Identity {
+        &self.peer
+    }
+
+    /// Documents a stored sync state exists for.
+    pub fn known(&self) -> Vec<String> {
+        self.states.keys().cloned().collect()
+    }
+
+    /// Of the documents in `heads` (this side's current heads), those changed here since the
+    /// last sync with the peer: the caller pushes them at once, ahead of the summary, assuming
+    /// the peer is still where that sync left it (usually so after an outage). If it is not,
+    /// Automerge's exchange sorts it out.
+    pub fn resume(&mut self, heads: &HashMap<String, Vec<ChangeHash>>) -> Vec<String> {
+        let mut changed = Vec::new();
+        for (key, state) in &mut self.states {
+            let Some(heads) = heads.get(key) else {
+                continue;
+            };
+            if !state.shared_heads.is_empty() && *heads != state.shared_heads {
+                assume_at_shared_heads(state);
+                changed.push(key.clone());
+            }
+        }
+        changed.sort();
+        changed
+    }
+
+    /// Queues the summary: a digest of the heads of every document of `mine` the peer may see.
+    pub fn summary(&mut self, mine: &[(String, Vec<ChangeHash>)]) -> Result<(), SessionError> {
+        let entries = mine
+            .iter()
+            .filter(|(key, _)| self.peer.may_access(key))
+            .map(|(key, heads)| (key.clone(), wire::heads_digest(heads)))
+            .collect();
+        self.send(&Frame::Summary { entries })
+    }
+
+    /// Of `mine`, the documents whose heads differ from the peer's summary `theirs` (or that it
+    /// lacks): the caller pushes each.
+    pub fn on_summary(
+        &mut self,
+        theirs: Vec<(String, Vec<u8>)>,
+        mine: &[(String, Vec<ChangeHash>)],
+    ) -> Vec<String> {
+        let theirs: HashMap<String, Vec<u8>> = theirs.into_iter().collect();
+        let mut differ = Vec::new();
+        for (key, heads) in mine {
+            if !self.peer.may_access(key) {
+                continue;
+            }
+            if let Some(digest) = theirs.get(key) {
+                if wire::heads_digest(heads) == *digest {
+                    continue;
+                }
+                if let Some(state) = self.states.get_mut(key)
+                    && !state.shared_heads.is_empty()
+                    && wire::heads_digest(&state.shared_heads) == *digest
+                {
+                    assume_at_shared_heads(state);
+                }
+            }
+            differ.push(key.clone());
+        }
+        differ
+    }
+
+    /// Takes one frame from the peer. Chunks are put together, refusals and errors answered;
+    /// what needs a document is handed back.
+    pub fn on_frame(
+        &mut self,
+        frame: Frame,
+        now: Instant,
+    ) -> Result<Option<Incoming>, SessionError> {
+        let (doc, message) = match frame {
+            Frame::Sync { doc, message } => (doc, message),
+            Frame::SyncChunk {
+                doc,
+                total,
+                offset,
+                data,
+            } => {
+                if !self.peer.may_access(&doc) {
+                    if offset == 0 {
+                        self.refuse(&doc)?;
+                    }
+                    return Ok(None);
+                }
+                match self.reassembly.push(&doc, total, offset, data) {
+                    Ok(Some(message)) => (doc, message),
+                    Ok(None) => return Ok(None),
+                    Err(e) => {
+                        self.fail(&doc, e.to_string(), now)?;
+                        return Ok(None);
+                    }
+                }
+            }
+            Frame::Summary { entries } => return Ok(Some(Incoming::Summary(entries))),
+            Frame::Hello { .. } => return Ok(None),
+            Frame::Error { message } => {
+                self.events.push_back(Event::PeerError { message });
+                return Ok(None);
+            }
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected frame {other:?} in a sync session"
+                )));
+            }
+        };
+        if !self.peer.may_access(&doc) {
+            self.refuse(&doc)?;
+            return Ok(None);
+        }
+        if self.waits_for_retry(&doc, now) {
+            return Ok(None);
+        }
+        match sync::Message::decode(&message) {
+            Ok(message) => Ok(Some(Incoming::Message { doc, message })),
+            Err(e) => {
+                self.fail(&doc, format!("undecodable sync message: {e}"), now)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Applies a sync message to `doc` (document `key`, lent by the caller); returns whether
+    /// it was applied. The caller then stores the document with [`Session::state`] if it
+    /// changed, and only then calls [`Session::push`] to answer.
+    pub fn receive(
+        &mut self,
+        key: &str,
+        doc: &mut AutoCommit,
+        message: sync::Message,
+        now: Instant,
+    ) -> Result<bool, SessionError> {
+        let state = self.states.entry(key.to_string()).or_default();
+        match doc.sync().receive_sync_message(state, message) {
+            Ok(()) => {
+                self.failing.remove(key);
+                Ok(true)
+            }
+            Err(e) => {
+                self.fail(key, e.to_string(), now)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Queues the next sync message for `doc` (document `key`), if the peer may see it, it is
+    /// not waiting to be tried again, and there is one. A message too large to send is
+    /// reported and not sent; the document then waits for the peer.
+    pub fn push(
+        &mut self,
+        key: &str,
+        doc: &mut AutoCommit,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        if !self.peer.may_access(key) || self.waits_for_retry(key, now) {
+            return Ok(());
+        }
+        let state = self.states.entry(key.to_string()).or_default();
+        let Some(message) = doc.sync().generate_sync_message(state) else {
+            return Ok(());
+        };
+        match wire::sync_frames(key, message.encode()) {
+            Ok(frames) => {
+                self.transmit.push_back(Transmit {
+                    doc: Some(key.to_string()),
+                    frames,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing of it went out: let a later message carry those changes again.
+                state.sent_hashes.clear();
+                let reason = e.to_string();
+                self.send(&Frame::error(format!(
+                    "document {key} was not sent: {reason}"
+                )))?;
+                self.events.push_back(Event::Failed {
+                    doc: key.to_string(),
+                    reason,
+                    retry_in: None,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues the first message of a document this side has nothing of, which asks the peer
+    /// for all of it.
+    pub fn ask(&mut self, key: &str) -> Result<(), SessionError> {
+        let ask = AutoCommit::new()
+            .sync()
+            .generate_sync_message(&mut sync::State::new());
+        if let Some(ask) = ask {
+            self.transmit.push_back(Transmit {
+                doc: Some(key.to_string()),
+                frames: wire::sync_frames(key, ask.encode())?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The document `key` could not be taken (by this session or by the caller, which could
+    /// not store it): its exchange starts over after a backoff, and the peer hears why. Only
+    /// too many failing documents end the session.
+    pub fn fail(&mut self, key: &str, reason: String, now: Instant) -> Result<(), SessionError> {
+        if self.failing.len() >= MAX_FAILING && !self.failing.contains_key(key) {
+            return Err(SessionError::Protocol(format!(
+                "more than {MAX_FAILING} documents failed to sync"
+            )));
+        }
+        start_over(self.states.entry(key.to_string()).or_default());
+        let failing = self.failing.entry(key.to_string()).or_default();
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << failing.strikes.min(16))
+            .min(RETRY_MAX);
+        failing.strikes += 1;
+        failing.retry_at = Some(now + delay);
+        self.send(&Frame::error(format!(
+            "document {key} was not synced: {reason}"
+        )))?;
+        self.events.push_back(Event::Failed {
+            doc: key.to_string(),
+            reason,
+            retry_in: Some(delay),
+        });
+        Ok(())
+    }
+
+    /// When the next failed document is to be tried again.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.failing.values().filter_map(|f| f.retry_at).min()
+    }
+
+    /// The failed documents whose wait is over, now tried again: the caller pushes each it
+    /// has, and [`Session::ask`]s for each it has nothing of.
+    pub fn due(&mut self, now: Instant) -> Vec<String> {
+        let mut due = Vec::new();
+        for (key, failing) in &mut self.failing {
+            if failing.retry_at.is_some_and(|at| at <= now) {
+                failing.retry_at = None;
+                due.push(key.clone());
+            }
+        }
+        due.sort();
+        due
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmit.pop_front()
+    }
+
+    /// The next thing to log or count.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The encoded sync state of document `key`, to store with it.
+    pub fn state(&self, key: &str) -> Option<Vec<u8>> {
+        self.states.get(key).map(sync::State::encode)
+    }
+
+    /// The heads both sides had at the last exchange of document `key`.
+    pub fn shared_heads(&self, key: &str) -> Vec<ChangeHash> {
+        self.states
+            .get(key)
+            .map(|s| s.shared_heads.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every sync state, encoded, to store when the session ends.
+    pub fn states(&self) -> Vec<(String, Vec<u8>)> {
+        self.states
+            .iter()
+            .map(|(key, state)| (key.clone(), state.encode()))
+            .collect()
+    }
+
+    fn send(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        self.transmit.push_back(Transmit {
+            doc: None,
+            frames: vec![frame.encode()?],
+        });
+        Ok(())
+    }
+
+    fn refuse(&mut self, key: &str) -> Result<(), SessionError> {
+        let text = format!("{} may not access document {key}", self.peer.name);
+        self.send(&Frame::error(text))?;
+        self.events.push_back(Event::Refused {
+            doc: key.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Whether `key` failed and waits to be tried again.
+    fn waits_for_retry(&self, key: &str, now: Instant) -> bool {
+        self.failing
+            .get(key)
+            .is_some_and(|f| f.retry_at.is_some_and(|at| at > now))
+    }
+}
+
+/// Forgets what `state` knew of the peer, and has the next message ask the peer to forget
+/// what it sent: the document's exchange starts over, resending whatever did not arrive.
+fn start_over(state: &mut sync::State) {
+    *state = sync::State {
+        their_capabilities: state.their_capabilities.take(),
+        needs_reset: true,
+        ..sync::State::default()
+    };
+}
+
+/// Records in `state` that the peer is at the heads both sides had at the last sync (it
+/// changed nothing since), as if it had sent its first sync message: the first message to it
+/// then carries the changes it lacks, which saves the round trip that would only tell us so.
+/// If the peer did change, its answer corrects this, as in any Automerge exchange.
+fn assume_at_shared_heads(state: &mut sync::State) {
+    state.their_heads = Some(state.shared_heads.clone());
+    state.their_need = Some(Vec::new());
+    state.their_have = Some(vec![sync::Have {
+        last_sync: state.shared_heads.clone(),
+        bloom: sync::BloomFilter::default(),
+    }]);
+}
+
+#[cfg(test)]
+mod tests {
+    //! Two or more sessions in memory, their frames carried by the test: convergence whatever
+    //! the interleaving, across lost frames and restarts, and what each exchange costs in
+    //! bytes. No process, socket or database.
+
+    use super::*;
+    use crate::input::{Rules, parse_edgenodes};
+    use crate::model;
+    use crate::transport::tls::Role;
+    use automerge::ActorId;
+    use std::collections::BTreeMap;
+
+    /// A 5-pod EdgeNode for `edge`, its first pod running `image`.
+    fn edgenode(namespace: &str, edge: &str, image: &str) -> crate::input::DesiredNode {
+        let pods: String = (0..5)
+            .map(|i| {
+                let image = if i == 0 { image } else { "nginx:1.27" };
+                format!(
+                    "    - apiVersion: v1\n      kind: Pod\n      metadata:\n        name: pod{i}\n      \
+                     spec:\n        containers:\n          - name: main\n            image: {image}\n"
+                )
+            })
+            .collect();
+        let text = format!(
+            "apiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: {edge}\n  \
+             namespace: {namespace}\nspec:\n  pods:\n{pods}"
+        );
+        parse_edgenodes(&text, &Rules::new("default"))
+            .unwrap()
+            .remove(0)
+    }
+
+    fn identity(role: Role, name: &str) -> Identity {
+        Identity {
+            role,
+            name: name.into(),
+            key: Vec::new(),
+        }
+    }
+
+    /// A deterministic random stream (xorshift), so that a failing interleaving is replayed
+    /// from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// One side: its documents (the caller's part) and its session with the other side.
+    struct Side {
+        name: &'static str,
+        actor: ActorId,
+        docs: BTreeMap<String, AutoCommit>,
+        session: Session,
+        /// Messages in flight to the other side, each one document's frames (or a control
+        /// frame); the carrier may deliver messages of different documents out of order.
+        outgoing: Vec<Transmit>,
+    }
+
+    impl Side {
+        fn new(name: &'static str, peer: Identity) -> Side {
+            Side {
+                name,
+                actor: ActorId::random(),
+                docs: BTreeMap::new(),
+                session: Session::new(peer, Vec::new()),
+                outgoing: Vec::new(),
+            }
+        }
+
+        fn heads(&mut self) -> Vec<(String, Vec<ChangeHash>)> {
+            self.docs
+                .iter_mut()
+                .map(|(k, d)| (k.clone(), d.get_heads()))
+                .collect()
+        }
+
+        /// Starts the session as the link does: changed documents first, then the summary.
+        fn start(&mut self, now: Instant) {
+            let heads: HashMap<_, _> = self.heads().into_iter().collect();
+            for key in self.session.resume(&heads) {
+                self.push(&key, now);
+            }
+            let mine = self.heads();
+            self.session.summary(&mine).unwrap();
+            self.collect();
+        }
+
+        /// A new session after a broken connection, from the states it had stored.
+        fn restart(&mut self, stored: Vec<(String, Vec<u8>)>, now: Instant) {
+            let peer = self.session.peer().clone();
+            self.session = Session::new(peer, stored);
+            self.outgoing.clear();
+            self.start(now);
+        }
+
+        fn push(&mut self, key: &str, now: Instant) {
+            if let Some(doc) = self.docs.get_mut(key) {
+                self.session.push(key, doc, now).unwrap();
+            }
+        }
+
+        /// An edit here: the change notice pushes it.
+        fn edit(&mut self, key: &str, image: &str, now: Instant) {
+            let (namespace, edge) = key.split_once('/').unwrap();
+            let actor = self.actor.clone();
+            let doc = self
+                .docs
+                .entry(key.to_string())
+                .or_insert_with(|| model::genesis(key, &actor));
+            model::set_spec(doc, &edgenode(namespace, edge, image), "t").unwrap();
+            self.push(key, now);
+            self.collect();
+        }
+
+        fn collect(&mut self) {
+            while let Some(t) = self.session.poll_transmit() {
+                self.outgoing.push(t);
+            }
+        }
+
+        /// Takes one encoded frame from the other side.
+        fn deliver(&mut self, bytes: &[u8], now: Instant) {
+            let frame = Frame::decode(bytes[1], &bytes[6..]).unwrap();
+            match self.session.on_frame(frame, now).unwrap() {
+                None => {}
+                Some(Incoming::Summary(theirs)) => {
+                    let mine = self.heads();
+                    for key in self.session.on_summary(theirs, &mine) {
+                        self.push(&key, now);
+                    }
+                }
+                Some(Incoming::Message { doc: key, message }) => {
+                    let actor = self.actor.clone();
+                    let doc = self
+                        .docs
+                        .entry(key.clone())
+                        .or_insert_with(|| model::genesis(&key, &actor));
+                    if self.session.receive(&key, doc, message, now).unwrap() {
+                        self.session.push(&key, doc, now).unwrap();
+                    }
+                }
+            }
+            self.collect();
+        }
+    }
+
+    /// Carries one message from `from` to `to`: the next one, or with `rng` any whose
+    /// document has nothing queued before it (each document's messages keep their order, as
+    /// the link's outbox keeps them). Returns the bytes carried.
+    fn carry(from: &mut Side, to: &mut Side, rng: Option<&mut Rng>, now: Instant) -> usize {
+        let eligible: Vec<usize> = (0..from.outgoing.len())
+            .filter(|&i| {
+                let doc = &from.outgoing[i].doc;
+                doc.is_none() || !from.outgoing[..i].iter().any(|t| t.doc == *doc)
+            })
+            .collect();
+        let pick = match rng {
+            Some(rng) => eligible[rng.below(eligible.len())],
+            None => 0,
+        };
+        let t = from.outgoing.remove(pick);
+        let mut bytes = 0;
+        for frame in &t.frames {
+            bytes += frame.len();
+            to.deliver(frame, now);
+        }
+        bytes
+    }
+
+    /// Carries messages both ways until none is left; returns the bytes carried.
+    fn settle(a: &mut Side, b: &mut Side, mut rng: Option<&mut Rng>, now: Instant) -> usize {
+        let mut bytes = 0;
+        for _ in 0..10_000 {
+            let a_first = match rng.as_deref_mut() {
+                Some(rng) => rng.below(2) == 0,
+                None => true,
+            };
+            if a.outgoing.is_empty() && b.outgoing.is_empty() {
+                return bytes;
+            }
+            if (a_first || b.outgoing.is_empty()) && !a.outgoing.is_empty() {
+                bytes += carry(a, b, rng.as_deref_mut(), now);
+            } else {
+                bytes += carry(b, a, rng.as_deref_mut(), now);
+            }
+        }
+        panic!("{} and {} never settled", a.name, b.name);
+    }
+
+    /// Whether both sides hold the same documents at the same heads.
+    fn assert_equal(a: &mut Side, b: &mut Side) {
+        assert_eq!(a.heads(), b.heads(), "{} and {} differ", a.name, b.name);
+    }
+
+    fn pair() -> (Side, Side) {
+        let head = Side::new("head", identity(Role::Edge, "edge01"));
+        let edge = Side::new("edge01", identity(Role::Head, "head"));
+        (head, edge)
+    }
+
+    #[test]
+    fn sessions_converge_whatever_the_interleaving() {
+        let now = Instant::now();
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let (mut head, mut edge) = pair();
+            // Each side has documents before they meet, one of them on both sides.
+            head.edit("default/edge01", "nginx:1", now);
+            head.edit("other/edge01", "nginx:2", now);
+            edge.edit("default/edge01", "nginx:3", now);
+            edge.edit("third/edge01", "nginx:4", now);
+            head.start(now);
+            edge.start(now);
+            let keys = ["default/edge01", "other/edge01", "third/edge01"];
+            for step in 0..60 {
+                match rng.below(4) {
+                    0 if !head.outgoing.is_empty() => {
+                        carry(&mut head, &mut edge, Some(&mut rng), now);
+                    }
+                    1 if !edge.outgoing.is_empty() => {
+                        carry(&mut edge, &mut head, Some(&mut rng), now);
+                    }
+                    2 => head.edit(keys[rng.below(3)], &format!("head:{step}"), now),
+                    _ => edge.edit(keys[rng.below(3)], &format!("edge:{step}"), now),
+                }
+            }
+            settle(&mut head, &mut edge, Some(&mut rng), now);
+            assert_equal(&mut head, &mut edge);
+            assert_eq!(head.docs.len(), 3, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn sessions_converge_after_lost_frames_and_restarts_from_stale_states() {
+        let now = Instant::now();
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1);
+            let (mut head, mut edge) = pair();
+            let keys = ["default/edge01", "other/edge01"];
+            head.edit(keys[0], "nginx:1", now);
+            head.start(now);
+            edge.start(now);
+            settle(&mut head, &mut edge, None, now);
+            // States as stored at some earlier point (a crash loses what came after).
+            let mut stored = (head.session.states(), edge.session.states());
+            for round in 0..6 {
+                for step in 0..8 {
+                    match rng.below(5) {
+                        0 if !head.outgoing.is_empty() => {
+                            carry(&mut head, &mut edge, Some(&mut rng), now);
+                        }
+                        1 if !edge.outgoing.is_empty() => {
+                            carry(&mut edge, &mut head, Some(&mut rng), now);
+                        }
+                        2 => head.edit(keys[rng.below(2)], &format!("h{round}.{step}"), now),
+                        3 => edge.edit(keys[rng.below(2)], &format!("e{round}.{step}"), now),
+                        _ => {
+                            if rng.below(2) == 0 {
+                                stored = (head.session.states(), edge.session.states());
+                            }
+                        }
+                    }
+                }
+                // The connection breaks: what was in flight is lost; both restart from the
+                // states stored last (stale or not).
+                head.restart(stored.0.clone(), now);
+                edge.restart(stored.1.clone(), now);
+            }
+            settle(&mut head, &mut edge, Some(&mut rng), now);
+            assert_equal(&mut head, &mut edge);
+        }
+    }
+
+    #[test]
+    fn an_edge_gets_only_its_own_documents_and_a_head_gets_all() {
+        let now = Instant::now();
+        // Head A syncs with edge01, then with head B: edge01's edit reaches head B through A,
+        // and the document of edge02 never reaches edge01.
+        let mut head_a = Side::new("head-a", identity(Role::Edge, "edge01"));
+        let mut edge = Side::new("edge01", identity(Role::Head, "head-a"));
+        head_a.edit("default/edge02", "nginx:2", now);
+        edge.edit("default/edge01", "nginx:1", now);
+        head_a.start(now);
+        edge.start(now);
+        settle(&mut head_a, &mut edge, None, now);
+        assert!(head_a.docs.contains_key("default/edge01"));
+        assert!(!edge.docs.contains_key("default/edge02"));
+
+        let mut to_b = Side::new("head-a", identity(Role::Head, "head-b"));
+        to_b.docs = head_a.docs.clone();
+        let mut head_b = Side::new("head-b", identity(Role::Head, "head-a"));
+        to_b.start(now);
+        head_b.start(now);
+        settle(&mut to_b, &mut head_b, None, now);
+        assert_equal(&mut to_b, &mut head_b);
+    }
+
+    #[test]
+    fn a_document_the_peer_may_not_access_is_refused_and_never_taken() {
+        let now = Instant::now();
+        let (mut head, _edge) = pair();
+        let mut doc = model::genesis("default/edge02", &ActorId::random());
+        model::set_spec(&mut doc, &edgenode("default", "edge02", "x"), "t").unwrap();
+        let message = doc
+            .sync()
+            .generate_sync_message(&mut sync::State::new())
+            .unwrap();
+        let frame = Frame::Sync {
+            doc: "default/edge02".into(),
+            message: message.encode(),
+        };
+        let incoming = head.session.on_frame(frame, now).unwrap();
+        assert!(
+            incoming.is_none(),
+            "an edge's message for another edge was taken"
+        );
+        assert_eq!(
+            head.session.poll_event(),
+            Some(Event::Refused {
+                doc: "default/edge02".into()
+            })
+        );
+        assert!(matches!(
+            head.session.poll_transmit(),
+            Some(Transmit { doc: None, .. })
+        ));
+    }
+
+    #[test]
+    fn a_failed_document_waits_its_backoff_while_the_others_sync() {
+        let now = Instant::now();
+        let (mut head, mut edge) = pair();
+        head.edit("default/edge01", "nginx:1", now);
+        head.start(now);
+        edge.start(now);
+        let garbage = Frame::Sync {
+            doc: "bad/edge01".into(),
+            message: vec![0x42, 1, 2],
+        };
+        assert!(head.session.on_frame(garbage, now).unwrap().is_none());
+        let Some(Event::Failed { doc, retry_in, .. }) = head.session.poll_event() else {
+            panic!("no failure reported");
+        };
+        assert_eq!((doc.as_str(), retry_in), ("bad/edge01", Some(RETRY_FIRST)));
+        head.collect();
+        settle(&mut head, &mut edge, None, now);
+        assert_equal(&mut head, &mut edge);
+        // Until its wait is over the document's messages are dropped; then it is due.
+        assert_eq!(head.session.next_retry(), Some(now + RETRY_FIRST));
+        assert!(head.session.due(now).is_empty());
+        assert_eq!(head.session.due(now + RETRY_FIRST), ["bad/edge01"]);
+        assert_eq!(head.session.next_retry(), None);
+    }
+
+    /// The byte costs the design names, measured on a 5-pod EdgeNode.
+    #[test]
+    fn exchanges_cost_what_the_design_says() {
+        let now = Instant::now();
+        let key = "default/edge01";
+        let (mut head, mut edge) = pair();
+        head.edit(key, "nginx:1", now);
+        head.start(now);
+        edge.start(now);
+        let first = settle(&mut head, &mut edge, None, now);
+        let history = head.docs[key].clone().save().len();
+
+        // A one-field change on live sync states.
+        head.edit(key, "nginx:2", now);
+        let one_field = settle(&mut head, &mut edge, None, now);
+        assert!(
+            one_field <= 450,
+            "a one-field change took {one_field} bytes"
+        );
+
+        // Two fresh states meet equal documents: the summary settles it, and the next change
+        // costs what it costs on live states, not the whole history.
+        head.restart(Vec::new(), now);
+        edge.restart(Vec::new(), now);
+        let meet = settle(&mut head, &mut edge, None, now);
+        assert!(meet <= 100, "equal documents cost {meet} bytes to meet");
+        head.edit(key, "nginx:3", now);
+        let after_fresh = settle(&mut head, &mut edge, None, now);
+        assert!(
+            after_fresh <= 2 * one_field,
+            "after fresh states a one-field change took {after_fresh} bytes (live: {one_field}, history {history})"
+        );
+
+        // A reconnect after one missed change: the stored states let it go out at once.
+        let stored = (head.session.states(), edge.session.states());
+        head.edit(key, "nginx:4", now);
+        head.outgoing.clear(); // the link was down
+        head.restart(stored.0, now);
+        edge.restart(stored.1, now);
+        let reconnect = settle(&mut head, &mut edge, None, now);
+        assert!(
+            reconnect <= 2 * one_field,
+            "a reconnect after one missed change took {reconnect} bytes (one field: {one_field})"
+        );
+        assert_equal(&mut head, &mut edge);
+        assert!(first > one_field);
+    }
+}
