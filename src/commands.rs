@@ -16,6 +16,9 @@ pub enum CommandError {
     /// Bad input or arguments (exit 2).
     #[error("{0}")]
     Usage(String),
+    /// The daemon has no such object (exit 1).
+    #[error("{0}")]
+    NotFound(String),
     /// Anything else (exit 1).
     #[error("{0}")]
     Runtime(String),
@@ -26,7 +29,7 @@ impl CommandError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CommandError::Usage(_) => 2,
-            CommandError::Runtime(_) => 1,
+            CommandError::NotFound(_) | CommandError::Runtime(_) => 1,
         }
     }
 }
@@ -77,6 +80,7 @@ async fn call(
         StatusCode::UNPROCESSABLE_ENTITY
         | StatusCode::BAD_REQUEST
         | StatusCode::PAYLOAD_TOO_LARGE => Err(CommandError::Usage(error_text(status, &body))),
+        StatusCode::NOT_FOUND => Err(CommandError::NotFound(error_text(status, &body))),
         _ => Err(CommandError::Runtime(error_text(status, &body))),
     }
 }
@@ -158,8 +162,8 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
         Some(name) => {
             let uri = format!("/v1/edgenodes/{}/{name}", args.namespace);
             match call(&args.socket, Method::GET, &uri, None).await {
-                Err(CommandError::Runtime(m)) if m.contains("not found") => {
-                    return Err(CommandError::Runtime(format!(
+                Err(CommandError::NotFound(_)) => {
+                    return Err(CommandError::NotFound(format!(
                         "edgenodes.edgesync.io {name:?} not found in namespace {:?}",
                         args.namespace
                     )));
@@ -213,12 +217,10 @@ pub async fn delete(args: &DeleteArgs) -> Result<(), CommandError> {
             println!("edgenode.edgesync.io {:?} deleted", args.name);
             Ok(())
         }
-        Err(CommandError::Runtime(m)) if m.contains("not found") => {
-            Err(CommandError::Runtime(format!(
-                "edgenodes.edgesync.io {:?} not found in namespace {:?}",
-                args.name, args.namespace
-            )))
-        }
+        Err(CommandError::NotFound(_)) => Err(CommandError::NotFound(format!(
+            "edgenodes.edgesync.io {:?} not found in namespace {:?}",
+            args.name, args.namespace
+        ))),
         Err(e) => Err(e),
     }
 }
@@ -276,7 +278,7 @@ pub async fn token(action: crate::cli::TokenAction) -> Result<(), CommandError> 
                     serde_json::to_string_pretty(&tokens).unwrap_or_default()
                 ),
                 _ => {
-                    let now = crate::head::unix_now();
+                    let now = crate::clock::unix_now();
                     let mut rows = vec![vec!["ID".to_string(), "EXPIRES".into(), "AGE".into()]];
                     for t in tokens.as_array().into_iter().flatten() {
                         let expires = t["expiresAt"].as_i64().unwrap_or(0);

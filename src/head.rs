@@ -12,6 +12,7 @@ pub mod lease;
 pub mod peers;
 pub mod users;
 
+use crate::clock::unix_now;
 use crate::config::HeadConfig;
 use crate::control;
 use crate::daemon::{DaemonError, Tasks, io_err};
@@ -319,11 +320,6 @@ fn join_address(hostnames: &[String], quic: SocketAddr) -> String {
             .unwrap_or_else(|_| "HEAD-ADDRESS".into())
     });
     format!("{host}:{}", quic.port())
-}
-
-/// Now, in unix seconds.
-pub(crate) fn unix_now() -> i64 {
-    k8s_openapi::jiff::Timestamp::now().as_second()
 }
 
 fn join_handler(edges: Edges, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {

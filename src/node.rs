@@ -1,6 +1,7 @@
 //! The node core shared by both roles: documents in memory backed by SQLite, change
 //! notifications, peers, and the EdgeNode views built from them.
 
+use crate::clock::{now, unix_now};
 use crate::crd::{
     Condition, EdgeNode, EdgeNodeSpec, EdgeNodeStatus, POD_APPLIED, POD_REFUSED, Phase, PodState,
 };
@@ -298,15 +299,6 @@ fn check_history(key: &str, entry: &mut DocEntry, limit: usize) -> Result<(), No
     .into())
 }
 
-/// Current time, RFC 3339.
-pub fn now() -> String {
-    Timestamp::now().to_string()
-}
-
-fn now_unix() -> i64 {
-    Timestamp::now().as_second()
-}
-
 impl Node {
     /// Loads every stored document. `rules.privileged_namespaces` is this node's policy.
     pub async fn open(
@@ -498,7 +490,7 @@ impl Node {
         // Registry first: a concurrent adoption of the registry then writes the new key too.
         self.edit_registry(|doc| registry::set_registration(doc, &joined.name, &registration))
             .await?;
-        self.0.store.add_node(joined, now_unix()).await?;
+        self.0.store.add_node(joined, unix_now()).await?;
         Ok(())
     }
 
@@ -513,11 +505,11 @@ impl Node {
             hash: hex::encode(&secret_hash),
             expires,
         };
-        self.edit_registry(|doc| registry::set_token(doc, id, &token, now_unix()))
+        self.edit_registry(|doc| registry::set_token(doc, id, &token, unix_now()))
             .await?;
         self.0
             .store
-            .add_token(id.to_string(), secret_hash, expires, now_unix())
+            .add_token(id.to_string(), secret_hash, expires, unix_now())
             .await?;
         Ok(())
     }
@@ -526,7 +518,7 @@ impl Node {
     /// changed it.
     async fn adopt_registry(&self) -> Result<(), NodeError> {
         let registry = self.registry().await;
-        let now = now_unix();
+        let now = unix_now();
         for (id, token) in registry.tokens {
             let Ok(hash) = hex::decode(&token.hash) else {
                 continue;
@@ -557,7 +549,7 @@ impl Node {
                     key_sha256,
                     cert_not_after: registration.not_after,
                 };
-                self.0.store.add_node(joined, now_unix()).await?;
+                self.0.store.add_node(joined, unix_now()).await?;
             }
         }
         Ok(())

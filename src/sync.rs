@@ -9,7 +9,8 @@ pub mod outbox;
 pub mod session;
 pub mod wire;
 
-use crate::node::{Node, PeerAddress, now};
+use crate::clock::now;
+use crate::node::{Node, PeerAddress};
 use crate::transport::tls::Identity;
 use session::{Event, Incoming, Session, Transmit};
 use std::time::Duration;

@@ -5,11 +5,11 @@
 //! anything is refused, so every head, also one started a second ago with an empty state dir,
 //! lets in the same edges. Each head writes what it learns; presence is written coalesced.
 
+use crate::clock::unix_now;
 use crate::crd::edge::{Edge, EdgeSpec, EdgeStatus};
 use crate::daemon::Tasks;
 use crate::head::cluster::{patch_params, post_params};
 use crate::head::lease::HeadLeases;
-use crate::head::unix_now;
 use crate::node::{Node, NodeError};
 use crate::registry::{self, Registration, Registry};
 use crate::store::JoinedNode;

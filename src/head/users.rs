@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod sqlite;
 
+use crate::clock::unix_now;
 use crate::store::{Store, StoreError};
 use crate::transport::tls::random_bytes;
 use k8s_openapi::jiff::Timestamp;
@@ -421,10 +422,6 @@ impl Backend {
 pub struct Users {
     backend: Backend,
     policy: Policy,
-}
-
-fn unix_now() -> i64 {
-    Timestamp::now().as_second()
 }
 
 fn rfc3339(unix: Option<i64>) -> Option<String> {

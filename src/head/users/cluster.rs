@@ -5,7 +5,8 @@
 //! carrying the resourceVersion they were decided on (409: changed meanwhile, decide again).
 //! Each change is recorded as a Kubernetes Event on its object.
 
-use super::{ATTEMPTS, Aup, Change, DEFAULT_AUP, Note, Record, UserError, rfc3339, unix_now};
+use super::{ATTEMPTS, Aup, Change, DEFAULT_AUP, Note, Record, UserError, rfc3339};
+use crate::clock::unix_now;
 use crate::crd::user::{
     AcceptableUsePolicy, AcceptableUsePolicySpec, EMAIL_LABEL, User as UserObject, UserSpec,
     aup_name,

@@ -2,7 +2,8 @@
 //! One writer thread runs every statement, and a change is written only if the row still holds
 //! what its rule was checked on, with its audit row in the same transaction.
 
-use super::{Aup, Change, DEFAULT_AUP, Note, Record, Status, unix_now};
+use super::{Aup, Change, DEFAULT_AUP, Note, Record, Status};
+use crate::clock::unix_now;
 use crate::store::{Store, StoreError};
 use rusqlite::{Connection, OptionalExtension, params};
 
