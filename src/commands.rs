@@ -146,10 +146,7 @@ pub async fn apply(args: &ApplyArgs) -> Result<(), CommandError> {
         Err(e) => return Err(e),
     };
     for outcome in outcomes {
-        let short = outcome
-            .key
-            .split_once('/')
-            .map_or(outcome.key.as_str(), |(_, n)| n);
+        let short = crate::key::edge_of(&outcome.key).unwrap_or(&outcome.key);
         println!("edgenode.edgesync.io/{short} {}", outcome.result);
     }
     Ok(())

@@ -5,6 +5,7 @@ use crate::head::api::Accounts;
 use crate::head::create_token;
 use crate::head::edges::Edges;
 use crate::head::users::{Decision, UserError};
+use crate::key::DocKey;
 use crate::node::{Node, NodeError};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
@@ -192,10 +193,10 @@ async fn get_one(
     State(ctx): State<Ctx>,
     UrlPath((namespace, name)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    let key = format!("{namespace}/{name}");
-    match ctx.node.edgenode(&key).await? {
+    let key = key_of(&namespace, &name)?;
+    match ctx.node.edgenode(key.as_str()).await? {
         Some(node) => Ok(Json(node).into_response()),
-        None => Err(NodeError::NotFound(key).into()),
+        None => Err(NodeError::NotFound(key.to_string()).into()),
     }
 }
 
@@ -203,8 +204,15 @@ async fn delete(
     State(ctx): State<Ctx>,
     UrlPath((namespace, name)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    ctx.node.delete(&format!("{namespace}/{name}")).await?;
-    Ok(Json(json!({"deleted": format!("{namespace}/{name}")})).into_response())
+    let key = key_of(&namespace, &name)?;
+    ctx.node.delete(key.as_str()).await?;
+    Ok(Json(json!({"deleted": key.as_str()})).into_response())
+}
+
+/// The key of EdgeNode `namespace/name`; an EdgeNode that cannot exist is not found.
+fn key_of(namespace: &str, name: &str) -> Result<DocKey, NodeError> {
+    DocKey::new(namespace, name)
+        .map_err(|_| NodeError::NotFound(crate::input::clip(&format!("{namespace}/{name}"))))
 }
 
 async fn apply(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: String) -> ApiResult {

@@ -39,9 +39,10 @@ pub struct DesiredNode {
 }
 
 impl DesiredNode {
-    /// `namespace/name`, the document key.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    /// The document key (namespace and name are checked when the EdgeNode is read).
+    pub fn key(&self) -> crate::key::DocKey {
+        crate::key::DocKey::new(&self.namespace, &self.name)
+            .expect("an EdgeNode's namespace and name are checked when it is read")
     }
 }
 
@@ -458,7 +459,7 @@ mod tests {
     fn legacy_example_parses() {
         let nodes = parse(EXAMPLE).unwrap();
         assert_eq!(nodes.len(), 1);
-        assert_eq!(nodes[0].key(), "default/edge01");
+        assert_eq!(nodes[0].key().as_str(), "default/edge01");
         let nginx = &nodes[0].pods["nginx"];
         assert_eq!(nginx["spec"]["containers"][0]["image"], "nginx");
         assert_eq!(nginx["kind"], "Pod");

@@ -14,6 +14,7 @@ pub mod edge;
 pub mod fsutil;
 pub mod head;
 pub mod input;
+pub mod key;
 pub mod link;
 pub mod metrics;
 pub mod model;

@@ -15,6 +15,7 @@
 
 use crate::crd::PodState;
 use crate::input::DesiredNode;
+use crate::key::DocKey;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
     ActorId, AutoCommit, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, Value as AmValue,
@@ -66,17 +67,14 @@ pub struct DocView {
     pub conflicts: Vec<String>,
 }
 
-/// Splits `namespace/name` into its parts.
-pub fn split_key(key: &str) -> Option<(&str, &str)> {
-    key.split_once('/')
-}
-
 /// A new document for `key` made of the shared genesis change, continuing as `actor`.
 pub fn genesis(key: &str, actor: &ActorId) -> AutoCommit {
     if key == crate::registry::KEY {
         return crate::registry::genesis(actor);
     }
-    let (namespace, name) = split_key(key).unwrap_or(("", key));
+    let parsed = DocKey::parse(key).ok();
+    let namespace = parsed.as_ref().and_then(DocKey::namespace).unwrap_or("");
+    let name = parsed.as_ref().and_then(DocKey::name).unwrap_or(key);
     let mut doc = AutoCommit::new();
     let seed: [u8; 32] = Sha256::digest(format!("edgesync genesis v1 {key}")).into();
     doc.set_actor(ActorId::from(&seed[..16]));
@@ -217,9 +215,11 @@ pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
     let meta = &json["meta"];
     let text = |v: &Value| v.as_str().map(str::to_string);
     // Identity comes from the (validated) key, never from fields a peer could rewrite.
-    let (namespace, name) = split_key(key)
-        .map(|(ns, n)| (ns.to_string(), n.to_string()))
-        .ok_or_else(|| malformed(key, "key is not namespace/name"))?;
+    let parsed = DocKey::parse(key).map_err(|e| malformed(key, &e.reason))?;
+    let (namespace, name) = match (parsed.namespace(), parsed.name()) {
+        (Some(namespace), Some(name)) => (namespace.to_string(), name.to_string()),
+        _ => return Err(malformed(key, "not an EdgeNode")),
+    };
     let labels = serde_json::from_value(meta["labels"].clone()).unwrap_or_default();
     let pods = json["spec"]["pods"]
         .as_object()

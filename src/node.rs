@@ -6,6 +6,7 @@ use crate::crd::{
     Condition, EdgeNode, EdgeNodeSpec, EdgeNodeStatus, POD_APPLIED, POD_REFUSED, Phase, PodState,
 };
 use crate::input::{self, DesiredNode, InvalidInput, MAX_HISTORY_BYTES, Rules};
+use crate::key::DocKey;
 use crate::metrics::{EdgeLabels, Metrics, RoleLabels};
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registration, Registry};
@@ -663,7 +664,8 @@ impl Node {
     /// Writes validated EdgeNodes (of distinct keys) into their documents as minimal diffs,
     /// stored in one transaction: all of them or none.
     async fn apply_nodes(&self, nodes: &[DesiredNode]) -> Result<Vec<ApplyOutcome>, NodeError> {
-        let mut order: Vec<(String, &DesiredNode)> = nodes.iter().map(|n| (n.key(), n)).collect();
+        let mut order: Vec<(String, &DesiredNode)> =
+            nodes.iter().map(|n| (n.key().to_string(), n)).collect();
         // Locks are taken in key order, so two applies never wait on each other.
         order.sort_by(|a, b| a.0.cmp(&b.0));
         let entries: Vec<_> = order
@@ -711,7 +713,7 @@ impl Node {
         Ok(nodes
             .iter()
             .map(|n| {
-                let key = n.key();
+                let key = n.key().to_string();
                 let result = outcomes[&key].to_string();
                 ApplyOutcome { key, result }
             })
@@ -746,9 +748,7 @@ impl Node {
         if !model::is_live(&entry.doc)? {
             return Err(NodeError::NotFound(key.to_string()));
         }
-        if self.0.role == Role::Edge
-            && model::split_key(key).map(|(_, n)| n) != Some(self.0.name.as_str())
-        {
+        if self.0.role == Role::Edge && crate::key::edge_of(key) != Some(self.0.name.as_str()) {
             return Err(NodeError::NotFound(key.to_string()));
         }
         model::mark_deleted(&mut entry.doc)?;
@@ -829,15 +829,13 @@ impl Node {
     /// genesis) if it is not here yet. Only EdgeNode keys, and on a head the heads' registry,
     /// are taken from peers.
     pub fn sync_entry(&self, key: &str) -> Result<Arc<tokio::sync::Mutex<DocEntry>>, NodeError> {
-        let edgenode_key = model::split_key(key).is_some_and(|(ns, name)| {
-            input::check_label(ns).is_ok() && input::check_subdomain(name).is_ok()
-        });
-        let registry_here = key == registry::KEY && self.0.role == Role::Head;
-        if !(edgenode_key || registry_here) {
-            return Err(NodeError::Sync {
-                key: key.to_string(),
-                reason: "not a valid namespace/name key".into(),
-            });
+        let refuse = |reason: String| NodeError::Sync {
+            key: input::show(key),
+            reason,
+        };
+        let parsed = DocKey::parse(key).map_err(|e| refuse(e.reason))?;
+        if parsed.is_internal() && self.0.role != Role::Head {
+            return Err(refuse("a head-only document".into()));
         }
         Ok(self.entry_or_genesis(key))
     }
@@ -1085,7 +1083,8 @@ impl Node {
     pub async fn edgenodes(&self, namespace: Option<&str>) -> Result<Vec<EdgeNode>, NodeError> {
         let mut out = Vec::new();
         for key in self.keys() {
-            if namespace.is_some_and(|ns| model::split_key(&key).map(|(n, _)| n) != Some(ns)) {
+            let in_namespace = |ns| DocKey::parse(&key).is_ok_and(|k| k.namespace() == Some(ns));
+            if namespace.is_some_and(|ns| !in_namespace(ns)) {
                 continue;
             }
             if let Some(node) = self.edgenode(&key).await? {

@@ -134,8 +134,7 @@ impl Reconciler {
     }
 
     async fn reconcile(&mut self, only: Option<&BTreeSet<String>>) -> Result<(), DaemonError> {
-        let mine =
-            |key: &String| crate::model::split_key(key).map(|(_, n)| n) == Some(self.node.name());
+        let mine = |key: &String| crate::key::edge_of(key) == Some(self.node.name());
         let mut keys: BTreeSet<String> = match only {
             Some(changed) => changed.iter().filter(|k| mine(k)).cloned().collect(),
             None => self.node.keys().into_iter().filter(mine).collect(),
@@ -297,7 +296,8 @@ impl Reconciler {
             Some(at) if at.before == read_at => at.after,
             _ => read_at,
         };
-        let namespace = crate::model::split_key(key).map_or("", |(ns, _)| ns);
+        let parsed = crate::key::DocKey::parse(key).ok();
+        let namespace = parsed.as_ref().and_then(|k| k.namespace()).unwrap_or("");
         let applied = wanted.pods.into_iter().map(|p| {
             let file = manifests::file_name(namespace, &p.name);
             // A pod refused after being applied, or whose new manifest could not be written,
@@ -462,7 +462,7 @@ mod tests {
                     .collect(),
             };
             self.node.apply_node(&desired).await.unwrap();
-            let key = BTreeSet::from([desired.key()]);
+            let key = BTreeSet::from([desired.key().to_string()]);
             self.reconciler.run_once(Some(&key)).await;
         }
 

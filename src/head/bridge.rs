@@ -196,7 +196,7 @@ impl Bridge {
 
     /// Whether document `key` is an EdgeNode in a namespace this bridge keeps in the cluster.
     fn in_scope(&self, key: &str) -> bool {
-        let Some((namespace, _)) = key.split_once('/') else {
+        let Some((namespace, _)) = crate::key::parts(key) else {
             return false;
         };
         !crate::registry::is_internal(key)
@@ -336,7 +336,7 @@ impl Bridge {
                     continue;
                 }
                 self.status.mark(key.clone());
-                let Some((namespace, name)) = key.split_once('/') else {
+                let Some((namespace, name)) = crate::key::parts(&key) else {
                     continue;
                 };
                 let Some(scope) = scopes
@@ -453,7 +453,7 @@ impl Bridge {
                 return Some(Some(base));
             }
         }
-        let edge = key.split_once('/').map_or(key, |(_, name)| name);
+        let edge = crate::key::edge_of(key).unwrap_or(key);
         let connected = self.node.is_connected(edge);
         let since = {
             let mut seen = lock(&self.seen);
@@ -515,7 +515,7 @@ impl Bridge {
         pods: Value,
         synced: &[Vec<String>],
     ) -> Result<(), ReconcileError> {
-        let (namespace, name) = key.split_once('/').ok_or(ReconcileError::Unnamed)?;
+        let (namespace, name) = crate::key::parts(key).ok_or(ReconcileError::Unnamed)?;
         let heads = match self.node.view_at(key).await? {
             Some((_, heads)) => heads,
             None => Vec::new(),
@@ -564,7 +564,7 @@ impl Bridge {
         object: &DynamicObject,
         synced: &[Vec<String>],
     ) -> Result<(), ReconcileError> {
-        let (namespace, name) = key.split_once('/').ok_or(ReconcileError::Unnamed)?;
+        let (namespace, name) = crate::key::parts(key).ok_or(ReconcileError::Unnamed)?;
         let Some((_, heads)) = self.node.view_at(key).await? else {
             return Ok(());
         };
@@ -609,7 +609,7 @@ impl Bridge {
 
     /// The document was deleted on an edge: the resource goes too.
     async fn delete_resource(&self, key: &str) -> Result<Action, ReconcileError> {
-        let (namespace, name) = key.split_once('/').ok_or(ReconcileError::Unnamed)?;
+        let (namespace, name) = crate::key::parts(key).ok_or(ReconcileError::Unnamed)?;
         match self
             .api(namespace)
             .delete(name, &DeleteParams::default())
@@ -633,7 +633,7 @@ impl Bridge {
             Err(NodeError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let name = key.split_once('/').map_or(key, |(_, name)| name);
+        let name = crate::key::edge_of(key).unwrap_or(key);
         let told = match self.node.view(key).await? {
             Some((view, _)) => view.deleted && view.observed_generation == Some(view.generation),
             None => true,

@@ -59,7 +59,7 @@ impl Feeds {
     /// Tells the feeds that may see document `key` that it changed.
     pub fn publish(&self, key: &str) {
         notify_live(&mut lock(&self.heads), key);
-        if let Some(edge) = crate::transport::tls::edge_of(key) {
+        if let Some(edge) = crate::key::edge_of(key) {
             let mut edges = lock(&self.edges);
             if let Some(feeds) = edges.get_mut(edge) {
                 notify_live(feeds, key);

@@ -564,7 +564,7 @@ mod tests {
 
         /// An edit here: the change notice pushes it.
         fn edit(&mut self, key: &str, image: &str, now: Instant) {
-            let (namespace, edge) = key.split_once('/').unwrap();
+            let (namespace, edge) = crate::key::parts(key).unwrap();
             let actor = self.actor.clone();
             let doc = self
                 .docs

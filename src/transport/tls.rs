@@ -100,17 +100,9 @@ impl Identity {
     pub fn may_access(&self, key: &str) -> bool {
         match self.role {
             Role::Head => true,
-            Role::Edge => edge_of(key) == Some(self.name.as_str()),
+            Role::Edge => crate::key::edge_of(key) == Some(self.name.as_str()),
         }
     }
-}
-
-/// The edge whose document `key` (`namespace/<edge>`) is; None for a head-only document.
-pub fn edge_of(key: &str) -> Option<&str> {
-    if crate::registry::is_internal(key) {
-        return None;
-    }
-    key.split_once('/').map(|(_, name)| name)
 }
 
 /// A certificate chain and its private key, ready for rustls.

@@ -31,12 +31,12 @@ impl Bridge {
             };
             let in_scope = |key: &String| {
                 self.in_scope(key)
-                    && key.split_once('/').is_some_and(|(ns, _)| {
+                    && crate::key::parts(key).is_some_and(|(ns, _)| {
                         scope.namespace.as_deref().is_none_or(|scope| scope == ns)
                     })
             };
             for key in keys.iter().filter(|k| in_scope(k)) {
-                let Some((namespace, name)) = key.split_once('/') else {
+                let Some((namespace, name)) = crate::key::parts(key) else {
                     continue;
                 };
                 let object = ObjectRef::new_with(name, self.resource.clone()).within(namespace);
@@ -71,7 +71,7 @@ impl Bridge {
 
     /// Makes the resource for a document that has none.
     async fn create_resource(&self, key: &str) {
-        let Some((namespace, name)) = key.split_once('/') else {
+        let Some((namespace, name)) = crate::key::parts(key) else {
             return;
         };
         let Ok(Some((view, heads))) = self.node.view_at(key).await else {

@@ -83,7 +83,7 @@ pub(super) async fn write(bridge: &Bridge) {
         };
         written.retain(|key, _| known.contains(key));
         let marked = |key: &String| {
-            let edge = key.split_once('/').map_or("", |(_, name)| name);
+            let edge = crate::key::edge_of(key).unwrap_or("");
             all || marks.contains(key) || marks.contains(edge)
         };
         for key in known.iter().filter(|k| marked(k)) {
@@ -98,7 +98,7 @@ async fn write_status(
     written: &mut BTreeMap<String, (Value, Instant)>,
     key: &str,
 ) {
-    let Some((namespace, name)) = key.split_once('/') else {
+    let Some((namespace, name)) = crate::key::parts(key) else {
         return;
     };
     let (refused, conflicts) = {
