@@ -358,7 +358,7 @@ async fn resync(docs: usize) -> Vec<Figure> {
     let edge = Edge::start(config).await.unwrap();
     let every = Duration::from_millis(1);
     wait_every(Duration::from_secs(60), every, || {
-        edge.node().is_connected("head")
+        edge.node().peers().is_connected("head")
     })
     .await;
     let linked = Instant::now();

@@ -205,7 +205,7 @@ async fn delete(
     UrlPath((namespace, name)): UrlPath<(String, String)>,
 ) -> ApiResult {
     let key = key_of(&namespace, &name)?;
-    ctx.node.delete(key.as_str()).await?;
+    ctx.node.docs().delete(key.as_str()).await?;
     Ok(Json(json!({"deleted": key.as_str()})).into_response())
 }
 
@@ -217,7 +217,7 @@ fn key_of(namespace: &str, name: &str) -> Result<DocKey, NodeError> {
 
 async fn apply(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: String) -> ApiResult {
     let namespace = q.namespace.unwrap_or_else(|| "default".into());
-    let outcomes = ctx.node.apply_text(&body, &namespace).await?;
+    let outcomes = ctx.node.docs().apply_text(&body, &namespace).await?;
     Ok(Json(outcomes).into_response())
 }
 

@@ -49,9 +49,9 @@ pub enum DaemonError {
     /// Control socket.
     #[error(transparent)]
     Control(#[from] ControlError),
-    /// Kubernetes bridge.
+    /// The cluster (a head's Kubernetes API).
     #[error(transparent)]
-    Kube(#[from] crate::head::cluster::ClusterError),
+    Cluster(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A file error naming its path.

@@ -110,6 +110,7 @@ async fn step(
     let started = Instant::now();
     for outcome in head
         .node()
+        .docs()
         .apply_text(text, "default")
         .await
         .map_err(runtime)?

@@ -10,6 +10,7 @@ pub mod dns;
 pub mod edges;
 pub mod lease;
 pub mod peers;
+pub mod roster;
 pub mod users;
 
 use crate::clock::unix_now;
@@ -62,6 +63,7 @@ impl Head {
         let node = Node::open(Role::Head, &config.name, store.clone(), rules).await?;
         node.metrics().cert_expires("ca", &ca.cert);
         let mut tasks = Tasks::default();
+        roster::start(&node, &mut tasks);
         // Unique per process, so two heads given the same --name never both hold the Lease.
         let identity = format!("{}_{}", config.name, hex::encode(tls::random_bytes::<4>()));
         let edges = match &cluster {

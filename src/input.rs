@@ -38,14 +38,6 @@ pub struct DesiredNode {
     pub pods: BTreeMap<String, Value>,
 }
 
-impl DesiredNode {
-    /// The document key (namespace and name are checked when the EdgeNode is read).
-    pub fn key(&self) -> crate::key::DocKey {
-        crate::key::DocKey::new(&self.namespace, &self.name)
-            .expect("an EdgeNode's namespace and name are checked when it is read")
-    }
-}
-
 /// How to validate: the namespace to use when a document names none, and whether
 /// pods outside the Pod Security baseline are allowed (per namespace).
 #[derive(Debug, Clone, Default)]

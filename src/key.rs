@@ -104,6 +104,14 @@ fn check(namespace: &str, name: &str) -> Result<(), KeyError> {
     check_subdomain(name).map_err(|e| refuse(format!("name: {e}")))
 }
 
+impl crate::input::DesiredNode {
+    /// The document key (namespace and name are checked when the EdgeNode is read).
+    pub fn key(&self) -> DocKey {
+        DocKey::new(&self.namespace, &self.name)
+            .expect("an EdgeNode's namespace and name are checked when it is read")
+    }
+}
+
 impl fmt::Display for DocKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -69,9 +69,6 @@ pub struct DocView {
 
 /// A new document for `key` made of the shared genesis change, continuing as `actor`.
 pub fn genesis(key: &str, actor: &ActorId) -> AutoCommit {
-    if key == crate::registry::KEY {
-        return crate::registry::genesis(actor);
-    }
     let parsed = DocKey::parse(key).ok();
     let namespace = parsed.as_ref().and_then(DocKey::namespace).unwrap_or("");
     let name = parsed.as_ref().and_then(DocKey::name).unwrap_or(key);

@@ -4,7 +4,6 @@
 //! stored before it is announced or answered, sync states are stored so a reconnect sends
 //! only what is missing, and traffic, failures and presence are counted.
 
-pub mod feed;
 pub mod outbox;
 pub mod session;
 pub mod wire;
@@ -45,11 +44,11 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let changes = node.feed(&peer);
-    let removed = node.removal_of(&peer.name);
+    let changes = node.docs().feed(&peer);
+    let removed = node.peers().removal_of(&peer.name);
     let (out, out_rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(write_frames(send, out_rx, node.clone()));
-    node.peer_connected(&peer, &address);
+    node.peers().connected(&peer, &address);
     let stored = match node.store().sync_states(&peer.name).await {
         Ok(stored) => stored,
         Err(e) => {
@@ -106,7 +105,7 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
         writer.abort();
     }
-    node.peer_disconnected(&peer).await;
+    node.peers().disconnected(&peer);
     result
 }
 
@@ -174,14 +173,14 @@ impl Link {
     async fn start(&mut self) -> Result<(), SessionError> {
         let mut heads = std::collections::HashMap::new();
         for key in self.session.known() {
-            if let Some(h) = self.node.heads(&key).await {
+            if let Some(h) = self.node.docs().heads(&key).await {
                 heads.insert(key, h);
             }
         }
         for key in self.session.resume(&heads) {
             self.push(&key).await?;
         }
-        let mine = self.node.sync_heads().await;
+        let mine = self.node.docs().sync_heads().await;
         self.session.summary(&mine)?;
         self.flush()
     }
@@ -193,7 +192,7 @@ impl Link {
         match self.session.on_frame(frame, now_std())? {
             None => Ok(()),
             Some(Incoming::Summary(theirs)) => {
-                let mine = self.node.sync_heads().await;
+                let mine = self.node.docs().sync_heads().await;
                 for key in self.session.on_summary(theirs, &mine) {
                     self.push(&key).await?;
                 }
@@ -210,7 +209,7 @@ impl Link {
         key: String,
         message: automerge::sync::Message,
     ) -> Result<(), SessionError> {
-        let entry = match self.node.sync_entry(&key) {
+        let entry = match self.node.docs().sync_entry(&key) {
             Ok(entry) => entry,
             Err(e) => return self.session.fail(&key, e.to_string(), now_std()),
         };
@@ -225,6 +224,7 @@ impl Link {
         let peer = self.peer().name.clone();
         if let Err(e) = self
             .node
+            .docs()
             .synced(&peer, &key, &mut entry, state, shared)
             .await
         {
@@ -236,16 +236,12 @@ impl Link {
         };
         self.node.metrics().sync_rounds.get_or_create(&role).inc();
         self.session.push(&key, &mut entry.doc, now_std())?;
-        drop(entry);
-        if let Err(e) = self.node.after_sync(&key).await {
-            warn!(doc = %key, error = %e, "cannot take in the synced document");
-        }
         Ok(())
     }
 
     /// Queues the next sync message for `key`, if there is one.
     async fn push(&mut self, key: &str) -> Result<(), SessionError> {
-        if let Some(entry) = self.node.sync_doc(key) {
+        if let Some(entry) = self.node.docs().sync_doc(key) {
             let mut entry = entry.lock().await;
             self.session.push(key, &mut entry.doc, now_std())?;
         }
@@ -256,7 +252,7 @@ impl Link {
     async fn retry_due(&mut self) -> Result<(), SessionError> {
         for key in self.session.due(now_std()) {
             debug!(peer = %self.peer().name, doc = %key, "trying the document again");
-            match self.node.sync_doc(&key) {
+            match self.node.docs().sync_doc(&key) {
                 Some(_) => self.push(&key).await?,
                 // Nothing of it is here: ask for all of it.
                 None => self.session.ask(&key)?,
@@ -280,7 +276,8 @@ impl Link {
             }
             metrics.pending.inc_by(transmit.frames.len() as i64);
             self.node
-                .peer_touch(&self.peer().name, |p| p.bytes_out += n);
+                .peers()
+                .touch(&self.peer().name, |p| p.bytes_out += n);
             self.out
                 .send(transmit)
                 .map_err(|_| SessionError::Protocol("connection writer has stopped".into()))?;
@@ -313,7 +310,7 @@ impl Link {
         self.node
             .metrics()
             .traffic(self.peer().role.as_str(), "in", size);
-        self.node.peer_touch(&self.peer().name, |p| {
+        self.node.peers().touch(&self.peer().name, |p| {
             p.bytes_in += size;
             p.last_seen = Some(now());
         });
@@ -367,7 +364,11 @@ mod tests {
             let here = node(&dir.path().join("here"), "head-a").await;
             let source = node(&dir.path().join("source"), "head-b").await;
             for ns in ["good", "bad"] {
-                source.apply_text(&edgenode(ns), "default").await.unwrap();
+                source
+                    .docs()
+                    .apply_text(&edgenode(ns), "default")
+                    .await
+                    .unwrap();
             }
             let (ours, theirs) = tokio::io::duplex(1 << 16);
             let (recv, send) = tokio::io::split(ours);
@@ -406,7 +407,7 @@ mod tests {
             };
             write_frame(&mut tx, &huge).await.unwrap();
             let good = states.entry("good/edge01".into()).or_default();
-            let good_doc = source.sync_doc("good/edge01").unwrap();
+            let good_doc = source.docs().sync_doc("good/edge01").unwrap();
             let first = good_doc.lock().await.doc.sync().generate_sync_message(good);
             let first = first.unwrap();
             let first = Frame::Sync {
@@ -419,7 +420,8 @@ mod tests {
             let have = |key: &'static str| {
                 let here = here.clone();
                 async move {
-                    here.view(key)
+                    here.docs()
+                        .view(key)
                         .await
                         .unwrap()
                         .is_some_and(|(v, _)| v.pods.contains_key("web"))
@@ -431,7 +433,7 @@ mod tests {
                     Some(Frame::Sync { doc, message }) if doc != crate::registry::KEY => {
                         let state = states.entry(doc.clone()).or_default();
                         let message = sync::Message::decode(&message).unwrap();
-                        let entry = source.sync_entry(&doc).unwrap();
+                        let entry = source.docs().sync_entry(&doc).unwrap();
                         let mut entry = entry.lock().await;
                         let theirs = &mut entry.doc;
                         theirs.sync().receive_sync_message(state, message).unwrap();

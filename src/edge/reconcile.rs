@@ -1,15 +1,14 @@
-//! Keeps the manifest directory equal to this node's documents. A change to a document
-//! reconciles that document only, and only if what it asks for changed (the edge's own status
-//! report is a change too, and needs no work); a periodic full pass catches files changed
-//! by hand and documents that vanished.
+//! Keeps the manifest directory equal to this node's documents. A change to a document's spec
+//! reconciles that document only, and only if what it asks of this edge changed (status
+//! changes, such as this edge's own reports, are not looked at); a periodic full pass catches
+//! files changed by hand and documents that vanished.
 
 use super::manifests::{self, Desired};
 use crate::crd::{POD_APPLIED, POD_REFUSED, PodState};
 use crate::daemon::DaemonError;
 use crate::input;
-use crate::node::{AppliedPod, Node};
+use crate::node::{AppliedPod, Change, Node};
 use crate::store::OwnedFile;
-use automerge::ChangeHash;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -22,22 +21,12 @@ use tracing::{info, warn};
 pub struct Reconciler {
     node: Node,
     dir: PathBuf,
-    /// Per document, what it asked for when last reconciled.
-    done: HashMap<String, Done>,
+    /// Per document, a digest of what it asked for when last reconciled.
+    done: HashMap<String, [u8; 32]>,
     /// Per document, what the last reconcile left.
     applied: BTreeMap<String, Vec<AppliedPod>>,
     /// Per document and file, why its pod is stuck, as last logged.
     warned: HashMap<(String, String), String>,
-}
-
-/// A document as last reconciled.
-struct Done {
-    /// Its heads then, after this edge's own status report: while they stay the same, the
-    /// document need not be read again.
-    heads: Vec<ChangeHash>,
-    /// Digest of what it asked for.
-    digest: [u8; 32],
-    wanted: Wanted,
 }
 
 /// What one document asks of this edge.
@@ -84,7 +73,7 @@ impl Reconciler {
 
     /// Reconciles the documents that change, and all of them every `drift_interval`.
     pub async fn run(mut self, drift_interval: Duration, shutdown: CancellationToken) {
-        let mut changes = self.node.subscribe();
+        let mut changes = self.node.docs().subscribe();
         let mut tick = tokio::time::interval(drift_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
@@ -94,15 +83,17 @@ impl Reconciler {
                 first = changes.recv() => {
                     let mut keys = BTreeSet::new();
                     let mut lagged = first.is_err();
-                    keys.extend(first.ok());
+                    let spec = |change: Change| change.moved.spec.then_some(change.key);
+                    keys.extend(first.ok().and_then(spec));
                     loop {
                         match changes.try_recv() {
-                            Ok(key) => {
-                                keys.insert(key);
-                            }
+                            Ok(change) => keys.extend(spec(change)),
                             Err(TryRecvError::Lagged(_)) => lagged = true,
                             Err(_) => break,
                         }
+                    }
+                    if keys.is_empty() && !lagged {
+                        continue;
                     }
                     (!lagged).then_some(keys)
                 }
@@ -137,7 +128,7 @@ impl Reconciler {
         let mine = |key: &String| crate::key::edge_of(key) == Some(self.node.name());
         let mut keys: BTreeSet<String> = match only {
             Some(changed) => changed.iter().filter(|k| mine(k)).cloned().collect(),
-            None => self.node.keys().into_iter().filter(mine).collect(),
+            None => self.node.docs().keys().into_iter().filter(mine).collect(),
         };
         if keys.is_empty() {
             return Ok(());
@@ -167,27 +158,10 @@ impl Reconciler {
         changed_only: bool,
         owned: &mut Option<Vec<OwnedFile>>,
     ) -> Result<(), DaemonError> {
-        let current = self.node.heads(key).await;
-        let done = self
-            .done
-            .get(key)
-            .filter(|d| current.as_ref() == Some(&d.heads));
-        let (wanted, heads) = match done {
-            // Only this edge's own report changed it since.
-            Some(_) if changed_only => return Ok(()),
-            Some(done) => (Some(done.wanted.clone()), done.heads.clone()),
-            None => match self.wanted(key).await? {
-                Some((wanted, heads)) => (Some(wanted), heads),
-                None => (None, Vec::new()),
-            },
-        };
+        let wanted = self.wanted(key).await?;
         let digest = wanted.as_ref().map(Wanted::digest);
-        if changed_only
-            && let Some(done) = self.done.get_mut(key)
-            && Some(done.digest) == digest
-        {
-            // Changed, but not in what it asks of this edge (a head wrote a condition).
-            done.heads = heads;
+        if changed_only && digest.is_some() && self.done.get(key) == digest.as_ref() {
+            // Changed, but not in what it asks of this edge (its labels, say).
             return Ok(());
         }
         let all = match owned {
@@ -197,13 +171,8 @@ impl Reconciler {
         let owned: Vec<OwnedFile> = all.iter().filter(|o| o.key == key).cloned().collect();
         match (wanted, digest) {
             (Some(wanted), Some(digest)) => {
-                let heads = self.apply(key, wanted.clone(), &owned, heads).await?;
-                let done = Done {
-                    heads,
-                    digest,
-                    wanted,
-                };
-                self.done.insert(key.to_string(), done);
+                self.apply(key, wanted, &owned).await?;
+                self.done.insert(key.to_string(), digest);
             }
             _ => {
                 self.write(key, &Wanted::default(), &owned).await?;
@@ -214,12 +183,11 @@ impl Reconciler {
         Ok(())
     }
 
-    /// What document `key` asks for and the heads it was read at, or None if there is no
-    /// such document. A deleted one asks for no pod, even if it still holds some (added on
+    /// What document `key` asks for, or None if there is no such document. A deleted one asks for no pod, even if it still holds some (added on
     /// one side while the other deleted it: a delete removes only the pods it saw): no one
     /// sees that EdgeNode any more.
-    async fn wanted(&self, key: &str) -> Result<Option<(Wanted, Vec<ChangeHash>)>, DaemonError> {
-        let Some((mut view, heads)) = self.node.view_at(key).await? else {
+    async fn wanted(&self, key: &str) -> Result<Option<Wanted>, DaemonError> {
+        let Some((mut view, _)) = self.node.docs().view(key).await? else {
             return Ok(None);
         };
         if view.deleted {
@@ -268,19 +236,16 @@ impl Reconciler {
                 phase: None,
             });
         }
-        Ok(Some((wanted, heads)))
+        Ok(Some(wanted))
     }
 
-    /// Writes and removes the files of document `key` (read at `read_at`), then reports its
-    /// pods' states. Returns the heads to remember for it: after the report, unless something
-    /// else changed it since it was read.
+    /// Writes and removes the files of document `key`, then reports its pods' states.
     async fn apply(
         &mut self,
         key: &str,
         mut wanted: Wanted,
         owned: &[OwnedFile],
-        read_at: Vec<ChangeHash>,
-    ) -> Result<Vec<ChangeHash>, DaemonError> {
+    ) -> Result<(), DaemonError> {
         let stuck = self.write(key, &wanted, owned).await?;
         for s in &stuck {
             if let Some(p) = wanted.pods.iter_mut().find(|p| p.name == s.pod) {
@@ -288,14 +253,10 @@ impl Reconciler {
                 p.reason = Some(s.reason.clone());
             }
         }
-        let reported = self
-            .node
+        self.node
+            .docs()
             .report_status(key, wanted.generation, &wanted.pods)
             .await?;
-        let heads = match reported {
-            Some(at) if at.before == read_at => at.after,
-            _ => read_at,
-        };
         let parsed = crate::key::DocKey::parse(key).ok();
         let namespace = parsed.as_ref().and_then(|k| k.namespace()).unwrap_or("");
         let applied = wanted.pods.into_iter().map(|p| {
@@ -316,7 +277,7 @@ impl Reconciler {
             }
         });
         self.applied.insert(key.to_string(), applied.collect());
-        Ok(heads)
+        Ok(())
     }
 
     /// Makes the files of document `key` (owning `owned`) what `wanted` asks. A file that
@@ -461,7 +422,7 @@ mod tests {
                     })
                     .collect(),
             };
-            self.node.apply_node(&desired).await.unwrap();
+            self.node.docs().apply_node(&desired).await.unwrap();
             let key = BTreeSet::from([desired.key().to_string()]);
             self.reconciler.run_once(Some(&key)).await;
         }
@@ -486,7 +447,7 @@ mod tests {
         /// The state and reason the edge reported for a pod, in the document's status.
         async fn reported(&self, namespace: &str, pod: &str) -> (String, String) {
             let key = format!("{namespace}/edge01");
-            let (view, _) = self.node.view(&key).await.unwrap().unwrap();
+            let (view, _) = self.node.docs().view(&key).await.unwrap().unwrap();
             let state = view.pod_states.iter().find(|p| p.name == pod).unwrap();
             (
                 state.state.clone(),

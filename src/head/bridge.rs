@@ -152,7 +152,7 @@ impl Bridge {
         tasks: &mut Tasks,
     ) -> Result<(), NodeError> {
         let mut seen = Seen::default();
-        for key in node.keys() {
+        for key in node.docs().keys() {
             if let Some(bytes) = node.store().meta(base_key(&key)).await?
                 && let Ok(base) = serde_json::from_slice(&bytes)
             {
@@ -319,11 +319,11 @@ impl Bridge {
     /// Sends each document that changed to be reconciled with its resource, or, when it has
     /// none, to the orphan checks; and tells the status writer.
     async fn route_changes(&self, scopes: &[Scope]) {
-        let mut changes = self.node.subscribe();
+        let mut changes = self.node.docs().subscribe();
         loop {
             let keys = match changes.recv().await {
-                Ok(key) => vec![key],
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.node.keys(),
+                Ok(change) => vec![change.key],
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.node.docs().keys(),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
             for key in keys {
@@ -379,7 +379,7 @@ impl Bridge {
         let Some(base) = self.base_for(key, &synced).await else {
             return Ok(Action::requeue(RECHECK));
         };
-        let (ours, conflicts) = match self.node.view(key).await? {
+        let (ours, conflicts) = match self.node.docs().view(key).await? {
             Some((view, _)) if !view.deleted && view.generation > 0 => {
                 (Some(pods_value(&view.pods)), view.conflicts)
             }
@@ -408,10 +408,10 @@ impl Bridge {
                 .as_object()
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
-            let outcome = self.node.apply_node(&merged).await?;
+            let outcome = self.node.docs().apply_node(&merged).await?;
             debug!(doc = %key, result = %outcome.result, "EdgeNode applied");
             // Writing the fields may have settled the document's own conflicts.
-            conflicts = match self.node.view(key).await? {
+            conflicts = match self.node.docs().view(key).await? {
                 Some((view, _)) => view.conflicts,
                 None => Vec::new(),
             };
@@ -445,7 +445,7 @@ impl Bridge {
             let Some(heads) = parse_heads(entry) else {
                 continue;
             };
-            if let Ok(Some(view)) = self.node.view_at_heads(key, &heads).await {
+            if let Ok(Some(view)) = self.node.docs().view_at_heads(key, &heads).await {
                 debug!(doc = key, "merge base found in the document's history");
                 lock(&self.seen).awaiting.remove(key);
                 let base = pods_value(&view.pods);
@@ -454,7 +454,7 @@ impl Bridge {
             }
         }
         let edge = crate::key::edge_of(key).unwrap_or(key);
-        let connected = self.node.is_connected(edge);
+        let connected = self.node.peers().is_connected(edge);
         let since = {
             let mut seen = lock(&self.seen);
             let first = !seen.awaiting.contains_key(key);
@@ -495,7 +495,7 @@ impl Bridge {
         let Some(heads) = parse_heads(entry) else {
             return false;
         };
-        let Ok(Some(view)) = self.node.view_at_heads(key, &heads).await else {
+        let Ok(Some(view)) = self.node.docs().view_at_heads(key, &heads).await else {
             return false;
         };
         let at = pods_value(&view.pods);
@@ -516,7 +516,7 @@ impl Bridge {
         synced: &[Vec<String>],
     ) -> Result<(), ReconcileError> {
         let (namespace, name) = crate::key::parts(key).ok_or(ReconcileError::Unnamed)?;
-        let heads = match self.node.view_at(key).await? {
+        let heads = match self.node.docs().view_at(key).await? {
             Some((_, heads)) => heads,
             None => Vec::new(),
         };
@@ -565,7 +565,7 @@ impl Bridge {
         synced: &[Vec<String>],
     ) -> Result<(), ReconcileError> {
         let (namespace, name) = crate::key::parts(key).ok_or(ReconcileError::Unnamed)?;
-        let Some((_, heads)) = self.node.view_at(key).await? else {
+        let Some((_, heads)) = self.node.docs().view_at(key).await? else {
             return Ok(());
         };
         let Some(list) = with_synced(synced, &heads) else {
@@ -626,7 +626,7 @@ impl Bridge {
     /// applied the deletion (its report names the deletion's generation) or is no longer a
     /// registered node.
     async fn cleanup(&self, key: &str) -> Result<Action, ReconcileError> {
-        match self.node.delete(key).await {
+        match self.node.docs().delete(key).await {
             Ok(()) => {
                 info!(doc = %key, "EdgeNode deleted; waiting for the edge to remove its pods")
             }
@@ -634,7 +634,7 @@ impl Bridge {
             Err(e) => return Err(e.into()),
         }
         let name = crate::key::edge_of(key).unwrap_or(key);
-        let told = match self.node.view(key).await? {
+        let told = match self.node.docs().view(key).await? {
             Some((view, _)) => view.deleted && view.observed_generation == Some(view.generation),
             None => true,
         };

@@ -31,6 +31,12 @@ pub fn post_params() -> PostParams {
     }
 }
 
+impl From<ClusterError> for crate::daemon::DaemonError {
+    fn from(e: ClusterError) -> Self {
+        crate::daemon::DaemonError::Cluster(Box::new(e))
+    }
+}
+
 /// Errors reaching the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

@@ -221,12 +221,12 @@ impl Edges {
     }
 
     async fn forward_registry_changes(self, shutdown: CancellationToken) {
-        let mut changes = self.node.subscribe();
+        let mut changes = self.node.docs().subscribe();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = changes.recv() => match changed {
-                    Ok(key) if key != registry::KEY => {}
+                    Ok(change) if change.key != registry::KEY => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     _ => self.changed.notify_one(),
                 },
@@ -259,10 +259,10 @@ impl Edges {
                     | watcher::Event::Delete(edge),
                 ) => {
                     let name = edge.name_any();
-                    if self.node.is_connected(&name) {
+                    if self.node.peers().is_connected(&name) {
                         info!(node = %name, "edge removed; its sessions end");
                     }
-                    self.node.drop_edge(&name).await;
+                    super::roster::drop_edge(&self.node, &name).await;
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "cannot watch the Edge resources; retrying"),
@@ -326,9 +326,7 @@ impl Edges {
         let Some(c) = &self.cluster else {
             let current = self.registered(&joined.name).await?;
             check_expected(&joined.name, current.as_ref(), &expect)?;
-            return self
-                .node
-                .register_edge(joined.clone())
+            return super::roster::register_edge(&self.node, joined.clone())
                 .await
                 .map_err(|e| e.to_string());
         };
@@ -384,7 +382,7 @@ impl Edges {
     /// sessions end. Returns whether it was known.
     pub async fn remove(&self, name: &str, actor: &str) -> Result<bool, NodeError> {
         let Some(c) = &self.cluster else {
-            return self.node.remove_node(name).await;
+            return super::roster::remove_node(&self.node, name).await;
         };
         let known = match c.edges.get_opt(name).await {
             Ok(Some(edge)) => {
@@ -401,7 +399,7 @@ impl Edges {
             Err(e) if is_code(&e, 404) => {}
             Err(e) => return Err(cluster_error(e)),
         }
-        self.node.drop_edge(name).await;
+        super::roster::drop_edge(&self.node, name).await;
         Ok(known)
     }
 
@@ -413,7 +411,7 @@ impl Edges {
         expires: i64,
     ) -> Result<(), NodeError> {
         let Some(c) = &self.cluster else {
-            return self.node.register_token(id, secret_hash, expires).await;
+            return super::roster::register_token(&self.node, id, secret_hash, expires).await;
         };
         let data = [
             ("secret-sha256", hex::encode(&secret_hash)),
@@ -558,7 +556,7 @@ impl Edges {
     /// reachable address and the record published for it.
     pub async fn dns_view(&self) -> Registry {
         let Some(c) = &self.cluster else {
-            return self.node.registry().await;
+            return self.node.docs().registry().await;
         };
         let mut view = Registry::default();
         for edge in c.cache.state() {
@@ -588,6 +586,7 @@ impl Edges {
                 |doc: &mut automerge::AutoCommit| registry::set_published(doc, name, address);
             return self
                 .node
+                .docs()
                 .edit_registry(edit)
                 .await
                 .map_err(|e| e.to_string());
@@ -662,7 +661,7 @@ impl Edges {
                 _ = tick.tick() => {}
             }
             let me = self.node.name().to_string();
-            let addresses = self.node.registry().await.addresses;
+            let addresses = self.node.docs().registry().await.addresses;
             let mut writes = 0;
             for edge in c.cache.state() {
                 if writes >= PRESENCE_WRITES_PER_TICK {
@@ -670,7 +669,7 @@ impl Edges {
                 }
                 let name = edge.name_any();
                 let seen = edge.status.clone().unwrap_or_default();
-                let connected = self.node.is_connected(&name);
+                let connected = self.node.peers().is_connected(&name);
                 let wanted = match connected {
                     true => EdgeStatus {
                         online: Some(true),

@@ -15,7 +15,7 @@ async fn traffic(node: &Node, peer: &str) -> Option<(u64, u64, bool)> {
 }
 
 async fn doc_image(node: &Node, key: &str) -> Option<String> {
-    let (view, _) = node.view(key).await.ok()??;
+    let (view, _) = node.docs().view(key).await.ok()??;
     view.pods.get("web")?["spec"]["containers"][0]["image"]
         .as_str()
         .map(str::to_string)
@@ -33,7 +33,7 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
         let namespaces: Vec<String> = (0..20).map(|i| format!("ns{i}")).collect();
         let pods = [("web", "nginx"), ("db", "redis"), ("cache", "memcached"), ("queue", "rabbitmq"), ("api", "api:1")];
         for ns in &namespaces {
-            head.node().apply_text(&edgenode(ns, "edge01", &pods), "default").await.unwrap();
+            head.node().docs().apply_text(&edgenode(ns, "edge01", &pods), "default").await.unwrap();
         }
         for ns in &namespaces {
             wait_image(edge.node(), &format!("{ns}/edge01"), "nginx").await;
@@ -44,7 +44,7 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
         let quiet = wait_quiet(head.node(), "edge01").await;
         let web = "nginx:1.27";
         let edited: Vec<(&str, &str)> = pods.iter().map(|&(n, i)| if n == "web" { (n, web) } else { (n, i) }).collect();
-        head.node().apply_text(&edgenode("ns0", "edge01", &edited), "default").await.unwrap();
+        head.node().docs().apply_text(&edgenode("ns0", "edge01", &edited), "default").await.unwrap();
         wait_image(edge.node(), "ns0/edge01", web).await;
         wait_reported(head.node(), "ns0/edge01").await;
         let after = wait_quiet(head.node(), "edge01").await;
@@ -59,14 +59,14 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
         })
         .await;
         let before = traffic(head.node(), "edge01").await.unwrap();
-        head.node().apply_text(&edgenode("ns1", "edge01", &edited), "default").await.unwrap();
+        head.node().docs().apply_text(&edgenode("ns1", "edge01", &edited), "default").await.unwrap();
         let edge = Edge::start(edge_config).await.unwrap();
         wait_image(edge.node(), "ns1/edge01", web).await;
         let resync = wait_quiet(head.node(), "edge01").await;
         let resync_bytes = (resync.0 - before.0) + (resync.1 - before.1);
         let mut full_copy = 0;
         for ns in &namespaces {
-            full_copy += head.node().view(&format!("{ns}/edge01")).await.unwrap().map_or(0, |(v, _)| {
+            full_copy += head.node().docs().view(&format!("{ns}/edge01")).await.unwrap().map_or(0, |(v, _)| {
                 serde_json::to_vec(&v.pods).unwrap().len()
             });
         }
@@ -102,7 +102,7 @@ async fn wait_reported(node: &Node, key: &str) {
         Duration::from_secs(20),
         || {
             futures_lite(async {
-                let (view, _) = node.view(key).await.ok()??;
+                let (view, _) = node.docs().view(key).await.ok()??;
                 (view.observed_generation == Some(view.generation)).then_some(())
             })
         },

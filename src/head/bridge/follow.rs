@@ -38,7 +38,7 @@ impl Bridge {
             return;
         };
         let theirs = pods_value(&desired.pods);
-        let agreed = matches!(self.node.view(&key).await,
+        let agreed = matches!(self.node.docs().view(&key).await,
             Ok(Some((view, _))) if !view.deleted && pods_value(&view.pods) == theirs);
         if agreed && lock(&self.seen).base.get(&key) != Some(&theirs) {
             self.remember(&key, Some(theirs)).await;

@@ -25,7 +25,7 @@ impl Bridge {
             let keys: BTreeSet<String> = match all {
                 true => {
                     let known: Vec<String> = lock(&self.seen).base.keys().cloned().collect();
-                    known.into_iter().chain(self.node.keys()).collect()
+                    known.into_iter().chain(self.node.docs().keys()).collect()
                 }
                 false => keys,
             };
@@ -61,7 +61,7 @@ impl Bridge {
     /// The resource is gone (deleted without waiting for the edge, or while no head watched):
     /// the document goes too, and the edge removes the pods.
     async fn resource_deleted(&self, key: &str) {
-        match self.node.delete(key).await {
+        match self.node.docs().delete(key).await {
             Ok(()) => info!(doc = key, "EdgeNode deleted; the edge removes its pods"),
             Err(NodeError::NotFound(_)) => {}
             Err(e) => return warn!(doc = key, error = %e, "cannot delete the document"),
@@ -74,7 +74,7 @@ impl Bridge {
         let Some((namespace, name)) = crate::key::parts(key) else {
             return;
         };
-        let Ok(Some((view, heads))) = self.node.view_at(key).await else {
+        let Ok(Some((view, heads))) = self.node.docs().view_at(key).await else {
             return;
         };
         if view.deleted || view.generation == 0 {

@@ -5,7 +5,7 @@
 //! interval, so neither syncing nor 1,000 edges reconnecting cause a write storm.
 
 use super::{Bridge, lock};
-use crate::crd::{Condition, EdgeNodeStatus, MANAGED_LABEL, Phase};
+use crate::crd::MANAGED_LABEL;
 use crate::daemon::Tasks;
 use crate::head::cluster::patch_params;
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
@@ -111,9 +111,11 @@ async fn write_status(
     let mut status = match bridge.node.edgenode(key).await {
         Ok(Some(object)) => {
             let mut status = object.status.unwrap_or_default();
-            with_cluster(&mut status, bridge.cluster.node_ready(name), |pod| {
-                bridge.cluster.mirror_phase(namespace, pod, name)
-            });
+            crate::node::status::with_cluster(
+                &mut status,
+                bridge.cluster.node_ready(name),
+                |pod| bridge.cluster.mirror_phase(namespace, pod, name),
+            );
             serde_json::to_value(status).unwrap_or_default()
         }
         // Refused before any document existed: say so rather than nothing.
@@ -255,46 +257,4 @@ fn cache<K: crate::head::cluster::Cached>(
         watcher::Event::InitDone => status.mark_all(),
         _ => {}
     })
-}
-
-/// Folds what the cluster shows into the status the edge reported: with a Node of the edge's
-/// name, the edge is Running only when every mirror pod is Running, and Offline when the Node
-/// is not Ready. Without one (a kubelet not registered with this cluster) the report stands.
-fn with_cluster(
-    status: &mut EdgeNodeStatus,
-    node_ready: Option<bool>,
-    mirror_phase: impl Fn(&str) -> Option<String>,
-) {
-    let Some(ready) = node_ready else {
-        return;
-    };
-    for pod in &mut status.pods {
-        pod.phase = Some(mirror_phase(&pod.name).unwrap_or_else(|| "Missing".into()));
-    }
-    let phase_of = |p: &crate::crd::PodState| p.phase.clone().unwrap_or_default();
-    let running = status
-        .pods
-        .iter()
-        .filter(|p| phase_of(p) == "Running")
-        .count();
-    status.pods_ready = Some(format!("{running}/{}", status.pods.len()));
-    if !ready {
-        status.phase = Some(Phase::Offline);
-        status.online = Some(false);
-        for c in status.conditions.iter_mut().filter(|c| c.type_ == "Online") {
-            *c = Condition::new("Online", false, "NodeNotReady", "the Node is not Ready");
-        }
-        return;
-    }
-    if status.phase == Some(Phase::Running) {
-        let failed = status
-            .pods
-            .iter()
-            .any(|p| !matches!(phase_of(p).as_str(), "Running" | "Pending" | "Missing"));
-        if failed {
-            status.phase = Some(Phase::Degraded);
-        } else if running < status.pods.len() {
-            status.phase = Some(Phase::Pending);
-        }
-    }
 }

@@ -2,7 +2,7 @@
 //! so a change to one edge's document wakes one session, not every session on the head; and
 //! changes that pile up while a session is busy are one notice per document.
 
-use crate::node::lock;
+use super::lock;
 use crate::transport::tls::{Identity, Role};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};

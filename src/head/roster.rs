@@ -1,0 +1,184 @@
+//! The heads' registry of edges and join tokens as a standalone head keeps it, and what every
+//! head writes into it: a join or a token recorded here and for every head, an edge removed,
+//! what another head wrote taken in, and each edge's presence (the head it is connected to,
+//! where it is) written as its sessions start and end.
+
+use crate::clock::unix_now;
+use crate::daemon::Tasks;
+use crate::node::{Node, NodeError, Origin, PeerEvent};
+use crate::registry::{self, Registration};
+use crate::store::JoinedNode;
+use crate::transport::tls::Role;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Starts writing edges' presence into the registry and taking in what other heads write.
+pub fn start(node: &Node, tasks: &mut Tasks) {
+    tasks.spawn(record_presence(node.clone(), tasks.token()));
+    tasks.spawn(adopt_forever(node.clone(), tasks.token()));
+}
+
+/// Writes each edge's presence and address as its sessions start and end. Each write is
+/// checked under the registry's lock against the peer table, so events handled late or out
+/// of order still leave what is true.
+async fn record_presence(node: Node, shutdown: CancellationToken) {
+    let mut events = node.peers().watch();
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+        };
+        let (peer, reachable) = match event {
+            PeerEvent::Connected { peer, reachable } => (peer, Some(reachable)),
+            PeerEvent::Disconnected { peer } => (peer, None),
+        };
+        if peer.role != Role::Edge {
+            continue;
+        }
+        let me = node.name().to_string();
+        let edit = |doc: &mut automerge::AutoCommit| {
+            let connected = node.peers().is_connected(&peer.name);
+            let head = connected.then_some(me.as_str());
+            let present = registry::set_presence(doc, &peer.name, head, &me)?;
+            let moved = match reachable {
+                Some(address) => registry::set_address(doc, &peer.name, address)?,
+                None => false,
+            };
+            Ok(present || moved)
+        };
+        if let Err(e) = node.docs().edit_registry(edit).await {
+            warn!(peer = %peer.name, error = %e, "cannot record the edge's presence");
+        }
+    }
+}
+
+/// Takes in the registry each time another head's change to it arrives.
+async fn adopt_forever(node: Node, shutdown: CancellationToken) {
+    let mut changes = node.docs().subscribe();
+    loop {
+        let adopt = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            change = changes.recv() => match change {
+                Ok(change) => change.key == registry::KEY && matches!(change.origin, Origin::Peer(_)),
+                Err(RecvError::Lagged(_)) => true,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if adopt && let Err(e) = adopt_registry(&node).await {
+            warn!(error = %e, "cannot take in the heads' registry");
+        }
+    }
+}
+
+/// Records the certificate just issued to edge `joined.name`, here and for every head.
+pub async fn register_edge(node: &Node, joined: JoinedNode) -> Result<(), NodeError> {
+    let registration = Registration {
+        key: hex::encode(&joined.key_sha256),
+        not_after: joined.cert_not_after,
+        removed: false,
+    };
+    // Registry first: a concurrent adoption of the registry then writes the new key too.
+    node.docs()
+        .edit_registry(|doc| registry::set_registration(doc, &joined.name, &registration))
+        .await?;
+    node.store().add_node(joined, unix_now()).await?;
+    Ok(())
+}
+
+/// Creates join token `id` here and for every head.
+pub async fn register_token(
+    node: &Node,
+    id: &str,
+    secret_hash: Vec<u8>,
+    expires: i64,
+) -> Result<(), NodeError> {
+    let token = registry::Token {
+        hash: hex::encode(&secret_hash),
+        expires,
+    };
+    node.docs()
+        .edit_registry(|doc| registry::set_token(doc, id, &token, unix_now()))
+        .await?;
+    node.store()
+        .add_token(id.to_string(), secret_hash, expires, unix_now())
+        .await?;
+    Ok(())
+}
+
+/// Forgets edge `name` (`edgesync node remove`): its key is no longer let in and its live
+/// sessions end. Returns whether it was known.
+pub async fn remove_node(node: &Node, name: &str) -> Result<bool, NodeError> {
+    let known = forget_edge(node, name).await?;
+    let registered = node.docs().registry().await.nodes.get(name).cloned();
+    if let Some(registration) = registered.filter(|r| !r.removed) {
+        let removed = Registration {
+            removed: true,
+            ..registration
+        };
+        node.docs()
+            .edit_registry(|doc| registry::set_registration(doc, name, &removed))
+            .await?;
+        return Ok(true);
+    }
+    Ok(known)
+}
+
+/// Ends edge `name`'s sessions and forgets what this node keeps of it, after it was removed
+/// elsewhere (its Edge resource deleted).
+pub async fn drop_edge(node: &Node, name: &str) {
+    if let Err(e) = forget_edge(node, name).await {
+        warn!(node = %name, error = %e, "cannot forget the removed edge");
+    }
+}
+
+async fn forget_edge(node: &Node, name: &str) -> Result<bool, NodeError> {
+    let known = node.store().remove_node(name.to_string()).await?;
+    node.peers().forget(name);
+    node.docs().forget_peer(name);
+    Ok(known)
+}
+
+/// Makes this head's tables of edges and tokens match the registry after another head
+/// changed it.
+async fn adopt_registry(node: &Node) -> Result<(), NodeError> {
+    let registry = node.docs().registry().await;
+    let now = unix_now();
+    for (id, token) in registry.tokens {
+        let Ok(hash) = hex::decode(&token.hash) else {
+            continue;
+        };
+        if token.expires > now && node.store().token(id.clone()).await?.is_none() {
+            node.store().add_token(id, hash, token.expires, now).await?;
+        }
+    }
+    for (name, registration) in registry.nodes {
+        let stored = node.store().node(name.clone()).await?;
+        if registration.removed {
+            if stored.is_some() {
+                forget_edge(node, &name).await?;
+                info!(node = %name, "edge removed on another head");
+            }
+            continue;
+        }
+        let Ok(key_sha256) = hex::decode(&registration.key) else {
+            continue;
+        };
+        if stored.as_ref().is_none_or(|s| s.key_sha256 != key_sha256) {
+            // A newer certificate replaces the old one: sessions under the old key end.
+            if stored.is_some() {
+                node.peers().end_sessions(&name);
+            }
+            let joined = JoinedNode {
+                name,
+                key_sha256,
+                cert_not_after: registration.not_after,
+            };
+            node.store().add_node(joined, unix_now()).await?;
+        }
+    }
+    Ok(())
+}

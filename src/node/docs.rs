@@ -1,0 +1,845 @@
+//! The document store: the only owner of the Automerge documents. Each document lives in
+//! memory behind its own lock and in SQLite; a change is stored first, then announced as a
+//! typed [`Change`] saying what moved (spec, status or a head-only document) and where it
+//! came from, and only then relayed to sync sessions.
+
+use super::NodeError;
+use super::feed::{Feed, Feeds};
+use crate::clock::now;
+use crate::crd::PodState;
+use crate::input::{self, DesiredNode, InvalidInput, MAX_HISTORY_BYTES, Rules};
+use crate::key::DocKey;
+use crate::model::{self, DocView, ModelError};
+use crate::registry::{self, Registry};
+use crate::store::{COMPACT_AFTER_CHUNKS, DocSave, DocWrite, Store, StoredDoc};
+use crate::transport::tls::Identity;
+use automerge::{ActorId, AutoCommit, ChangeHash, Prop, sync};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+use tracing::warn;
+
+use super::lock;
+
+/// Which documents a node serves, and what it decides in them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every EdgeNode and the heads' documents; an apply also records whether its namespace is
+    /// privileged (a head).
+    All,
+    /// The EdgeNodes named after one edge (an edge).
+    Edge(String),
+}
+
+impl Scope {
+    /// Whether document `key` is served here.
+    fn serves(&self, key: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Edge(name) => crate::key::edge_of(key) == Some(name.as_str()),
+        }
+    }
+}
+
+/// What a stored change moved in its document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// What the EdgeNode asks for: its spec, labels, deletion, generation or policy.
+    pub spec: bool,
+    /// What an edge reported.
+    pub status: bool,
+    /// A head-only document.
+    pub internal: bool,
+}
+
+impl Moved {
+    const SPEC: Moved = Moved {
+        spec: true,
+        status: false,
+        internal: false,
+    };
+    const STATUS: Moved = Moved {
+        spec: false,
+        status: true,
+        internal: false,
+    };
+    const INTERNAL: Moved = Moved {
+        spec: false,
+        status: false,
+        internal: true,
+    };
+}
+
+/// Where a change came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Made on this node (an apply, a delete, a status report, a registry edit).
+    Local,
+    /// Received from the peer of this name.
+    Peer(String),
+}
+
+/// A change to one document, announced once it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The document.
+    pub key: String,
+    /// What it moved.
+    pub moved: Moved,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+/// What the changes between `before` and `after` moved in document `key`.
+fn moved(key: &str, doc: &mut AutoCommit, before: &[ChangeHash], after: &[ChangeHash]) -> Moved {
+    if registry::is_internal(key) {
+        return Moved::INTERNAL;
+    }
+    let mut moved = Moved::default();
+    for patch in doc.diff(before, after) {
+        use automerge::PatchAction::*;
+        let top = match (patch.path.first(), &patch.action) {
+            (Some((_, prop)), _) => Some(prop.clone()),
+            (None, PutMap { key, .. } | DeleteMap { key }) => Some(Prop::Map(key.clone())),
+            (None, Increment { prop, .. } | Conflict { prop }) => Some(prop.clone()),
+            (None, _) => None,
+        };
+        match top {
+            Some(Prop::Map(name)) if name == "status" => moved.status = true,
+            _ => moved.spec = true,
+        }
+    }
+    moved
+}
+
+/// One document and what the node knows about it.
+pub struct DocEntry {
+    /// The Automerge document.
+    pub doc: AutoCommit,
+    /// When a peer last synced it.
+    pub last_synced_at: Option<String>,
+    /// Incremental chunks stored since the last snapshot.
+    chunks: usize,
+    /// Heads as of the last successful store write.
+    persisted_heads: Vec<automerge::ChangeHash>,
+    /// Bytes stored for it: the snapshot and the chunks since.
+    stored_bytes: usize,
+}
+
+impl DocEntry {
+    /// A document as stored: snapshot plus chunks, continuing as `actor`.
+    fn load(stored: StoredDoc, actor: &ActorId) -> Result<DocEntry, NodeError> {
+        let bad = |e: automerge::AutomergeError| NodeError::Sync {
+            key: stored.key.clone(),
+            reason: format!("stored document does not load: {e}"),
+        };
+        let mut doc = AutoCommit::load(&stored.snapshot).map_err(bad)?;
+        for chunk in &stored.chunks {
+            doc.load_incremental(chunk).map_err(bad)?;
+        }
+        doc.set_actor(actor.clone());
+        // Everything loaded is already stored: start the incremental save cursor here.
+        let _ = doc.save_incremental();
+        Ok(DocEntry {
+            persisted_heads: doc.get_heads(),
+            doc,
+            last_synced_at: stored.last_synced_at,
+            chunks: stored.chunks.len(),
+            stored_bytes: stored.snapshot.len() + stored.chunks.iter().map(Vec::len).sum::<usize>(),
+        })
+    }
+
+    /// A new document from the shared genesis change (not stored yet).
+    fn genesis(key: &str, actor: &ActorId) -> DocEntry {
+        DocEntry {
+            doc: match key == registry::KEY {
+                true => registry::genesis(actor),
+                false => model::genesis(key, actor),
+            },
+            last_synced_at: None,
+            chunks: COMPACT_AFTER_CHUNKS,
+            persisted_heads: Vec::new(),
+            stored_bytes: 0,
+        }
+    }
+}
+
+/// What `apply` did to one EdgeNode.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// `namespace/name`.
+    pub key: String,
+    /// created, configured or unchanged (as kubectl says).
+    pub result: String,
+}
+
+/// A document write on its way to the store, and what the entry becomes once it is stored.
+struct Staged {
+    heads: Vec<automerge::ChangeHash>,
+    chunks: usize,
+    stored_bytes: usize,
+    synced_at: Option<String>,
+    changed: bool,
+}
+
+/// Prepares the write of what changed in `entry` since its last save (None if nothing is to
+/// be stored): a chunk, or a whole snapshot after enough chunks.
+fn stage(
+    key: &str,
+    entry: &mut DocEntry,
+    sync_states: Vec<(String, Vec<u8>)>,
+    synced: bool,
+) -> Option<(DocSave, Staged)> {
+    let heads = entry.doc.get_heads();
+    let changed = heads != entry.persisted_heads;
+    let synced_at = synced.then(now);
+    if !changed && sync_states.is_empty() && synced_at.is_none() {
+        return None;
+    }
+    let (write, chunks, stored_bytes) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
+        let snapshot = entry.doc.save();
+        let bytes = snapshot.len();
+        (DocWrite::Snapshot(snapshot), 0, bytes)
+    } else {
+        let chunk = entry.doc.save_incremental();
+        let stored = entry.chunks + usize::from(!chunk.is_empty());
+        let bytes = entry.stored_bytes + chunk.len();
+        (DocWrite::Chunk(chunk), stored, bytes)
+    };
+    let save = DocSave {
+        key: key.to_string(),
+        write,
+        sync_states,
+        synced_at: synced_at.clone(),
+    };
+    let staged = Staged {
+        heads,
+        chunks,
+        stored_bytes,
+        synced_at,
+        changed,
+    };
+    Some((save, staged))
+}
+
+/// Refuses an edit that gives a document more than `limit` bytes of history
+/// ([`MAX_HISTORY_BYTES`], what one sync message carries): an edge that has none of it must be
+/// able to receive it whole. Documents that store little are let through without counting.
+fn check_history(key: &str, entry: &mut DocEntry, limit: usize) -> Result<(), NodeError> {
+    const COUNT_FROM: usize = 1 << 20;
+    if entry.stored_bytes < COUNT_FROM {
+        return Ok(());
+    }
+    let changes = entry.doc.get_changes(&[]);
+    let history: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
+    if history <= limit {
+        return Ok(());
+    }
+    Err(InvalidInput {
+        object: format!("EdgeNode {key}"),
+        field: "spec".into(),
+        reason: format!(
+            "this edit would bring its history to {} MiB, more than the {} MiB an edge receives at once; apply it under another name or namespace",
+            history >> 20,
+            limit >> 20
+        ),
+    }
+    .into())
+}
+
+/// The documents of one node.
+pub struct Docs {
+    scope: Scope,
+    actor: ActorId,
+    store: Store,
+    rules: Rules,
+    docs: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<DocEntry>>>>,
+    changes: broadcast::Sender<Change>,
+    feeds: Feeds,
+    /// Heads each peer is known to have, by peer and document (from the sync states).
+    shared: Mutex<HashMap<(String, String), Vec<ChangeHash>>>,
+}
+
+impl Docs {
+    /// Loads every stored document, continuing as this node's actor.
+    pub async fn open(scope: Scope, store: Store, rules: Rules) -> Result<Docs, NodeError> {
+        let actor = store
+            .meta_or_init(
+                "actor",
+                crate::transport::tls::random_bytes::<16>().to_vec(),
+            )
+            .await?;
+        let actor = ActorId::from(actor);
+        let mut docs = BTreeMap::new();
+        for stored in store.load_docs().await? {
+            let key = stored.key.clone();
+            let entry = DocEntry::load(stored, &actor)?;
+            docs.insert(key, Arc::new(tokio::sync::Mutex::new(entry)));
+        }
+        let mut shared = HashMap::new();
+        for (peer, key, state) in store.all_sync_states().await? {
+            if let Ok(state) = sync::State::decode(&state) {
+                shared.insert((peer, key), state.shared_heads);
+            }
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Docs {
+            scope,
+            actor,
+            store,
+            rules,
+            docs: Mutex::new(docs),
+            changes,
+            feeds: Feeds::default(),
+            shared: Mutex::new(shared),
+        })
+    }
+
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// This node's validation rules.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Changes, each announced after it is stored (local edits and received changes).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Every EdgeNode document key.
+    pub fn keys(&self) -> Vec<String> {
+        let docs = lock(&self.docs);
+        docs.keys()
+            .filter(|k| !registry::is_internal(k))
+            .cloned()
+            .collect()
+    }
+
+    /// Changes to the documents `peer` may see, for a sync session with it.
+    pub fn feed(&self, peer: &Identity) -> Arc<Feed> {
+        self.feeds.subscribe(peer)
+    }
+
+    /// The heads' registry as this head knows it.
+    pub async fn registry(&self) -> Registry {
+        match self.entry(registry::KEY) {
+            Some(entry) => registry::read(&entry.lock().await.doc),
+            None => Registry::default(),
+        }
+    }
+
+    /// The head edge `name` is connected to, as the heads' registry says.
+    pub async fn presence_of(&self, name: &str) -> Option<String> {
+        let entry = self.entry(registry::KEY)?;
+        let entry = entry.lock().await;
+        registry::presence_of(&entry.doc, name)
+    }
+
+    /// Edits the heads' registry and stores it; it reaches the other heads by sync.
+    pub async fn edit_registry(
+        &self,
+        edit: impl FnOnce(&mut automerge::AutoCommit) -> Result<bool, ModelError>,
+    ) -> Result<(), NodeError> {
+        let entry = self.entry_or_genesis(registry::KEY);
+        let mut entry = entry.lock().await;
+        if edit(&mut entry.doc)? {
+            self.persist(
+                registry::KEY,
+                &mut entry,
+                Vec::new(),
+                Origin::Local,
+                Moved::INTERNAL,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn entry(&self, key: &str) -> Option<Arc<tokio::sync::Mutex<DocEntry>>> {
+        lock(&self.docs).get(key).cloned()
+    }
+
+    fn entry_or_genesis(&self, key: &str) -> Arc<tokio::sync::Mutex<DocEntry>> {
+        let mut docs = lock(&self.docs);
+        docs.entry(key.to_string())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(DocEntry::genesis(key, &self.actor)))
+            })
+            .clone()
+    }
+
+    /// Stores what changed in `entry` since its last save (and the given sync states), then
+    /// tells subscribers. Nothing is announced before it is on disk; if the write fails, the
+    /// entry goes back to what is stored, so nothing unstored is ever relayed.
+    async fn persist(
+        &self,
+        key: &str,
+        entry: &mut DocEntry,
+        sync_states: Vec<(String, Vec<u8>)>,
+        origin: Origin,
+        moved: Moved,
+    ) -> Result<(), NodeError> {
+        let synced = matches!(origin, Origin::Peer(_));
+        let Some((save, staged)) = stage(key, entry, sync_states, synced) else {
+            return Ok(());
+        };
+        match self.store.save_docs(vec![save]).await {
+            Ok(()) => {
+                self.stored(key, entry, staged, origin, moved);
+                Ok(())
+            }
+            Err(e) => {
+                self.revert(key, entry).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Finishes a staged write that is stored: subscribers hear of the change.
+    fn stored(
+        &self,
+        key: &str,
+        entry: &mut DocEntry,
+        staged: Staged,
+        origin: Origin,
+        moved: Moved,
+    ) {
+        entry.chunks = staged.chunks;
+        entry.stored_bytes = staged.stored_bytes;
+        entry.persisted_heads = staged.heads;
+        if staged.synced_at.is_some() {
+            entry.last_synced_at = staged.synced_at;
+        }
+        if staged.changed {
+            let change = Change {
+                key: key.to_string(),
+                moved,
+                origin,
+            };
+            let _ = self.changes.send(change);
+            self.feeds.publish(key);
+        }
+    }
+
+    /// Puts `entry` back to what is stored, dropping edits not stored.
+    async fn revert(&self, key: &str, entry: &mut DocEntry) {
+        let stored = match self.store.load_doc(key.to_string()).await {
+            Ok(Some(stored)) => DocEntry::load(stored, &self.actor),
+            Ok(None) => Ok(DocEntry::genesis(key, &self.actor)),
+            Err(e) => Err(e.into()),
+        };
+        match stored {
+            Ok(stored) => *entry = stored,
+            Err(e) => {
+                warn!(doc = %key, error = %e, "cannot read the document back; its next write stores it whole");
+                entry.chunks = COMPACT_AFTER_CHUNKS;
+            }
+        }
+    }
+
+    /// Parses and applies EdgeNode text: all objects are validated before any is written.
+    /// Objects this node does not serve (another edge's, on an edge) are refused.
+    pub async fn apply_text(
+        &self,
+        text: &str,
+        default_namespace: &str,
+    ) -> Result<Vec<ApplyOutcome>, NodeError> {
+        let rules = Rules {
+            default_namespace: default_namespace.to_string(),
+            privileged_namespaces: self.rules.privileged_namespaces.clone(),
+        };
+        let nodes = input::parse_edgenodes(text, &rules)?;
+        if let Scope::Edge(me) = &self.scope
+            && let Some(other) = nodes.iter().find(|n| n.name != *me)
+        {
+            return Err(InvalidInput {
+                object: format!("EdgeNode {}", other.key()),
+                field: "metadata.name".into(),
+                reason: format!(
+                    "this edge is {me:?} and only serves EdgeNodes of that name; apply it on the head"
+                ),
+            }
+            .into());
+        }
+        self.apply_nodes(&nodes).await
+    }
+
+    /// Writes one validated EdgeNode into its document as a minimal diff.
+    pub async fn apply_node(&self, desired: &DesiredNode) -> Result<ApplyOutcome, NodeError> {
+        let mut outcomes = self.apply_nodes(std::slice::from_ref(desired)).await?;
+        Ok(outcomes.remove(0))
+    }
+
+    /// Writes validated EdgeNodes (of distinct keys) into their documents as minimal diffs,
+    /// stored in one transaction: all of them or none.
+    async fn apply_nodes(&self, nodes: &[DesiredNode]) -> Result<Vec<ApplyOutcome>, NodeError> {
+        let mut order: Vec<(String, &DesiredNode)> =
+            nodes.iter().map(|n| (n.key().to_string(), n)).collect();
+        // Locks are taken in key order, so two applies never wait on each other.
+        order.sort_by(|a, b| a.0.cmp(&b.0));
+        let entries: Vec<_> = order
+            .iter()
+            .map(|(key, _)| self.entry_or_genesis(key))
+            .collect();
+        let mut locked = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            locked.push(entry.lock().await);
+        }
+        let mut outcomes = BTreeMap::new();
+        let mut saves = Vec::new();
+        let mut staged = Vec::new();
+        for (i, (key, desired)) in order.iter().enumerate() {
+            let edited = self
+                .edit_spec(&mut locked[i].doc, desired)
+                .and_then(|edited| {
+                    check_history(key, &mut locked[i], MAX_HISTORY_BYTES).map(|()| edited)
+                });
+            let result = match edited {
+                Ok((false, _)) => "created",
+                Ok((true, true)) => "configured",
+                Ok((true, false)) => "unchanged",
+                Err(e) => {
+                    for (j, (key, _)) in order.iter().enumerate().take(i + 1) {
+                        self.revert(key, &mut locked[j]).await;
+                    }
+                    return Err(e);
+                }
+            };
+            outcomes.insert(key.clone(), result);
+            if let Some((save, done)) = stage(key, &mut locked[i], Vec::new(), false) {
+                saves.push(save);
+                staged.push((i, done));
+            }
+        }
+        let saved = self.store.save_docs(saves).await;
+        for (i, done) in staged {
+            match saved {
+                Ok(()) => self.stored(
+                    &order[i].0,
+                    &mut locked[i],
+                    done,
+                    Origin::Local,
+                    Moved::SPEC,
+                ),
+                Err(_) => self.revert(&order[i].0, &mut locked[i]).await,
+            }
+        }
+        saved?;
+        Ok(nodes
+            .iter()
+            .map(|n| {
+                let key = n.key().to_string();
+                let result = outcomes[&key].to_string();
+                ApplyOutcome { key, result }
+            })
+            .collect())
+    }
+
+    /// Writes `desired` into `doc`; returns whether the EdgeNode existed and whether it changed.
+    fn edit_spec(
+        &self,
+        doc: &mut AutoCommit,
+        desired: &DesiredNode,
+    ) -> Result<(bool, bool), NodeError> {
+        let existed = model::is_live(doc)?;
+        let mut changed = model::set_spec(doc, desired, &now())?;
+        if self.scope == Scope::All {
+            let privileged = self
+                .rules
+                .privileged_namespaces
+                .contains(&desired.namespace);
+            changed |= model::set_privileged(doc, privileged)?;
+        }
+        Ok((existed, changed))
+    }
+
+    /// Deletes an EdgeNode (a tombstone that syncs); only one this node serves.
+    pub async fn delete(&self, key: &str) -> Result<(), NodeError> {
+        let entry = self
+            .entry(key)
+            .ok_or_else(|| NodeError::NotFound(key.to_string()))?;
+        let mut entry = entry.lock().await;
+        if !model::is_live(&entry.doc)? {
+            return Err(NodeError::NotFound(key.to_string()));
+        }
+        if !self.scope.serves(key) {
+            return Err(NodeError::NotFound(key.to_string()));
+        }
+        model::mark_deleted(&mut entry.doc)?;
+        self.persist(key, &mut entry, Vec::new(), Origin::Local, Moved::SPEC)
+            .await
+    }
+
+    /// The document `key` read out, with its last sync time.
+    pub async fn view(&self, key: &str) -> Result<Option<(DocView, Option<String>)>, NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let entry = entry.lock().await;
+        Ok(Some((
+            model::read(&entry.doc, key)?,
+            entry.last_synced_at.clone(),
+        )))
+    }
+
+    /// Document `key` as a view, with the heads it was read at.
+    pub async fn view_at(
+        &self,
+        key: &str,
+    ) -> Result<Option<(DocView, Vec<automerge::ChangeHash>)>, NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let mut entry = entry.lock().await;
+        let heads = entry.doc.get_heads();
+        Ok(Some((model::read(&entry.doc, key)?, heads)))
+    }
+
+    /// Document `key` as it was at `heads`; None when this node has no such document or not
+    /// all of that history.
+    pub async fn view_at_heads(
+        &self,
+        key: &str,
+        heads: &[automerge::ChangeHash],
+    ) -> Result<Option<DocView>, NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let mut entry = entry.lock().await;
+        if heads.is_empty()
+            || heads
+                .iter()
+                .any(|h| entry.doc.get_change_by_hash(h).is_none())
+        {
+            return Ok(None);
+        }
+        let past = entry.doc.fork_at(heads).map_err(|e| NodeError::Sync {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(model::read(&past, key)?))
+    }
+
+    /// Writes the edge's report into document `key` if it differs.
+    pub async fn report_status(
+        &self,
+        key: &str,
+        observed: i64,
+        pods: &[PodState],
+    ) -> Result<(), NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(());
+        };
+        let mut entry = entry.lock().await;
+        if model::set_status(&mut entry.doc, observed, pods)? {
+            self.persist(key, &mut entry, Vec::new(), Origin::Local, Moved::STATUS)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Document `key` for a sync session to apply a message to: created (from the shared
+    /// genesis) if it is not here yet. Only valid keys this node serves are taken.
+    pub fn sync_entry(&self, key: &str) -> Result<Arc<tokio::sync::Mutex<DocEntry>>, NodeError> {
+        let refuse = |reason: String| NodeError::Sync {
+            key: input::show(key),
+            reason,
+        };
+        let parsed = DocKey::parse(key).map_err(|e| refuse(e.reason))?;
+        if !self.scope.serves(parsed.as_str()) {
+            return Err(refuse("not a document this node serves".into()));
+        }
+        Ok(self.entry_or_genesis(key))
+    }
+
+    /// Document `key`, if it is here.
+    pub fn sync_doc(&self, key: &str) -> Option<Arc<tokio::sync::Mutex<DocEntry>>> {
+        self.entry(key)
+    }
+
+    /// After a sync message from `peer` was applied to `entry` (document `key`): stores what
+    /// it brought with the session's sync `state`, then announces it. Nothing is announced
+    /// before it is stored; if the write fails, the entry goes back to what is stored.
+    pub async fn synced(
+        &self,
+        peer: &str,
+        key: &str,
+        entry: &mut DocEntry,
+        state: Option<Vec<u8>>,
+        shared_heads: Vec<automerge::ChangeHash>,
+    ) -> Result<(), NodeError> {
+        lock(&self.shared).insert((peer.to_string(), key.to_string()), shared_heads);
+        if entry.doc.get_heads() == entry.persisted_heads {
+            // Nothing new (an acknowledgement): the session keeps the sync state and stores
+            // it when it ends; a state stored stale only costs a little resending.
+            entry.last_synced_at = Some(now());
+            return Ok(());
+        }
+        let before = entry.persisted_heads.clone();
+        let after = entry.doc.get_heads();
+        let moved = moved(key, &mut entry.doc, &before, &after);
+        let states = state.map(|s| (peer.to_string(), s)).into_iter().collect();
+        let origin = Origin::Peer(peer.to_string());
+        self.persist(key, entry, states, origin, moved).await
+    }
+
+    /// The heads of every document (what sync sessions offer; each session filters by what
+    /// its peer may access).
+    pub async fn sync_heads(&self) -> Vec<(String, Vec<automerge::ChangeHash>)> {
+        let entries: Vec<_> = lock(&self.docs)
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.clone()))
+            .collect();
+        let mut heads = Vec::with_capacity(entries.len());
+        for (key, entry) in entries {
+            heads.push((key, entry.lock().await.doc.get_heads()));
+        }
+        heads
+    }
+
+    /// The heads of document `key`, if there is one.
+    pub async fn heads(&self, key: &str) -> Option<Vec<automerge::ChangeHash>> {
+        let entry = self.entry(key)?;
+        let heads = entry.lock().await.doc.get_heads();
+        Some(heads)
+    }
+
+    /// EdgeNode documents with changes some peer that syncs them does not have yet, or that
+    /// no peer has synced yet.
+    pub async fn pending(&self) -> usize {
+        let mut known: HashMap<String, Vec<Vec<ChangeHash>>> = HashMap::new();
+        for ((_, key), heads) in lock(&self.shared).iter() {
+            known.entry(key.clone()).or_default().push(heads.clone());
+        }
+        let mut pending = 0;
+        for key in self.keys() {
+            let Some(heads) = self.heads(&key).await else {
+                continue;
+            };
+            let at_peers = known.get(&key).map(Vec::as_slice).unwrap_or_default();
+            if at_peers.is_empty() || at_peers.iter().any(|theirs| *theirs != heads) {
+                pending += 1;
+            }
+        }
+        pending
+    }
+
+    /// Forgets what peer `name` was known to have.
+    pub fn forget_peer(&self, name: &str) {
+        lock(&self.shared).retain(|(peer, _), _| peer != name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edit_past_the_history_an_edge_can_receive_is_refused() {
+        use automerge::{ROOT, transaction::Transactable};
+        let actor = ActorId::random();
+        let mut entry = DocEntry::genesis("default/e1", &actor);
+        // Three changes of 600 KiB that do not compress (an xorshift stream as hex).
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..3 {
+            let text: String = (0..600 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    char::from_digit((x % 16) as u32, 16).unwrap()
+                })
+                .collect();
+            entry.doc.put(ROOT, "blob", text).unwrap();
+            entry.doc.commit();
+        }
+        // A document that stores little is not counted.
+        assert!(check_history("default/e1", &mut entry, 1 << 20).is_ok());
+        entry.stored_bytes = 2 << 20;
+        assert!(check_history("default/e1", &mut entry, 8 << 20).is_ok());
+        let refused = check_history("default/e1", &mut entry, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("EdgeNode default/e1")
+                && refused.contains("spec")
+                && refused.contains("more than the 1 MiB an edge receives at once"),
+            "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_stored_change_says_what_moved_and_where_it_came_from() {
+        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
+        let key = "default/edge01";
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let docs = Docs::open(Scope::All, store, Rules::new("default"))
+            .await
+            .unwrap();
+        let mut changes = docs.subscribe();
+        let change = |moved: Moved, origin: Origin| Change {
+            key: key.into(),
+            moved,
+            origin,
+        };
+        docs.apply_text(EXAMPLE, "default").await.unwrap();
+        assert_eq!(
+            changes.recv().await.unwrap(),
+            change(Moved::SPEC, Origin::Local)
+        );
+        let report = |state: &str| {
+            vec![PodState {
+                name: "nginx".into(),
+                state: state.into(),
+                reason: None,
+                phase: None,
+            }]
+        };
+        docs.report_status(key, 1, &report("Applied"))
+            .await
+            .unwrap();
+        assert_eq!(
+            changes.recv().await.unwrap(),
+            change(Moved::STATUS, Origin::Local)
+        );
+        docs.edit_registry(|doc| registry::set_presence(doc, "edge01", Some("head"), "head"))
+            .await
+            .unwrap();
+        let registry = changes.recv().await.unwrap();
+        assert_eq!(
+            (registry.key.as_str(), registry.moved),
+            (registry::KEY, Moved::INTERNAL)
+        );
+
+        // From a peer: an edge's report moves the status only, a user's edit the spec.
+        let entry = docs.sync_doc(key).unwrap();
+        let mut entry = entry.lock().await;
+        let mut theirs = entry.doc.fork();
+        model::set_status(&mut theirs, 1, &report("Refused")).unwrap();
+        entry.doc.merge(&mut theirs).unwrap();
+        docs.synced("edge01", key, &mut entry, None, Vec::new())
+            .await
+            .unwrap();
+        let peer = || Origin::Peer("edge01".into());
+        assert_eq!(changes.recv().await.unwrap(), change(Moved::STATUS, peer()));
+        let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
+        let desired = input::parse_edgenodes(&edited, &Rules::new("default")).unwrap();
+        model::set_spec(&mut theirs, &desired[0], "t").unwrap();
+        entry.doc.merge(&mut theirs).unwrap();
+        docs.synced("edge01", key, &mut entry, None, Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(changes.recv().await.unwrap(), change(Moved::SPEC, peer()));
+        // Nothing new: nothing announced.
+        docs.synced("edge01", key, &mut entry, None, Vec::new())
+            .await
+            .unwrap();
+        assert!(changes.try_recv().is_err());
+    }
+}
