@@ -1,8 +1,9 @@
 //! One state dir, one daemon: a second daemon on a state dir in use, or an edge whose socket
-//! is taken, refuses before touching anything, and its node name stays free.
+//! is taken, refuses before touching anything, and its node name stays free. A state dir the
+//! daemon cannot use (a corrupt database, or one from a newer edgesync) is a one-line error
+//! that leaves it as it was, never a silent reset.
 
 use crate::harness::*;
-use crate::{SOON, within};
 use std::time::SystemTime;
 
 /// Every file under `dir` with its size and modification time.
@@ -159,6 +160,59 @@ async fn an_edge_joins_with_the_printed_command_and_deleted_tokens_are_refused()
             0,
             "a deleted token joins no edge"
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_state_is_a_clear_error_never_a_silent_reset() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("head-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let db = state.join("edgesync.db");
+        std::fs::write(&db, vec![0x42u8; 8192]).unwrap();
+        let args: Vec<String> = [
+            "head",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--socket",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.path().join("h.sock").display().to_string()])
+        .collect();
+        let run = |args: Vec<String>| {
+            tokio::task::spawn_blocking(move || {
+                cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+        };
+        let out = run(args.clone()).await.unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("edgesync.db") && err.lines().count() == 1,
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            vec![0x42u8; 8192],
+            "the database is left as it was"
+        );
+
+        std::fs::remove_file(&db).unwrap();
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("PRAGMA user_version = 99;").unwrap();
+        drop(conn);
+        let out = run(args).await.unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("newer than this edgesync knows"));
+
+        let out = cli(&["edge", "--node-name", "Bad_Name", "--head", "127.0.0.1:1"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --node-name:"));
     })
     .await;
 }

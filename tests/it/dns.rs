@@ -3,7 +3,6 @@
 
 use crate::harness::*;
 use crate::namecheap::{Fault, Namecheap, Record};
-use crate::within;
 use std::path::Path;
 use std::time::Duration;
 

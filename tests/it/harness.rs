@@ -1,11 +1,22 @@
 //! Test harness: the built `edgesync` binary run as real head and edge processes on loopback,
-//! the CLI as a user runs it, and condition waits with timeouts.
+//! the CLI as a user runs it, condition waits with timeouts, and a deadline for a whole test.
 
 use serde_json::Value;
+use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// Runs a test body with an overall deadline.
+pub async fn within<F: Future<Output = ()>>(secs: u64, body: F) {
+    tokio::time::timeout(Duration::from_secs(secs), body)
+        .await
+        .expect("test exceeded its time limit");
+}
+
+/// How long a test waits for something that should happen at once.
+pub const SOON: Duration = Duration::from_secs(10);
 
 /// The binary under test.
 pub fn bin() -> &'static str {

@@ -4,7 +4,6 @@
 
 use crate::harness::*;
 use crate::kube::{Cluster, lease_holder, pairs, pod_images};
-use crate::{SOON, within};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;

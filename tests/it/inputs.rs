@@ -4,7 +4,6 @@
 
 use crate::harness::*;
 use crate::kube::Cluster;
-use crate::{SOON, within};
 use edgesync::crd::EdgeNode;
 use edgesync::input::{self, MAX_INPUT_BYTES, MAX_NODES, MAX_PODS};
 use kube::api::{Api, PostParams};
@@ -459,4 +458,58 @@ fn the_readme_states_the_input_limits() {
             numbers(limit)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_one_line_and_changes_nothing() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs.start("edge01", &[head.addr], Some(&head.token())).await;
+        let good = write(dir.path(), "good.yaml", &example("nginx"));
+        ok(head.daemon.cli(&["apply", "-f", &good]));
+        wait_for("manifest", SOON, || dirs.manifest("default", "nginx")).await;
+        let before = head.daemon.json(&["get", "edgenodes", "edge01", "-o", "json"])["spec"].clone();
+        let pod = |extra: &str| format!("{}{extra}", example("nginx:bad"));
+        let cases: Vec<(&str, String, &str)> = vec![
+            ("malformed", "kind: EdgeNode\nmetadata: [".into(), "not valid YAML"),
+            ("unknown", example("nginx:bad").replace("pods:", "podz:"), "spec.podz: unknown field"),
+            ("unknown-in-pod", example("nginx:bad").replace("imagePullPolicy", "imagePullPolicyy"), "spec.pods[0].spec.containers[0].imagePullPolicyy: unknown field"),
+            ("duplicate", edgenode("default", "edge01", &[("web", "a"), ("web", "b")]), "spec.pods[1].metadata.name: duplicate pod name"),
+            ("not-dns", edgenode("default", "edge01", &[("Web_1", "a")]), "spec.pods[0].metadata.name"),
+            ("escape", edgenode("default", "edge01", &[("../../etc/cron.d/x", "a")]), "spec.pods[0].metadata.name"),
+            ("privileged", pod("            securityContext:\n              privileged: true\n"), "spec.pods[0].spec.containers[0].securityContext.privileged"),
+            ("host-network", example("nginx:bad").replace("      spec:\n        containers", "      spec:\n        hostNetwork: true\n        containers"), "spec.pods[0].spec.hostNetwork"),
+            ("host-path", example("nginx:bad").replace("      spec:\n        containers", "      spec:\n        volumes: [{name: root, hostPath: {path: /}}]\n        containers"), "spec.pods[0].spec.volumes[0].hostPath"),
+            ("capability", pod("            securityContext:\n              capabilities:\n                add: [NET_ADMIN]\n"), "capabilities.add[0]"),
+            ("wrong-kind", example("nginx:bad").replace("kind: EdgeNode", "kind: Deployment"), "kind"),
+        ];
+        for (name, text, expected) in &cases {
+            let file = write(dir.path(), &format!("{name}.yaml"), text);
+            let out = head.daemon.cli(&["apply", "-f", &file]);
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+            assert!(err.contains(&file) && err.contains(expected), "{name}: {err:?} lacks {expected:?}");
+            assert_eq!(err.trim_end().lines().count(), 1, "{name}: one line: {err:?}");
+            assert!(out.stdout.is_empty(), "{name}: nothing printed as applied");
+        }
+        // A file with one good and one bad document changes nothing either.
+        let mixed = format!("{}---\n{}", edgenode("default", "edge01", &[("new", "nginx")]), edgenode("default", "x", &[("Bad", "a")]));
+        let mixed = write(dir.path(), "mixed.yaml", &mixed);
+        assert_eq!(head.daemon.cli(&["apply", "-f", &mixed]).status.code(), Some(2));
+        let out = head.daemon.cli(&["apply", "-f", &dir.path().join("missing.yaml").display().to_string()]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
+
+        assert_eq!(head.daemon.json(&["get", "edgenodes", "edge01", "-o", "json"])["spec"], before);
+        assert_eq!(dirs.files(), ["edgesync_default_nginx.json"]);
+        assert_eq!(image(&dirs.manifest("default", "nginx").unwrap()), "nginx");
+        // The edge validates as well: the same refusals on its own socket.
+        let out = edge.cli(&["apply", "-f", &write(dir.path(), "p.yaml", &pod("            securityContext:\n              privileged: true\n"))]);
+        assert_eq!(out.status.code(), Some(2));
+        // Unknown resource types are usage errors.
+        assert_eq!(head.daemon.cli(&["get", "pods"]).status.code(), Some(2));
+    })
+    .await;
 }

@@ -3,7 +3,6 @@
 
 use crate::harness::*;
 use crate::kube_api::KubeApi;
-use crate::{SOON, within};
 use edgesync::crd::EdgeNode;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};

@@ -2,7 +2,6 @@
 //! size, and a flood of connection attempts does not lock a joined edge out.
 
 use crate::harness::*;
-use crate::{SOON, within};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

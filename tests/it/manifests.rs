@@ -1,9 +1,10 @@
 //! The edge's manifest directory with real processes: one pod that cannot be written holds
 //! back no other, hand edits are repaired whatever the timing, links are never followed,
-//! files edgesync did not write are never touched, and a crash's temp files go on start.
+//! files edgesync did not write are never touched (a pod refused for one shows in the
+//! EdgeNode's status), a crash's temp files go on start, and the head's policy lets a
+//! privileged namespace's pods through.
 
 use crate::harness::*;
-use crate::{SOON, within};
 use serde_json::Value;
 use std::path::Path;
 
@@ -309,6 +310,71 @@ async fn a_deleted_edgenode_runs_no_pod_not_even_one_added_apart_while_it_was_de
             edge_dirs.files().is_empty().then_some(())
         })
         .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_pods_show_in_status_and_head_policy_allows_privileged_namespaces() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &["--privileged-namespace", "ops"],
+        )
+        .await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        std::fs::create_dir_all(&dirs.manifests).unwrap();
+        std::fs::write(
+            dirs.manifests.join("edgesync_default_taken.json"),
+            "someone else's",
+        )
+        .unwrap();
+        let _edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        let file = write(
+            dir.path(),
+            "a.yaml",
+            &edgenode(
+                "default",
+                "edge01",
+                &[("taken", "nginx"), ("free", "nginx")],
+            ),
+        );
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        let node = wait_for("degraded status at the head", SOON, || {
+            let node = head
+                .daemon
+                .json(&["get", "edgenodes", "edge01", "-o", "json"]);
+            (node["status"]["phase"] == "Degraded").then_some(node)
+        })
+        .await;
+        let pods = node["status"]["pods"].as_array().unwrap();
+        let taken = pods.iter().find(|p| p["name"] == "taken").unwrap();
+        assert_eq!(taken["state"], "Refused");
+        assert!(
+            taken["reason"]
+                .as_str()
+                .unwrap()
+                .contains("not written by edgesync")
+        );
+        assert_eq!(node["status"]["podsReady"], "1/2");
+        assert_eq!(
+            std::fs::read_to_string(dirs.manifests.join("edgesync_default_taken.json")).unwrap(),
+            "someone else's"
+        );
+
+        let privileged = edgenode("ops", "edge01", &[("agent", "agent:1")])
+            .replace("      spec:\n", "      spec:\n        hostNetwork: true\n");
+        let file = write(dir.path(), "ops.yaml", &privileged);
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        let agent = wait_for("privileged pod allowed by head policy", SOON, || {
+            dirs.manifest("ops", "agent")
+        })
+        .await;
+        assert_eq!(agent["spec"]["hostNetwork"], true);
     })
     .await;
 }

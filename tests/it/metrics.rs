@@ -2,7 +2,6 @@
 //! a sync.
 
 use crate::harness::*;
-use crate::{SOON, within};
 use rustls_pki_types::pem::PemObject;
 
 async fn from_socket(daemon: &Daemon) -> String {

@@ -1,6 +1,6 @@
 //! In-process head and edge on loopback QUIC with SQLite on disk: what crosses the wire.
 
-use crate::harness::{edgenode, wait_for};
+use crate::harness::{edgenode, wait_for, within};
 use edgesync::config::{EdgeConfig, HeadConfig};
 use edgesync::edge::Edge;
 use edgesync::head::Head;
@@ -23,7 +23,7 @@ async fn doc_image(node: &Node, key: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
-    crate::within(90, async {
+    within(90, async {
         let dir = tempfile::tempdir().unwrap();
         let head = Head::start(HeadConfig::for_test(&dir.path().join("head"))).await.unwrap();
         let token = std::fs::read_to_string(dir.path().join("head/state/join-token")).unwrap();

@@ -4,7 +4,6 @@
 
 use crate::harness::*;
 use crate::kube_api::KubeApi;
-use crate::{SOON, within};
 use reqwest::StatusCode;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};

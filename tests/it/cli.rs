@@ -1,0 +1,106 @@
+//! What the CLI shows a person: `status`, `get` (JSON, YAML, table) and `crd` on head and
+//! edge, and `dev` mode showing a manifest appear and change.
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_get_and_crd_show_what_a_person_needs() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        let out = cli_stdin(
+            &[
+                "apply",
+                "-f",
+                "-",
+                "--socket",
+                head.daemon.socket.to_str().unwrap(),
+            ],
+            &example("nginx"),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let node = wait_for("Running at the head", SOON, || {
+            let node = head
+                .daemon
+                .json(&["get", "edgenodes", "edge01", "-o", "json"]);
+            (node["status"]["phase"] == "Running").then_some(node)
+        })
+        .await;
+        assert_eq!(node["apiVersion"], "edgesync.io/v1alpha1");
+        assert_eq!(node["kind"], "EdgeNode");
+        assert_eq!(node["metadata"]["namespace"], "default");
+        assert_eq!(node["spec"]["pods"][0]["metadata"]["name"], "nginx");
+        assert_eq!(node["status"]["online"], true);
+        assert!(node["status"]["lastSyncedAt"].is_string());
+        let types: Vec<_> = node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].clone())
+            .collect();
+        assert_eq!(types, ["Synced", "Online", "Valid"]);
+
+        let status = head.daemon.json(&["status", "-o", "json"]);
+        let peer = &status["peers"][0];
+        assert_eq!(
+            (
+                peer["name"].as_str(),
+                peer["role"].as_str(),
+                peer["connected"].as_bool()
+            ),
+            (Some("edge01"), Some("edge"), Some(true))
+        );
+        assert_eq!(status["documents"][0]["key"], "default/edge01");
+        let text = ok(edge.cli(&["status"]));
+        assert!(
+            text.contains("Peers:") && text.contains("head-1") && text.contains("connected"),
+            "{text}"
+        );
+        assert!(text.contains("edgesync_default_nginx.json"), "{text}");
+        let yaml = ok(head
+            .daemon
+            .cli(&["get", "edgenodes", "edge01", "-o", "yaml"]));
+        assert!(yaml.contains("kind: EdgeNode"), "{yaml}");
+
+        let crd = ok(cli(&["crd"]));
+        assert_eq!(crd, include_str!("../../deploy/crd.yaml"));
+
+        edge.stop().await;
+        let node = wait_for("Offline at the head", SOON, || {
+            let node = head
+                .daemon
+                .json(&["get", "edgenodes", "edge01", "-o", "json"]);
+            (node["status"]["phase"] == "Offline").then_some(node)
+        })
+        .await;
+        assert_eq!(node["status"]["online"], false);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_shows_the_manifest_appear_and_change() {
+    within(60, async {
+        let out = tokio::task::spawn_blocking(|| cli(&["dev", "--once"]))
+            .await
+            .unwrap();
+        let text = ok(out);
+        assert!(
+            text.contains("--- new:") && text.contains("edgesync_default_nginx.json"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--- changed:") && text.contains("\"image\": \"nginx:1.27\""),
+            "{text}"
+        );
+    })
+    .await;
+}
