@@ -26,10 +26,10 @@ pub struct ConfigError {
     pub message: String,
 }
 
-fn config_err(source_name: impl Into<String>, message: impl Into<String>) -> ConfigError {
+fn config_err(source_name: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {
     ConfigError {
         source_name: source_name.into(),
-        message: message.into(),
+        message: message.to_string(),
     }
 }
 

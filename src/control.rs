@@ -347,8 +347,11 @@ fn head_edges(ctx: &Ctx) -> Result<&Edges, ApiError> {
     })
 }
 
-fn internal(e: String) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e}))
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        json!({"error": e.to_string()}),
+    )
 }
 
 async fn tokens(State(ctx): State<Ctx>) -> ApiResult {

@@ -85,11 +85,10 @@ impl Edge {
         let state = config.state_dir.clone();
         let metrics_node = node.clone();
         let client: link::TlsSource = Arc::new(move || {
-            let (cert, ca) = tls::load_node_cert(&state)
-                .map_err(|e| e.to_string())?
-                .ok_or("the node certificate is gone from the state dir")?;
+            let (cert, ca) = tls::load_node_cert(&state)?
+                .ok_or_else(|| link::LinkError::NoCertificate { dir: state.clone() })?;
             metrics_node.metrics().cert_expires("node", &cert.chain[0]);
-            tls::client_config(&ca, &cert).map_err(|e| e.to_string())
+            Ok(tls::client_config(&ca, &cert)?)
         });
         tasks.spawn(link::dial(node.clone(), targets, client, tasks.token()));
         tasks.spawn(join::renew_loop(config.clone(), tasks.token()));

@@ -18,14 +18,14 @@ use crate::config::HeadConfig;
 use crate::control;
 use crate::daemon::{DaemonError, Tasks, io_err};
 use crate::fsutil;
-use crate::input::{self, Rules};
+use crate::input::{self, NameError, Rules};
 use crate::link::{self, Gate, JoinHandler};
 use crate::node::Node;
 use crate::store::{JoinedNode, Store};
 use crate::sync::wire::Frame;
-use crate::transport::tls::{self, Ca, JoinToken, Role};
+use crate::transport::tls::{self, Ca, JoinToken, Role, TlsError};
 use crate::transport::{self, TransportError};
-use edges::{Edges, Expect};
+use edges::{Edges, EdgesError, Expect};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +34,43 @@ use tracing::{info, warn};
 
 /// Lifetime of the join token written at first start and the default of `token create`.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why the head refuses a join or a certificate renewal; the text is sent to the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    /// A renewal without the edge's current, valid certificate.
+    #[error("renewal needs the edge's current, valid certificate")]
+    RenewalUncertified,
+    /// The first frame of a certificate request is not a join request.
+    #[error("not a join request")]
+    NotAJoinRequest,
+    /// The join token is unknown, its secret wrong, or it expired.
+    #[error(
+        "join token is invalid or expired; create one on the head with `edgesync token create`"
+    )]
+    BadToken {
+        /// The token's id (its public part).
+        token_id: String,
+    },
+    /// The node name the edge asks for is not a valid one.
+    #[error("node name: {0}")]
+    NodeName(#[source] NameError),
+    /// The certificate signing request was refused.
+    #[error("certificate request: {source}")]
+    Csr {
+        /// The edge's name.
+        node: String,
+        /// Why.
+        #[source]
+        source: TlsError,
+    },
+    /// The certificate just issued could not be read back.
+    #[error(transparent)]
+    Issued(TlsError),
+    /// The edge may not join or renew under its name, or could not be recorded.
+    #[error(transparent)]
+    Edges(#[from] EdgesError),
+}
 
 /// A running head.
 pub struct Head {
@@ -98,7 +135,7 @@ impl Head {
                 let edges = edges.clone();
                 Arc::new(move |peer| {
                     let edges = edges.clone();
-                    Box::pin(async move { edges.admit(&peer).await })
+                    Box::pin(async move { Ok(edges.admit(&peer).await?) })
                 })
             },
         };
@@ -336,12 +373,10 @@ fn join_handler(edges: Edges, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
                             let expect = Expect::Key(peer.key.clone());
                             issue(&edges, &ca, &peer.name, &csr, lifetime, expect).await
                         }
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.into()),
                     }
                 }
-                (Frame::Renew { .. }, _) => {
-                    Err("renewal needs the edge's current, valid certificate".to_string())
-                }
+                (Frame::Renew { .. }, _) => Err(HeadError::RenewalUncertified),
                 (request, _) => join(&edges, &ca, request, lifetime).await,
             };
             match (outcome, renewal) {
@@ -353,9 +388,11 @@ fn join_handler(edges: Edges, ca: Arc<Ca>, lifetime: Duration) -> JoinHandler {
                     info!(node = %node, peer = %remote, "edge certificate renewed");
                     frame
                 }
-                (Err(message), _) => {
-                    warn!(peer = %remote, reason = %message, "certificate request refused");
-                    Frame::Error { message }
+                (Err(refused), _) => {
+                    warn!(peer = %remote, reason = %refused, "certificate request refused");
+                    Frame::Error {
+                        message: refused.to_string(),
+                    }
                 }
             }
         })
@@ -368,7 +405,7 @@ async fn join(
     ca: &Ca,
     request: Frame,
     lifetime: Duration,
-) -> Result<(Frame, String), String> {
+) -> Result<(Frame, String), HeadError> {
     let Frame::JoinRequest {
         node,
         token_id,
@@ -377,10 +414,8 @@ async fn join(
         ..
     } = request
     else {
-        return Err("not a join request".into());
+        return Err(HeadError::NotAJoinRequest);
     };
-    const BAD_TOKEN: &str =
-        "join token is invalid or expired; create one on the head with `edgesync token create`";
     let stored = edges.token(&token_id).await?;
     let presented = JoinToken {
         ca_hash: String::new(),
@@ -395,9 +430,9 @@ async fn join(
         )) && expires > unix_now()
     });
     if !valid {
-        return Err(BAD_TOKEN.into());
+        return Err(HeadError::BadToken { token_id });
     }
-    input::check_subdomain(&node).map_err(|r| format!("node name: {r}"))?;
+    input::check_subdomain(&node).map_err(HeadError::NodeName)?;
     // Refused before signing when the name is taken; checked again as the node is recorded.
     edges::check_expected(
         &node,
@@ -416,12 +451,15 @@ async fn issue(
     csr: &[u8],
     lifetime: Duration,
     expect: Expect,
-) -> Result<(Frame, String), String> {
+) -> Result<(Frame, String), HeadError> {
     let cert_pem = ca
         .sign_edge(csr, node, lifetime)
-        .map_err(|e| format!("certificate request: {e}"))?;
-    let cert = tls::pem_to_der(&cert_pem).map_err(|e| e.to_string())?;
-    let identity = tls::identity(&cert).map_err(|e| e.to_string())?;
+        .map_err(|source| HeadError::Csr {
+            node: node.to_string(),
+            source,
+        })?;
+    let cert = tls::pem_to_der(&cert_pem).map_err(HeadError::Issued)?;
+    let identity = tls::identity(&cert).map_err(HeadError::Issued)?;
     let not_after = tls::not_after(&cert).map_or(0, |t| t.unix_timestamp());
     let joined = JoinedNode {
         name: node.to_string(),

@@ -178,14 +178,15 @@ pub fn parse_edgenode(
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .ok_or_else(|| invalid(label, "metadata.name", "missing"))?;
-    check_subdomain(name).map_err(|r| invalid(label, "metadata.name", &r))?;
+    check_subdomain(name).map_err(|r| invalid(label, "metadata.name", &r.to_string()))?;
     let namespace = match metadata.and_then(|m| m.get("namespace")) {
         None | Some(Value::Null) => rules.default_namespace.as_str(),
         Some(Value::String(ns)) => ns.as_str(),
         Some(_) => return Err(invalid(label, "metadata.namespace", "must be a string")),
     };
     let object_name = format!("EdgeNode {namespace}/{name}");
-    check_label(namespace).map_err(|r| invalid(&object_name, "metadata.namespace", &r))?;
+    check_label(namespace)
+        .map_err(|r| invalid(&object_name, "metadata.namespace", &r.to_string()))?;
     let labels = match metadata.and_then(|m| m.get("labels")) {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
@@ -242,7 +243,7 @@ pub fn parse_edgenode(
         let (pod_name, pod) = normalise_pod(pod, name, privileged)
             .and_then(|(pod_name, pod)| {
                 check_manifest_name(namespace, &pod_name)
-                    .map_err(|r| (".metadata.name".to_string(), r))?;
+                    .map_err(|r| (".metadata.name".to_string(), r.to_string()))?;
                 Ok((pod_name, pod))
             })
             .map_err(|(field, reason)| invalid(&object_name, &format!("{path}{field}"), &reason))?;
@@ -307,7 +308,7 @@ pub fn normalise_pod(
         .name
         .clone()
         .ok_or_else(|| err(".metadata.name", "missing"))?;
-    check_subdomain(&name).map_err(|r| err(".metadata.name", &r))?;
+    check_subdomain(&name).map_err(|r| err(".metadata.name", &r.to_string()))?;
     if name.len() + 1 + node.len() > 253 {
         return Err(err(
             ".metadata.name",
@@ -335,7 +336,7 @@ pub fn normalise_pod(
                 .map(|(i, c)| (format!(".spec.containers[{i}]"), c)),
         );
     for (path, container) in all {
-        check_label(&container.name).map_err(|r| err(&format!("{path}.name"), &r))?;
+        check_label(&container.name).map_err(|r| err(&format!("{path}.name"), &r.to_string()))?;
         if !seen.insert(container.name.as_str()) {
             return Err(err(
                 &format!("{path}.name"),
@@ -379,9 +380,49 @@ pub fn unknown_field(input: &Value, normal: &Value, path: &str) -> Option<String
     }
 }
 
+/// A name Kubernetes would refuse: not a DNS-1123 label or subdomain, or a pod name whose
+/// manifest file name on the edge would be too long. Shows the name clipped ([`show`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Not a DNS-1123 label (namespaces, container names, usernames).
+    #[error(
+        "{} is not a valid DNS-1123 label (lowercase letters, digits and '-', at most 63)",
+        show(.name)
+    )]
+    Label {
+        /// The name refused.
+        name: String,
+    },
+    /// Not a DNS-1123 subdomain (node, pod and host names).
+    #[error(
+        "{} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)",
+        show(.name)
+    )]
+    Subdomain {
+        /// The name refused.
+        name: String,
+    },
+    /// The pod's static pod manifest would need a file name longer than a file system holds.
+    #[error(
+        "too long: its manifest file name on the edge would be {file_bytes} bytes, more than the \
+         {MAX_FILE_NAME} a file name may have; in namespace {namespace:?} a pod name may have at \
+         most {fits} characters"
+    )]
+    ManifestFileName {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        pod: String,
+        /// Length of the file name it would have.
+        file_bytes: usize,
+        /// The longest pod name that fits in this namespace.
+        fits: usize,
+    },
+}
+
 /// Checks a DNS-1123 label (namespaces, container names): lowercase alphanumerics and `-`,
 /// starting and ending alphanumeric, at most 63 characters.
-pub fn check_label(value: &str) -> Result<(), String> {
+pub fn check_label(value: &str) -> Result<(), NameError> {
     let ok = !value.is_empty()
         && value.len() <= 63
         && value
@@ -389,28 +430,24 @@ pub fn check_label(value: &str) -> Result<(), String> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !value.starts_with('-')
         && !value.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} is not a valid DNS-1123 label (lowercase letters, digits and '-', at most 63)",
-            show(value)
-        ))
+    match ok {
+        true => Ok(()),
+        false => Err(NameError::Label {
+            name: value.to_string(),
+        }),
     }
 }
 
 /// Checks a DNS-1123 subdomain (node and pod names): dot-separated labels, at most 253
 /// characters. Such a name can never contain `/` or `..`.
-pub fn check_subdomain(value: &str) -> Result<(), String> {
+pub fn check_subdomain(value: &str) -> Result<(), NameError> {
     let ok =
         !value.is_empty() && value.len() <= 253 && value.split('.').all(|l| check_label(l).is_ok());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)",
-            show(value)
-        ))
+    match ok {
+        true => Ok(()),
+        false => Err(NameError::Subdomain {
+            name: value.to_string(),
+        }),
     }
 }
 
@@ -660,5 +697,26 @@ mod tests {
         let web = &nodes[0].pods["web"];
         assert!(web["metadata"].get("namespace").is_none());
         assert!(web.get("status").is_none());
+    }
+
+    #[test]
+    fn refused_names_read_as_users_know_them() {
+        assert_eq!(
+            check_label("Edge").unwrap_err().to_string(),
+            "\"Edge\" is not a valid DNS-1123 label (lowercase letters, digits and '-', at most 63)"
+        );
+        assert_eq!(
+            check_subdomain("a..b").unwrap_err().to_string(),
+            "\"a..b\" is not a valid DNS-1123 name (lowercase letters, digits, '-' and '.', at most 253)"
+        );
+        let long = "p".repeat(250);
+        assert_eq!(
+            check_manifest_name("default", &long)
+                .unwrap_err()
+                .to_string(),
+            "too long: its manifest file name on the edge would be 272 bytes, more than the 255 a \
+             file name may have; in namespace \"default\" a pod name may have at most 233 characters"
+        );
+        assert!(check_manifest_name("default", &"p".repeat(233)).is_ok());
     }
 }

@@ -6,13 +6,14 @@ pub mod admission;
 use crate::metrics::ReasonLabels;
 use crate::node::Node;
 use crate::node::PeerAddress;
-use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
+use crate::sync::wire::{Frame, MAX_FIRST_FRAME, WireError, read_frame, write_frame};
 use crate::sync::{log_end, run_session};
-use crate::transport::tls::Identity;
+use crate::transport::tls::{Identity, TlsError};
 use crate::transport::{self, Backoff};
 use admission::{Admission, Decision, Ticket};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +28,13 @@ pub type JoinHandler = Arc<
         + Sync,
 >;
 
+/// Why a gate does not admit a peer; its text is sent to the peer.
+pub type Refusal = Box<dyn std::error::Error + Send + Sync>;
+
 /// Decides whether a certified peer may hold a sync session here.
-pub type Admit =
-    Arc<dyn Fn(Identity) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type Admit = Arc<
+    dyn Fn(Identity) -> Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send>> + Send + Sync,
+>;
 
 /// What a head adds to the accept loop: joins and renewals, and who may hold a session.
 #[derive(Clone)]
@@ -41,7 +46,55 @@ pub struct Gate {
 }
 
 /// Builds the client TLS configuration for each dial, so a renewed certificate is picked up.
-pub type TlsSource = Arc<dyn Fn() -> Result<rustls::ClientConfig, String> + Send + Sync>;
+pub type TlsSource = Arc<dyn Fn() -> Result<rustls::ClientConfig, LinkError> + Send + Sync>;
+
+/// Why a connection was refused or a link could not be set up. The refusals of a first frame
+/// are also sent to the peer, as this text.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The node's certificate is not in its state dir (any more).
+    #[error("the node certificate is gone from the state dir")]
+    NoCertificate {
+        /// The state dir.
+        dir: PathBuf,
+    },
+    /// The node's certificate could not be read or used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The connection failed before its first stream was open.
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    /// The first frame could not be read or written.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The gate did not admit the peer.
+    #[error("{reason}")]
+    NotAdmitted {
+        /// The peer's name.
+        peer: String,
+        /// Why not.
+        #[source]
+        reason: Refusal,
+    },
+    /// A peer without a certificate asked for a sync session.
+    #[error("a client certificate is required; join with a token first")]
+    Uncertified {
+        /// Where it connected from.
+        remote: SocketAddr,
+    },
+    /// A certificate request to a node that is not a head.
+    #[error("this node does not issue certificates; join through a head")]
+    NotIssuing {
+        /// Where it connected from.
+        remote: SocketAddr,
+    },
+    /// A first frame that opens neither a session nor a certificate request.
+    #[error("unexpected first frame")]
+    UnexpectedFrame {
+        /// Where it connected from.
+        remote: SocketAddr,
+    },
+}
 
 /// How long shutdown waits for close frames to reach peers.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -154,7 +207,7 @@ async fn handle_incoming(
     gate: Option<Gate>,
     ticket: Ticket,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let mut ticket = Some(ticket);
     let handshake = std::future::IntoFuture::into_future(incoming);
     let Some(conn) = unproven(&node, ticket.as_ref(), HANDSHAKE_TIMEOUT, handshake).await else {
@@ -175,11 +228,9 @@ async fn handle_incoming(
         ticket = None;
     }
     let first = async {
-        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let frame = read_frame(&mut recv, MAX_FIRST_FRAME)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>((send, recv, frame))
+        let (send, mut recv) = conn.accept_bi().await?;
+        let frame = read_frame(&mut recv, MAX_FIRST_FRAME).await?;
+        Ok::<_, LinkError>((send, recv, frame))
     };
     let Some(first) = unproven(&node, ticket.as_ref(), FIRST_FRAME_TIMEOUT, first).await else {
         conn.close(1u32.into(), b"no request in time");
@@ -193,16 +244,14 @@ async fn handle_incoming(
                 Some(gate) => (gate.admit)(peer.clone()).await,
                 None => Ok(()),
             };
-            if let Err(message) = admitted {
-                answer(
-                    &conn,
-                    send,
-                    Frame::Error {
-                        message: message.clone(),
-                    },
-                )
-                .await;
-                return Err(message);
+            if let Err(reason) = admitted {
+                let refused = LinkError::NotAdmitted {
+                    peer: peer.name.clone(),
+                    reason,
+                };
+                let message = refused.to_string();
+                answer(&conn, send, Frame::Error { message }).await;
+                return Err(refused);
             }
             info!(peer = %peer.name, role = %peer.role, "peer connected");
             // Where the peer is reachable: what it advertises, else what we see.
@@ -224,24 +273,16 @@ async fn handle_incoming(
             Ok(())
         }
         (frame, identity) => {
-            let message = match (&frame, &identity) {
-                (Some(Frame::Hello { .. }), None) => {
-                    "a client certificate is required; join with a token first"
-                }
+            let refused = match (&frame, &identity) {
+                (Some(Frame::Hello { .. }), None) => LinkError::Uncertified { remote },
                 (Some(Frame::JoinRequest { .. } | Frame::Renew { .. }), _) => {
-                    "this node does not issue certificates; join through a head"
+                    LinkError::NotIssuing { remote }
                 }
-                _ => "unexpected first frame",
+                _ => LinkError::UnexpectedFrame { remote },
             };
-            answer(
-                &conn,
-                send,
-                Frame::Error {
-                    message: message.into(),
-                },
-            )
-            .await;
-            Err(message.to_string())
+            let message = refused.to_string();
+            answer(&conn, send, Frame::Error { message }).await;
+            Err(refused)
         }
     }
 }
@@ -338,7 +379,7 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
         return;
     };
     let opened = async {
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let (mut send, recv) = conn.open_bi().await?;
         write_frame(
             &mut send,
             &Frame::Hello {
@@ -346,9 +387,8 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
                 advertise: node.advertise().map(|a| a.to_string()).unwrap_or_default(),
             },
         )
-        .await
-        .map_err(|e| e.to_string())?;
-        Ok::<_, String>((send, recv))
+        .await?;
+        Ok::<_, LinkError>((send, recv))
     };
     match opened.await {
         Ok((send, recv)) => {

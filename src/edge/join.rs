@@ -5,11 +5,11 @@
 use crate::config::EdgeConfig;
 use crate::daemon::{DaemonError, io_err};
 use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
-use crate::transport::tls::{self, JoinToken, KeyedCert};
+use crate::transport::tls::{self, JoinToken, KeyedCert, TlsError};
 use crate::transport::{self, Backoff};
 use sha2::Digest;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +65,48 @@ fn configured_token(config: &EdgeConfig) -> Result<Option<JoinToken>, DaemonErro
         (None, None) => return Ok(None),
     };
     Ok(Some(JoinToken::parse(&text)?))
+}
+
+/// Why the certificate could not be renewed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// There is no certificate in the state dir.
+    #[error("no certificate to renew")]
+    NoCertificate {
+        /// The state dir.
+        dir: PathBuf,
+    },
+    /// The certificate, its key or the CA could not be read, used or stored.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// No `--head` resolved to an address.
+    #[error("no head address resolved")]
+    NoHead,
+    /// The head answered no.
+    #[error("{head}: {reason}")]
+    Refused {
+        /// The head's address.
+        head: SocketAddr,
+        /// The head's reason.
+        reason: String,
+    },
+    /// The head did not answer, or not with a certificate.
+    #[error("{head}: {reason}")]
+    Unreachable {
+        /// The head's address.
+        head: SocketAddr,
+        /// What happened.
+        reason: String,
+    },
+    /// The head issued a certificate for another node name or role.
+    #[error("{head} issued a certificate for another identity")]
+    OtherIdentity {
+        /// The head's address.
+        head: SocketAddr,
+    },
+    /// The certificate had expired and joining again with the token failed.
+    #[error(transparent)]
+    Rejoin(#[from] DaemonError),
 }
 
 /// Why a certificate request did not succeed.
@@ -199,7 +241,7 @@ pub async fn renew_loop(config: EdgeConfig, shutdown: CancellationToken) {
                         )),
                         Err(e) => Err(e),
                     }
-                    .map_err(|e| e.to_string())
+                    .map_err(JoinError::Rejoin)
                 } else {
                     renew(dir, &config.heads).await
                 };
@@ -223,33 +265,31 @@ pub async fn renew_loop(config: EdgeConfig, shutdown: CancellationToken) {
     }
 }
 
-async fn renew(dir: &Path, heads: &[String]) -> Result<(), String> {
-    let (cert, ca) = tls::load_node_cert(dir)
-        .map_err(|e| e.to_string())?
-        .ok_or("no certificate to renew")?;
-    let name = tls::identity(&cert.chain[0])
-        .map_err(|e| e.to_string())?
-        .name;
+/// Renews the certificate in `dir` from whichever of `heads` answers first; else the last
+/// head's failure.
+async fn renew(dir: &Path, heads: &[String]) -> Result<(), JoinError> {
+    let (cert, ca) = tls::load_node_cert(dir)?.ok_or_else(|| JoinError::NoCertificate {
+        dir: dir.to_path_buf(),
+    })?;
+    let name = tls::identity(&cert.chain[0])?.name;
     let ca_hash = hex::encode(sha2::Sha256::digest(&ca));
-    let (key, csr) = tls::new_request(&name).map_err(|e| e.to_string())?;
+    let (key, csr) = tls::new_request(&name)?;
     let request = Frame::Renew { csr };
-    let mut last = "no head address resolved".to_string();
-    for addr in transport::resolve(heads).await {
-        let client = tls::client_config(&ca, &cert).map_err(|e| e.to_string())?;
-        match request_cert(addr, client, &request, &ca_hash).await {
+    let mut last = JoinError::NoHead;
+    for head in transport::resolve(heads).await {
+        let client = tls::client_config(&ca, &cert)?;
+        last = match request_cert(head, client, &request, &ca_hash).await {
             Ok((cert_pem, ca_pem)) => {
-                let issued = tls::pem_to_der(&cert_pem).map_err(|e| e.to_string())?;
+                let issued = tls::pem_to_der(&cert_pem)?;
                 let same = tls::identity(&issued).map(|id| id.name == name);
                 if same.is_ok_and(|same| same) {
-                    return tls::save_node_cert(dir, &key, &cert_pem, &ca_pem)
-                        .map_err(|e| e.to_string());
+                    return Ok(tls::save_node_cert(dir, &key, &cert_pem, &ca_pem)?);
                 }
-                last = format!("{addr} issued a certificate for another identity");
+                JoinError::OtherIdentity { head }
             }
-            Err(Attempt::Refused(reason) | Attempt::Unreachable(reason)) => {
-                last = format!("{addr}: {reason}")
-            }
-        }
+            Err(Attempt::Refused(reason)) => JoinError::Refused { head, reason },
+            Err(Attempt::Unreachable(reason)) => JoinError::Unreachable { head, reason },
+        };
     }
     Err(last)
 }

@@ -81,18 +81,35 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Why a file name cannot be a manifest's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// It could leave the manifest directory, or name a hidden file.
+    #[error("{file:?} is not a plain file name")]
+    NotPlain {
+        /// The file name.
+        file: String,
+    },
+    /// No file system would hold a name that long.
+    #[error(
+        "its manifest file name would be {} bytes, more than the {MAX_FILE_NAME} a file name may have; use a shorter pod name",
+        .file.len()
+    )]
+    TooLong {
+        /// The file name.
+        file: String,
+    },
+}
+
 /// Why `file` cannot be a manifest's name: it could leave the directory, or no file system
 /// would hold a name that long.
-pub fn check_file_name(file: &str) -> Result<(), String> {
+pub fn check_file_name(file: &str) -> Result<(), ManifestError> {
     let plain = !file.is_empty() && !file.starts_with('.') && !file.contains(['/', '\\', '\0']);
     if !plain {
-        return Err(format!("{file:?} is not a plain file name"));
+        return Err(ManifestError::NotPlain { file: file.into() });
     }
     if file.len() > MAX_FILE_NAME {
-        return Err(format!(
-            "its manifest file name would be {} bytes, more than the {MAX_FILE_NAME} a file name may have; use a shorter pod name",
-            file.len()
-        ));
+        return Err(ManifestError::TooLong { file: file.into() });
     }
     Ok(())
 }
@@ -153,8 +170,8 @@ pub fn plan(
         owned.iter().map(|o| (o.file.as_str(), o)).collect();
     let mut plan = Plan::default();
     for want in desired {
-        if let Err(reason) = check_file_name(&want.file) {
-            plan.blocked.push((want.clone(), reason));
+        if let Err(e) = check_file_name(&want.file) {
+            plan.blocked.push((want.clone(), e.to_string()));
             continue;
         }
         let ours = owned_by_file.contains_key(want.file.as_str());
@@ -353,5 +370,18 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", "..", &long] {
             assert_eq!(path_in(dir, bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn refused_file_names_say_why() {
+        assert_eq!(
+            check_file_name("../x").unwrap_err().to_string(),
+            "\"../x\" is not a plain file name"
+        );
+        assert_eq!(
+            check_file_name(&"a".repeat(300)).unwrap_err().to_string(),
+            "its manifest file name would be 300 bytes, more than the 255 a file name may have; \
+             use a shorter pod name"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! edgesync makes to the API server.
 
 use crate::daemon::DaemonError;
-use crate::transport::tls::Ca;
+use crate::transport::tls::{Ca, TlsError};
 use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -56,6 +56,23 @@ pub enum ClusterError {
         /// Why.
         reason: String,
     },
+    /// The shared CA Secret lacks a key of its data.
+    #[error("CA Secret {namespace}/{CA_SECRET}: has no {field}")]
+    CaSecretField {
+        /// Its namespace.
+        namespace: String,
+        /// The missing key (`tls.crt`, `tls.key`), or one that is not UTF-8.
+        field: &'static str,
+    },
+    /// The shared CA Secret holds no usable CA certificate and key.
+    #[error("CA Secret {namespace}/{CA_SECRET}: {source}")]
+    CaSecretUnusable {
+        /// Its namespace.
+        namespace: String,
+        /// Why the certificate or key was refused.
+        #[source]
+        source: TlsError,
+    },
 }
 
 /// Secret (type kubernetes.io/tls) holding the CA that every head of a cluster uses.
@@ -85,7 +102,7 @@ pub async fn shared_ca(
     let local = Ca::load(dir)?;
     let found = secrets.get_opt(CA_SECRET).await.map_err(api_err)?;
     let ca = match found {
-        Some(secret) => ca_of(&secret).map_err(err)?,
+        Some(secret) => ca_of(&secret, namespace)?,
         None => {
             let ca = match &local {
                 Some(ca) => Ca::from_pem(&ca.cert_pem, ca.key_pem())?,
@@ -119,7 +136,7 @@ pub async fn shared_ca(
                 // Another head was first: use its CA.
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     let secret = secrets.get(CA_SECRET).await.map_err(api_err)?;
-                    ca_of(&secret).map_err(err)?
+                    ca_of(&secret, namespace)?
                 }
                 Err(e) => return Err(api_err(e).into()),
             }
@@ -139,16 +156,25 @@ pub async fn shared_ca(
     }
 }
 
-fn ca_of(secret: &Secret) -> Result<Ca, String> {
-    let field = |name: &str| {
+/// The CA that Secret `namespace/edgesync-ca` holds.
+fn ca_of(secret: &Secret, namespace: &str) -> Result<Ca, ClusterError> {
+    let field = |field: &'static str| {
         secret
             .data
             .as_ref()
-            .and_then(|d| d.get(name))
+            .and_then(|d| d.get(field))
             .and_then(|v| String::from_utf8(v.0.clone()).ok())
-            .ok_or_else(|| format!("has no {name}"))
+            .ok_or_else(|| ClusterError::CaSecretField {
+                namespace: namespace.to_string(),
+                field,
+            })
     };
-    Ca::from_pem(&field("tls.crt")?, &field("tls.key")?).map_err(|e| e.to_string())
+    Ca::from_pem(&field("tls.crt")?, &field("tls.key")?).map_err(|source| {
+        ClusterError::CaSecretUnusable {
+            namespace: namespace.to_string(),
+            source,
+        }
+    })
 }
 
 /// The cluster the head works with.

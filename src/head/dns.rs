@@ -109,7 +109,7 @@ impl DnsSettings {
             .trim_end_matches('.')
             .to_lowercase();
         if !zone.is_empty() {
-            crate::input::check_subdomain(&zone).map_err(|r| err("zone", &r))?;
+            crate::input::check_subdomain(&zone).map_err(|r| err("zone", &r.to_string()))?;
         }
         let provider = match self.provider.as_deref().unwrap_or("none") {
             "none" => ProviderConfig::None,

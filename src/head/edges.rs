@@ -12,7 +12,7 @@ use crate::head::cluster::{patch_params, post_params};
 use crate::head::lease::HeadLeases;
 use crate::node::{Node, NodeError};
 use crate::registry::{self, Registration, Registry};
-use crate::store::JoinedNode;
+use crate::store::{JoinedNode, StoreError};
 use crate::transport::tls::Identity;
 use futures_util::StreamExt;
 use k8s_openapi::ByteString;
@@ -66,6 +66,106 @@ pub struct TokenInfo {
     pub created_at: i64,
 }
 
+/// Why an edge may not hold a session, join or renew, or why the book of edges and join tokens
+/// could not be read or written. The texts go to the edge (refusing its request) and the CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgesError {
+    /// The edge's key is not the one last issued to its name: a newer join replaced it.
+    #[error(
+        "the certificate of {edge} was replaced by a newer join; this one is no longer accepted"
+    )]
+    Replaced {
+        /// The edge's name.
+        edge: String,
+    },
+    /// Nothing is registered under the edge's name.
+    #[error(
+        "{edge} is not a registered node (removed with `edgesync node remove`?); join again with a token"
+    )]
+    NotRegistered {
+        /// The edge's name.
+        edge: String,
+    },
+    /// A join with a token under a name whose certificate is still valid.
+    #[error(
+        "node {edge:?} has already joined and its certificate is valid; choose another \
+         --node-name, or run `edgesync node remove {edge}` on the head to let it join again"
+    )]
+    AlreadyJoined {
+        /// The edge's name.
+        edge: String,
+    },
+    /// A renewal with a key no longer registered under the name.
+    #[error("{edge} is not registered with this key any more; join again with a token")]
+    KeyNotRegistered {
+        /// The edge's name.
+        edge: String,
+    },
+    /// The edge's Edge resource is being deleted.
+    #[error("node {edge:?} is being removed; join again in a moment")]
+    BeingRemoved {
+        /// The edge's name.
+        edge: String,
+    },
+    /// Another head changed the edge's Edge resource between read and write.
+    #[error("node {edge:?} joined or was removed meanwhile through another head; try again")]
+    Conflict {
+        /// The edge's name.
+        edge: String,
+    },
+    /// The edge's new certificate could not be recorded in its Edge resource.
+    #[error("cannot record the node in the cluster: {}", api_message(.source))]
+    NotRecorded {
+        /// The edge's name.
+        edge: String,
+        /// The API's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The Kubernetes API refused or failed a read or write of an edge's Edge resource.
+    #[error("{}", api_message(.source))]
+    EdgeApi {
+        /// The edge's name.
+        edge: String,
+        /// The API's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The Kubernetes API refused or failed a read or write of join token Secrets.
+    #[error("{}", api_message(.source))]
+    TokenApi {
+        /// The token's id; None when all of them were listed.
+        token: Option<String>,
+        /// The API's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The head's database failed (standalone).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The heads' registry document could not be changed (standalone).
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+impl EdgesError {
+    /// An API error about edge `edge`'s Edge resource.
+    fn edge_api(edge: &str, source: kube::Error) -> EdgesError {
+        EdgesError::EdgeApi {
+            edge: edge.to_string(),
+            source,
+        }
+    }
+
+    /// An API error about join token `token`'s Secret (None: about all of them).
+    fn token_api(token: Option<&str>, source: kube::Error) -> EdgesError {
+        EdgesError::TokenApi {
+            token: token.map(str::to_string),
+            source,
+        }
+    }
+}
+
 /// What a head knows about one joined edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
@@ -113,9 +213,10 @@ fn unix_of(text: &str) -> i64 {
     text.parse::<Timestamp>().map_or(0, |t| t.as_second())
 }
 
-fn api_message(e: kube::Error) -> String {
+/// What the API server said, without the status around it; any other error as it displays.
+fn api_message(e: &kube::Error) -> String {
     match e {
-        kube::Error::Api(s) => s.message,
+        kube::Error::Api(s) => s.message.clone(),
         e => e.to_string(),
     }
 }
@@ -136,17 +237,12 @@ fn registered_of(edge: &Edge) -> Option<Registered> {
 }
 
 /// Whether `peer` may hold a session, given what is registered under its name.
-fn admission(peer: &Identity, registered: Option<&Registered>) -> Result<(), String> {
+fn admission(peer: &Identity, registered: Option<&Registered>) -> Result<(), EdgesError> {
+    let edge = peer.name.clone();
     match registered {
         Some(r) if r.key_sha256 == peer.key => Ok(()),
-        Some(_) => Err(format!(
-            "the certificate of {} was replaced by a newer join; this one is no longer accepted",
-            peer.name
-        )),
-        None => Err(format!(
-            "{} is not a registered node (removed with `edgesync node remove`?); join again with a token",
-            peer.name
-        )),
+        Some(_) => Err(EdgesError::Replaced { edge }),
+        None => Err(EdgesError::NotRegistered { edge }),
     }
 }
 
@@ -272,22 +368,21 @@ impl Edges {
     }
 
     /// What is registered under `name`, read afresh from the cluster (or the database).
-    pub async fn registered(&self, name: &str) -> Result<Option<Registered>, String> {
+    pub async fn registered(&self, name: &str) -> Result<Option<Registered>, EdgesError> {
         match &self.cluster {
             None => {
-                let stored = self
-                    .node
-                    .store()
-                    .node(name.to_string())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let stored = self.node.store().node(name.to_string()).await?;
                 Ok(stored.map(|n| Registered {
                     key_sha256: n.key_sha256,
                     not_after: n.cert_not_after,
                 }))
             }
             Some(c) => {
-                let edge = c.edges.get_opt(name).await.map_err(api_message)?;
+                let edge = c
+                    .edges
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| EdgesError::edge_api(name, e))?;
                 Ok(edge.as_ref().and_then(registered_of))
             }
         }
@@ -307,7 +402,7 @@ impl Edges {
     /// Whether `peer` may hold a sync session: heads always, an edge only with the key last
     /// issued to its name. The cache answers yes; a no is checked with a fresh read, so an
     /// edge that joined through another head a moment ago is let in.
-    pub async fn admit(&self, peer: &Identity) -> Result<(), String> {
+    pub async fn admit(&self, peer: &Identity) -> Result<(), EdgesError> {
         if peer.role != crate::transport::tls::Role::Edge {
             return Ok(());
         }
@@ -322,20 +417,22 @@ impl Edges {
 
     /// Records the certificate just issued to `joined.name`, provided what is registered is
     /// what `expect` says; from then on only its key is let in, on every head.
-    pub async fn register(&self, joined: &JoinedNode, expect: Expect) -> Result<(), String> {
+    pub async fn register(&self, joined: &JoinedNode, expect: Expect) -> Result<(), EdgesError> {
         let Some(c) = &self.cluster else {
             let current = self.registered(&joined.name).await?;
             check_expected(&joined.name, current.as_ref(), &expect)?;
-            return super::roster::register_edge(&self.node, joined.clone())
-                .await
-                .map_err(|e| e.to_string());
+            return Ok(super::roster::register_edge(&self.node, joined.clone()).await?);
         };
         let spec = EdgeSpec {
             public_key_sha256: hex::encode(&joined.key_sha256),
             certificate_not_after: rfc3339(joined.cert_not_after),
         };
         let params = post_params();
-        let existing = c.edges.get_opt(&joined.name).await.map_err(api_message)?;
+        let existing = c
+            .edges
+            .get_opt(&joined.name)
+            .await
+            .map_err(|e| EdgesError::edge_api(&joined.name, e))?;
         check_expected(
             &joined.name,
             existing.as_ref().and_then(registered_of).as_ref(),
@@ -349,10 +446,9 @@ impl Edges {
                 c.edges.replace(&joined.name, &params, &edge).await
             }
             Some(_) => {
-                return Err(format!(
-                    "node {:?} is being removed; join again in a moment",
-                    joined.name
-                ));
+                return Err(EdgesError::BeingRemoved {
+                    edge: joined.name.clone(),
+                });
             }
             None => {
                 let mut edge = Edge::new(&joined.name, spec);
@@ -361,12 +457,14 @@ impl Edges {
                 c.edges.create(&params, &edge).await
             }
         };
-        let edge = written.map_err(|e| match e {
-            e if is_code(&e, 409) => format!(
-                "node {:?} joined or was removed meanwhile through another head; try again",
-                joined.name
-            ),
-            e => format!("cannot record the node in the cluster: {}", api_message(e)),
+        let edge = written.map_err(|source| match is_code(&source, 409) {
+            true => EdgesError::Conflict {
+                edge: joined.name.clone(),
+            },
+            false => EdgesError::NotRecorded {
+                edge: joined.name.clone(),
+                source,
+            },
         })?;
         let (reason, note) = if renewal {
             ("CertificateRenewed", "certificate renewed with a fresh key")
@@ -460,27 +558,22 @@ impl Edges {
                 if let Err(e) = c.secrets.delete(&name, &DeleteParams::default()).await
                     && !is_code(&e, 404)
                 {
-                    warn!(secret = %name, error = %api_message(e), "cannot delete an expired join token");
+                    warn!(secret = %name, error = %api_message(&e), "cannot delete an expired join token");
                 }
             }
         }
     }
 
     /// The secret hash and expiry of join token `id`, if it exists.
-    pub async fn token(&self, id: &str) -> Result<Option<(Vec<u8>, i64)>, String> {
+    pub async fn token(&self, id: &str) -> Result<Option<(Vec<u8>, i64)>, EdgesError> {
         match &self.cluster {
-            None => self
-                .node
-                .store()
-                .token(id.to_string())
-                .await
-                .map_err(|e| e.to_string()),
+            None => Ok(self.node.store().token(id.to_string()).await?),
             Some(c) => {
                 let secret = c
                     .secrets
                     .get_opt(&token_secret_name(id))
                     .await
-                    .map_err(api_message)?;
+                    .map_err(|e| EdgesError::token_api(Some(id), e))?;
                 Ok(secret.as_ref().and_then(token_of))
             }
         }
@@ -488,14 +581,13 @@ impl Edges {
 
     /// Every join token (never its secret): id, expiry and creation (unix seconds), newest
     /// first.
-    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, String> {
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, EdgesError> {
         let mut tokens: Vec<TokenInfo> = match &self.cluster {
             None => self
                 .node
                 .store()
                 .tokens()
-                .await
-                .map_err(|e| e.to_string())?
+                .await?
                 .into_iter()
                 .map(|(id, expires_at, created_at)| TokenInfo {
                     id,
@@ -507,7 +599,7 @@ impl Edges {
                 .secrets
                 .list(&ListParams::default().labels(&format!("{TOKEN_LABEL}=true")))
                 .await
-                .map_err(api_message)?
+                .map_err(|e| EdgesError::token_api(None, e))?
                 .into_iter()
                 .filter_map(|secret| {
                     let id = secret.name_any().strip_prefix(TOKEN_PREFIX)?.to_string();
@@ -530,14 +622,9 @@ impl Edges {
     }
 
     /// Deletes join token `id`, so no edge can join with it any more; whether there was one.
-    pub async fn delete_token(&self, id: &str) -> Result<bool, String> {
+    pub async fn delete_token(&self, id: &str) -> Result<bool, EdgesError> {
         match &self.cluster {
-            None => self
-                .node
-                .store()
-                .delete_token(id.to_string())
-                .await
-                .map_err(|e| e.to_string()),
+            None => Ok(self.node.store().delete_token(id.to_string()).await?),
             Some(c) => {
                 match c
                     .secrets
@@ -546,7 +633,7 @@ impl Edges {
                 {
                     Ok(_) => Ok(true),
                     Err(e) if is_code(&e, 404) => Ok(false),
-                    Err(e) => Err(api_message(e)),
+                    Err(e) => Err(EdgesError::token_api(Some(id), e)),
                 }
             }
         }
@@ -580,19 +667,23 @@ impl Edges {
 
     /// Records that edge `name`'s DNS record now holds `address` (None: there is none). With a
     /// cluster, an Edge with a record keeps a finalizer until the record is gone.
-    pub async fn set_published(&self, name: &str, address: Option<IpAddr>) -> Result<(), String> {
+    pub async fn set_published(
+        &self,
+        name: &str,
+        address: Option<IpAddr>,
+    ) -> Result<(), EdgesError> {
         let Some(c) = &self.cluster else {
             let edit =
                 |doc: &mut automerge::AutoCommit| registry::set_published(doc, name, address);
-            return self
-                .node
-                .docs()
-                .edit_registry(edit)
-                .await
-                .map_err(|e| e.to_string());
+            return Ok(self.node.docs().edit_registry(edit).await?);
         };
         let params = patch_params();
-        let Some(edge) = c.edges.get_opt(name).await.map_err(api_message)? else {
+        let Some(edge) = c
+            .edges
+            .get_opt(name)
+            .await
+            .map_err(|e| EdgesError::edge_api(name, e))?
+        else {
             return Ok(());
         };
         let mut finalizers = edge.finalizers().to_vec();
@@ -603,7 +694,7 @@ impl Edges {
             c.edges
                 .patch(name, &params, &Patch::Merge(&patch))
                 .await
-                .map_err(api_message)?;
+                .map_err(|e| EdgesError::edge_api(name, e))?;
         }
         let patch = json!({"status": {"dnsAddress": address.map(|a| a.to_string())}});
         match c
@@ -613,7 +704,7 @@ impl Edges {
         {
             Ok(_) => {}
             Err(e) if is_code(&e, 404) => return Ok(()),
-            Err(e) => return Err(api_message(e)),
+            Err(e) => return Err(EdgesError::edge_api(name, e)),
         }
         if address.is_none() && has {
             finalizers.retain(|f| f != DNS_FINALIZER);
@@ -621,7 +712,7 @@ impl Edges {
             match c.edges.patch(name, &params, &Patch::Merge(&patch)).await {
                 Ok(_) => {}
                 Err(e) if is_code(&e, 404) => {}
-                Err(e) => return Err(api_message(e)),
+                Err(e) => return Err(EdgesError::edge_api(name, e)),
             }
         }
         Ok(())
@@ -639,7 +730,7 @@ impl Edges {
             secondary: None,
         };
         if let Err(e) = c.recorder.publish(&event, &edge.object_ref(&())).await {
-            warn!(edge = %edge.name_any(), error = %api_message(e), "cannot record an event");
+            warn!(edge = %edge.name_any(), error = %api_message(&e), "cannot record an event");
         }
     }
 
@@ -734,7 +825,7 @@ impl Edges {
                     }
                     Err(e) if is_code(&e, 404) || is_code(&e, 422) || is_code(&e, 409) => {}
                     Err(e) => {
-                        warn!(edge = %name, error = %api_message(e), "cannot record the edge's presence")
+                        warn!(edge = %name, error = %api_message(&e), "cannot record the edge's presence")
                     }
                 }
             }
@@ -748,17 +839,15 @@ pub fn check_expected(
     name: &str,
     current: Option<&Registered>,
     expect: &Expect,
-) -> Result<(), String> {
+) -> Result<(), EdgesError> {
+    let edge = name.to_string();
     match (expect, current) {
-        (Expect::Fresh, Some(r)) if r.not_after > unix_now() => Err(format!(
-            "node {name:?} has already joined and its certificate is valid; choose another \
-             --node-name, or run `edgesync node remove {name}` on the head to let it join again"
-        )),
+        (Expect::Fresh, Some(r)) if r.not_after > unix_now() => {
+            Err(EdgesError::AlreadyJoined { edge })
+        }
         (Expect::Fresh, _) => Ok(()),
         (Expect::Key(key), Some(r)) if r.key_sha256 == *key => Ok(()),
-        (Expect::Key(_), _) => Err(format!(
-            "{name} is not registered with this key any more; join again with a token"
-        )),
+        (Expect::Key(_), _) => Err(EdgesError::KeyNotRegistered { edge }),
     }
 }
 
@@ -772,5 +861,53 @@ fn token_of(secret: &Secret) -> Option<(Vec<u8>, i64)> {
 }
 
 fn cluster_error(e: kube::Error) -> NodeError {
-    NodeError::Cluster(api_message(e))
+    NodeError::Cluster(api_message(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::tls::Role;
+
+    #[test]
+    fn refusals_name_the_edge_and_say_what_to_do() {
+        let peer = Identity {
+            role: Role::Edge,
+            name: "edge01".into(),
+            key: vec![1],
+        };
+        let registered = |key: u8, not_after: i64| Registered {
+            key_sha256: vec![key],
+            not_after,
+        };
+        assert!(admission(&peer, Some(&registered(1, 0))).is_ok());
+        assert_eq!(
+            admission(&peer, Some(&registered(2, 0)))
+                .unwrap_err()
+                .to_string(),
+            "the certificate of edge01 was replaced by a newer join; this one is no longer accepted"
+        );
+        assert_eq!(
+            admission(&peer, None).unwrap_err().to_string(),
+            "edge01 is not a registered node (removed with `edgesync node remove`?); join again \
+             with a token"
+        );
+        let valid = registered(1, unix_now() + 3600);
+        assert_eq!(
+            check_expected("edge01", Some(&valid), &Expect::Fresh)
+                .unwrap_err()
+                .to_string(),
+            "node \"edge01\" has already joined and its certificate is valid; choose another \
+             --node-name, or run `edgesync node remove edge01` on the head to let it join again"
+        );
+        let expired = registered(1, unix_now() - 1);
+        assert!(check_expected("edge01", Some(&expired), &Expect::Fresh).is_ok());
+        assert!(check_expected("edge01", Some(&valid), &Expect::Key(vec![1])).is_ok());
+        assert_eq!(
+            check_expected("edge01", Some(&valid), &Expect::Key(vec![2]))
+                .unwrap_err()
+                .to_string(),
+            "edge01 is not registered with this key any more; join again with a token"
+        );
+    }
 }

@@ -150,7 +150,8 @@ pub fn reserved(name: &str, also: &[String]) -> bool {
 impl Registration {
     /// Checks every field; the first problem is returned. `reserved` names are refused.
     pub fn validate(&self, reserved_names: &[String]) -> Result<(), UserError> {
-        crate::input::check_label(&self.username).map_err(|r| UserError::invalid("username", r))?;
+        crate::input::check_label(&self.username)
+            .map_err(|r| UserError::invalid("username", r.to_string()))?;
         if reserved(&self.username, reserved_names) {
             return Err(UserError::invalid(
                 "username",

@@ -1,7 +1,7 @@
 //! What input may cost: the limits on EdgeNode text and objects, the scan that enforces the
 //! YAML budgets before anything is built, and how a refusal shows a value without echoing it.
 
-use super::{InvalidInput, invalid, one_line};
+use super::{InvalidInput, NameError, invalid, one_line};
 use crate::edge::manifests;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -143,18 +143,17 @@ fn scan_error(e: serde_saphyr::granit_parser::ScanError) -> InvalidInput {
 
 /// Checks that the static pod manifest of pod `pod` in `namespace` has a file name the edge's
 /// manifest directory can hold (at most [`MAX_FILE_NAME`] bytes).
-pub fn check_manifest_name(namespace: &str, pod: &str) -> Result<(), String> {
+pub fn check_manifest_name(namespace: &str, pod: &str) -> Result<(), NameError> {
     let file = manifests::file_name(namespace, pod);
     if file.len() <= MAX_FILE_NAME {
         return Ok(());
     }
-    let fits = MAX_FILE_NAME.saturating_sub(manifests::file_name(namespace, "").len());
-    Err(format!(
-        "too long: its manifest file name on the edge would be {} bytes, more than the \
-         {MAX_FILE_NAME} a file name may have; in namespace {namespace:?} a pod name may have at \
-         most {fits} characters",
-        file.len()
-    ))
+    Err(NameError::ManifestFileName {
+        namespace: namespace.to_string(),
+        pod: pod.to_string(),
+        file_bytes: file.len(),
+        fits: MAX_FILE_NAME.saturating_sub(manifests::file_name(namespace, "").len()),
+    })
 }
 
 /// A value for a message, quoted: at most 64 characters of it, then how long it was, so a
