@@ -160,7 +160,7 @@ pub struct HeadArgs {
     pub kubeconfig_ttl: Option<String>,
     /// `[dns]` of the config file: records for edge workers (config file only).
     #[arg(skip)]
-    pub dns: Option<crate::head::dns::DnsSettings>,
+    pub dns: Option<DnsSettings>,
     /// With a cluster: a namespace whose EdgeNodes the head keeps (repeatable); default all.
     #[arg(
         long = "watch-namespace",
@@ -411,4 +411,36 @@ pub struct DevArgs {
     /// Run the scripted demo, print the result and exit instead of waiting for Ctrl-C.
     #[arg(long)]
     pub once: bool,
+}
+
+/// `[dns]` of head.toml.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSettings {
+    /// `none` (default) or `namecheap`.
+    pub provider: Option<String>,
+    /// The zone records go in, e.g. `edge.example.org` (for Namecheap: the domain).
+    pub zone: Option<String>,
+    /// Record TTL in seconds (60 to 60000).
+    pub ttl: Option<u32>,
+    /// `[dns.namecheap]`.
+    pub namecheap: Option<NamecheapSettings>,
+}
+
+/// `[dns.namecheap]` of head.toml.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamecheapSettings {
+    /// API endpoint (the sandbox is `https://api.sandbox.namecheap.com/xml.response`).
+    pub api_url: Option<String>,
+    /// ApiUser.
+    pub api_user: Option<String>,
+    /// ApiKey.
+    pub api_key: Option<String>,
+    /// UserName.
+    pub username: Option<String>,
+    /// ClientIp: this head's public IPv4 address, whitelisted at Namecheap.
+    pub client_ip: Option<String>,
+    /// The domain registered at Namecheap when the zone is below it (default: the zone).
+    pub domain: Option<String>,
 }

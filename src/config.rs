@@ -1,11 +1,17 @@
 //! Daemon configuration: flags and `EDGESYNC_*` variables (via clap) over the TOML config file
 //! over defaults, validated into [`HeadConfig`] and [`EdgeConfig`]. Defaults suit tests.
 
+pub mod dns;
+
 use crate::cli::{DEFAULT_SOCKET, EdgeArgs, HeadArgs};
 use crate::input;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// How long an acceptance of the Acceptable Use Policy lasts unless configured (about six
+/// months).
+pub const DEFAULT_AUP_VALIDITY: Duration = Duration::from_secs(183 * 24 * 3600);
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgesync";
@@ -77,7 +83,7 @@ pub struct HeadConfig {
     /// Lifetime of users' tokens.
     pub kubeconfig_ttl: Duration,
     /// DNS records for edge workers.
-    pub dns: crate::head::dns::DnsConfig,
+    pub dns: dns::DnsConfig,
 }
 
 impl HeadConfig {
@@ -100,18 +106,18 @@ impl HeadConfig {
             api_cert: None,
             api_hostnames: Vec::new(),
             auto_approve: false,
-            aup_validity: crate::head::users::DEFAULT_AUP_VALIDITY,
+            aup_validity: DEFAULT_AUP_VALIDITY,
             cluster_server: None,
             cluster_ca: None,
             kubeconfig_ttl: DEFAULT_KUBECONFIG_TTL,
-            dns: crate::head::dns::DnsSettings::default()
+            dns: dns::DnsSettings::default()
                 .resolve()
                 .expect("the default DNS settings are valid"),
         }
     }
 }
 
-use crate::head::dns::ProviderConfig;
+use dns::ProviderConfig;
 
 /// Namespace of the head's cluster objects when neither flag nor pod says otherwise.
 pub const DEFAULT_CLUSTER_NAMESPACE: &str = "edgesync-system";
@@ -281,7 +287,7 @@ impl HeadArgs {
             }
         }
         let aup_validity = match self.aup_validity.or(file.aup_validity) {
-            None => crate::head::users::DEFAULT_AUP_VALIDITY,
+            None => DEFAULT_AUP_VALIDITY,
             Some(text) => parse_duration("--aup-validity", &text)?,
         };
         if aup_validity < Duration::from_secs(1) {

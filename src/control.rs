@@ -1,10 +1,6 @@
 //! The local control socket: a small HTTP/JSON API on a unix socket (mode 0600) that the CLI
 //! uses, and the client side of it.
 
-use crate::head::api::Accounts;
-use crate::head::create_token;
-use crate::head::edges::Edges;
-use crate::head::users::{Decision, UserError};
 use crate::key::DocKey;
 use crate::node::{Node, NodeError};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
@@ -19,7 +15,6 @@ use serde_json::json;
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Largest request body the socket accepts.
@@ -55,33 +50,17 @@ pub enum ControlError {
     },
 }
 
-/// What only a head serves: join tokens and user administration.
-#[derive(Clone)]
-pub struct HeadControl {
-    /// Where edges reach this head, for printed join commands.
-    pub join_address: String,
-    /// Hash of the CA, for join tokens.
-    pub ca_hash: String,
-    /// Users and their access.
-    pub accounts: Accounts,
-    /// Joined edges and join tokens.
-    pub edges: Edges,
-}
-
 #[derive(Clone)]
 struct Ctx {
     node: Node,
-    ca_hash: Option<String>,
-    join_address: Option<String>,
-    accounts: Option<Accounts>,
-    edges: Option<Edges>,
 }
 
-/// Binds the socket and returns the server future (run it as a task). `head` is set on heads.
+/// Binds the socket and returns the server future (run it as a task). `role_routes` are what
+/// the node's role adds: a head's tokens, nodes and users, or [`edge_routes`].
 pub async fn serve(
     path: &Path,
     node: Node,
-    head: Option<HeadControl>,
+    role_routes: Router,
     shutdown: CancellationToken,
 ) -> Result<impl Future<Output = ()> + Send + 'static, ControlError> {
     let bind_err = |reason: String| ControlError::Bind {
@@ -120,21 +99,10 @@ pub async fn serve(
             "/v1/apply",
             post(apply).layer(DefaultBodyLimit::max(crate::input::MAX_INPUT_BYTES)),
         )
-        .route("/v1/tokens", post(token).get(tokens))
-        .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
-        .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
-        .route("/metrics", get(metrics))
-        .route("/v1/users", get(users))
-        .route("/v1/users/{name}/{action}", post(decide))
-        .route("/v1/aup", axum::routing::put(set_aup))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Ctx {
-            node,
-            ca_hash: head.as_ref().map(|h| h.ca_hash.clone()),
-            join_address: head.as_ref().map(|h| h.join_address.clone()),
-            edges: head.as_ref().map(|h| h.edges.clone()),
-            accounts: head.map(|h| h.accounts),
-        });
+        .route("/metrics", get(metrics).with_state(node.clone()))
+        .with_state(Ctx { node })
+        .merge(role_routes)
+        .layer(DefaultBodyLimit::max(MAX_BODY));
     let socket = path.to_path_buf();
     Ok(async move {
         let served = axum::serve(listener, app)
@@ -147,7 +115,8 @@ pub async fn serve(
     })
 }
 
-struct ApiError(StatusCode, serde_json::Value);
+/// An error answer: its status and JSON body.
+pub struct ApiError(pub StatusCode, pub serde_json::Value);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -173,7 +142,8 @@ impl From<NodeError> for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+/// A handler's answer.
+pub type ApiResult = Result<Response, ApiError>;
 
 async fn status(State(ctx): State<Ctx>) -> ApiResult {
     Ok(Json(ctx.node.status().await?).into_response())
@@ -221,161 +191,48 @@ async fn apply(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: St
     Ok(Json(outcomes).into_response())
 }
 
-async fn remove_node(
-    State(ctx): State<Ctx>,
-    UrlPath(name): UrlPath<String>,
-    Query(q): Query<ActorQuery>,
-) -> ApiResult {
-    let Some(edges) = &ctx.edges else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            json!({"error": "nodes are removed on a head; this node is an edge"}),
-        ));
-    };
-    if edges.remove(&name, &actor(q)).await? {
-        Ok(Json(json!({"removed": name})).into_response())
-    } else {
-        Err(NodeError::NotFound(format!("node {name}")).into())
-    }
-}
-
-fn accounts(ctx: &Ctx) -> Result<&Accounts, ApiError> {
-    ctx.accounts.as_ref().ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            json!({"error": "users are managed on a head; this node is an edge"}),
-        )
-    })
-}
-
-impl From<UserError> for ApiError {
-    fn from(e: UserError) -> Self {
-        let crate::head::api::ApiError(code, error, field) = e.into();
-        ApiError(code, json!({"error": error, "field": field}))
-    }
-}
-
-async fn metrics(State(ctx): State<Ctx>) -> Response {
-    crate::head::api::metrics(State(ctx.node)).await
-}
-
-async fn users(State(ctx): State<Ctx>) -> ApiResult {
-    let users = accounts(&ctx)?.users.list().await?;
-    Ok(Json(users).into_response())
-}
-
-#[derive(Deserialize)]
-struct ActorQuery {
-    actor: Option<String>,
-}
-
-/// Who acts through the socket, as the CLI says (the socket is reachable by root only).
-fn actor(q: ActorQuery) -> String {
-    format!("admin:{}", q.actor.unwrap_or_else(|| "unknown".into()))
-}
-
-async fn decide(
-    State(ctx): State<Ctx>,
-    UrlPath((name, action)): UrlPath<(String, String)>,
-    Query(q): Query<ActorQuery>,
-) -> ApiResult {
-    let decision = Decision::parse(&action).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("unknown action {action:?}; use approve, reject or revoke")}),
-        )
-    })?;
-    let accounts = accounts(&ctx)?;
-    let before = accounts.users.get(&name).await?.status;
-    let user = accounts.decide(&name, decision, &actor(q)).await?;
-    // Whether this call changed anything (approving an approved user succeeds, changing nothing).
-    let mut body = serde_json::to_value(&user).unwrap_or_default();
-    body["changed"] = json!(before != user.status);
-    Ok(Json(body).into_response())
-}
-
-async fn set_aup(State(ctx): State<Ctx>, Query(q): Query<ActorQuery>, text: String) -> ApiResult {
-    let aup = accounts(&ctx)?.users.set_aup(text, &actor(q)).await?;
-    Ok(Json(aup).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct TokenRequest {
-    ttl_seconds: u64,
-}
-
-async fn token(State(ctx): State<Ctx>, Json(req): Json<TokenRequest>) -> ApiResult {
-    let (Some(ca_hash), Some(edges)) = (&ctx.ca_hash, &ctx.edges) else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            json!({"error": "join tokens are created on a head; this node is an edge"}),
-        ));
-    };
-    if req.ttl_seconds == 0 || req.ttl_seconds > 365 * 24 * 3600 {
-        return Err(ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!({"error": "ttl must be between 1s and 365 days", "field": "ttl"}),
-        ));
-    }
-    let ttl = Duration::from_secs(req.ttl_seconds);
-    let token = create_token(edges, ca_hash, ttl).await.map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": e.to_string()}),
-        )
-    })?;
-    let expires = k8s_openapi::jiff::Timestamp::now()
-        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
-            req.ttl_seconds as i64,
-        ))
-        .map(|t| t.to_string())
-        .unwrap_or_default();
-    let head = ctx.join_address.clone().unwrap_or_default();
-    Ok(
-        Json(json!({"token": token.to_string(), "expiresAt": expires, "head": head}))
-            .into_response(),
+/// The node's metrics in the OpenMetrics text format.
+pub async fn metrics(State(node): State<Node>) -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        node.metrics_text().await,
     )
+        .into_response()
 }
 
-fn head_edges(ctx: &Ctx) -> Result<&Edges, ApiError> {
-    ctx.edges.as_ref().ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            json!({"error": "join tokens live on a head; this node is an edge"}),
+/// What an edge answers to what only a head serves.
+pub fn edge_routes() -> Router {
+    let only_on_a_head = |what: &'static str| {
+        move || async move {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                json!({"error": format!("{what} on a head; this node is an edge")}),
+            )
+        }
+    };
+    Router::new()
+        .route(
+            "/v1/tokens",
+            post(only_on_a_head("join tokens are created")).get(only_on_a_head("join tokens live")),
         )
-    })
-}
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        json!({"error": e.to_string()}),
-    )
-}
-
-async fn tokens(State(ctx): State<Ctx>) -> ApiResult {
-    let tokens = head_edges(&ctx)?.tokens().await.map_err(internal)?;
-    Ok(Json(tokens).into_response())
-}
-
-async fn delete_token(
-    State(ctx): State<Ctx>,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<ActorQuery>,
-) -> ApiResult {
-    if !head_edges(&ctx)?
-        .delete_token(&id)
-        .await
-        .map_err(internal)?
-    {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("no join token {}", crate::input::show(&id))}),
-        ));
-    }
-    tracing::info!(token = %crate::input::show(&id), actor = %actor(q), "join token deleted");
-    Ok(Json(json!({"deleted": id})).into_response())
+        .route(
+            "/v1/tokens/{id}",
+            axum::routing::delete(only_on_a_head("join tokens live")),
+        )
+        .route(
+            "/v1/nodes/{name}",
+            axum::routing::delete(only_on_a_head("nodes are removed")),
+        )
+        .route("/v1/users", get(only_on_a_head("users are managed")))
+        .route(
+            "/v1/users/{name}/{action}",
+            post(only_on_a_head("users are managed")),
+        )
+        .route(
+            "/v1/aup",
+            axum::routing::put(only_on_a_head("users are managed")),
+        )
 }
 
 /// Client of the control socket.

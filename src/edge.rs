@@ -3,7 +3,6 @@
 
 pub mod join;
 pub mod manifests;
-pub mod policy;
 pub mod reconcile;
 
 use crate::config::EdgeConfig;
@@ -59,7 +58,13 @@ impl Edge {
         let node = Node::open(Role::Edge, &config.node_name, store, rules).await?;
         let mut tasks = Tasks::default();
         // Bound now, served once the edge is up: a CLI that gets an answer finds it started.
-        let control = control::serve(&config.socket, node.clone(), None, tasks.token()).await?;
+        let control = control::serve(
+            &config.socket,
+            node.clone(),
+            control::edge_routes(),
+            tasks.token(),
+        )
+        .await?;
         join::credentials(&config, &tasks.token()).await?;
         node.set_advertise(
             config

@@ -3,6 +3,7 @@
 //! without a kubeconfig it runs standalone.
 
 pub mod access;
+pub mod admin;
 pub mod api;
 pub mod bridge;
 pub mod cluster;
@@ -178,7 +179,7 @@ impl Head {
             )
         })?;
         tasks.spawn(api);
-        let head_control = control::HeadControl {
+        let head_control = admin::HeadControl {
             join_address: join_address(&config.api_hostnames, local_addr),
             ca_hash: ca.hash(),
             accounts,
@@ -187,7 +188,7 @@ impl Head {
         let control = control::serve(
             &config.socket,
             node.clone(),
-            Some(head_control),
+            admin::routes(head_control),
             tasks.token(),
         )
         .await?;

@@ -1,15 +1,16 @@
 //! EdgeNode files from users: parse YAML/JSON, refuse anything invalid, normalise pods.
 
 use crate::crd::{API_VERSION, LEGACY_API_VERSION};
-use crate::edge::policy;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 mod limits;
+pub mod policy;
 pub use limits::{
     MAX_ANCHORS, MAX_DEPTH, MAX_DOCUMENTS, MAX_EDGENODE_BYTES, MAX_FILE_NAME, MAX_HISTORY_BYTES,
-    MAX_INPUT_BYTES, MAX_NODES, MAX_PODS, check_budget, check_manifest_name, clip, show,
+    MAX_INPUT_BYTES, MAX_NODES, MAX_PODS, check_budget, check_manifest_name, clip,
+    manifest_file_name, show,
 };
 use limits::{json_len, show_json};
 
@@ -626,10 +627,7 @@ mod tests {
         };
         // edgesync_<ns>_<pod>.json: 15 + 63 + 177 = 255 bytes.
         let longest = format!("{0}.{0}.{1}", "a".repeat(63), "b".repeat(49));
-        assert_eq!(
-            crate::edge::manifests::file_name(&ns, &longest).len(),
-            MAX_FILE_NAME
-        );
+        assert_eq!(manifest_file_name(&ns, &longest).len(), MAX_FILE_NAME);
         assert!(parse(&text(&longest)).is_ok());
         let message = refusal(&text(&format!("{longest}b")));
         assert!(

@@ -4,6 +4,15 @@
 use crate::input::{check_label, check_subdomain, show};
 use std::fmt;
 
+/// Key of the heads' registry document. Its namespace is not a DNS label, so no EdgeNode has
+/// it.
+pub const REGISTRY: &str = "_heads/registry";
+
+/// Whether `key` names a head-only document rather than an EdgeNode.
+pub fn is_internal(key: &str) -> bool {
+    key.starts_with('_')
+}
+
 /// The key of one document, valid by construction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DocKey(String);
@@ -33,12 +42,12 @@ impl DocKey {
 
     /// The heads' registry.
     pub fn registry() -> DocKey {
-        DocKey(crate::registry::KEY.to_string())
+        DocKey(REGISTRY.to_string())
     }
 
     /// Whether it is a head-only document rather than an EdgeNode.
     pub fn is_internal(&self) -> bool {
-        crate::registry::is_internal(&self.0)
+        is_internal(&self.0)
     }
 
     /// The EdgeNode's namespace; None for a head-only document.
@@ -82,7 +91,7 @@ pub fn parts(key: &str) -> Option<(&str, &str)> {
 
 /// Checks `key`; its namespace and name, or None for a head-only document.
 fn split(key: &str) -> Result<Option<(&str, &str)>, KeyError> {
-    if key == crate::registry::KEY {
+    if key == REGISTRY {
         return Ok(None);
     }
     let Some((namespace, name)) = key.split_once('/') else {

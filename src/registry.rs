@@ -19,13 +19,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-/// Key of the registry document. Its namespace is not a DNS label, so no EdgeNode has it.
-pub const KEY: &str = "_heads/registry";
-
-/// Whether `key` names a head-only document rather than an EdgeNode.
-pub fn is_internal(key: &str) -> bool {
-    key.starts_with('_')
-}
+pub use crate::key::{REGISTRY as KEY, is_internal};
 
 /// What the heads know about one edge's certificate.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -12,8 +12,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The longest file name a Linux file system holds (`NAME_MAX`), in bytes.
-pub const MAX_FILE_NAME: usize = 255;
+use crate::input::MAX_FILE_NAME;
 
 /// A manifest that should exist.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,10 +70,7 @@ fn mark(meta: &mut serde_json::Map<String, Value>, field: &str, entries: &[(&str
     }
 }
 
-/// `edgesync_<namespace>_<pod>.json`: `_` never occurs in DNS-1123 names, so names never clash.
-pub fn file_name(namespace: &str, pod: &str) -> String {
-    format!("edgesync_{namespace}_{pod}.json")
-}
+pub use crate::input::manifest_file_name as file_name;
 
 /// SHA-256 of bytes, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {

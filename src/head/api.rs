@@ -437,16 +437,6 @@ impl FromRef<ApiState> for Node {
     }
 }
 
-/// `/metrics` in the Prometheus text format.
-pub async fn metrics(State(node): State<Node>) -> Response {
-    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-    (
-        [(header::CONTENT_TYPE, content_type)],
-        node.metrics_text().await,
-    )
-        .into_response()
-}
-
 /// 200 once the head has read the state it needs to serve (the cluster's, with one); 503 before.
 async fn readyz(State(ready): State<watch::Receiver<bool>>) -> Response {
     match *ready.borrow() {
@@ -463,7 +453,7 @@ fn router(accounts: Accounts, node: Node, ready: watch::Receiver<bool>) -> Route
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(crate::control::metrics))
         .route("/api/v1/registrations", post(register))
         .route("/api/v1/aup", get(aup))
         .route("/api/v1/users/{username}", get(user))

@@ -20,8 +20,6 @@ use tracing::{debug, info};
 
 /// The policy shown until an administrator sets one with `edgesync aup set -f FILE`.
 pub const DEFAULT_AUP: &str = include_str!("default-aup.txt");
-/// How long an acceptance of the AUP lasts unless configured.
-pub const DEFAULT_AUP_VALIDITY: Duration = Duration::from_secs(183 * 24 * 3600);
 /// How often a change is tried again when the user changed under it.
 const ATTEMPTS: usize = 8;
 

@@ -2,7 +2,6 @@
 //! YAML budgets before anything is built, and how a refusal shows a value without echoing it.
 
 use super::{InvalidInput, NameError, invalid, one_line};
-use crate::edge::manifests;
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -13,11 +12,17 @@ pub const MAX_EDGENODE_BYTES: usize = 512 << 10;
 /// Most history one EdgeNode's document holds, in bytes of changes: an edge that has none of
 /// it receives it in one sync message, which carries at most
 /// [`MAX_SYNC_MESSAGE`](crate::sync::wire::MAX_SYNC_MESSAGE) bytes.
-pub const MAX_HISTORY_BYTES: usize = crate::sync::wire::MAX_SYNC_MESSAGE / 4 * 3;
+pub const MAX_HISTORY_BYTES: usize = 48 << 20;
 /// Most pods one EdgeNode holds (the kubelet's default `--max-pods`).
 pub const MAX_PODS: usize = 110;
 /// Longest file name the edge's manifest directory can hold (NAME_MAX of Linux file systems).
 pub const MAX_FILE_NAME: usize = 255;
+/// The manifest file of pod `pod` of an EdgeNode in `namespace`:
+/// `edgesync_<namespace>_<pod>.json` (`_` never occurs in DNS-1123 names, so names never clash).
+pub fn manifest_file_name(namespace: &str, pod: &str) -> String {
+    format!("edgesync_{namespace}_{pod}.json")
+}
+
 /// Most YAML nodes (scalars, sequences, mappings) in one apply's text, aliases expanded.
 pub const MAX_NODES: usize = 50_000;
 /// Deepest nesting of sequences and mappings (a Pod needs about 20).
@@ -144,7 +149,7 @@ fn scan_error(e: serde_saphyr::granit_parser::ScanError) -> InvalidInput {
 /// Checks that the static pod manifest of pod `pod` in `namespace` has a file name the edge's
 /// manifest directory can hold (at most [`MAX_FILE_NAME`] bytes).
 pub fn check_manifest_name(namespace: &str, pod: &str) -> Result<(), NameError> {
-    let file = manifests::file_name(namespace, pod);
+    let file = manifest_file_name(namespace, pod);
     if file.len() <= MAX_FILE_NAME {
         return Ok(());
     }
@@ -152,7 +157,7 @@ pub fn check_manifest_name(namespace: &str, pod: &str) -> Result<(), NameError> 
         namespace: namespace.to_string(),
         pod: pod.to_string(),
         file_bytes: file.len(),
-        fits: MAX_FILE_NAME.saturating_sub(manifests::file_name(namespace, "").len()),
+        fits: MAX_FILE_NAME.saturating_sub(manifest_file_name(namespace, "").len()),
     })
 }
 

@@ -23,6 +23,9 @@ pub const SYNC_CHUNK: usize = 1 << 20;
 /// Most bytes of partly received sync messages one session holds (claimed sizes, reserved
 /// when a message's first chunk arrives).
 pub const MAX_REASSEMBLY: usize = MAX_SYNC_MESSAGE;
+// A document's whole history, which apply bounds, must fit one sync message with room for
+// its heads and filters.
+const _: () = assert!(crate::input::MAX_HISTORY_BYTES <= MAX_SYNC_MESSAGE / 4 * 3);
 /// Most documents with a partly received sync message at once in one session (a sender sends
 /// one such message at a time).
 pub const MAX_PARTIAL_DOCS: usize = 4;
