@@ -11,9 +11,9 @@ use crate::input::{self, DesiredNode, InvalidInput, MAX_HISTORY_BYTES, Rules};
 use crate::key::DocKey;
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registry};
-use crate::store::{COMPACT_AFTER_CHUNKS, DocSave, DocWrite, Store, StoredDoc};
+use crate::store::{COMPACT_AFTER_CHUNKS, Store};
 use crate::transport::tls::Identity;
-use automerge::{ActorId, AutoCommit, ChangeHash, Prop, sync};
+use automerge::{ActorId, AutoCommit, ChangeHash, sync};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,14 @@ use tokio::sync::broadcast;
 use tracing::warn;
 
 use super::lock;
+
+mod change;
+mod entry;
+
+use change::moved;
+pub use change::{Change, Moved, Origin};
+pub use entry::DocEntry;
+use entry::{Staged, check_history, stage};
 
 /// Which documents a node serves, and what it decides in them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,129 +50,6 @@ impl Scope {
     }
 }
 
-/// What a stored change moved in its document.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Moved {
-    /// What the EdgeNode asks for: its spec, labels, deletion, generation or policy.
-    pub spec: bool,
-    /// What an edge reported.
-    pub status: bool,
-    /// A head-only document.
-    pub internal: bool,
-}
-
-impl Moved {
-    const SPEC: Moved = Moved {
-        spec: true,
-        status: false,
-        internal: false,
-    };
-    const STATUS: Moved = Moved {
-        spec: false,
-        status: true,
-        internal: false,
-    };
-    const INTERNAL: Moved = Moved {
-        spec: false,
-        status: false,
-        internal: true,
-    };
-}
-
-/// Where a change came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// Made on this node (an apply, a delete, a status report, a registry edit).
-    Local,
-    /// Received from the peer of this name.
-    Peer(String),
-}
-
-/// A change to one document, announced once it is stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    /// The document.
-    pub key: String,
-    /// What it moved.
-    pub moved: Moved,
-    /// Where it came from.
-    pub origin: Origin,
-}
-
-/// What the changes between `before` and `after` moved in document `key`.
-fn moved(key: &str, doc: &mut AutoCommit, before: &[ChangeHash], after: &[ChangeHash]) -> Moved {
-    if registry::is_internal(key) {
-        return Moved::INTERNAL;
-    }
-    let mut moved = Moved::default();
-    for patch in doc.diff(before, after) {
-        use automerge::PatchAction::*;
-        let top = match (patch.path.first(), &patch.action) {
-            (Some((_, prop)), _) => Some(prop.clone()),
-            (None, PutMap { key, .. } | DeleteMap { key }) => Some(Prop::Map(key.clone())),
-            (None, Increment { prop, .. } | Conflict { prop }) => Some(prop.clone()),
-            (None, _) => None,
-        };
-        match top {
-            Some(Prop::Map(name)) if name == "status" => moved.status = true,
-            _ => moved.spec = true,
-        }
-    }
-    moved
-}
-
-/// One document and what the node knows about it.
-pub struct DocEntry {
-    /// The Automerge document.
-    pub doc: AutoCommit,
-    /// When a peer last synced it.
-    pub last_synced_at: Option<String>,
-    /// Incremental chunks stored since the last snapshot.
-    chunks: usize,
-    /// Heads as of the last successful store write.
-    persisted_heads: Vec<automerge::ChangeHash>,
-    /// Bytes stored for it: the snapshot and the chunks since.
-    stored_bytes: usize,
-}
-
-impl DocEntry {
-    /// A document as stored: snapshot plus chunks, continuing as `actor`.
-    fn load(stored: StoredDoc, actor: &ActorId) -> Result<DocEntry, NodeError> {
-        let bad = |e: automerge::AutomergeError| NodeError::Sync {
-            key: stored.key.clone(),
-            reason: format!("stored document does not load: {e}"),
-        };
-        let mut doc = AutoCommit::load(&stored.snapshot).map_err(bad)?;
-        for chunk in &stored.chunks {
-            doc.load_incremental(chunk).map_err(bad)?;
-        }
-        doc.set_actor(actor.clone());
-        // Everything loaded is already stored: start the incremental save cursor here.
-        let _ = doc.save_incremental();
-        Ok(DocEntry {
-            persisted_heads: doc.get_heads(),
-            doc,
-            last_synced_at: stored.last_synced_at,
-            chunks: stored.chunks.len(),
-            stored_bytes: stored.snapshot.len() + stored.chunks.iter().map(Vec::len).sum::<usize>(),
-        })
-    }
-
-    /// A new document from the shared genesis change (not stored yet).
-    fn genesis(key: &str, actor: &ActorId) -> DocEntry {
-        DocEntry {
-            doc: match key == registry::KEY {
-                true => registry::genesis(actor),
-                false => model::genesis(key, actor),
-            },
-            last_synced_at: None,
-            chunks: COMPACT_AFTER_CHUNKS,
-            persisted_heads: Vec::new(),
-            stored_bytes: 0,
-        }
-    }
-}
-
 /// What `apply` did to one EdgeNode.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApplyOutcome {
@@ -172,80 +57,6 @@ pub struct ApplyOutcome {
     pub key: String,
     /// created, configured or unchanged (as kubectl says).
     pub result: String,
-}
-
-/// A document write on its way to the store, and what the entry becomes once it is stored.
-struct Staged {
-    heads: Vec<automerge::ChangeHash>,
-    chunks: usize,
-    stored_bytes: usize,
-    synced_at: Option<String>,
-    changed: bool,
-}
-
-/// Prepares the write of what changed in `entry` since its last save (None if nothing is to
-/// be stored): a chunk, or a whole snapshot after enough chunks.
-fn stage(
-    key: &str,
-    entry: &mut DocEntry,
-    sync_states: Vec<(String, Vec<u8>)>,
-    synced: bool,
-) -> Option<(DocSave, Staged)> {
-    let heads = entry.doc.get_heads();
-    let changed = heads != entry.persisted_heads;
-    let synced_at = synced.then(now);
-    if !changed && sync_states.is_empty() && synced_at.is_none() {
-        return None;
-    }
-    let (write, chunks, stored_bytes) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
-        let snapshot = entry.doc.save();
-        let bytes = snapshot.len();
-        (DocWrite::Snapshot(snapshot), 0, bytes)
-    } else {
-        let chunk = entry.doc.save_incremental();
-        let stored = entry.chunks + usize::from(!chunk.is_empty());
-        let bytes = entry.stored_bytes + chunk.len();
-        (DocWrite::Chunk(chunk), stored, bytes)
-    };
-    let save = DocSave {
-        key: key.to_string(),
-        write,
-        sync_states,
-        synced_at: synced_at.clone(),
-    };
-    let staged = Staged {
-        heads,
-        chunks,
-        stored_bytes,
-        synced_at,
-        changed,
-    };
-    Some((save, staged))
-}
-
-/// Refuses an edit that gives a document more than `limit` bytes of history
-/// ([`MAX_HISTORY_BYTES`], what one sync message carries): an edge that has none of it must be
-/// able to receive it whole. Documents that store little are let through without counting.
-fn check_history(key: &str, entry: &mut DocEntry, limit: usize) -> Result<(), NodeError> {
-    const COUNT_FROM: usize = 1 << 20;
-    if entry.stored_bytes < COUNT_FROM {
-        return Ok(());
-    }
-    let changes = entry.doc.get_changes(&[]);
-    let history: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
-    if history <= limit {
-        return Ok(());
-    }
-    Err(InvalidInput {
-        object: format!("EdgeNode {key}"),
-        field: "spec".into(),
-        reason: format!(
-            "this edit would bring its history to {} MiB, more than the {} MiB an edge receives at once; apply it under another name or namespace",
-            history >> 20,
-            limit >> 20
-        ),
-    }
-    .into())
 }
 
 /// The documents of one node.
@@ -738,40 +549,6 @@ impl Docs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_edit_past_the_history_an_edge_can_receive_is_refused() {
-        use automerge::{ROOT, transaction::Transactable};
-        let actor = ActorId::random();
-        let mut entry = DocEntry::genesis("default/e1", &actor);
-        // Three changes of 600 KiB that do not compress (an xorshift stream as hex).
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..3 {
-            let text: String = (0..600 << 10)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    char::from_digit((x % 16) as u32, 16).unwrap()
-                })
-                .collect();
-            entry.doc.put(ROOT, "blob", text).unwrap();
-            entry.doc.commit();
-        }
-        // A document that stores little is not counted.
-        assert!(check_history("default/e1", &mut entry, 1 << 20).is_ok());
-        entry.stored_bytes = 2 << 20;
-        assert!(check_history("default/e1", &mut entry, 8 << 20).is_ok());
-        let refused = check_history("default/e1", &mut entry, 1 << 20)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            refused.contains("EdgeNode default/e1")
-                && refused.contains("spec")
-                && refused.contains("more than the 1 MiB an edge receives at once"),
-            "{refused}"
-        );
-    }
 
     #[tokio::test]
     async fn each_stored_change_says_what_moved_and_where_it_came_from() {

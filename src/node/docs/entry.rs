@@ -1,0 +1,180 @@
+//! One document in memory and the bookkeeping of its storage: what is stored, what a write
+//! stages, and how much history it may hold.
+
+use crate::clock::now;
+use crate::input::InvalidInput;
+use crate::model;
+use crate::node::NodeError;
+use crate::registry;
+use crate::store::{COMPACT_AFTER_CHUNKS, DocSave, DocWrite, StoredDoc};
+use automerge::{ActorId, AutoCommit};
+
+/// One document and what the node knows about it.
+pub struct DocEntry {
+    /// The Automerge document.
+    pub doc: AutoCommit,
+    /// When a peer last synced it.
+    pub last_synced_at: Option<String>,
+    /// Incremental chunks stored since the last snapshot.
+    pub(super) chunks: usize,
+    /// Heads as of the last successful store write.
+    pub(super) persisted_heads: Vec<automerge::ChangeHash>,
+    /// Bytes stored for it: the snapshot and the chunks since.
+    pub(super) stored_bytes: usize,
+}
+
+impl DocEntry {
+    /// A document as stored: snapshot plus chunks, continuing as `actor`.
+    pub(super) fn load(stored: StoredDoc, actor: &ActorId) -> Result<DocEntry, NodeError> {
+        let bad = |e: automerge::AutomergeError| NodeError::Sync {
+            key: stored.key.clone(),
+            reason: format!("stored document does not load: {e}"),
+        };
+        let mut doc = AutoCommit::load(&stored.snapshot).map_err(bad)?;
+        for chunk in &stored.chunks {
+            doc.load_incremental(chunk).map_err(bad)?;
+        }
+        doc.set_actor(actor.clone());
+        // Everything loaded is already stored: start the incremental save cursor here.
+        let _ = doc.save_incremental();
+        Ok(DocEntry {
+            persisted_heads: doc.get_heads(),
+            doc,
+            last_synced_at: stored.last_synced_at,
+            chunks: stored.chunks.len(),
+            stored_bytes: stored.snapshot.len() + stored.chunks.iter().map(Vec::len).sum::<usize>(),
+        })
+    }
+
+    /// A new document from the shared genesis change (not stored yet).
+    pub(super) fn genesis(key: &str, actor: &ActorId) -> DocEntry {
+        DocEntry {
+            doc: match key == registry::KEY {
+                true => registry::genesis(actor),
+                false => model::genesis(key, actor),
+            },
+            last_synced_at: None,
+            chunks: COMPACT_AFTER_CHUNKS,
+            persisted_heads: Vec::new(),
+            stored_bytes: 0,
+        }
+    }
+}
+
+/// A document write on its way to the store, and what the entry becomes once it is stored.
+pub(super) struct Staged {
+    pub(super) heads: Vec<automerge::ChangeHash>,
+    pub(super) chunks: usize,
+    pub(super) stored_bytes: usize,
+    pub(super) synced_at: Option<String>,
+    pub(super) changed: bool,
+}
+
+/// Prepares the write of what changed in `entry` since its last save (None if nothing is to
+/// be stored): a chunk, or a whole snapshot after enough chunks.
+pub(super) fn stage(
+    key: &str,
+    entry: &mut DocEntry,
+    sync_states: Vec<(String, Vec<u8>)>,
+    synced: bool,
+) -> Option<(DocSave, Staged)> {
+    let heads = entry.doc.get_heads();
+    let changed = heads != entry.persisted_heads;
+    let synced_at = synced.then(now);
+    if !changed && sync_states.is_empty() && synced_at.is_none() {
+        return None;
+    }
+    let (write, chunks, stored_bytes) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
+        let snapshot = entry.doc.save();
+        let bytes = snapshot.len();
+        (DocWrite::Snapshot(snapshot), 0, bytes)
+    } else {
+        let chunk = entry.doc.save_incremental();
+        let stored = entry.chunks + usize::from(!chunk.is_empty());
+        let bytes = entry.stored_bytes + chunk.len();
+        (DocWrite::Chunk(chunk), stored, bytes)
+    };
+    let save = DocSave {
+        key: key.to_string(),
+        write,
+        sync_states,
+        synced_at: synced_at.clone(),
+    };
+    let staged = Staged {
+        heads,
+        chunks,
+        stored_bytes,
+        synced_at,
+        changed,
+    };
+    Some((save, staged))
+}
+
+/// Refuses an edit that gives a document more than `limit` bytes of history
+/// ([`crate::input::MAX_HISTORY_BYTES`], what one sync message carries): an edge that has
+/// none of it must be able to receive it whole. Documents that store little are let through
+/// without counting.
+pub(super) fn check_history(
+    key: &str,
+    entry: &mut DocEntry,
+    limit: usize,
+) -> Result<(), NodeError> {
+    const COUNT_FROM: usize = 1 << 20;
+    if entry.stored_bytes < COUNT_FROM {
+        return Ok(());
+    }
+    let changes = entry.doc.get_changes(&[]);
+    let history: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
+    if history <= limit {
+        return Ok(());
+    }
+    Err(InvalidInput {
+        object: format!("EdgeNode {key}"),
+        field: "spec".into(),
+        reason: format!(
+            "this edit would bring its history to {} MiB, more than the {} MiB an edge receives at once; apply it under another name or namespace",
+            history >> 20,
+            limit >> 20
+        ),
+    }
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edit_past_the_history_an_edge_can_receive_is_refused() {
+        use automerge::{ROOT, transaction::Transactable};
+        let actor = ActorId::random();
+        let mut entry = DocEntry::genesis("default/e1", &actor);
+        // Three changes of 600 KiB that do not compress (an xorshift stream as hex).
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..3 {
+            let text: String = (0..600 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    char::from_digit((x % 16) as u32, 16).unwrap()
+                })
+                .collect();
+            entry.doc.put(ROOT, "blob", text).unwrap();
+            entry.doc.commit();
+        }
+        // A document that stores little is not counted.
+        assert!(check_history("default/e1", &mut entry, 1 << 20).is_ok());
+        entry.stored_bytes = 2 << 20;
+        assert!(check_history("default/e1", &mut entry, 8 << 20).is_ok());
+        let refused = check_history("default/e1", &mut entry, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("EdgeNode default/e1")
+                && refused.contains("spec")
+                && refused.contains("more than the 1 MiB an edge receives at once"),
+            "{refused}"
+        );
+    }
+}
