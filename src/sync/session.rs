@@ -650,6 +650,29 @@ mod tests {
         panic!("{} and {} never settled", a.name, b.name);
     }
 
+    /// One random step of choice `choice`: carry a message either way, or edit one of `keys`
+    /// on either side (`tag` makes each edit differ).
+    fn step(
+        head: &mut Side,
+        edge: &mut Side,
+        rng: &mut Rng,
+        choice: usize,
+        keys: &[&str],
+        tag: &str,
+    ) {
+        let now = Instant::now();
+        match choice {
+            0 if !head.outgoing.is_empty() => {
+                carry(head, edge, Some(rng), now);
+            }
+            1 if !edge.outgoing.is_empty() => {
+                carry(edge, head, Some(rng), now);
+            }
+            2 => head.edit(keys[rng.below(keys.len())], &format!("h{tag}"), now),
+            _ => edge.edit(keys[rng.below(keys.len())], &format!("e{tag}"), now),
+        }
+    }
+
     /// Whether both sides hold the same documents at the same heads.
     fn assert_equal(a: &mut Side, b: &mut Side) {
         assert_eq!(a.heads(), b.heads(), "{} and {} differ", a.name, b.name);
@@ -675,17 +698,16 @@ mod tests {
             head.start(now);
             edge.start(now);
             let keys = ["default/edge01", "other/edge01", "third/edge01"];
-            for step in 0..60 {
-                match rng.below(4) {
-                    0 if !head.outgoing.is_empty() => {
-                        carry(&mut head, &mut edge, Some(&mut rng), now);
-                    }
-                    1 if !edge.outgoing.is_empty() => {
-                        carry(&mut edge, &mut head, Some(&mut rng), now);
-                    }
-                    2 => head.edit(keys[rng.below(3)], &format!("head:{step}"), now),
-                    _ => edge.edit(keys[rng.below(3)], &format!("edge:{step}"), now),
-                }
+            for i in 0..60 {
+                let choice = rng.below(4);
+                step(
+                    &mut head,
+                    &mut edge,
+                    &mut rng,
+                    choice,
+                    &keys,
+                    &i.to_string(),
+                );
             }
             settle(&mut head, &mut edge, Some(&mut rng), now);
             assert_equal(&mut head, &mut edge);
@@ -707,20 +729,15 @@ mod tests {
             // States as stored at some earlier point (a crash loses what came after).
             let mut stored = (head.session.states(), edge.session.states());
             for round in 0..6 {
-                for step in 0..8 {
+                for i in 0..8 {
                     match rng.below(5) {
-                        0 if !head.outgoing.is_empty() => {
-                            carry(&mut head, &mut edge, Some(&mut rng), now);
+                        4 if rng.below(2) == 0 => {
+                            stored = (head.session.states(), edge.session.states());
                         }
-                        1 if !edge.outgoing.is_empty() => {
-                            carry(&mut edge, &mut head, Some(&mut rng), now);
-                        }
-                        2 => head.edit(keys[rng.below(2)], &format!("h{round}.{step}"), now),
-                        3 => edge.edit(keys[rng.below(2)], &format!("e{round}.{step}"), now),
-                        _ => {
-                            if rng.below(2) == 0 {
-                                stored = (head.session.states(), edge.session.states());
-                            }
+                        4 => {}
+                        choice => {
+                            let tag = format!("{round}.{i}");
+                            step(&mut head, &mut edge, &mut rng, choice, &keys, &tag);
                         }
                     }
                 }

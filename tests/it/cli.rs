@@ -7,11 +7,7 @@ use crate::harness::*;
 async fn status_get_and_crd_show_what_a_person_needs() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[head.addr], Some(&head.token()))
-            .await;
+        let (head, _, edge) = head_and_edge(dir.path()).await;
         let out = cli_stdin(
             &[
                 "apply",

@@ -288,6 +288,16 @@ impl HeadProc {
     }
 }
 
+/// A head in `dir`, and edge `edge01` joined to it with the head's token.
+pub async fn head_and_edge(dir: &Path) -> (HeadProc, EdgeDirs, Daemon) {
+    let head = HeadProc::start(dir, free_udp_addr(), &[]).await;
+    let dirs = EdgeDirs::new(dir, "edge01");
+    let edge = dirs
+        .start("edge01", &[head.addr], Some(&head.token()))
+        .await;
+    (head, dirs, edge)
+}
+
 /// An edge process's files under `dir`.
 #[derive(Clone)]
 pub struct EdgeDirs {

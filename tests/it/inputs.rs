@@ -61,11 +61,7 @@ fn assert_refused(out: std::process::Output, expected: &[&str]) {
 async fn oversized_and_unwritable_edgenodes_are_refused_on_head_and_edge() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[head.addr], Some(&head.token()))
-            .await;
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
 
         // Larger than one apply takes: refused before anything is sent, every time.
         let big = format!("{}#{}\n", example("nginx"), "x".repeat(6 << 20));
@@ -464,9 +460,7 @@ fn the_readme_states_the_input_limits() {
 async fn bad_input_is_refused_with_one_line_and_changes_nothing() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs.start("edge01", &[head.addr], Some(&head.token())).await;
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
         let good = write(dir.path(), "good.yaml", &example("nginx"));
         ok(head.daemon.cli(&["apply", "-f", &good]));
         wait_for("manifest", SOON, || dirs.manifest("default", "nginx")).await;

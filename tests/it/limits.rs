@@ -39,11 +39,7 @@ fn most_frames_per_message(log: &str) -> usize {
 async fn an_offline_edge_gets_documents_larger_than_a_frame_and_later_edits() {
     within(300, async {
         let dir = tempfile::tempdir().unwrap();
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[head.addr], Some(&head.token()))
-            .await;
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
         let small = |image: &str| edgenode("default", "edge01", &[("web", image)]);
         ok(head.daemon.cli(&[
             "apply",
@@ -158,11 +154,7 @@ fn flood(
 async fn a_joined_edge_gets_in_at_once_during_a_flood_of_connection_attempts() {
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[head.addr], Some(&head.token()))
-            .await;
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
         let file = write(dir.path(), "edge01.yaml", &example("nginx"));
         ok(head.daemon.cli(&["apply", "-f", &file]));
         wait_for("first sync", SOON, || dirs.manifest("default", "nginx")).await;

@@ -25,11 +25,7 @@ fn value(text: &str, sample: &str) -> Option<f64> {
 async fn head_and_edge_serve_prometheus_metrics() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[head.addr], Some(&head.token()))
-            .await;
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
         ok(head.daemon.cli(&[
             "apply",
             "-f",

@@ -7,11 +7,7 @@ use crate::harness::*;
 async fn one_edge_serves_every_namespace_and_refuses_other_nodes() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[head.addr], Some(&head.token()))
-            .await;
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
         let text = format!(
             "{}---\n{}---\n{}",
             edgenode("default", "edge01", &[("web", "nginx")]),

@@ -8,11 +8,7 @@ use std::time::Duration;
 async fn offline_restart_rewrites_and_repairs_manifests() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
-        let dirs = EdgeDirs::new(dir.path(), "edge01");
-        let edge = dirs
-            .start("edge01", &[head.addr], Some(&head.token()))
-            .await;
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
         let file = write(
             dir.path(),
             "two.yaml",
