@@ -158,3 +158,104 @@ pub fn with_cluster(
         }
     }
 }
+
+/// Adds what the Kubernetes bridge found that the document cannot say: `conflicts` between a
+/// user's edits and the edge's, and why the resource's spec was `refused`.
+pub fn with_bridge(
+    status: &mut EdgeNodeStatus,
+    conflicts: Option<Vec<String>>,
+    refused: Option<String>,
+) {
+    let mut set = |condition: Condition| {
+        status.conditions.retain(|c| c.type_ != condition.type_);
+        status.conditions.push(condition);
+    };
+    if let Some(conflicts) = conflicts {
+        set(Condition::new(
+            "Conflict",
+            true,
+            "ConcurrentEdits",
+            conflicts.join("; "),
+        ));
+    }
+    if let Some(reason) = refused {
+        set(Condition::new("Valid", false, "SpecRefused", reason));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn view(observed: Option<i64>, states: &[(&str, &str)]) -> DocView {
+        DocView {
+            namespace: "default".into(),
+            name: "edge01".into(),
+            generation: 2,
+            observed_generation: observed,
+            pods: states
+                .iter()
+                .map(|(name, _)| (name.to_string(), json!({})))
+                .collect(),
+            pod_states: states
+                .iter()
+                .map(|(name, state)| PodState {
+                    name: name.to_string(),
+                    state: state.to_string(),
+                    reason: (*state == POD_REFUSED).then(|| "hostNetwork".into()),
+                    phase: None,
+                })
+                .collect(),
+            ..DocView::default()
+        }
+    }
+
+    fn condition<'a>(status: &'a EdgeNodeStatus, type_: &str) -> &'a Condition {
+        let mut found = status.conditions.iter().filter(|c| c.type_ == type_);
+        let first = found.next().expect(type_);
+        assert!(found.next().is_none(), "{type_} twice");
+        first
+    }
+
+    #[test]
+    fn the_phase_and_every_condition_say_why() {
+        let at = Some("2026-12-02T00:00:00Z".to_string());
+        let running = derive_status(&view(Some(2), &[("web", POD_APPLIED)]), at.clone(), true);
+        assert_eq!(running.phase, Some(Phase::Running));
+        assert_eq!(running.pods_ready.as_deref(), Some("1/1"));
+        let pending = derive_status(&view(Some(1), &[("web", POD_APPLIED)]), at.clone(), true);
+        assert_eq!(pending.phase, Some(Phase::Pending));
+        assert_eq!(
+            condition(&pending, "Synced").message,
+            "edge applied generation 1 of 2"
+        );
+        let refused = derive_status(&view(Some(2), &[("web", POD_REFUSED)]), at.clone(), true);
+        assert_eq!(refused.phase, Some(Phase::Degraded));
+        assert_eq!(condition(&refused, "Valid").message, "web: hostNetwork");
+        let offline = derive_status(&view(Some(2), &[("web", POD_APPLIED)]), at, false);
+        assert_eq!(offline.phase, Some(Phase::Offline));
+        assert_eq!(condition(&offline, "Online").reason, "Disconnected");
+
+        // The cluster's view: a Node not Ready is offline, whatever the edge last said.
+        let mut folded = running.clone();
+        with_cluster(&mut folded, Some(false), |_| Some("Running".into()));
+        assert_eq!(folded.phase, Some(Phase::Offline));
+        assert_eq!(condition(&folded, "Online").reason, "NodeNotReady");
+        let mut starting = running.clone();
+        with_cluster(&mut starting, Some(true), |_| None);
+        assert_eq!(starting.phase, Some(Phase::Pending));
+        assert_eq!(starting.pods_ready.as_deref(), Some("0/1"));
+
+        // What the bridge found replaces, never repeats, a condition.
+        let mut bridged = refused.clone();
+        with_bridge(
+            &mut bridged,
+            Some(vec!["spec.x: kept 1, lost 2".into()]),
+            None,
+        );
+        with_bridge(&mut bridged, None, Some("spec.pods[0]: bad".into()));
+        assert_eq!(condition(&bridged, "Conflict").reason, "ConcurrentEdits");
+        assert_eq!(condition(&bridged, "Valid").reason, "SpecRefused");
+    }
+}

@@ -5,7 +5,7 @@
 //! interval, so neither syncing nor 1,000 edges reconnecting cause a write storm.
 
 use super::{Bridge, lock};
-use crate::crd::MANAGED_LABEL;
+use crate::crd::{EdgeNodeStatus, MANAGED_LABEL, Phase};
 use crate::daemon::Tasks;
 use crate::head::cluster::patch_params;
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
@@ -116,33 +116,18 @@ async fn write_status(
                 bridge.cluster.node_ready(name),
                 |pod| bridge.cluster.mirror_phase(namespace, pod, name),
             );
-            serde_json::to_value(status).unwrap_or_default()
+            status
         }
         // Refused before any document existed: say so rather than nothing.
-        Ok(None) if refused.is_some() => json!({"phase": "Pending", "conditions": []}),
+        Ok(None) if refused.is_some() => EdgeNodeStatus {
+            phase: Some(Phase::Pending),
+            ..EdgeNodeStatus::default()
+        },
         _ => return,
     };
-    if let Some(conditions) = status["conditions"].as_array_mut() {
-        if let Some(conflicts) = conflicts {
-            conditions.retain(|c| c["type"] != "Conflict");
-            let message: Vec<String> = conflicts.into_iter().collect();
-            conditions.push(json!({
-                "type": "Conflict",
-                "status": "True",
-                "reason": "ConcurrentEdits",
-                "message": message.join("; "),
-            }));
-        }
-        if let Some(reason) = refused {
-            conditions.retain(|c| c["type"] != "Valid");
-            conditions.push(json!({
-                "type": "Valid",
-                "status": "False",
-                "reason": "SpecRefused",
-                "message": reason,
-            }));
-        }
-    }
+    let conflicts = conflicts.map(|c| c.into_iter().collect());
+    crate::node::status::with_bridge(&mut status, conflicts, refused);
+    let status = serde_json::to_value(status).unwrap_or_default();
     let mut comparable = status.clone();
     if let Some(map) = comparable.as_object_mut() {
         map.remove("lastSyncedAt");
