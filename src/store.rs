@@ -1,6 +1,8 @@
 //! SQLite state: open and migrate, one writer thread with batched transactions, documents,
 //! per-peer sync state, owned manifest files, join tokens and joined nodes.
 
+pub mod users;
+
 use prometheus_client::metrics::histogram::Histogram;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -170,7 +172,7 @@ impl Store {
     }
 
     /// Runs `f` on the writer thread inside a transaction and returns its result once committed.
-    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
