@@ -565,7 +565,7 @@ async fn cold_start() -> Vec<Figure> {
 async fn main() {
     // `--quick`, and optionally the names of the parts to run (all by default).
     // EDGESYNC_LOG=edgesync=debug shows what the in-process edges do; silent by default.
-    edgesync::runtime::init_tracing(edgesync::cli::LogFormat::Text, "off");
+    edgesync::runtime::init_tracing(edgesync::cli::LogFormat::Text, None, "off");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only: Vec<&str> = args

@@ -17,9 +17,20 @@ pub struct Cli {
     /// Log format of the daemons.
     #[arg(long, global = true, env = "EDGESYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// What the daemons log: a level (error, warn, info, debug, trace) or a filter such as
+    /// `info,edgesync::sync=debug`. Default: EDGESYNC_LOG, else info.
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = log_filter)]
+    pub log_level: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// A `--log-level` the log filter understands.
+fn log_filter(text: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| text.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Log output format.
@@ -79,6 +90,33 @@ pub enum Command {
     /// Run a head and an edge in this process on loopback with temporary state and show what
     /// happens to the example EdgeNode.
     Dev(DevArgs),
+    /// Show the version, the commit and its date, and the wire protocol.
+    Version(VersionArgs),
+    /// Print a shell completion script: `source <(edgesync completion bash)`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Flags of `edgesync version`.
+#[derive(Debug, Args)]
+pub struct VersionArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = VersionOutput::Text)]
+    pub output: VersionOutput,
+}
+
+/// `version -o`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VersionOutput {
+    /// Human-readable.
+    Text,
+    /// JSON for scripts.
+    Json,
+    /// YAML.
+    Yaml,
 }
 
 /// Flags of `edgesync head`.

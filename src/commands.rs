@@ -1,7 +1,9 @@
 //! The CLI's client commands (apply, get, delete, status, token create): talk to the local
 //! control socket and print for people (tables) or scripts (JSON, YAML).
 
-use crate::cli::{ApplyArgs, DeleteArgs, GetArgs, GetOutput, StatusArgs, StatusOutput};
+use crate::cli::{
+    ApplyArgs, DeleteArgs, GetArgs, GetOutput, StatusArgs, StatusOutput, VersionArgs, VersionOutput,
+};
 use crate::control::{Client, ControlError};
 use crate::node::{ApplyOutcome, StatusReport};
 use hyper::{Method, StatusCode};
@@ -565,6 +567,31 @@ pub fn status_text(report: &StatusReport, now: Timestamp) -> String {
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// `edgesync version`.
+pub fn version(args: &VersionArgs) -> Result<(), CommandError> {
+    let info = crate::version::build_info();
+    match args.output {
+        VersionOutput::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&info).expect("build info prints")
+        ),
+        VersionOutput::Yaml => print!(
+            "{}",
+            serde_saphyr::to_string(&info).map_err(|e| CommandError::Runtime(e.to_string()))?
+        ),
+        VersionOutput::Text => {
+            println!("edgesync {}", info.version);
+            println!("commit:     {}", info.commit);
+            println!("build date: {}", info.build_date);
+            println!(
+                "wire:       version {} (ALPN {})",
+                info.wire_version, info.alpn
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,3 +24,4 @@ pub mod runtime;
 pub mod store;
 pub mod sync;
 pub mod transport;
+pub mod version;

@@ -16,7 +16,8 @@ fn main() {
     ) {
         runtime::private_umask();
     }
-    runtime::init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
+    let default_level = if quiet { "warn" } else { "info" };
+    runtime::init_tracing(cli.log_format, cli.log_level.as_deref(), default_level);
     // A head serves many edges on two worker threads; an edge, or a command, needs one thread
     // (fewer stacks and allocator arenas keep an idle edge small).
     let mut builder = match cli.command {
@@ -103,6 +104,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
         },
         Command::Dev(args) => dev::run(args.once).await?,
+        Command::Version(args) => commands::version(&args)?,
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "edgesync", &mut std::io::stdout());
+        }
     }
     Ok(())
 }

@@ -3,12 +3,14 @@
 use crate::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global tracing subscriber: `EDGESYNC_LOG` (or `RUST_LOG`) filters, default
-/// `default`; logs go to stderr, as text or JSON lines.
-pub fn init_tracing(format: LogFormat, default: &str) {
-    let filter = std::env::var("EDGESYNC_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| default.into());
+/// Installs the global tracing subscriber: `--log-level`, else `EDGESYNC_LOG` (or `RUST_LOG`),
+/// filters, default `default`; logs go to stderr, as text or JSON lines.
+pub fn init_tracing(format: LogFormat, level: Option<&str>, default: &str) {
+    let filter = level
+        .map(str::to_string)
+        .or_else(|| std::env::var("EDGESYNC_LOG").ok())
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| default.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

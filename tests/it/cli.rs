@@ -100,3 +100,48 @@ async fn dev_mode_shows_the_manifest_appear_and_change() {
     })
     .await;
 }
+
+#[test]
+fn version_completion_and_log_level_work_as_documented() {
+    let text = cli(&["version"]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    for line in [
+        "edgesync ",
+        "commit:",
+        "build date:",
+        "wire:       version 1 (ALPN edgesync/1)",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+    let json: serde_json::Value = serde_json::from_slice(&cli(&["version", "-o", "json"]).stdout)
+        .expect("version -o json is JSON");
+    assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(json["wireVersion"], 1);
+    assert!(json["commit"].as_str().is_some_and(|c| !c.is_empty()));
+
+    for shell in ["bash", "zsh", "fish"] {
+        let script = cli(&["completion", shell]);
+        assert!(script.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&script.stdout);
+        assert!(
+            script.contains("edgesync") && script.contains("apply"),
+            "{shell}"
+        );
+    }
+    // The bash script is valid bash.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgesync.bash");
+    std::fs::write(&file, cli(&["completion", "bash"]).stdout).unwrap();
+    let checked = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(checked.success(), "bash -n refused the completion script");
+
+    let bad = cli(&["--log-level", "nope[", "status"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(said.contains("--log-level"), "{said}");
+}

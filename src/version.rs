@@ -1,0 +1,38 @@
+//! What this build is: its version, the commit it was built from and that commit's date, and
+//! the wire protocol it speaks.
+
+use serde::Serialize;
+
+/// The package version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit built from ("unknown" outside a git checkout).
+pub const COMMIT: &str = env!("EDGESYNC_COMMIT");
+/// That commit's date, RFC 3339 ("unknown" outside a git checkout).
+pub const COMMIT_DATE: &str = env!("EDGESYNC_COMMIT_DATE");
+
+/// The build, as `edgesync version -o json` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildInfo {
+    /// Package version.
+    pub version: &'static str,
+    /// Commit.
+    pub commit: &'static str,
+    /// Commit date.
+    pub build_date: &'static str,
+    /// Version byte of the wire frames.
+    pub wire_version: u8,
+    /// ALPN of the QUIC connections.
+    pub alpn: String,
+}
+
+/// This build.
+pub fn build_info() -> BuildInfo {
+    BuildInfo {
+        version: VERSION,
+        commit: COMMIT,
+        build_date: COMMIT_DATE,
+        wire_version: crate::sync::wire::VERSION,
+        alpn: String::from_utf8_lossy(crate::transport::tls::ALPN).into_owned(),
+    }
+}
