@@ -48,7 +48,7 @@ pub enum Command {
     /// Run a head node: CA, join tokens, documents for every edge.
     Head(Box<HeadArgs>),
     /// Run an edge node: sync its EdgeNodes and write them as static pod manifests.
-    Edge(EdgeArgs),
+    Edge(Box<EdgeArgs>),
     /// Manage join tokens (on a head).
     Token {
         /// Token action.
@@ -136,6 +136,10 @@ pub struct HeadArgs {
     /// HTTPS API address (registration, AUP, kubeconfig). Default 0.0.0.0:7444.
     #[arg(long, env = "EDGESYNC_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
+    /// Serve Prometheus /metrics over plain HTTP on ADDR:PORT (`none`: not at all). Default
+    /// 127.0.0.1:7445; a default address already in use is skipped with a warning.
+    #[arg(long, env = "EDGESYNC_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
     /// Control socket for the CLI. Default /run/edgesync/edgesync.sock.
     #[arg(long, env = "EDGESYNC_SOCKET")]
     pub socket: Option<PathBuf>,
@@ -265,6 +269,10 @@ pub struct EdgeArgs {
     /// How often manifests are checked for hand edits (e.g. 10s, 500ms). Default 10s.
     #[arg(long, env = "EDGESYNC_DRIFT_INTERVAL")]
     pub drift_interval: Option<String>,
+    /// Serve Prometheus /metrics over plain HTTP on ADDR:PORT (`none`: not at all). Default
+    /// 127.0.0.1:7446; a default address already in use is skipped with a warning.
+    #[arg(long, env = "EDGESYNC_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 /// `edgesync token` actions.

@@ -19,6 +19,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgesync";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 /// Default head API address.
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:7444";
+/// Where a head serves /metrics unless told.
+pub const DEFAULT_HEAD_METRICS: &str = "127.0.0.1:7445";
+/// Where an edge serves /metrics unless told (loopback, as node agents do).
+pub const DEFAULT_EDGE_METRICS: &str = "127.0.0.1:7446";
 /// Default kubelet static pod directory.
 pub const DEFAULT_MANIFEST_DIR: &str = "/etc/kubernetes/manifests";
 
@@ -50,6 +54,8 @@ pub struct HeadConfig {
     pub listen: SocketAddr,
     /// Head API address.
     pub api_listen: SocketAddr,
+    /// Where /metrics is served.
+    pub metrics: MetricsListen,
     /// Control socket.
     pub socket: PathBuf,
     /// Kubeconfig for the CRD bridge.
@@ -94,6 +100,7 @@ impl HeadConfig {
             state_dir: dir.join("state"),
             listen: "127.0.0.1:0".parse().expect("valid address"),
             api_listen: "127.0.0.1:0".parse().expect("valid address"),
+            metrics: MetricsListen::None,
             socket: dir.join("head.sock"),
             kubeconfig: None,
             peers: Vec::new(),
@@ -177,6 +184,38 @@ pub struct EdgeConfig {
     pub privileged_namespaces: Vec<String>,
     /// How often manifests are checked for hand edits.
     pub drift_interval: Duration,
+    /// Where /metrics is served.
+    pub metrics: MetricsListen,
+}
+
+/// Where a daemon serves Prometheus /metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// Not at all (`none`).
+    None,
+    /// The default address: skipped with a warning if it is in use (several daemons on one
+    /// host).
+    Default(SocketAddr),
+    /// An address given: failing to listen on it is an error.
+    Given(SocketAddr),
+}
+
+impl MetricsListen {
+    /// `--metrics-listen` (flag, else file), else `default`.
+    fn resolve(given: Option<String>, default: &str) -> Result<MetricsListen, ConfigError> {
+        match given.as_deref() {
+            None => Ok(MetricsListen::Default(
+                default.parse().expect("valid default"),
+            )),
+            Some("none") => Ok(MetricsListen::None),
+            Some(text) => text.parse().map(MetricsListen::Given).map_err(|_| {
+                config_err(
+                    "--metrics-listen",
+                    format!("{}: not ADDR:PORT or none", input::show(text)),
+                )
+            }),
+        }
+    }
 }
 
 impl EdgeConfig {
@@ -199,6 +238,7 @@ impl EdgeConfig {
             advertise_address: None,
             privileged_namespaces: Vec::new(),
             drift_interval: Duration::from_millis(200),
+            metrics: MetricsListen::None,
         }
     }
 }
@@ -337,6 +377,10 @@ impl HeadArgs {
                 .api_listen
                 .or(file.api_listen)
                 .unwrap_or_else(|| DEFAULT_API_LISTEN.parse().expect("valid default")),
+            metrics: MetricsListen::resolve(
+                self.metrics_listen.or(file.metrics_listen),
+                DEFAULT_HEAD_METRICS,
+            )?,
             socket: self
                 .socket
                 .or(file.socket)
@@ -422,6 +466,10 @@ impl EdgeArgs {
                 .map(|a| a.to_string()),
             privileged_namespaces,
             drift_interval,
+            metrics: MetricsListen::resolve(
+                self.metrics_listen.or(file.metrics_listen),
+                DEFAULT_EDGE_METRICS,
+            )?,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The local control socket: a small HTTP/JSON API on a unix socket (mode 0600) that the CLI
 //! uses, and the client side of it.
 
+use crate::config::MetricsListen;
 use crate::key::DocKey;
 use crate::node::{Node, NodeError};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
@@ -13,8 +14,10 @@ use hyper::body::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Largest request body the socket accepts.
@@ -199,6 +202,59 @@ pub async fn metrics(State(node): State<Node>) -> Response {
         node.metrics_text().await,
     )
         .into_response()
+}
+
+/// Renders the metrics text when scraped.
+pub type RenderMetrics =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// Listens on `listen` for Prometheus (plain HTTP, `GET /metrics`, rendered by `render`).
+/// Returns the address and the server future (run it as a task); None when nothing is to be
+/// served, or the default address is taken (then a warning says so).
+pub async fn serve_metrics(
+    listen: MetricsListen,
+    render: RenderMetrics,
+    shutdown: CancellationToken,
+) -> Result<Option<(SocketAddr, impl Future<Output = ()> + Send + 'static)>, ControlError> {
+    let (address, given) = match listen {
+        MetricsListen::None => return Ok(None),
+        MetricsListen::Default(address) => (address, false),
+        MetricsListen::Given(address) => (address, true),
+    };
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => listener,
+        Err(e) if !given => {
+            tracing::warn!(%address, error = %e, "metrics not served: the default address is taken; choose one with --metrics-listen");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(ControlError::Bind {
+                path: format!("--metrics-listen {address}"),
+                reason: e.to_string(),
+            });
+        }
+    };
+    let local = listener.local_addr().unwrap_or(address);
+    let handler = move || {
+        let render = render.clone();
+        async move {
+            let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            (
+                [(axum::http::header::CONTENT_TYPE, content_type)],
+                render().await,
+            )
+        }
+    };
+    let app = Router::new().route("/metrics", get(handler));
+    tracing::info!(address = %local, "serving metrics at /metrics");
+    Ok(Some((local, async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(address = %local, error = %e, "metrics listener failed");
+        }
+    })))
 }
 
 /// What an edge answers to what only a head serves.

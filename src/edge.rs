@@ -98,6 +98,18 @@ impl Edge {
         tasks.spawn(link::dial(node.clone(), targets, client, tasks.token()));
         tasks.spawn(join::renew_loop(config.clone(), tasks.token()));
         tasks.spawn(control);
+        let render: control::RenderMetrics = {
+            let node = node.clone();
+            Arc::new(move || {
+                let node = node.clone();
+                Box::pin(async move { node.metrics_text().await })
+            })
+        };
+        if let Some((_, served)) =
+            control::serve_metrics(config.metrics, render, tasks.token()).await?
+        {
+            tasks.spawn(served);
+        }
         info!(node = %config.node_name, manifests = %config.manifest_dir.display(), "edge ready");
         Ok(Edge {
             node,

@@ -9,6 +9,7 @@ pub mod bridge;
 pub mod cluster;
 pub mod dns;
 pub mod edges;
+pub mod fleet;
 pub mod lease;
 pub mod peers;
 pub mod roster;
@@ -193,7 +194,24 @@ impl Head {
         )
         .await?;
         tasks.spawn(control);
+        let render: control::RenderMetrics = {
+            let (node, edges) = (node.clone(), edges.clone());
+            Arc::new(move || {
+                let (node, edges) = (node.clone(), edges.clone());
+                Box::pin(async move {
+                    fleet::update_metrics(&node, &edges).await;
+                    node.metrics_text().await
+                })
+            })
+        };
+        if let Some((_, served)) =
+            control::serve_metrics(config.metrics, render, tasks.token()).await?
+        {
+            tasks.spawn(served);
+        }
         let (leading, leading_rx) = tokio::sync::watch::channel(cluster.is_none());
+        // Standalone, this head writes; with a cluster, the bridge says while it holds the Lease.
+        node.metrics().writer.set(i64::from(cluster.is_none()));
         tasks.spawn(dns::run(
             edges.clone(),
             config.dns.clone(),

@@ -1,6 +1,6 @@
 //! Prometheus metrics of one node, served as text at `/metrics` on the control socket and on
-//! the head API. Counters are counted where things happen; gauges that mirror state (peers,
-//! documents, last sync) are read from the node when scraped.
+//! `--metrics-listen`. Counters are counted where things happen; gauges that mirror state
+//! (peers, documents, edges up, the process) are read when scraped.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -38,6 +38,15 @@ pub struct ReasonLabels {
 pub struct EdgeLabels {
     /// Edge name.
     pub edge: String,
+}
+
+/// Labels of the build.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// Package version.
+    pub version: String,
+    /// Commit built from.
+    pub commit: String,
 }
 
 /// Labels naming a certificate.
@@ -81,6 +90,57 @@ pub struct Metrics {
     pub cert_expiry: Family<CertLabels, Gauge>,
     /// Seconds since each edge was last heard from (head).
     pub last_sync_age: Family<EdgeLabels, Gauge<f64, AtomicU64>>,
+    /// Whether each registered edge is connected to this head or to one connected to it
+    /// (head).
+    pub edge_up: Family<EdgeLabels, Gauge>,
+    /// When each registered edge was last heard from, unix seconds; now while its link is up
+    /// (QUIC keep-alives hold it) (head).
+    pub edge_last_heard: Family<EdgeLabels, Gauge<f64, AtomicU64>>,
+    /// Whether this head writes the cluster's status (holds the writer Lease; head).
+    pub writer: Gauge,
+    process: Process,
+}
+
+/// The process's own metrics, read from `/proc/self` when scraped.
+#[derive(Default)]
+struct Process {
+    resident: Gauge,
+    cpu: Counter<f64, AtomicU64>,
+    /// CPU seconds counted so far, to add what was used since.
+    cpu_seen: std::sync::Mutex<f64>,
+    open_fds: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
+}
+
+impl Process {
+    fn read(&self) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
+        if let Some(kib) = rss_kib {
+            self.resident.set(kib * 1024);
+        }
+        // utime and stime, fields 14 and 15, in USER_HZ (100 per second on Linux).
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+        if let (Some(user), Some(system)) = (ticks(14), ticks(15)) {
+            let total = (user + system) / 100.0;
+            let mut seen = self.cpu_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if total > *seen {
+                self.cpu.inc_by(total - *seen);
+                *seen = total;
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
+    }
 }
 
 /// The histogram of SQLite batch commit times (made by the store, registered here).
@@ -91,7 +151,8 @@ pub fn sqlite_histogram() -> Histogram {
 impl Metrics {
     /// All metrics, registered; `sqlite_write` is the store's histogram.
     pub fn new(sqlite_write: Histogram) -> Metrics {
-        let mut registry = Registry::with_prefix("edgesync");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("edgesync");
         let m = Metrics {
             peers: Family::default(),
             sync_rounds: Family::default(),
@@ -108,6 +169,10 @@ impl Metrics {
             pods_refused: Gauge::default(),
             cert_expiry: Family::default(),
             last_sync_age: Family::default(),
+            edge_up: Family::default(),
+            edge_last_heard: Family::default(),
+            writer: Gauge::default(),
+            process: Process::default(),
             registry: Registry::default(),
         };
         registry.register("peers_connected", "Connected peers", m.peers.clone());
@@ -173,7 +238,62 @@ impl Metrics {
             Unit::Seconds,
             m.last_sync_age.clone(),
         );
-        Metrics { registry, ..m }
+        registry.register(
+            "edge_up",
+            "Whether a registered edge is connected (to this head or to one connected to it)",
+            m.edge_up.clone(),
+        );
+        registry.register_with_unit(
+            "edge_last_heard_timestamp",
+            "When a registered edge was last heard from (unix time; now while connected)",
+            Unit::Seconds,
+            m.edge_last_heard.clone(),
+        );
+        registry.register(
+            "head_writer",
+            "Whether this head writes the cluster's status (holds the writer Lease)",
+            m.writer.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: crate::version::VERSION.into(),
+                commit: crate::version::COMMIT.into(),
+            })
+            .set(1);
+        registry.register("build_info", "The build: version and commit", build);
+        let process = &m.process;
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        process.start_time.set(started);
+        root.register_with_unit(
+            "process_resident_memory",
+            "Resident memory",
+            Unit::Bytes,
+            process.resident.clone(),
+        );
+        root.register_with_unit(
+            "process_cpu",
+            "CPU time used, user and system",
+            Unit::Seconds,
+            process.cpu.clone(),
+        );
+        root.register(
+            "process_open_fds",
+            "Open file descriptors",
+            process.open_fds.clone(),
+        );
+        root.register_with_unit(
+            "process_start_time",
+            "When the process started (unix time)",
+            Unit::Seconds,
+            process.start_time.clone(),
+        );
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// Counts one frame of `bytes` to or from a peer of `role`.
@@ -198,8 +318,9 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
+    /// The text exposition format, with the process's metrics read now.
     pub fn render(&self) -> String {
+        self.process.read();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");

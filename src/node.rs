@@ -221,7 +221,7 @@ impl Node {
 
     /// Whether edge `name` is online: for this edge itself, whether a head is connected; for
     /// another, whether it is connected here or to a head connected here.
-    async fn online(&self, name: &str) -> bool {
+    pub async fn online(&self, name: &str) -> bool {
         if name == self.0.name {
             return self.0.peers.any_head_connected();
         }

@@ -453,7 +453,6 @@ fn router(accounts: Accounts, node: Node, ready: watch::Receiver<bool>) -> Route
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(crate::control::metrics))
         .route("/api/v1/registrations", post(register))
         .route("/api/v1/aup", get(aup))
         .route("/api/v1/users/{username}", get(user))

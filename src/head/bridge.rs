@@ -180,6 +180,7 @@ impl Bridge {
     async fn run(self: Arc<Self>, mut leading: watch::Receiver<bool>, shutdown: CancellationToken) {
         loop {
             let writer = *leading.borrow_and_update();
+            self.node.metrics().writer.set(i64::from(writer));
             let term = async {
                 match writer {
                     true => self.clone().lead().await,

@@ -100,11 +100,21 @@ pub struct Daemon {
     pub log: PathBuf,
     /// Its control socket.
     pub socket: PathBuf,
+    /// Where it serves /metrics (a free port of its own unless ARGS chose).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Daemon {
-    /// Spawns `edgesync ARGS`, its stderr going to `log`, not waiting.
-    pub fn spawn(args: Vec<String>, log: PathBuf, socket: PathBuf) -> Daemon {
+    /// Spawns `edgesync ARGS`, its stderr going to `log`, not waiting. A head or an edge serves
+    /// its metrics on a free loopback port unless ARGS say where.
+    pub fn spawn(mut args: Vec<String>, log: PathBuf, socket: PathBuf) -> Daemon {
+        let daemon = matches!(args.first().map(String::as_str), Some("head" | "edge"));
+        let mut metrics = None;
+        if daemon && !args.iter().any(|a| a == "--metrics-listen") {
+            let address = free_tcp_addr();
+            args.extend(["--metrics-listen".into(), address.to_string()]);
+            metrics = Some(address);
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -122,6 +132,7 @@ impl Daemon {
             .expect("edgesync starts");
         Daemon {
             child: Some(child),
+            metrics,
             log,
             socket,
         }

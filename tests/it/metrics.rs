@@ -1,5 +1,5 @@
-//! `/metrics` on the head API and on the control socket, from real processes after a join and
-//! a sync.
+//! `/metrics` on `--metrics-listen` and on the control socket, from real processes after a
+//! join and a sync; never on the head's public API.
 
 use crate::harness::*;
 use rustls_pki_types::pem::PemObject;
@@ -89,7 +89,6 @@ async fn head_and_edge_serve_prometheus_metrics() {
             "{text}"
         );
 
-        // The head API serves the same over HTTPS.
         let pem = std::fs::read(head.state.join("ca.crt")).unwrap();
         let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
         let tls = edgesync::transport::tls::https_client_config(&der).unwrap();
@@ -97,9 +96,71 @@ async fn head_and_edge_serve_prometheus_metrics() {
             .tls_backend_preconfigured(tls)
             .build()
             .unwrap();
+        // The metrics listeners serve the same over HTTP, with what an operator alerts on.
+        let scrape = |daemon: &Daemon| {
+            let request = http.get(format!("http://{}/metrics", daemon.metrics.unwrap()));
+            async move { request.send().await.unwrap().text().await.unwrap() }
+        };
+        let text = scrape(&head.daemon).await;
+        assert_eq!(
+            value(&text, "edgesync_edge_up{edge=\"edge01\"}"),
+            Some(1.0),
+            "{text}"
+        );
+        let heard = value(
+            &text,
+            "edgesync_edge_last_heard_timestamp_seconds{edge=\"edge01\"}",
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(heard.is_some_and(|t| (now - t).abs() < 30.0), "{text}");
+        assert_eq!(value(&text, "edgesync_head_writer "), Some(1.0), "{text}");
+        let build = format!(
+            "edgesync_build_info{{version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        for process in [
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(
+                value(&text, process).is_some_and(|v| v > 0.0),
+                "{process}: {text}"
+            );
+        }
+        let text = scrape(&edge).await;
+        assert!(
+            text.contains("edgesync_peers_connected{role=\"head\"} 1"),
+            "{text}"
+        );
+
+        // The head's public API does not serve them.
         let url = format!("https://localhost:{}/metrics", head.api.port());
-        let text = http.get(url).send().await.unwrap().text().await.unwrap();
-        assert!(text.contains("edgesync_peers_connected"), "{text}");
+        let status = http.get(url).send().await.unwrap().status();
+        assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+
+        // An edge that stops is down, heard from when its session ended.
+        edge.stop().await;
+        wait_value(&head.daemon, "edgesync_peers_connected{role=\"edge\"}", 0.0).await;
+        let text = scrape(&head.daemon).await;
+        assert_eq!(
+            value(&text, "edgesync_edge_up{edge=\"edge01\"}"),
+            Some(0.0),
+            "{text}"
+        );
+        assert!(
+            value(
+                &text,
+                "edgesync_edge_last_heard_timestamp_seconds{edge=\"edge01\"}"
+            )
+            .is_some(),
+            "{text}"
+        );
     })
     .await;
 }
