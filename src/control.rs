@@ -5,7 +5,7 @@ use crate::config::MetricsListen;
 use crate::key::DocKey;
 use crate::node::{Node, NodeError};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -195,13 +195,28 @@ async fn apply(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: St
 }
 
 /// The node's metrics in the OpenMetrics text format.
-pub async fn metrics(State(node): State<Node>) -> Response {
-    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-    (
-        [(axum::http::header::CONTENT_TYPE, content_type)],
-        node.metrics_text().await,
-    )
-        .into_response()
+pub async fn metrics(State(node): State<Node>, headers: HeaderMap) -> Response {
+    exposition(node.metrics_text().await, &headers)
+}
+
+/// The metrics in the format the scraper asks for: OpenMetrics when it accepts it (as
+/// Prometheus does), else the Prometheus text format 0.0.4 (curl, `promtool check metrics`).
+fn exposition(openmetrics: String, headers: &HeaderMap) -> Response {
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (content_type, body) = match accept.contains("application/openmetrics-text") {
+        true => (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            openmetrics,
+        ),
+        false => (
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::to_text_format(&openmetrics),
+        ),
+    };
+    ([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// Renders the metrics text when scraped.
@@ -235,15 +250,9 @@ pub async fn serve_metrics(
         }
     };
     let local = listener.local_addr().unwrap_or(address);
-    let handler = move || {
+    let handler = move |headers: HeaderMap| {
         let render = render.clone();
-        async move {
-            let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-            (
-                [(axum::http::header::CONTENT_TYPE, content_type)],
-                render().await,
-            )
-        }
+        async move { exposition(render().await, &headers) }
     };
     let app = Router::new().route("/metrics", get(handler));
     tracing::info!(address = %local, "serving metrics at /metrics");

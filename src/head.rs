@@ -209,6 +209,7 @@ impl Head {
         {
             tasks.spawn(served);
         }
+        tasks.spawn(fleet::count_refused(node.clone(), tasks.token()));
         let (leading, leading_rx) = tokio::sync::watch::channel(cluster.is_none());
         // Standalone, this head writes; with a cluster, the bridge says while it holds the Lease.
         node.metrics().writer.set(i64::from(cluster.is_none()));

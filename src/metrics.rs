@@ -84,7 +84,7 @@ pub struct Metrics {
     pub reconcile_runs: Counter,
     /// Reconciler runs that failed (edge).
     pub reconcile_failures: Counter,
-    /// Pods refused by the reconciler now (edge).
+    /// Pods refused now (an edge's own; on a head, every edge's as reported).
     pub pods_refused: Gauge,
     /// Expiry of certificates (unix seconds).
     pub cert_expiry: Family<CertLabels, Gauge>,
@@ -96,6 +96,8 @@ pub struct Metrics {
     /// When each registered edge was last heard from, unix seconds; now while its link is up
     /// (QUIC keep-alives hold it) (head).
     pub edge_last_heard: Family<EdgeLabels, Gauge<f64, AtomicU64>>,
+    /// When each registered edge's certificate expires, unix seconds (head).
+    pub edge_cert_expiry: Family<EdgeLabels, Gauge>,
     /// Whether this head writes the cluster's status (holds the writer Lease; head).
     pub writer: Gauge,
     process: Process,
@@ -171,10 +173,18 @@ impl Metrics {
             last_sync_age: Family::default(),
             edge_up: Family::default(),
             edge_last_heard: Family::default(),
+            edge_cert_expiry: Family::default(),
             writer: Gauge::default(),
             process: Process::default(),
             registry: Registry::default(),
         };
+        // Counters start at zero for each peer role, so that the first failure is an increase.
+        for role in ["head", "edge"] {
+            let labels = RoleLabels { role: role.into() };
+            m.peers.get_or_create(&labels);
+            m.sync_rounds.get_or_create(&labels);
+            m.sync_failures.get_or_create(&labels);
+        }
         registry.register("peers_connected", "Connected peers", m.peers.clone());
         registry.register(
             "sync_rounds",
@@ -248,6 +258,12 @@ impl Metrics {
             "When a registered edge was last heard from (unix time; now while connected)",
             Unit::Seconds,
             m.edge_last_heard.clone(),
+        );
+        registry.register_with_unit(
+            "edge_certificate_expiry_timestamp",
+            "When a registered edge's certificate expires (unix time)",
+            Unit::Seconds,
+            m.edge_cert_expiry.clone(),
         );
         registry.register(
             "head_writer",
@@ -328,6 +344,43 @@ impl Metrics {
     }
 }
 
+/// The Prometheus text format (0.0.4) of OpenMetrics text: a counter's help and type name
+/// its `_total` samples, and the `# UNIT` and `# EOF` lines go.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|l| l.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let total = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                text.push_str(&format!("{prefix}{name}{total} {tail}"));
+            }
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,5 +400,11 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} in\n{text}");
         }
+        let plain = to_text_format(&text);
+        assert!(plain.contains("# HELP edgesync_reconcile_runs_total Reconciler runs."));
+        assert!(plain.contains("# TYPE edgesync_reconcile_runs_total counter"));
+        assert!(plain.contains("# TYPE edgesync_documents gauge"));
+        assert!(!plain.contains("# EOF") && !plain.contains("# UNIT"));
+        assert!(plain.contains("edgesync_reconcile_runs_total 1\n"));
     }
 }

@@ -24,6 +24,7 @@ mod limits;
 mod links;
 mod manifests;
 mod metrics;
+mod monitoring;
 mod namespaces;
 mod offline;
 mod sync;
