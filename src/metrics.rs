@@ -181,9 +181,9 @@ impl Metrics {
         // Counters start at zero for each peer role, so that the first failure is an increase.
         for role in ["head", "edge"] {
             let labels = RoleLabels { role: role.into() };
-            m.peers.get_or_create(&labels);
-            m.sync_rounds.get_or_create(&labels);
-            m.sync_failures.get_or_create(&labels);
+            m.peers.get_or_create(&labels).set(0);
+            m.sync_rounds.get_or_create(&labels).inc_by(0);
+            m.sync_failures.get_or_create(&labels).inc_by(0);
         }
         registry.register("peers_connected", "Connected peers", m.peers.clone());
         registry.register(
