@@ -315,6 +315,15 @@ pub enum TokenAction {
 /// `edgesync node` actions.
 #[derive(Debug, Subcommand)]
 pub enum NodeAction {
+    /// List every registered edge, online or not (also `edgesync get nodes`).
+    List {
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = GetOutput::Table)]
+        output: GetOutput,
+    },
     /// Forget an edge: its certificate is no longer accepted and its links drop; it may join
     /// again with a new token.
     Remove {
@@ -389,6 +398,8 @@ pub struct ApplyArgs {
 pub enum GetOutput {
     /// Columns like kubectl.
     Table,
+    /// More columns.
+    Wide,
     /// JSON as kubectl prints it.
     Json,
     /// YAML as kubectl prints it.
@@ -398,7 +409,8 @@ pub enum GetOutput {
 /// Flags of `edgesync get`.
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// Resource type: edgenodes (also edgenode, en).
+    /// Resource type: edgenodes (also edgenode, en), or nodes (the registered edges, on a
+    /// head).
     pub resource: String,
     /// One EdgeNode by name.
     pub name: Option<String>,

@@ -154,8 +154,72 @@ pub async fn apply(args: &ApplyArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// `edgesync get edgenodes [NAME]`.
+/// `edgesync node list` (also `edgesync get nodes`).
+pub async fn node_list(socket: &Path, output: GetOutput) -> Result<(), CommandError> {
+    let list = call(socket, Method::GET, "/v1/nodes", None).await?;
+    match output {
+        GetOutput::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&list).expect("JSON value prints")
+        ),
+        GetOutput::Yaml => print!(
+            "{}",
+            serde_saphyr::to_string(&list).map_err(|e| CommandError::Runtime(e.to_string()))?
+        ),
+        GetOutput::Table | GetOutput::Wide => {
+            let items = list.as_array().cloned().unwrap_or_default();
+            match items.is_empty() {
+                true => eprintln!("No edges registered"),
+                false => print!(
+                    "{}",
+                    node_table(&items, output == GetOutput::Wide, Timestamp::now())
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `node list` table: one row per edge; `wide` adds the head, address, DNS and certificate.
+pub fn node_table(items: &[Value], wide: bool, now: Timestamp) -> String {
+    let mut header = vec!["NAME", "ONLINE", "EDGENODES", "PODS", "LAST SEEN"];
+    if wide {
+        header.extend(["HEAD", "ADDRESS", "DNS", "CERTIFICATE EXPIRES"]);
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
+    for item in items {
+        let text = |v: &Value| v.as_str().unwrap_or("<none>").to_string();
+        let number = |v: &Value| v.as_u64().unwrap_or(0);
+        let mut row = vec![
+            text(&item["name"]),
+            item["online"].as_bool().unwrap_or(false).to_string(),
+            number(&item["edgenodes"]).to_string(),
+            format!("{}/{}", number(&item["podsReady"]), number(&item["pods"])),
+            match item["online"].as_bool() {
+                Some(true) => "now".into(),
+                _ => item["lastSeen"]
+                    .as_str()
+                    .map_or("<unknown>".into(), |t| format!("{} ago", age(Some(t), now))),
+            },
+        ];
+        if wide {
+            row.extend([
+                text(&item["head"]),
+                text(&item["address"]),
+                text(&item["dns"]),
+                text(&item["certificateExpires"]),
+            ]);
+        }
+        rows.push(row);
+    }
+    table(rows)
+}
+
+/// `edgesync get edgenodes [NAME]`, or `edgesync get nodes`.
 pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
+    if matches!(args.resource.as_str(), "nodes" | "node" | "no") {
+        return node_list(&args.socket, args.output).await;
+    }
     check_resource(&args.resource)?;
     let value = match &args.name {
         Some(name) => {
@@ -187,7 +251,7 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
             "{}",
             serde_saphyr::to_string(&value).map_err(|e| CommandError::Runtime(e.to_string()))?
         ),
-        GetOutput::Table => {
+        GetOutput::Table | GetOutput::Wide => {
             let items = match &args.name {
                 Some(_) => vec![value],
                 None => value["items"].as_array().cloned().unwrap_or_default(),

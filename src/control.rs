@@ -285,6 +285,7 @@ pub fn edge_routes() -> Router {
             "/v1/tokens/{id}",
             axum::routing::delete(only_on_a_head("join tokens live")),
         )
+        .route("/v1/nodes", get(only_on_a_head("edges are listed")))
         .route(
             "/v1/nodes/{name}",
             axum::routing::delete(only_on_a_head("nodes are removed")),

@@ -185,6 +185,7 @@ impl Head {
             ca_hash: ca.hash(),
             accounts,
             edges: edges.clone(),
+            node: node.clone(),
         };
         let control = control::serve(
             &config.socket,

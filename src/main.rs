@@ -86,6 +86,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Node {
             action: NodeAction::Remove { name, socket },
         } => commands::node_remove(&socket, &name).await?,
+        Command::Node {
+            action: NodeAction::List { socket, output },
+        } => commands::node_list(&socket, output).await?,
         Command::User { action } => commands::user(action).await?,
         Command::Aup {
             action: AupAction::Set { file, socket },

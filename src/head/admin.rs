@@ -27,6 +27,8 @@ pub struct HeadControl {
     pub accounts: Accounts,
     /// Joined edges and join tokens.
     pub edges: Edges,
+    /// This head's node core.
+    pub node: crate::node::Node,
 }
 
 /// The head's routes of the control socket.
@@ -34,11 +36,17 @@ pub fn routes(head: HeadControl) -> Router {
     Router::new()
         .route("/v1/tokens", post(token).get(tokens))
         .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/users", get(users))
         .route("/v1/users/{name}/{action}", post(decide))
         .route("/v1/aup", axum::routing::put(set_aup))
         .with_state(head)
+}
+
+async fn nodes(State(head): State<HeadControl>) -> ApiResult {
+    let list = crate::head::fleet::list(&head.node, &head.edges).await;
+    Ok(Json(list).into_response())
 }
 
 async fn remove_node(

@@ -7,9 +7,90 @@ use crate::head::edges::Edges;
 use crate::metrics::EdgeLabels;
 use crate::node::Node;
 use k8s_openapi::jiff::Timestamp;
-use std::collections::HashMap;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
+
+/// One registered edge as `edgesync node list` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeInfo {
+    /// Name.
+    pub name: String,
+    /// Connected to this head or to a head connected to it.
+    pub online: bool,
+    /// The head it is connected to, if any.
+    pub head: Option<String>,
+    /// The address it is reachable at, as last seen or advertised.
+    pub address: Option<String>,
+    /// Last heard from (RFC 3339): now while online; else when its session here ended.
+    pub last_seen: Option<String>,
+    /// When its certificate expires (RFC 3339).
+    pub certificate_expires: Option<String>,
+    /// Its address in DNS, when published.
+    pub dns: Option<String>,
+    /// EdgeNodes named after it (not deleted).
+    pub edgenodes: usize,
+    /// Pods its edge reports applied.
+    pub pods_ready: usize,
+    /// Pods its EdgeNodes ask for.
+    pub pods: usize,
+}
+
+/// Every registered edge, online or not, by name.
+pub async fn list(node: &Node, edges: &Edges) -> Vec<EdgeInfo> {
+    let view = edges.dns_view().await;
+    let peers = node.peers().list();
+    let now = Timestamp::now().to_string();
+    let mut counts: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    for key in node.docs().keys() {
+        let Ok(Some((doc, _))) = node.docs().view(&key).await else {
+            continue;
+        };
+        if doc.deleted || doc.generation == 0 {
+            continue;
+        }
+        let ready = doc
+            .pod_states
+            .iter()
+            .filter(|p| p.state == crate::crd::POD_APPLIED && doc.pods.contains_key(&p.name))
+            .count();
+        let count = counts.entry(doc.name.clone()).or_default();
+        *count = (count.0 + 1, count.1 + ready, count.2 + doc.pods.len());
+    }
+    let mut list = Vec::new();
+    for (name, registration) in view.nodes.iter().filter(|(_, r)| !r.removed) {
+        let online = node.online(name).await;
+        let head = match node.peers().is_connected(name) {
+            true => Some(node.name().to_string()),
+            false => node.docs().presence_of(name).await.filter(|_| online),
+        };
+        let last_seen = match online {
+            true => Some(now.clone()),
+            false => peers
+                .iter()
+                .find(|p| p.name == *name)
+                .and_then(|p| p.last_seen.clone()),
+        };
+        let (edgenodes, pods_ready, pods) = counts.get(name).copied().unwrap_or_default();
+        list.push(EdgeInfo {
+            name: name.clone(),
+            online,
+            head,
+            address: view.addresses.get(name).map(ToString::to_string),
+            last_seen,
+            certificate_expires: Timestamp::from_second(registration.not_after)
+                .ok()
+                .map(|t| t.to_string()),
+            dns: view.dns.get(name).map(ToString::to_string),
+            edgenodes,
+            pods_ready,
+            pods,
+        });
+    }
+    list
+}
 
 /// Sets `edgesync_edge_up` and `edgesync_edge_last_heard_timestamp_seconds` for every
 /// registered edge: up while it is connected here or to a head connected here; heard from now

@@ -15,6 +15,7 @@ mod daemons;
 mod deploy;
 mod dns;
 mod edits;
+mod fleet;
 mod harness;
 mod heads;
 mod inputs;
