@@ -154,18 +154,25 @@ pub async fn apply(args: &ApplyArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// Prints `value` as indented JSON, as kubectl does.
+fn print_json(value: &impl serde::Serialize) {
+    let text = serde_json::to_string_pretty(value).expect("a JSON value prints");
+    println!("{text}");
+}
+
+/// Prints `value` as YAML.
+fn print_yaml(value: &impl serde::Serialize) -> Result<(), CommandError> {
+    let text = serde_saphyr::to_string(value).map_err(|e| CommandError::Runtime(e.to_string()))?;
+    print!("{text}");
+    Ok(())
+}
+
 /// `edgesync node list` (also `edgesync get nodes`).
 pub async fn node_list(socket: &Path, output: GetOutput) -> Result<(), CommandError> {
     let list = call(socket, Method::GET, "/v1/nodes", None).await?;
     match output {
-        GetOutput::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&list).expect("JSON value prints")
-        ),
-        GetOutput::Yaml => print!(
-            "{}",
-            serde_saphyr::to_string(&list).map_err(|e| CommandError::Runtime(e.to_string()))?
-        ),
+        GetOutput::Json => print_json(&list),
+        GetOutput::Yaml => print_yaml(&list)?,
         GetOutput::Table | GetOutput::Wide => {
             let items = list.as_array().cloned().unwrap_or_default();
             match items.is_empty() {
@@ -243,14 +250,8 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
         }
     };
     match args.output {
-        GetOutput::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("JSON value prints")
-        ),
-        GetOutput::Yaml => print!(
-            "{}",
-            serde_saphyr::to_string(&value).map_err(|e| CommandError::Runtime(e.to_string()))?
-        ),
+        GetOutput::Json => print_json(&value),
+        GetOutput::Yaml => print_yaml(&value)?,
         GetOutput::Table | GetOutput::Wide => {
             let items = match &args.name {
                 Some(_) => vec![value],
@@ -292,10 +293,7 @@ pub async fn delete(args: &DeleteArgs) -> Result<(), CommandError> {
 pub async fn status(args: &StatusArgs) -> Result<(), CommandError> {
     let value = call(&args.socket, Method::GET, "/v1/status", None).await?;
     match args.output {
-        StatusOutput::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("JSON value prints")
-        ),
+        StatusOutput::Json => print_json(&value),
         StatusOutput::Table => {
             let report: StatusReport =
                 serde_json::from_value(value).map_err(|e| CommandError::Runtime(e.to_string()))?;
@@ -336,10 +334,7 @@ pub async fn token(action: crate::cli::TokenAction) -> Result<(), CommandError> 
         TokenAction::List { output, socket } => {
             let tokens = call(&socket, Method::GET, "/v1/tokens", None).await?;
             match output.as_str() {
-                "json" => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&tokens).unwrap_or_default()
-                ),
+                "json" => print_json(&tokens),
                 _ => {
                     let now = crate::clock::unix_now();
                     let mut rows = vec![vec!["ID".to_string(), "EXPIRES".into(), "AGE".into()]];
@@ -421,10 +416,7 @@ pub async fn user(action: crate::cli::UserAction) -> Result<(), CommandError> {
 
 fn print_users(users: &Value, output: &str) -> Result<(), CommandError> {
     match output {
-        "json" => println!(
-            "{}",
-            serde_json::to_string_pretty(users).unwrap_or_default()
-        ),
+        "json" => print_json(users),
         "table" => {
             let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
             let mut rows = vec![
@@ -637,14 +629,8 @@ fn indent(text: &str) -> String {
 pub fn version(args: &VersionArgs) -> Result<(), CommandError> {
     let info = crate::version::build_info();
     match args.output {
-        VersionOutput::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&info).expect("build info prints")
-        ),
-        VersionOutput::Yaml => print!(
-            "{}",
-            serde_saphyr::to_string(&info).map_err(|e| CommandError::Runtime(e.to_string()))?
-        ),
+        VersionOutput::Json => print_json(&info),
+        VersionOutput::Yaml => print_yaml(&info)?,
         VersionOutput::Text => {
             println!("edgesync {}", info.version);
             println!("commit:     {}", info.commit);
