@@ -75,6 +75,8 @@ pub enum Command {
     },
     /// Create or update EdgeNodes from a YAML or JSON file (several documents allowed).
     Apply(ApplyArgs),
+    /// Show what `apply -f FILE` would change (exit 1 when it would change something).
+    Diff(DiffArgs),
     /// Show EdgeNodes.
     Get(GetArgs),
     /// Delete an EdgeNode (its pods are removed from the edge).
@@ -388,6 +390,33 @@ pub struct ApplyArgs {
     /// Namespace for objects that name none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
+    /// Change nothing: `client` checks the file here; `server` has the node check it and say
+    /// what it would do.
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "client")]
+    pub dry_run: Option<DryRun>,
+    /// Control socket.
+    #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// `apply --dry-run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DryRun {
+    /// Checked here, nothing sent.
+    Client,
+    /// Checked by the node, nothing stored.
+    Server,
+}
+
+/// Flags of `edgesync diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// EdgeNode file (YAML or JSON; `-` for standard input).
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub file: PathBuf,
+    /// Namespace for objects that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
     /// Control socket.
     #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
@@ -431,10 +460,15 @@ pub struct GetArgs {
 /// Flags of `edgesync delete`.
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
-    /// Resource type: edgenode (also edgenodes, en).
-    pub resource: String,
+    /// Resource type: edgenode (also edgenodes, en); none with -f.
+    #[arg(required_unless_present = "file")]
+    pub resource: Option<String>,
     /// EdgeNode name.
-    pub name: String,
+    #[arg(required_unless_present = "file")]
+    pub name: Option<String>,
+    /// Delete the EdgeNodes of this file (YAML or JSON; `-` for standard input).
+    #[arg(short = 'f', long = "filename", conflicts_with_all = ["resource", "name"])]
+    pub file: Option<PathBuf>,
     /// Namespace.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,

@@ -2,7 +2,8 @@
 //! control socket and print for people (tables) or scripts (JSON, YAML).
 
 use crate::cli::{
-    ApplyArgs, DeleteArgs, GetArgs, GetOutput, StatusArgs, StatusOutput, VersionArgs, VersionOutput,
+    ApplyArgs, DeleteArgs, DiffArgs, DryRun, GetArgs, GetOutput, StatusArgs, StatusOutput,
+    VersionArgs, VersionOutput,
 };
 use crate::control::{Client, ControlError};
 use crate::node::{ApplyOutcome, StatusReport};
@@ -21,6 +22,9 @@ pub enum CommandError {
     /// The daemon has no such object (exit 1).
     #[error("{0}")]
     NotFound(String),
+    /// Everything is said; exit with this code (`diff` when something would change).
+    #[error("exit {0}")]
+    Exit(i32),
     /// Anything else (exit 1).
     #[error("{0}")]
     Runtime(String),
@@ -32,6 +36,7 @@ impl CommandError {
         match self {
             CommandError::Usage(_) => 2,
             CommandError::NotFound(_) | CommandError::Runtime(_) => 1,
+            CommandError::Exit(code) => *code,
         }
     }
 }
@@ -138,7 +143,17 @@ pub async fn apply(args: &ApplyArgs) -> Result<(), CommandError> {
         crate::input::MAX_INPUT_BYTES,
         "one apply takes; split it into several files",
     )?;
-    let uri = format!("/v1/apply?namespace={}", args.namespace);
+    if args.dry_run == Some(DryRun::Client) {
+        let rules = crate::input::Rules::new(&args.namespace);
+        let nodes = crate::input::parse_edgenodes(&text, &rules)
+            .map_err(|e| CommandError::Usage(format!("{name}: {e}")))?;
+        for node in nodes {
+            println!("edgenode.edgesync.io/{} checked (dry run)", node.name);
+        }
+        return Ok(());
+    }
+    let server = args.dry_run == Some(DryRun::Server);
+    let uri = format!("/v1/apply?namespace={}&dryRun={server}", args.namespace);
     let result = call(&args.socket, Method::POST, &uri, Some(text.into_bytes())).await;
     let outcomes: Vec<ApplyOutcome> = match result {
         Ok(v) => serde_json::from_value(v).map_err(|e| CommandError::Runtime(e.to_string()))?,
@@ -149,7 +164,8 @@ pub async fn apply(args: &ApplyArgs) -> Result<(), CommandError> {
     };
     for outcome in outcomes {
         let short = crate::key::edge_of(&outcome.key).unwrap_or(&outcome.key);
-        println!("edgenode.edgesync.io/{short} {}", outcome.result);
+        let dry = if server { " (server dry run)" } else { "" };
+        println!("edgenode.edgesync.io/{short} {}{dry}", outcome.result);
     }
     Ok(())
 }
@@ -274,18 +290,67 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
 
 /// `edgesync delete edgenode NAME`.
 pub async fn delete(args: &DeleteArgs) -> Result<(), CommandError> {
-    check_resource(&args.resource)?;
-    let uri = format!("/v1/edgenodes/{}/{}", args.namespace, args.name);
-    match call(&args.socket, Method::DELETE, &uri, None).await {
-        Ok(_) => {
-            println!("edgenode.edgesync.io {:?} deleted", args.name);
-            Ok(())
+    let names = match (&args.file, &args.resource, &args.name) {
+        (Some(file), _, _) => {
+            let text = read_text(file, crate::input::MAX_INPUT_BYTES, "one delete takes")?;
+            crate::input::edgenode_names(&text, &args.namespace)
+                .map_err(|e| CommandError::Usage(format!("{}: {e}", file.display())))?
         }
-        Err(CommandError::NotFound(_)) => Err(CommandError::NotFound(format!(
-            "edgenodes.edgesync.io {:?} not found in namespace {:?}",
-            args.name, args.namespace
-        ))),
-        Err(e) => Err(e),
+        (None, Some(resource), Some(name)) => {
+            check_resource(resource)?;
+            vec![(args.namespace.clone(), name.clone())]
+        }
+        _ => {
+            return Err(CommandError::Usage(
+                "name an EdgeNode or give -f FILE".into(),
+            ));
+        }
+    };
+    // Like kubectl: each is deleted or said missing; a missing one fails the command at the end.
+    let mut missing = None;
+    for (namespace, name) in names {
+        let uri = format!("/v1/edgenodes/{namespace}/{name}");
+        match call(&args.socket, Method::DELETE, &uri, None).await {
+            Ok(_) => println!("edgenode.edgesync.io {name:?} deleted"),
+            Err(CommandError::NotFound(_)) => {
+                let said =
+                    format!("edgenodes.edgesync.io {name:?} not found in namespace {namespace:?}");
+                if missing.is_some() {
+                    eprintln!("error: {said}");
+                }
+                missing = missing.or(Some(said));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match missing {
+        Some(said) => Err(CommandError::NotFound(said)),
+        None => Ok(()),
+    }
+}
+
+/// `edgesync diff -f FILE`: what `apply` would change, as a unified diff of each EdgeNode's
+/// labels and spec; exits 1 when something would change, as kubectl does.
+pub async fn diff(args: &DiffArgs) -> Result<(), CommandError> {
+    let name = args.file.display().to_string();
+    let text = read_text(&args.file, crate::input::MAX_INPUT_BYTES, "one apply takes")?;
+    let uri = format!("/v1/diff?namespace={}", args.namespace);
+    let diffs = match call(&args.socket, Method::POST, &uri, Some(text.into_bytes())).await {
+        Err(CommandError::Usage(message)) => {
+            return Err(CommandError::Usage(format!("{name}: {message}")));
+        }
+        other => other?,
+    };
+    let mut changes = false;
+    for diff in diffs.as_array().into_iter().flatten() {
+        if let Some(text) = diff["diff"].as_str().filter(|t| !t.is_empty()) {
+            print!("{text}");
+            changes = true;
+        }
+    }
+    match changes {
+        true => Err(CommandError::Exit(1)),
+        false => Ok(()),
     }
 }
 

@@ -102,6 +102,10 @@ pub async fn serve(
             "/v1/apply",
             post(apply).layer(DefaultBodyLimit::max(crate::input::MAX_INPUT_BYTES)),
         )
+        .route(
+            "/v1/diff",
+            post(diff).layer(DefaultBodyLimit::max(crate::input::MAX_INPUT_BYTES)),
+        )
         .route("/metrics", get(metrics).with_state(node.clone()))
         .with_state(Ctx { node })
         .merge(role_routes)
@@ -188,10 +192,61 @@ fn key_of(namespace: &str, name: &str) -> Result<DocKey, NodeError> {
         .map_err(|_| NodeError::NotFound(crate::input::clip(&format!("{namespace}/{name}"))))
 }
 
-async fn apply(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: String) -> ApiResult {
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApplyQuery {
+    namespace: Option<String>,
+    /// Nothing is stored; the answer says what would be done.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn apply(State(ctx): State<Ctx>, Query(q): Query<ApplyQuery>, body: String) -> ApiResult {
     let namespace = q.namespace.unwrap_or_else(|| "default".into());
-    let outcomes = ctx.node.docs().apply_text(&body, &namespace).await?;
+    let docs = ctx.node.docs();
+    let outcomes = match q.dry_run {
+        true => docs
+            .preview_text(&body, &namespace)
+            .await?
+            .into_iter()
+            .map(|p| p.outcome)
+            .collect(),
+        false => docs.apply_text(&body, &namespace).await?,
+    };
     Ok(Json(outcomes).into_response())
+}
+
+/// What an apply would change, per EdgeNode: a unified diff of its labels and spec as YAML.
+async fn diff(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: String) -> ApiResult {
+    let namespace = q.namespace.unwrap_or_else(|| "default".into());
+    let previews = ctx.node.docs().preview_text(&body, &namespace).await?;
+    let yaml = |view: Option<&crate::model::DocView>| -> Result<String, ApiError> {
+        let Some(view) = view else {
+            return Ok(String::new());
+        };
+        let object = crate::node::to_edgenode(view, None, false);
+        let mut shown = json!({"spec": object.spec});
+        if let Some(labels) = object.metadata.labels {
+            shown["metadata"] = json!({ "labels": labels });
+        }
+        serde_saphyr::to_string(&shown).map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            )
+        })
+    };
+    let mut diffs = Vec::new();
+    for preview in &previews {
+        let (before, after) = (yaml(preview.before.as_ref())?, yaml(Some(&preview.after))?);
+        let key = &preview.outcome.key;
+        let text = similar::TextDiff::from_lines(&before, &after)
+            .unified_diff()
+            .header(&format!("{key} (now)"), &format!("{key} (applied)"))
+            .to_string();
+        diffs.push(json!({"key": key, "result": preview.outcome.result, "diff": text}));
+    }
+    Ok(Json(diffs).into_response())
 }
 
 /// The node's metrics in the OpenMetrics text format.

@@ -64,6 +64,47 @@ impl Rules {
 /// it is parsed ([`MAX_INPUT_BYTES`]) and while it is parsed (nodes, depth, aliases,
 /// documents), so a hostile text costs little memory or time.
 pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, InvalidInput> {
+    let objects = parse_objects(text)?;
+    let mut nodes: Vec<DesiredNode> = Vec::new();
+    for (label, object) in &objects {
+        let node = parse_edgenode(object, label, rules)?;
+        if nodes.iter().any(|n| n.key() == node.key()) {
+            return Err(invalid(
+                &format!("EdgeNode {}", node.key()),
+                "metadata.name",
+                "appears twice in the input",
+            ));
+        }
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
+
+/// The namespace and name of every EdgeNode in a YAML or JSON text (`delete -f`): only its
+/// kind and name are read, so an EdgeNode whose spec would be refused can still be named.
+pub fn edgenode_names(
+    text: &str,
+    default_namespace: &str,
+) -> Result<Vec<(String, String)>, InvalidInput> {
+    let mut names = Vec::new();
+    for (label, object) in parse_objects(text)? {
+        if object.get("kind").and_then(Value::as_str) != Some("EdgeNode") {
+            return Err(invalid(&label, "kind", "not an EdgeNode"));
+        }
+        let meta = &object["metadata"];
+        let name = meta["name"].as_str().unwrap_or_default();
+        check_subdomain(name).map_err(|e| invalid(&label, "metadata.name", &e.to_string()))?;
+        let namespace = meta["namespace"].as_str().unwrap_or(default_namespace);
+        check_label(namespace)
+            .map_err(|e| invalid(&label, "metadata.namespace", &e.to_string()))?;
+        names.push((namespace.to_string(), name.to_string()));
+    }
+    Ok(names)
+}
+
+/// The objects of a YAML or JSON text (the items of a `List` each on its own), labelled
+/// `document N` (`item M`), after the size and structure budgets.
+fn parse_objects(text: &str) -> Result<Vec<(String, Value)>, InvalidInput> {
     if text.len() > MAX_INPUT_BYTES {
         return Err(invalid(
             "input",
@@ -100,19 +141,7 @@ pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, In
     if objects.is_empty() {
         return Err(invalid("input", "(document)", "no EdgeNode found"));
     }
-    let mut nodes: Vec<DesiredNode> = Vec::new();
-    for (label, object) in &objects {
-        let node = parse_edgenode(object, label, rules)?;
-        if nodes.iter().any(|n| n.key() == node.key()) {
-            return Err(invalid(
-                &format!("EdgeNode {}", node.key()),
-                "metadata.name",
-                "appears twice in the input",
-            ));
-        }
-        nodes.push(node);
-    }
-    Ok(nodes)
+    Ok(objects)
 }
 
 /// Deserializing a text that passed [`check_budget`]: the parser's own budgets are looser, and

@@ -31,6 +31,8 @@ fn main() {
     let tokio = builder.enable_all().build().expect("tokio runtime starts");
     let code = match tokio.block_on(dispatch(cli.command)) {
         Ok(()) => 0,
+        // Everything is said already (diff's "something would change").
+        Err(ref e) if let Some(CommandError::Exit(code)) = e.downcast_ref() => *code,
         Err(e) => {
             let code = if let Some(c) = e.downcast_ref::<CommandError>() {
                 c.exit_code()
@@ -94,6 +96,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             action: AupAction::Set { file, socket },
         } => commands::aup_set(&socket, &file).await?,
         Command::Apply(args) => commands::apply(&args).await?,
+        Command::Diff(args) => commands::diff(&args).await?,
         Command::Get(args) => commands::get(&args).await?,
         Command::Delete(args) => commands::delete(&args).await?,
         Command::Status(args) => commands::status(&args).await?,

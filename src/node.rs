@@ -9,7 +9,7 @@ pub mod feed;
 pub mod peers;
 pub mod status;
 
-pub use docs::{ApplyOutcome, Change, DocEntry, Docs, Moved, Origin, Scope};
+pub use docs::{ApplyOutcome, Change, DocEntry, Docs, Moved, Origin, Preview, Scope};
 pub use peers::{PeerAddress, PeerEvent, PeerInfo, Peers};
 pub use status::{derive_status, to_edgenode};
 

@@ -59,6 +59,17 @@ pub struct ApplyOutcome {
     pub result: String,
 }
 
+/// What an apply would do to one EdgeNode.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// created, configured or unchanged.
+    pub outcome: ApplyOutcome,
+    /// The EdgeNode now, if it exists.
+    pub before: Option<DocView>,
+    /// The EdgeNode after the apply.
+    pub after: DocView,
+}
+
 /// The documents of one node.
 pub struct Docs {
     scope: Scope,
@@ -260,6 +271,47 @@ impl Docs {
         text: &str,
         default_namespace: &str,
     ) -> Result<Vec<ApplyOutcome>, NodeError> {
+        let nodes = self.parse(text, default_namespace)?;
+        self.apply_nodes(&nodes).await
+    }
+
+    /// What applying `text` would do to each EdgeNode, and each before and after, without
+    /// storing anything (`apply --dry-run=server`, `diff`).
+    pub async fn preview_text(
+        &self,
+        text: &str,
+        default_namespace: &str,
+    ) -> Result<Vec<Preview>, NodeError> {
+        let nodes = self.parse(text, default_namespace)?;
+        let mut previews = Vec::with_capacity(nodes.len());
+        for desired in &nodes {
+            let key = desired.key().to_string();
+            let mut doc = match self.entry(&key) {
+                Some(entry) => entry.lock().await.doc.fork(),
+                None => DocEntry::genesis(&key, &self.actor).doc,
+            };
+            let live = model::is_live(&doc)?;
+            let before = live.then(|| model::read(&doc, &key)).transpose()?;
+            let (existed, changed) = self.edit_spec(&mut doc, desired)?;
+            let result = match (existed, changed) {
+                (false, _) => "created",
+                (true, true) => "configured",
+                (true, false) => "unchanged",
+            };
+            previews.push(Preview {
+                outcome: ApplyOutcome {
+                    key: key.clone(),
+                    result: result.into(),
+                },
+                before,
+                after: model::read(&doc, &key)?,
+            });
+        }
+        Ok(previews)
+    }
+
+    /// Parses EdgeNode text for an apply: every object valid, and one this node serves.
+    fn parse(&self, text: &str, default_namespace: &str) -> Result<Vec<DesiredNode>, NodeError> {
         let rules = Rules {
             default_namespace: default_namespace.to_string(),
             privileged_namespaces: self.rules.privileged_namespaces.clone(),
@@ -277,7 +329,7 @@ impl Docs {
             }
             .into());
         }
-        self.apply_nodes(&nodes).await
+        Ok(nodes)
     }
 
     /// Writes one validated EdgeNode into its document as a minimal diff.

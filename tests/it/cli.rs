@@ -145,3 +145,78 @@ fn version_completion_and_log_level_work_as_documented() {
     let said = String::from_utf8_lossy(&bad.stderr);
     assert!(said.contains("--log-level"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_runs_and_diff_change_nothing_and_delete_takes_a_file() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let two = |image: &str| {
+            format!(
+                "{}---\n{}",
+                edgenode("default", "edge01", &[("web", image)]),
+                edgenode("default", "edge02", &[("web", image)])
+            )
+        };
+        let file = write(dir.path(), "two.yaml", &two("nginx:1"));
+        let stored =
+            || head.daemon.json(&["get", "edgenodes", "-A", "-o", "json"])["items"].clone();
+
+        let server = ok(head.daemon.cli(&["apply", "--dry-run=server", "-f", &file]));
+        assert_eq!(
+            server,
+            "edgenode.edgesync.io/edge01 created (server dry run)\n\
+             edgenode.edgesync.io/edge02 created (server dry run)\n"
+        );
+        let client = ok(head.daemon.cli(&["apply", "--dry-run", "-f", &file]));
+        assert!(client.contains("edge01 checked (dry run)"), "{client}");
+        assert_eq!(
+            stored(),
+            serde_json::json!([]),
+            "a dry run stored something"
+        );
+        let bad = write(
+            dir.path(),
+            "bad.yaml",
+            &two("nginx:1").replace("name: web", "name: Web"),
+        );
+        let refused = head.daemon.cli(&["apply", "--dry-run=client", "-f", &bad]);
+        assert_eq!(refused.status.code(), Some(2));
+
+        // diff: exit 1 and the change while something would change; 0 and nothing after.
+        let before = head.daemon.cli(&["diff", "-f", &file]);
+        assert_eq!(before.status.code(), Some(1));
+        let shown = String::from_utf8_lossy(&before.stdout);
+        assert!(
+            shown.contains("+++ default/edge01 (applied)") && shown.contains("+  - apiVersion: v1"),
+            "{shown}"
+        );
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        assert_eq!(ok(head.daemon.cli(&["diff", "-f", &file])), "");
+        let newer = write(dir.path(), "newer.yaml", &two("nginx:2"));
+        let changed = head.daemon.cli(&["diff", "-f", &newer]);
+        assert_eq!(changed.status.code(), Some(1));
+        let shown = String::from_utf8_lossy(&changed.stdout);
+        let lines: Vec<&str> = shown.lines().collect();
+        let old = lines
+            .iter()
+            .any(|l| l.starts_with('-') && l.ends_with("image: nginx:1"));
+        let new = lines
+            .iter()
+            .any(|l| l.starts_with('+') && l.ends_with("image: nginx:2"));
+        assert!(old && new, "{shown}");
+        assert_eq!(stored().as_array().unwrap().len(), 2);
+
+        // delete -f deletes every EdgeNode the file names; a second time they are missing.
+        let deleted = ok(head.daemon.cli(&["delete", "-f", &file]));
+        assert!(
+            deleted.contains("\"edge01\" deleted") && deleted.contains("\"edge02\" deleted"),
+            "{deleted}"
+        );
+        assert_eq!(stored(), serde_json::json!([]));
+        let again = head.daemon.cli(&["delete", "-f", &file]);
+        assert_eq!(again.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&again.stderr).contains("not found"));
+    })
+    .await;
+}
