@@ -322,8 +322,8 @@ pub enum NodeAction {
         /// Control socket of the head.
         #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value_t = GetOutput::Table)]
+        /// Output format: table, wide, name, json, yaml or jsonpath=TEMPLATE.
+        #[arg(short = 'o', long, value_parser = get_output, default_value = "table")]
         output: GetOutput,
     },
     /// Forget an edge: its certificate is no longer accepted and its links drop; it may join
@@ -422,17 +422,38 @@ pub struct DiffArgs {
     pub socket: PathBuf,
 }
 
-/// Output formats of `get`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// Output formats of `get`: `table`, `wide`, `name`, `json`, `yaml` or `jsonpath=TEMPLATE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GetOutput {
     /// Columns like kubectl.
     Table,
     /// More columns.
     Wide,
+    /// `resource/name`, one per line.
+    Name,
     /// JSON as kubectl prints it.
     Json,
     /// YAML as kubectl prints it.
     Yaml,
+    /// What a kubectl JSONPath template selects, such as `{.items[*].metadata.name}`.
+    JsonPath(String),
+}
+
+/// Reads `-o`.
+fn get_output(text: &str) -> Result<GetOutput, String> {
+    Ok(match text {
+        "table" => GetOutput::Table,
+        "wide" => GetOutput::Wide,
+        "name" => GetOutput::Name,
+        "json" => GetOutput::Json,
+        "yaml" => GetOutput::Yaml,
+        _ => match text.strip_prefix("jsonpath=") {
+            Some(template) => GetOutput::JsonPath(template.to_string()),
+            None => {
+                return Err("use table, wide, name, json, yaml or jsonpath=TEMPLATE".into());
+            }
+        },
+    })
 }
 
 /// Flags of `edgesync get`.
@@ -443,9 +464,12 @@ pub struct GetArgs {
     pub resource: String,
     /// One EdgeNode by name.
     pub name: Option<String>,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = GetOutput::Table)]
+    /// Output format: table, wide, name, json, yaml or jsonpath=TEMPLATE.
+    #[arg(short = 'o', long, value_parser = get_output, default_value = "table")]
     pub output: GetOutput,
+    /// Only EdgeNodes whose labels match this selector (`app=web,tier!=db,env in (a,b),!x`).
+    #[arg(short = 'l', long = "selector")]
+    pub selector: Option<String>,
     /// Namespace.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,

@@ -1,6 +1,8 @@
 //! The CLI's client commands (apply, get, delete, status, token create): talk to the local
 //! control socket and print for people (tables) or scripts (JSON, YAML).
 
+mod select;
+
 use crate::cli::{
     ApplyArgs, DeleteArgs, DiffArgs, DryRun, GetArgs, GetOutput, StatusArgs, StatusOutput,
     VersionArgs, VersionOutput,
@@ -184,18 +186,25 @@ fn print_yaml(value: &impl serde::Serialize) -> Result<(), CommandError> {
 }
 
 /// `edgesync node list` (also `edgesync get nodes`).
-pub async fn node_list(socket: &Path, output: GetOutput) -> Result<(), CommandError> {
+pub async fn node_list(socket: &Path, output: &GetOutput) -> Result<(), CommandError> {
+    let template = template(output)?;
     let list = call(socket, Method::GET, "/v1/nodes", None).await?;
     match output {
         GetOutput::Json => print_json(&list),
         GetOutput::Yaml => print_yaml(&list)?,
+        GetOutput::JsonPath(_) => println!("{}", template.expect("read above").render(&list)),
+        GetOutput::Name => {
+            for item in list.as_array().into_iter().flatten() {
+                println!("node/{}", item["name"].as_str().unwrap_or_default());
+            }
+        }
         GetOutput::Table | GetOutput::Wide => {
             let items = list.as_array().cloned().unwrap_or_default();
             match items.is_empty() {
                 true => eprintln!("No edges registered"),
                 false => print!(
                     "{}",
-                    node_table(&items, output == GetOutput::Wide, Timestamp::now())
+                    node_table(&items, *output == GetOutput::Wide, Timestamp::now())
                 ),
             }
         }
@@ -238,13 +247,31 @@ pub fn node_table(items: &[Value], wide: bool, now: Timestamp) -> String {
     table(rows)
 }
 
+/// The template of `-o jsonpath=…`, read before anything is asked.
+fn template(output: &GetOutput) -> Result<Option<select::Template>, CommandError> {
+    match output {
+        GetOutput::JsonPath(text) => select::Template::parse(text)
+            .map(Some)
+            .map_err(CommandError::Usage),
+        _ => Ok(None),
+    }
+}
+
 /// `edgesync get edgenodes [NAME]`, or `edgesync get nodes`.
 pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
     if matches!(args.resource.as_str(), "nodes" | "node" | "no") {
-        return node_list(&args.socket, args.output).await;
+        return node_list(&args.socket, &args.output).await;
     }
     check_resource(&args.resource)?;
-    let value = match &args.name {
+    let template = template(&args.output)?;
+    let selector = match &args.selector {
+        Some(text) => Some(
+            select::Selector::parse(text)
+                .map_err(|e| CommandError::Usage(format!("-l {text:?}: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut value = match &args.name {
         Some(name) => {
             let uri = format!("/v1/edgenodes/{}/{name}", args.namespace);
             match call(&args.socket, Method::GET, &uri, None).await {
@@ -265,14 +292,25 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
             call(&args.socket, Method::GET, &uri, None).await?
         }
     };
-    match args.output {
+    if let (Some(selector), Some(items)) = (&selector, value["items"].as_array_mut()) {
+        items.retain(|item| selector.matches(&item["metadata"]["labels"]));
+    }
+    let items = || match &args.name {
+        Some(_) => vec![value.clone()],
+        None => value["items"].as_array().cloned().unwrap_or_default(),
+    };
+    match &args.output {
         GetOutput::Json => print_json(&value),
         GetOutput::Yaml => print_yaml(&value)?,
+        GetOutput::JsonPath(_) => println!("{}", template.expect("read above").render(&value)),
+        GetOutput::Name => {
+            for item in items() {
+                let name = item["metadata"]["name"].as_str().unwrap_or_default();
+                println!("edgenode.edgesync.io/{name}");
+            }
+        }
         GetOutput::Table | GetOutput::Wide => {
-            let items = match &args.name {
-                Some(_) => vec![value],
-                None => value["items"].as_array().cloned().unwrap_or_default(),
-            };
+            let items = items();
             if items.is_empty() && args.all_namespaces {
                 eprintln!("No resources found");
             } else if items.is_empty() {
@@ -280,7 +318,12 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
             } else {
                 print!(
                     "{}",
-                    edgenode_table(&items, args.all_namespaces, Timestamp::now())
+                    edgenode_table(
+                        &items,
+                        args.all_namespaces,
+                        args.output == GetOutput::Wide,
+                        Timestamp::now()
+                    )
                 );
             }
         }
@@ -566,10 +609,13 @@ fn table(rows: Vec<Vec<String>>) -> String {
 }
 
 /// The `get` table: NAME, PHASE, PODS, ONLINE, LAST SYNC, AGE (and NAMESPACE first with -A).
-pub fn edgenode_table(items: &[Value], with_namespace: bool, now: Timestamp) -> String {
+pub fn edgenode_table(items: &[Value], with_namespace: bool, wide: bool, now: Timestamp) -> String {
     let mut header = vec!["NAME", "PHASE", "PODS", "ONLINE", "LAST SYNC", "AGE"];
     if with_namespace {
         header.insert(0, "NAMESPACE");
+    }
+    if wide {
+        header.extend(["GENERATION", "OBSERVED", "LABELS"]);
     }
     let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     for item in items {
@@ -590,6 +636,23 @@ pub fn edgenode_table(items: &[Value], with_namespace: bool, now: Timestamp) -> 
         ];
         if with_namespace {
             row.insert(0, text(&item["metadata"]["namespace"]));
+        }
+        if wide {
+            let number = |v: &Value| v.as_i64().map_or("<none>".into(), |n| n.to_string());
+            let labels = item["metadata"]["labels"].as_object().map(|labels| {
+                let pairs: Vec<String> = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect();
+                pairs.join(",")
+            });
+            row.extend([
+                number(&item["metadata"]["generation"]),
+                number(&status["observedGeneration"]),
+                labels
+                    .filter(|l| !l.is_empty())
+                    .unwrap_or_else(|| "<none>".into()),
+            ]);
         }
         rows.push(row);
     }
@@ -727,7 +790,7 @@ mod tests {
         let item = serde_json::json!({"metadata": {"name": "edge01", "namespace": "default", "creationTimestamp": "2026-01-01T23:59:00Z"},
             "status": {"phase": "Running", "podsReady": "1/1", "online": true, "lastSyncedAt": "2026-01-01T23:59:58Z"}});
         let now: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
-        let text = edgenode_table(&[item], false, now);
+        let text = edgenode_table(&[item], false, false, now);
         assert_eq!(
             text,
             "NAME     PHASE     PODS   ONLINE   LAST SYNC   AGE\nedge01   Running   1/1    true     2s          60s\n"

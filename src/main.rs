@@ -90,7 +90,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         } => commands::node_remove(&socket, &name).await?,
         Command::Node {
             action: NodeAction::List { socket, output },
-        } => commands::node_list(&socket, output).await?,
+        } => commands::node_list(&socket, &output).await?,
         Command::User { action } => commands::user(action).await?,
         Command::Aup {
             action: AupAction::Set { file, socket },

@@ -220,3 +220,61 @@ async fn dry_runs_and_diff_change_nothing_and_delete_takes_a_file() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_selects_by_label_and_prints_names_jsonpath_and_wide() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let labelled = |edge: &str, app: &str| {
+            edgenode("default", edge, &[("web", "nginx")]).replace(
+                &format!("  name: {edge}\n"),
+                &format!("  name: {edge}\n  labels:\n    app: {app}\n"),
+            )
+        };
+        let text = format!(
+            "{}---\n{}",
+            labelled("edge01", "web"),
+            labelled("edge02", "db")
+        );
+        ok(head
+            .daemon
+            .cli(&["apply", "-f", &write(dir.path(), "l.yaml", &text)]));
+        let get = |args: &[&str]| ok(head.daemon.cli(&[&["get", "edgenodes"], args].concat()));
+        assert_eq!(
+            get(&["-o", "name"]),
+            "edgenode.edgesync.io/edge01\nedgenode.edgesync.io/edge02\n"
+        );
+        assert_eq!(
+            get(&["-l", "app=web", "-o", "name"]),
+            "edgenode.edgesync.io/edge01\n"
+        );
+        assert_eq!(
+            get(&["-l", "app notin (web)", "-o", "name"]),
+            "edgenode.edgesync.io/edge02\n"
+        );
+        assert_eq!(get(&["-l", "!app", "-o", "name"]), "");
+        assert_eq!(
+            get(&["-o", "jsonpath={.items[*].metadata.name}"]),
+            "edge01 edge02\n"
+        );
+        assert_eq!(
+            get(&["edge02", "-o", "jsonpath={.metadata.labels.app}"]),
+            "db\n"
+        );
+        let wide = get(&["-o", "wide"]);
+        assert!(
+            wide.contains("GENERATION") && wide.contains("app=db"),
+            "{wide}"
+        );
+        let bad = head.daemon.cli(&["get", "edgenodes", "-l", "app in web"]);
+        assert_eq!(bad.status.code(), Some(2));
+        let bad = head
+            .daemon
+            .cli(&["get", "edgenodes", "-o", "jsonpath={range .items[*]}"]);
+        assert_eq!(bad.status.code(), Some(2));
+        let names = ok(head.daemon.cli(&["get", "nodes", "-o", "name"]));
+        assert_eq!(names, "", "no edge has joined");
+    })
+    .await;
+}
