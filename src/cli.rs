@@ -83,6 +83,8 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Show peers, documents, last sync and applied pods of the local node.
     Status(StatusArgs),
+    /// Show one EdgeNode in detail: spec summary, pods, conditions with reasons.
+    Describe(DescribeArgs),
     /// Print a CustomResourceDefinition (YAML): EdgeNode by default, or the one of RESOURCE.
     Crd {
         /// edgenodes (the default), edges, users or acceptableusepolicies.
@@ -326,6 +328,14 @@ pub enum NodeAction {
         #[arg(short = 'o', long, value_parser = get_output, default_value = "table")]
         output: GetOutput,
     },
+    /// Show one registered edge in detail, with its EdgeNodes.
+    Describe {
+        /// Node name.
+        name: String,
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Forget an edge: its certificate is no longer accepted and its links drop; it may join
     /// again with a new token.
     Remove {
@@ -406,6 +416,21 @@ pub enum DryRun {
     Client,
     /// Checked by the node, nothing stored.
     Server,
+}
+
+/// Flags of `edgesync describe`.
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    /// Resource type: edgenode (also edgenodes, en), or node (a registered edge, on a head).
+    pub resource: String,
+    /// Its name.
+    pub name: String,
+    /// Namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Control socket.
+    #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
 }
 
 /// Flags of `edgesync diff`.

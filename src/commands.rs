@@ -4,8 +4,8 @@
 mod select;
 
 use crate::cli::{
-    ApplyArgs, DeleteArgs, DiffArgs, DryRun, GetArgs, GetOutput, StatusArgs, StatusOutput,
-    VersionArgs, VersionOutput,
+    ApplyArgs, DeleteArgs, DescribeArgs, DiffArgs, DryRun, GetArgs, GetOutput, StatusArgs,
+    StatusOutput, VersionArgs, VersionOutput,
 };
 use crate::control::{Client, ControlError};
 use crate::node::{ApplyOutcome, StatusReport};
@@ -329,6 +329,181 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
         }
     }
     Ok(())
+}
+
+/// `edgesync describe edgenode NAME` (or `describe node NAME`).
+pub async fn describe(args: &DescribeArgs) -> Result<(), CommandError> {
+    if matches!(args.resource.as_str(), "nodes" | "node" | "no") {
+        return node_describe(&args.socket, &args.name).await;
+    }
+    check_resource(&args.resource)?;
+    let uri = format!("/v1/edgenodes/{}/{}", args.namespace, args.name);
+    let object = match call(&args.socket, Method::GET, &uri, None).await {
+        Err(CommandError::NotFound(_)) => {
+            return Err(CommandError::NotFound(format!(
+                "edgenodes.edgesync.io {:?} not found in namespace {:?}",
+                args.name, args.namespace
+            )));
+        }
+        other => other?,
+    };
+    print!("{}", describe_edgenode(&object, Timestamp::now()));
+    Ok(())
+}
+
+/// The text of `describe edgenode`.
+pub fn describe_edgenode(object: &Value, now: Timestamp) -> String {
+    let text = |v: &Value| v.as_str().unwrap_or("<none>").to_string();
+    let (meta, status) = (&object["metadata"], &object["status"]);
+    let labels = meta["labels"]
+        .as_object()
+        .map_or("<none>".into(), |labels| {
+            let pairs: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
+            pairs.join(", ")
+        });
+    let number = |v: &Value| v.as_i64().map_or("<none>".into(), |n| n.to_string());
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| out.push_str(&format!("{name:<13}{value}\n"));
+    field("Name:", text(&meta["name"]));
+    field("Namespace:", text(&meta["namespace"]));
+    field("Labels:", labels);
+    field(
+        "Created:",
+        format!(
+            "{} ({} ago)",
+            text(&meta["creationTimestamp"]),
+            age(meta["creationTimestamp"].as_str(), now)
+        ),
+    );
+    field(
+        "Generation:",
+        format!(
+            "{} (the edge applied {})",
+            number(&meta["generation"]),
+            number(&status["observedGeneration"])
+        ),
+    );
+    field("Phase:", text(&status["phase"]));
+    field(
+        "Online:",
+        format!(
+            "{} (last synced {})",
+            status["online"].as_bool().unwrap_or(false),
+            status["lastSyncedAt"]
+                .as_str()
+                .map_or("never".into(), |t| format!("{} ago", age(Some(t), now)))
+        ),
+    );
+    out.push_str("Pods:\n");
+    let states = status["pods"].as_array().cloned().unwrap_or_default();
+    let mut rows = vec![
+        ["NAME", "IMAGES", "STATE", "PHASE", "REASON"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for pod in object["spec"]["pods"].as_array().into_iter().flatten() {
+        let name = text(&pod["metadata"]["name"]);
+        let images: Vec<String> = pod["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| text(&c["image"]))
+            .collect();
+        let state = states.iter().find(|s| s["name"] == name.as_str());
+        let of = |field: &str| state.map_or("<none>".into(), |s| text(&s[field]));
+        rows.push(vec![
+            name.clone(),
+            images.join(","),
+            of("state"),
+            of("phase"),
+            of("reason"),
+        ]);
+    }
+    out.push_str(&indent(&table(rows)));
+    out.push_str("Conditions:\n");
+    let mut rows = vec![
+        ["TYPE", "STATUS", "REASON", "MESSAGE"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for c in status["conditions"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            text(&c["type"]),
+            text(&c["status"]),
+            text(&c["reason"]),
+            text(&c["message"]),
+        ]);
+    }
+    out.push_str(&indent(&table(rows)));
+    out
+}
+
+/// `edgesync node describe NAME`: one registered edge, and its EdgeNodes.
+pub async fn node_describe(socket: &Path, name: &str) -> Result<(), CommandError> {
+    let list = call(socket, Method::GET, "/v1/nodes", None).await?;
+    let Some(edge) = list
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["name"] == name))
+        .cloned()
+    else {
+        return Err(CommandError::NotFound(format!(
+            "no registered edge {}",
+            crate::input::show(name)
+        )));
+    };
+    let text = |v: &Value| v.as_str().unwrap_or("<none>").to_string();
+    let now = Timestamp::now();
+    let mut out = String::new();
+    let mut field = |label: &str, value: String| out.push_str(&format!("{label:<22}{value}\n"));
+    field("Name:", text(&edge["name"]));
+    field(
+        "Online:",
+        edge["online"].as_bool().unwrap_or(false).to_string(),
+    );
+    field("Head:", text(&edge["head"]));
+    field("Address:", text(&edge["address"]));
+    field("DNS:", text(&edge["dns"]));
+    field(
+        "Last seen:",
+        match edge["online"].as_bool() {
+            Some(true) => "now".into(),
+            _ => edge["lastSeen"].as_str().map_or("<unknown>".into(), |t| {
+                format!("{t} ({} ago)", age(Some(t), now))
+            }),
+        },
+    );
+    field("Certificate expires:", text(&edge["certificateExpires"]));
+    field(
+        "Pods:",
+        format!(
+            "{}/{} ready",
+            edge["podsReady"].as_u64().unwrap_or(0),
+            edge["pods"].as_u64().unwrap_or(0)
+        ),
+    );
+    let all = call(socket, Method::GET, "/v1/edgenodes", None).await?;
+    let items: Vec<Value> = all["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|item| item["metadata"]["name"] == name)
+        .cloned()
+        .collect();
+    out.push_str("EdgeNodes:\n");
+    match items.is_empty() {
+        true => out.push_str("  <none>\n"),
+        false => out.push_str(&indent(&edgenode_table(&items, true, false, now))),
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// `text` with every line indented by two spaces.
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
 /// `edgesync delete edgenode NAME`.
@@ -747,10 +922,6 @@ pub fn status_text(report: &StatusReport, now: Timestamp) -> String {
         }
     }
     out
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
 /// `edgesync version`.

@@ -97,6 +97,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         } => commands::aup_set(&socket, &file).await?,
         Command::Apply(args) => commands::apply(&args).await?,
         Command::Diff(args) => commands::diff(&args).await?,
+        Command::Describe(args) => commands::describe(&args).await?,
+        Command::Node {
+            action: NodeAction::Describe { name, socket },
+        } => commands::node_describe(&socket, &name).await?,
         Command::Get(args) => commands::get(&args).await?,
         Command::Delete(args) => commands::delete(&args).await?,
         Command::Status(args) => commands::status(&args).await?,

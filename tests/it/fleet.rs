@@ -45,6 +45,37 @@ async fn node_list_shows_every_registered_edge_online_or_not() {
         assert!(one["certificateExpires"].as_str().is_some(), "{one}");
         assert_eq!(edge_of(&list, "edge02")["edgenodes"], 0);
 
+        // describe: one EdgeNode with its pods and conditions; one edge with its EdgeNodes.
+        let described = ok(head.daemon.cli(&["describe", "edgenode", "edge01"]));
+        for shown in [
+            "Name:        edge01",
+            "Pods:",
+            "web",
+            "nginx",
+            "Applied",
+            "Conditions:",
+            "Synced",
+            "True",
+        ] {
+            assert!(described.contains(shown), "{shown:?} not in:\n{described}");
+        }
+        let node = ok(head.daemon.cli(&["node", "describe", "edge01"]));
+        for shown in [
+            "Name:",
+            "edge01",
+            "Online:",
+            "true",
+            "Head:",
+            "head-1",
+            "2/2 ready",
+            "EdgeNodes:",
+            "default",
+        ] {
+            assert!(node.contains(shown), "{shown:?} not in:\n{node}");
+        }
+        let missing = head.daemon.cli(&["node", "describe", "edge09"]);
+        assert_eq!(missing.status.code(), Some(1));
+
         // An edge that stopped is still listed: offline, with when it was last seen.
         edge2.stop().await;
         let list = listed(&head.daemon, |l| edge_of(l, "edge02")["online"] == false).await;
