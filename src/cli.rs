@@ -85,6 +85,18 @@ pub enum Command {
     Status(StatusArgs),
     /// Show one EdgeNode in detail: spec summary, pods, conditions with reasons.
     Describe(DescribeArgs),
+    /// Show who did what to users and the AUP (on a standalone head), oldest first.
+    Audit {
+        /// Only what happened within this long (e.g. 24h, 7d).
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = StatusOutput::Table)]
+        output: StatusOutput,
+        /// Control socket of the head.
+        #[arg(long, env = "EDGESYNC_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Print a CustomResourceDefinition (YAML): EdgeNode by default, or the one of RESOURCE.
     Crd {
         /// edgenodes (the default), edges, users or acceptableusepolicies.

@@ -924,6 +924,52 @@ pub fn status_text(report: &StatusReport, now: Timestamp) -> String {
     out
 }
 
+/// `edgesync audit [--since DURATION]`.
+pub async fn audit(
+    socket: &Path,
+    since: Option<&str>,
+    output: StatusOutput,
+) -> Result<(), CommandError> {
+    let since = match since {
+        Some(text) => {
+            let back = crate::config::parse_duration("--since", text)
+                .map_err(|e| CommandError::Usage(e.to_string()))?;
+            crate::clock::unix_now()
+                .saturating_sub(i64::try_from(back.as_secs()).unwrap_or(i64::MAX))
+        }
+        None => 0,
+    };
+    let rows = call(
+        socket,
+        Method::GET,
+        &format!("/v1/audit?since={since}"),
+        None,
+    )
+    .await?;
+    if output == StatusOutput::Json {
+        print_json(&rows);
+        return Ok(());
+    }
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let mut lines = vec![
+        ["TIME", "ACTOR", "ACTION", "SUBJECT", "DETAIL"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for row in rows.as_array().into_iter().flatten() {
+        lines.push(
+            ["at", "actor", "action", "subject", "detail"]
+                .map(|f| text(&row[f]))
+                .to_vec(),
+        );
+    }
+    match lines.len() {
+        1 => eprintln!("No audit entries"),
+        _ => print!("{}", table(lines)),
+    }
+    Ok(())
+}
+
 /// `edgesync version`.
 pub fn version(args: &VersionArgs) -> Result<(), CommandError> {
     let info = crate::version::build_info();

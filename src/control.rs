@@ -346,6 +346,7 @@ pub fn edge_routes() -> Router {
             axum::routing::delete(only_on_a_head("nodes are removed")),
         )
         .route("/v1/users", get(only_on_a_head("users are managed")))
+        .route("/v1/audit", get(only_on_a_head("the audit trail is kept")))
         .route(
             "/v1/users/{name}/{action}",
             post(only_on_a_head("users are managed")),

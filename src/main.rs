@@ -98,6 +98,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Apply(args) => commands::apply(&args).await?,
         Command::Diff(args) => commands::diff(&args).await?,
         Command::Describe(args) => commands::describe(&args).await?,
+        Command::Audit {
+            since,
+            output,
+            socket,
+        } => commands::audit(&socket, since.as_deref(), output).await?,
         Command::Node {
             action: NodeAction::Describe { name, socket },
         } => commands::node_describe(&socket, &name).await?,

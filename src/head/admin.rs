@@ -39,9 +39,28 @@ pub fn routes(head: HeadControl) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/users", get(users))
+        .route("/v1/audit", get(audit))
         .route("/v1/users/{name}/{action}", post(decide))
         .route("/v1/aup", axum::routing::put(set_aup))
         .with_state(head)
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    /// Unix seconds.
+    since: Option<i64>,
+}
+
+/// The most lines one `audit` shows.
+const AUDIT_LINES: usize = 10_000;
+
+async fn audit(State(head): State<HeadControl>, Query(q): Query<AuditQuery>) -> ApiResult {
+    let rows = head
+        .accounts
+        .users
+        .audit(q.since.unwrap_or(0), AUDIT_LINES)
+        .await?;
+    Ok(Json(rows).into_response())
 }
 
 async fn nodes(State(head): State<HeadControl>) -> ApiResult {

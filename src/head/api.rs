@@ -63,7 +63,7 @@ impl Accounts {
         let name = &user.username;
         let user = self
             .users
-            .set_access(name, true, name, "kubeconfig issued")
+            .set_access(name, true, name, "cluster access for a kubeconfig")
             .await?;
         self.granted.notify_one();
         let kubeconfig = access.grant(name, &user.uid).await?;
@@ -76,7 +76,7 @@ impl Accounts {
         }
         match self
             .users
-            .set_access(name, true, name, "kubeconfig issued")
+            .set_access(name, true, name, "cluster access for a kubeconfig")
             .await
         {
             Ok(_) => Ok(kubeconfig),

@@ -656,6 +656,23 @@ impl Users {
         .await
     }
 
+    /// Who did what since `since` (unix seconds), at most `limit` lines. With a cluster the
+    /// trail is the User resources' Events, which kubectl shows.
+    pub async fn audit(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::store::users::AuditRow>, UserError> {
+        match &self.backend {
+            Backend::Sqlite(db) => Ok(db.audit(since, limit).await?),
+            Backend::Cluster(_) => Err(UserError::Conflict(
+                "with a cluster the audit trail is the Events of the User resources: \
+                 kubectl get events -A --field-selector involvedObject.kind=User"
+                    .into(),
+            )),
+        }
+    }
+
     /// Every user, by name.
     pub async fn list(&self) -> Result<Vec<User>, UserError> {
         let mut records = self.backend.list().await?;

@@ -60,6 +60,21 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// One line of the audit trail as read back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditRow {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// To whom (a username, or `aup`).
+    pub subject: String,
+    /// More about it.
+    pub detail: String,
+}
+
 /// One version of the Acceptable Use Policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AupRow {
@@ -120,6 +135,32 @@ impl Store {
                 )?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// The audit trail since `since` (unix seconds), oldest first, at most `limit` lines (the
+    /// newest).
+    pub async fn audit(&self, since: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
+        self.call(move |t| {
+            let mut query = t.prepare(
+                "SELECT at, actor, action, subject, detail FROM audit WHERE at >= ?1
+                 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = query.query_map(params![since, limit as i64], |r| {
+                let at: i64 = r.get(0)?;
+                Ok(AuditRow {
+                    at: k8s_openapi::jiff::Timestamp::from_second(at)
+                        .map_or_else(|_| at.to_string(), |t| t.to_string()),
+                    actor: r.get(1)?,
+                    action: r.get(2)?,
+                    subject: r.get(3)?,
+                    detail: r.get(4)?,
+                })
+            })?;
+            let mut rows = rows.collect::<Result<Vec<_>, _>>()?;
+            rows.reverse();
+            Ok(rows)
         })
         .await
     }

@@ -199,6 +199,46 @@ async fn registration_refusals_and_the_aup_on_a_standalone_head() {
             (status, &body["status"]),
             (StatusCode::OK, &json!("Approved"))
         );
+
+        // The audit trail says who did what, oldest first; a refused kubeconfig is not in it.
+        let trail = head.daemon.json(&["audit", "-o", "json"]);
+        let said: Vec<(String, String)> = trail
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["action"].as_str().unwrap().into(),
+                    r["subject"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let at = |action: &str, subject: &str| {
+            said.iter()
+                .position(|(a, s)| a == action && s == subject)
+                .unwrap_or_else(|| panic!("no {action} of {subject} in {trail}"))
+        };
+        assert!(at("register", "ada") < at("approved", "ada"), "{trail}");
+        assert!(at("approved", "ada") < at("aup-accept", "ada"), "{trail}");
+        assert!(at("aup-accept", "ada") < at("aup-set", "aup"), "{trail}");
+        assert!(
+            !said.iter().any(|(a, _)| a.starts_with("access")),
+            "{trail}"
+        );
+        let approved = &trail[at("approved", "ada")];
+        assert!(
+            approved["actor"].as_str().unwrap().starts_with("admin:"),
+            "{approved}"
+        );
+        let recent = head.daemon.json(&["audit", "--since", "1h", "-o", "json"]);
+        assert_eq!(recent, trail);
+        let table = ok(head.daemon.cli(&["audit"]));
+        assert!(
+            table.starts_with("TIME") && table.contains("aup-set"),
+            "{table}"
+        );
+        let bad = head.daemon.cli(&["audit", "--since", "soon"]);
+        assert_eq!(bad.status.code(), Some(2));
     })
     .await;
 }

@@ -2,7 +2,7 @@
 //! operations: records, changes and notes turned into rows and back.
 
 use super::{Aup, Change, DEFAULT_AUP, Note, Record, Status};
-use crate::store::users::{AuditEntry, AupRow, UserRow, UserUpdate};
+use crate::store::users::{AuditEntry, AuditRow, AupRow, UserRow, UserUpdate};
 use crate::store::{Store, StoreError};
 
 /// The users tables of one head's database.
@@ -62,6 +62,15 @@ impl Sqlite {
     pub async fn open(store: Store) -> Result<Sqlite, StoreError> {
         store.init_aup(DEFAULT_AUP).await?;
         Ok(Sqlite { store })
+    }
+
+    /// The audit trail since `since` (unix seconds), at most `limit` lines.
+    pub(super) async fn audit(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        self.store.audit(since, limit).await
     }
 
     /// The current AUP.
