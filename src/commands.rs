@@ -425,14 +425,18 @@ pub fn describe_edgenode(object: &Value, now: Timestamp) -> String {
     out.push_str(&indent(&table(rows)));
     out.push_str("Conditions:\n");
     let mut rows = vec![
-        ["TYPE", "STATUS", "REASON", "MESSAGE"]
+        ["TYPE", "STATUS", "SINCE", "REASON", "MESSAGE"]
             .map(String::from)
             .to_vec(),
     ];
     for c in status["conditions"].as_array().into_iter().flatten() {
+        let since = c["lastTransitionTime"]
+            .as_str()
+            .map_or("<unknown>".into(), |t| format!("{} ago", age(Some(t), now)));
         rows.push(vec![
             text(&c["type"]),
             text(&c["status"]),
+            since,
             text(&c["reason"]),
             text(&c["message"]),
         ]);

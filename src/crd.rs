@@ -127,6 +127,9 @@ pub struct Condition {
     /// Human-readable detail.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// When the status last changed (RFC 3339), as far as the node serving it has seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
 }
 
 impl Condition {
@@ -137,6 +140,7 @@ impl Condition {
             status: if ok { "True" } else { "False" }.to_string(),
             reason: reason.to_string(),
             message: message.into(),
+            last_transition_time: None,
         }
     }
 }

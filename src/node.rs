@@ -22,6 +22,7 @@ use crate::store::{Store, StoreError};
 use crate::transport::tls::Role;
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Errors from node operations.
@@ -105,6 +106,8 @@ struct Inner {
     name: String,
     docs: Docs,
     peers: Peers,
+    /// Per EdgeNode and condition type: its status and since when, as this node has seen.
+    transitions: Mutex<HashMap<(String, String), (String, String)>>,
     applied: Mutex<Vec<AppliedPod>>,
     advertise: Mutex<Option<std::net::IpAddr>>,
     metrics: Metrics,
@@ -134,6 +137,7 @@ impl Node {
             name: name.to_string(),
             docs,
             peers: Peers::default(),
+            transitions: Mutex::new(HashMap::new()),
             applied: Mutex::new(Vec::new()),
             advertise: Mutex::new(None),
             metrics: Metrics::new(write_seconds),
@@ -284,7 +288,29 @@ impl Node {
             return Ok(None);
         }
         let online = self.online(&view.name).await;
-        Ok(Some(to_edgenode(&view, last_synced_at, online)))
+        let mut object = to_edgenode(&view, last_synced_at, online);
+        if let Some(status) = object.status.as_mut() {
+            self.stamp_transitions(key, &mut status.conditions);
+        }
+        Ok(Some(object))
+    }
+
+    /// Sets each condition's `lastTransitionTime` of EdgeNode `key`: kept while its status
+    /// stays, now when it changes (or was never seen here).
+    pub fn stamp_transitions(&self, key: &str, conditions: &mut [crate::crd::Condition]) {
+        let mut seen = lock(&self.0.transitions);
+        for condition in conditions {
+            let id = (key.to_string(), condition.type_.clone());
+            let since = match seen.get(&id) {
+                Some((status, since)) if *status == condition.status => since.clone(),
+                _ => {
+                    let now = crate::clock::now();
+                    seen.insert(id, (condition.status.clone(), now.clone()));
+                    now
+                }
+            };
+            condition.last_transition_time = Some(since);
+        }
     }
 }
 
@@ -337,6 +363,28 @@ mod tests {
         assert_eq!(also_from().as_deref(), Some("192.0.2.1:4001"));
         peers.disconnected(&edge);
         assert_eq!(also_from(), None);
+    }
+
+    #[tokio::test]
+    async fn a_condition_keeps_its_transition_time_until_its_status_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = open(dir.path()).await;
+        let online = |ok: bool| vec![crate::crd::Condition::new("Online", ok, "", "")];
+        let mut first = online(true);
+        node.stamp_transitions("default/edge01", &mut first);
+        let since = first[0].last_transition_time.clone().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut again = online(true);
+        node.stamp_transitions("default/edge01", &mut again);
+        assert_eq!(again[0].last_transition_time.as_ref(), Some(&since));
+        let mut flipped = online(false);
+        node.stamp_transitions("default/edge01", &mut flipped);
+        let changed = flipped[0].last_transition_time.clone().unwrap();
+        let time = |t: &str| t.parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+        assert!(time(&changed) > time(&since), "{changed} after {since}");
+        let mut other = online(false);
+        node.stamp_transitions("default/edge02", &mut other);
+        assert!(other[0].last_transition_time.is_some());
     }
 
     fn chunk_sizes(dir: &std::path::Path) -> Vec<usize> {

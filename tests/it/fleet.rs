@@ -56,6 +56,7 @@ async fn node_list_shows_every_registered_edge_online_or_not() {
             "Conditions:",
             "Synced",
             "True",
+            "SINCE",
         ] {
             assert!(described.contains(shown), "{shown:?} not in:\n{described}");
         }

@@ -127,6 +127,12 @@ async fn write_status(
     };
     let conflicts = conflicts.map(|c| c.into_iter().collect());
     crate::node::status::with_bridge(&mut status, conflicts, refused);
+    // Times of its own: the cluster's view of a condition (Online from the Node) may differ
+    // from the node's.
+    let cluster_key = format!("cluster {key}");
+    bridge
+        .node
+        .stamp_transitions(&cluster_key, &mut status.conditions);
     let status = serde_json::to_value(status).unwrap_or_default();
     let mut comparable = status.clone();
     if let Some(map) = comparable.as_object_mut() {
