@@ -507,6 +507,9 @@ pub struct GetArgs {
     /// Only EdgeNodes whose labels match this selector (`app=web,tier!=db,env in (a,b),!x`).
     #[arg(short = 'l', long = "selector")]
     pub selector: Option<String>,
+    /// After the list, print each change as it happens, until interrupted.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
     /// Namespace.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,

@@ -302,7 +302,10 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
     match &args.output {
         GetOutput::Json => print_json(&value),
         GetOutput::Yaml => print_yaml(&value)?,
-        GetOutput::JsonPath(_) => println!("{}", template.expect("read above").render(&value)),
+        GetOutput::JsonPath(_) => {
+            let template = template.as_ref().expect("read above");
+            println!("{}", template.render(&value));
+        }
         GetOutput::Name => {
             for item in items() {
                 let name = item["metadata"]["name"].as_str().unwrap_or_default();
@@ -328,7 +331,73 @@ pub async fn get(args: &GetArgs) -> Result<(), CommandError> {
             }
         }
     }
-    Ok(())
+    match args.watch {
+        true => watch(args, selector.as_ref(), template.as_ref()).await,
+        false => Ok(()),
+    }
+}
+
+/// `get -w`: each change after the list, in the list's format, until interrupted.
+async fn watch(
+    args: &GetArgs,
+    selector: Option<&select::Selector>,
+    template: Option<&select::Template>,
+) -> Result<(), CommandError> {
+    use std::io::Write;
+    let uri = match args.all_namespaces {
+        true => "/v1/edgenodes?watch=true".to_string(),
+        false => format!("/v1/edgenodes?watch=true&namespace={}", args.namespace),
+    };
+    let client = Client::new(&resolve_socket(&args.socket));
+    let show = |line: &str| {
+        let Ok(mut event) = serde_json::from_str::<Value>(line) else {
+            return;
+        };
+        let mut object = event["object"].take();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let deleted = event["type"] == "DELETED";
+        let picked = args.name.as_ref().is_none_or(|n| *n == name)
+            && (deleted || selector.is_none_or(|s| s.matches(&object["metadata"]["labels"])));
+        if !picked {
+            return;
+        }
+        if deleted {
+            object["status"] = serde_json::json!({"phase": "Deleted"});
+        }
+        match &args.output {
+            GetOutput::Json => print_json(&object),
+            GetOutput::Yaml => {
+                let _ = print_yaml(&object).map(|()| println!("---"));
+            }
+            GetOutput::Name => println!("edgenode.edgesync.io/{name}"),
+            GetOutput::JsonPath(_) => {
+                println!(
+                    "{}",
+                    template.map(|t| t.render(&object)).unwrap_or_default()
+                )
+            }
+            GetOutput::Table | GetOutput::Wide => {
+                let wide = args.output == GetOutput::Wide;
+                let rows = edgenode_table(&[object], args.all_namespaces, wide, Timestamp::now());
+                print!(
+                    "{}",
+                    rows.lines()
+                        .skip(1)
+                        .map(|l| format!("{l}\n"))
+                        .collect::<String>()
+                );
+            }
+        }
+        let _ = std::io::stdout().flush();
+    };
+    let (status, body) = client.lines(&uri, show).await?;
+    match status.is_success() {
+        true => Ok(()),
+        false => Err(CommandError::Runtime(error_text(status, &body))),
+    }
 }
 
 /// `edgesync describe edgenode NAME` (or `describe node NAME`).

@@ -161,7 +161,18 @@ struct NamespaceQuery {
     namespace: Option<String>,
 }
 
-async fn list(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>) -> ApiResult {
+#[derive(Deserialize)]
+struct ListQuery {
+    namespace: Option<String>,
+    /// Stream changes, one JSON event per line, instead of listing.
+    #[serde(default)]
+    watch: bool,
+}
+
+async fn list(State(ctx): State<Ctx>, Query(q): Query<ListQuery>) -> ApiResult {
+    if q.watch {
+        return Ok(watch(ctx.node, q.namespace));
+    }
     let items = ctx.node.edgenodes(q.namespace.as_deref()).await?;
     Ok(Json(json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items})).into_response())
 }
@@ -247,6 +258,48 @@ async fn diff(State(ctx): State<Ctx>, Query(q): Query<NamespaceQuery>, body: Str
         diffs.push(json!({"key": key, "result": preview.outcome.result, "diff": text}));
     }
     Ok(Json(diffs).into_response())
+}
+
+/// Changes to the EdgeNodes (of `namespace`, or all), as kubectl's watch events, one JSON
+/// object per line: `{"type":"MODIFIED","object":…}`, or `DELETED` with the name only. Runs
+/// until the client goes.
+fn watch(node: Node, namespace: Option<String>) -> Response {
+    use tokio::sync::broadcast::error::RecvError;
+    let changes = node.docs().subscribe();
+    let events = futures_util::stream::unfold(
+        (node, changes, namespace),
+        |(node, mut changes, namespace)| async move {
+            loop {
+                let change = match changes.recv().await {
+                    Ok(change) => change,
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                };
+                let Some((ns, name)) = crate::key::parts(&change.key) else {
+                    continue;
+                };
+                if change.moved.internal || namespace.as_deref().is_some_and(|n| n != ns) {
+                    continue;
+                }
+                let event = match node.edgenode(&change.key).await {
+                    Ok(Some(object)) => json!({"type": "MODIFIED", "object": object}),
+                    Ok(None) => json!({"type": "DELETED", "object":
+                        {"metadata": {"name": name, "namespace": ns}}}),
+                    Err(_) => continue,
+                };
+                let line = Bytes::from(format!("{event}\n"));
+                return Some((
+                    Ok::<_, std::convert::Infallible>(line),
+                    (node, changes, namespace),
+                ));
+            }
+        },
+    );
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(events),
+    )
+        .into_response()
 }
 
 /// The node's metrics in the OpenMetrics text format.
@@ -368,6 +421,58 @@ impl Client {
         Client {
             path: path.to_path_buf(),
         }
+    }
+
+    /// Sends a GET whose answer is JSON lines, and hands each line to `each` as it arrives,
+    /// until the daemon ends the stream (an error answer is returned as a whole).
+    pub async fn lines(
+        &self,
+        uri: &str,
+        mut each: impl FnMut(&str),
+    ) -> Result<(StatusCode, Vec<u8>), ControlError> {
+        let http = |reason: String| ControlError::Http {
+            path: self.path.display().to_string(),
+            reason,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ControlError::Connect {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| http(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let request = hyper::Request::builder()
+            .uri(uri)
+            .header("host", "edgesync")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| http(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            if !status.is_success() {
+                continue;
+            }
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                each(String::from_utf8_lossy(&line).trim_end());
+            }
+        }
+        driver.abort();
+        Ok((status, pending))
     }
 
     /// Sends one request and returns the status and body.

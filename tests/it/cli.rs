@@ -278,3 +278,50 @@ async fn get_selects_by_label_and_prints_names_jsonpath_and_wide() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_watch_prints_each_change_until_interrupted() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let watch = |output: &str| {
+            tokio::process::Command::new(bin())
+                .args(["get", "edgenodes", "-w", "-o", output, "--socket"])
+                .arg(&head.daemon.socket)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        };
+        let mut names = watch("name");
+        let mut rows = watch("wide");
+        let mut names_out = BufReader::new(names.stdout.take().unwrap()).lines();
+        let mut rows_out = BufReader::new(rows.stdout.take().unwrap()).lines();
+        // Both are watching once their (empty) list is out: a change now must reach them.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let file = write(dir.path(), "w.yaml", &example("nginx"));
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        let line = names_out.next_line().await.unwrap().unwrap();
+        assert_eq!(line, "edgenode.edgesync.io/edge01");
+        let row = rows_out.next_line().await.unwrap().unwrap();
+        assert!(
+            row.starts_with("edge01") && row.contains("Pending"),
+            "{row}"
+        );
+        ok(head.daemon.cli(&["delete", "edgenode", "edge01"]));
+        loop {
+            let row = rows_out.next_line().await.unwrap().unwrap();
+            if row.contains("Deleted") {
+                assert!(row.starts_with("edge01"), "{row}");
+                break;
+            }
+        }
+        assert!(
+            names.try_wait().unwrap().is_none(),
+            "the watch ended by itself"
+        );
+    })
+    .await;
+}
