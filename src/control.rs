@@ -430,35 +430,12 @@ impl Client {
         uri: &str,
         mut each: impl FnMut(&str),
     ) -> Result<(StatusCode, Vec<u8>), ControlError> {
-        let http = |reason: String| ControlError::Http {
-            path: self.path.display().to_string(),
-            reason,
-        };
-        let stream = tokio::net::UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| ControlError::Connect {
-                path: self.path.display().to_string(),
-                source,
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| http(e.to_string()))?;
-        let driver = tokio::spawn(conn);
-        let request = hyper::Request::builder()
-            .uri(uri)
-            .header("host", "edgesync")
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| http(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| http(e.to_string()))?;
+        let (response, driver) = self.send(hyper::Method::GET, uri, None).await?;
         let status = response.status();
         let mut body = response.into_body();
         let mut pending = Vec::new();
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| http(e.to_string()))?;
+            let frame = frame.map_err(|e| self.http(e.to_string()))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
@@ -482,10 +459,33 @@ impl Client {
         uri: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Vec<u8>), ControlError> {
-        let http = |reason: String| ControlError::Http {
-            path: self.path.display().to_string(),
-            reason,
-        };
+        let (response, driver) = self.send(method, uri, body).await?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.http(e.to_string()))?
+            .to_bytes()
+            .to_vec();
+        driver.abort();
+        Ok((status, body))
+    }
+
+    /// Connects, sends one request, and returns the response with the task driving the
+    /// connection (to abort once the body is read).
+    async fn send(
+        &self,
+        method: hyper::Method,
+        uri: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<
+        (
+            hyper::Response<hyper::body::Incoming>,
+            tokio::task::JoinHandle<Result<(), hyper::Error>>,
+        ),
+        ControlError,
+    > {
         let stream = tokio::net::UnixStream::connect(&self.path)
             .await
             .map_err(|source| ControlError::Connect {
@@ -495,7 +495,7 @@ impl Client {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
-                .map_err(|e| http(e.to_string()))?;
+                .map_err(|e| self.http(e.to_string()))?;
         let driver = tokio::spawn(conn);
         let request = hyper::Request::builder()
             .method(method)
@@ -503,20 +503,18 @@ impl Client {
             .header("host", "edgesync")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| self.http(e.to_string()))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| http(e.to_string()))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http(e.to_string()))?
-            .to_bytes()
-            .to_vec();
-        driver.abort();
-        Ok((status, body))
+            .map_err(|e| self.http(e.to_string()))?;
+        Ok((response, driver))
+    }
+
+    fn http(&self, reason: String) -> ControlError {
+        ControlError::Http {
+            path: self.path.display().to_string(),
+            reason,
+        }
     }
 }

@@ -5,7 +5,7 @@
 use crate::crd::POD_REFUSED;
 use crate::head::edges::Edges;
 use crate::metrics::EdgeLabels;
-use crate::node::Node;
+use crate::node::{Node, PeerInfo};
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -42,7 +42,7 @@ pub struct EdgeInfo {
 pub async fn list(node: &Node, edges: &Edges) -> Vec<EdgeInfo> {
     let view = edges.dns_view().await;
     let peers = node.peers().list();
-    let now = Timestamp::now().to_string();
+    let now = Timestamp::now();
     let mut counts: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
     for key in node.docs().keys() {
         let Ok(Some((doc, _))) = node.docs().view(&key).await else {
@@ -66,13 +66,7 @@ pub async fn list(node: &Node, edges: &Edges) -> Vec<EdgeInfo> {
             true => Some(node.name().to_string()),
             false => node.docs().presence_of(name).await.filter(|_| online),
         };
-        let last_seen = match online {
-            true => Some(now.clone()),
-            false => peers
-                .iter()
-                .find(|p| p.name == *name)
-                .and_then(|p| p.last_seen.clone()),
-        };
+        let last_seen = last_heard(&peers, name, online, now).map(|t| t.to_string());
         let (edgenodes, pods_ready, pods) = counts.get(name).copied().unwrap_or_default();
         list.push(EdgeInfo {
             name: name.clone(),
@@ -110,17 +104,22 @@ pub async fn update_metrics(node: &Node, edges: &Edges) {
             .set(registration.not_after);
         let up = node.online(name).await;
         m.edge_up.get_or_create(&labels).set(i64::from(up));
-        let heard = match up {
-            true => Some(now),
-            false => peers
-                .iter()
-                .find(|p| p.name == *name)
-                .and_then(|p| p.last_seen.as_deref()?.parse::<Timestamp>().ok()),
-        };
-        if let Some(heard) = heard {
+        if let Some(heard) = last_heard(&peers, name, up, now) {
             let seconds = heard.as_millisecond() as f64 / 1000.0;
             m.edge_last_heard.get_or_create(&labels).set(seconds);
         }
+    }
+}
+
+/// When edge `name` was last heard from: `now` while it is `online` (QUIC keep-alives hold
+/// the link), else when its last session here ended, if it had one since this head started.
+fn last_heard(peers: &[PeerInfo], name: &str, online: bool, now: Timestamp) -> Option<Timestamp> {
+    match online {
+        true => Some(now),
+        false => peers
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.last_seen.as_deref()?.parse().ok()),
     }
 }
 
