@@ -124,7 +124,7 @@ fn last_heard(peers: &[PeerInfo], name: &str, online: bool, now: Timestamp) -> O
 }
 
 /// Keeps `edgesync_pods_refused` on a head: the pods the edges report refused, summed over
-/// every EdgeNode, each counted again only when its document changes.
+/// every EdgeNode, each counted again only when a change can have moved its count.
 pub async fn count_refused(node: Node, shutdown: CancellationToken) {
     let mut changes = node.docs().subscribe();
     let mut refused: HashMap<String, usize> = HashMap::new();
@@ -148,7 +148,12 @@ pub async fn count_refused(node: Node, shutdown: CancellationToken) {
             change = changes.recv() => change,
         };
         match change {
-            Ok(change) if !change.moved.internal => {
+            // An edge reports refusals in status; a spec change can only end some (a pod
+            // removed, a deletion), so it is read only when the document has any.
+            Ok(change)
+                if change.moved.status
+                    || (change.moved.spec && refused.get(&change.key).is_some_and(|n| *n > 0)) =>
+            {
                 let count = refused_in(&node, &change.key).await;
                 refused.insert(change.key, count);
             }
