@@ -416,8 +416,40 @@ pub async fn describe(args: &DescribeArgs) -> Result<(), CommandError> {
         }
         other => other?,
     };
-    print!("{}", describe_edgenode(&object, Timestamp::now()));
+    let now = Timestamp::now();
+    let query = format!("/v1/events?namespace={}&name={}", args.namespace, args.name);
+    let events = call(&args.socket, Method::GET, &query, None).await?;
+    print!(
+        "{}{}",
+        describe_edgenode(&object, now),
+        events_text(&events, false, now)
+    );
     Ok(())
+}
+
+/// The `Events:` part of `describe`: the latest events, oldest first, as kubectl lists them;
+/// `objects` adds which object each is about.
+pub fn events_text(events: &Value, objects: bool, now: Timestamp) -> String {
+    let lines = events.as_array().cloned().unwrap_or_default();
+    if lines.is_empty() {
+        return "Events:       <none>\n".into();
+    }
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let mut header = vec!["TYPE", "REASON", "AGE"];
+    header.extend(objects.then_some("OBJECT"));
+    header.push("MESSAGE");
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
+    for e in &lines {
+        let mut age = age(e["time"].as_str(), now);
+        if let Some(n) = e["count"].as_u64().filter(|n| *n > 1) {
+            age = format!("{age} (x{n})");
+        }
+        let mut row = vec![text(&e["type"]), text(&e["reason"]), age];
+        row.extend(objects.then(|| text(&e["object"])));
+        row.push(text(&e["message"]));
+        rows.push(row);
+    }
+    format!("Events:\n{}", indent(&table(rows)))
 }
 
 /// The text of `describe edgenode`.
@@ -570,6 +602,14 @@ pub async fn node_describe(socket: &Path, name: &str) -> Result<(), CommandError
         true => out.push_str("  <none>\n"),
         false => out.push_str(&indent(&edgenode_table(&items, true, false, now))),
     }
+    let events = call(
+        socket,
+        Method::GET,
+        &format!("/v1/events?edge={name}"),
+        None,
+    )
+    .await?;
+    out.push_str(&events_text(&events, true, now));
     print!("{out}");
     Ok(())
 }

@@ -374,8 +374,43 @@ pub async fn serve_metrics(
     })))
 }
 
-/// What an edge answers to what only a head serves.
-pub fn edge_routes() -> Router {
+/// Which events `GET /v1/events` lists: one EdgeNode's (`namespace` and `name`), or one edge's
+/// (`edge`: the Edge and every EdgeNode of it).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EventsQuery {
+    /// The EdgeNode's namespace.
+    pub namespace: Option<String>,
+    /// The EdgeNode's name.
+    pub name: Option<String>,
+    /// The edge's name.
+    pub edge: Option<String>,
+}
+
+impl EventsQuery {
+    /// Whether an event about `object` (`EdgeNode ns/name` or `Edge name`) is asked for.
+    pub fn wants(&self, object: &str) -> bool {
+        let Some((kind, name)) = object.split_once(' ') else {
+            return false;
+        };
+        match (kind, &self.edge) {
+            ("Edge", Some(edge)) => name == edge,
+            ("EdgeNode", Some(edge)) => crate::key::edge_of(name) == Some(edge.as_str()),
+            ("EdgeNode", None) => {
+                let wanted = (self.namespace.as_deref(), self.name.as_deref());
+                crate::key::parts(name).is_some_and(|(ns, n)| wanted == (Some(ns), Some(n)))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The events this node's journal holds that `q` asks for.
+pub fn journal_events(node: &Node, q: &EventsQuery) -> Response {
+    Json(node.journal().lines(|object| q.wants(object))).into_response()
+}
+
+/// An edge's own routes: its events, and what it answers to what only a head serves.
+pub fn edge_routes(node: Node) -> Router {
     let only_on_a_head = |what: &'static str| {
         move || async move {
             ApiError(
@@ -408,6 +443,15 @@ pub fn edge_routes() -> Router {
             "/v1/aup",
             axum::routing::put(only_on_a_head("users are managed")),
         )
+        .route(
+            "/v1/events",
+            get(
+                |State(node): State<Node>, Query(q): Query<EventsQuery>| async move {
+                    journal_events(&node, &q)
+                },
+            ),
+        )
+        .with_state(node)
 }
 
 /// Client of the control socket.

@@ -151,11 +151,15 @@ impl Condition {
 pub struct PodState {
     /// Pod name.
     pub name: String,
-    /// Applied (manifest written) or Refused (see reason).
+    /// Applied (manifest written), Refused (by policy, see reason) or NotWritten (the edge
+    /// cannot write its manifest now, see cause and reason; it tries again).
     pub state: String,
-    /// Why the pod was refused.
+    /// Why the pod was refused or is not written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For a pod not written: FileNameTaken, ManifestDirNotWritable, DiskFull or WriteFailed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
     /// Phase of the mirror pod `<pod>-<node>` in the cluster ("Missing" when there is none);
     /// set by a head with a cluster whose Node object of that name exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +170,9 @@ pub struct PodState {
 pub const POD_APPLIED: &str = "Applied";
 /// Pod state: the edge refused the pod (see reason).
 pub const POD_REFUSED: &str = "Refused";
+/// Pod state: the edge cannot write the pod's manifest now (see cause and reason); a manifest
+/// it wrote before stays, and it tries again.
+pub const POD_NOT_WRITTEN: &str = "NotWritten";
 
 /// A CRD edgesync generates: the plural `edgesync crd` takes, the file it is checked in at,
 /// and the definition.

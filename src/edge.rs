@@ -61,7 +61,7 @@ impl Edge {
         let control = control::serve(
             &config.socket,
             node.clone(),
-            control::edge_routes(),
+            control::edge_routes(node.clone()),
             tasks.token(),
         )
         .await?;
@@ -85,6 +85,7 @@ impl Edge {
         let mut reconciler = Reconciler::new(node.clone(), config.manifest_dir.clone());
         reconciler.run_once(None).await;
         tasks.spawn(reconciler.run(config.drift_interval, tasks.token()));
+        tasks.spawn(crate::node::journal::follow(node.clone(), tasks.token()));
         let mut targets = config.heads.clone();
         targets.extend(config.peers.iter().cloned());
         let state = config.state_dir.clone();

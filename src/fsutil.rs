@@ -21,11 +21,24 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         .prefix(TEMP_PREFIX)
         .suffix(TEMP_SUFFIX)
         .permissions(std::fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)?;
-    tmp.write_all(data)?;
+        .tempfile_in(dir)
+        .map_err(without_path)?;
+    // Through the File: the temp file's own errors carry its random path, which means nothing
+    // to a reader.
+    tmp.as_file_mut().write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// An error of tempfile's without the temp file's random path it appends (" at path …"),
+/// which means nothing to a reader; its kind stays.
+fn without_path(e: std::io::Error) -> std::io::Error {
+    let text = e.to_string();
+    match text.split_once(" at path ") {
+        Some((said, _)) if e.get_ref().is_some() => std::io::Error::new(e.kind(), said),
+        _ => e,
+    }
 }
 
 /// Writes a secret (mode 0600) atomically.

@@ -9,6 +9,7 @@ pub mod bridge;
 pub mod cluster;
 pub mod dns;
 pub mod edges;
+pub mod events;
 pub mod fleet;
 pub mod lease;
 pub mod peers;
@@ -116,6 +117,19 @@ impl Head {
             ),
             None => Edges::standalone(node.clone(), &mut tasks),
         };
+        // With a cluster the writer's status pass tells the events, as Kubernetes Events;
+        // standalone this head keeps its own journal.
+        let events = match &cluster {
+            Some(c) => Some(events::ClusterEvents::start(
+                c.client.clone(),
+                &identity,
+                &mut tasks,
+            )),
+            None => {
+                tasks.spawn(crate::node::journal::follow(node.clone(), tasks.token()));
+                None
+            }
+        };
         let token_file = dir.join("join-token");
         if !token_file.exists() {
             let token = create_token(&edges, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
@@ -186,6 +200,7 @@ impl Head {
             accounts,
             edges: edges.clone(),
             node: node.clone(),
+            events: events.clone(),
         };
         let control = control::serve(
             &config.socket,
@@ -241,6 +256,7 @@ impl Head {
                     client,
                     node.clone(),
                     edges.clone(),
+                    events,
                     &config.watch_namespaces,
                     leading_rx,
                     &mut tasks,

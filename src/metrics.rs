@@ -86,6 +86,8 @@ pub struct Metrics {
     pub reconcile_failures: Counter,
     /// Pods refused now (an edge's own; on a head, every edge's as reported).
     pub pods_refused: Gauge,
+    /// Pods whose manifest cannot be written now (an edge's own; on a head, every edge's).
+    pub pods_not_written: Gauge,
     /// Expiry of certificates (unix seconds).
     pub cert_expiry: Family<CertLabels, Gauge>,
     /// Seconds since each edge was last heard from (head).
@@ -169,6 +171,7 @@ impl Metrics {
             reconcile_runs: Counter::default(),
             reconcile_failures: Counter::default(),
             pods_refused: Gauge::default(),
+            pods_not_written: Gauge::default(),
             cert_expiry: Family::default(),
             last_sync_age: Family::default(),
             edge_up: Family::default(),
@@ -236,6 +239,11 @@ impl Metrics {
             m.reconcile_failures.clone(),
         );
         registry.register("pods_refused", "Pods refused now", m.pods_refused.clone());
+        registry.register(
+            "pods_not_written",
+            "Pods whose manifest cannot be written now",
+            m.pods_not_written.clone(),
+        );
         registry.register_with_unit(
             "certificate_expiry_timestamp",
             "When a certificate expires (unix time)",

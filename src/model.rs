@@ -7,7 +7,7 @@
 //! deleted:    bool                      tombstone, so a resync never resurrects
 //! generation: counter                   +1 per spec edit, merges additively
 //! policy:     { privileged: bool }      written by the head from its policy
-//! status:     { observedGeneration, pods: { <name>: { state, reason } } }   written by the edge
+//! status:     { observedGeneration, pods: { <name>: { state, reason, cause } } }   written by the edge
 //! ```
 //! Every document starts with the same deterministic genesis change, so two sides that
 //! create it independently (head by `apply`, edge by an offline `apply`) share the
@@ -175,8 +175,10 @@ pub fn set_status(
             .map(|p| {
                 let mut state = Map::new();
                 state.insert("state".into(), Value::String(p.state.clone()));
-                if let Some(reason) = &p.reason {
-                    state.insert("reason".into(), Value::String(reason.clone()));
+                for (field, value) in [("reason", &p.reason), ("cause", &p.cause)] {
+                    if let Some(value) = value {
+                        state.insert(field.into(), Value::String(value.clone()));
+                    }
                 }
                 (p.name.clone(), Value::Object(state))
             })
@@ -231,6 +233,7 @@ pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
                     name: name.clone(),
                     state: text(&s["state"]).unwrap_or_default(),
                     reason: text(&s["reason"]),
+                    cause: text(&s["cause"]),
                     phase: None,
                 })
                 .collect()
@@ -635,12 +638,20 @@ mod tests {
     fn delete_is_a_tombstone_and_status_is_stored() {
         let mut doc = genesis("team-a/edge01", &ActorId::random());
         set_spec(&mut doc, &desired("nginx"), "t").unwrap();
-        let states = [PodState {
-            name: "nginx".into(),
-            state: "Applied".into(),
-            reason: None,
-            phase: None,
-        }];
+        let states = [
+            PodState {
+                name: "db".into(),
+                state: "NotWritten".into(),
+                reason: Some("writing it failed: no space left".into()),
+                cause: Some("DiskFull".into()),
+                phase: None,
+            },
+            PodState {
+                name: "nginx".into(),
+                state: "Applied".into(),
+                ..PodState::default()
+            },
+        ];
         assert!(set_status(&mut doc, 1, &states).unwrap());
         assert!(!set_status(&mut doc, 1, &states).unwrap());
         assert!(mark_deleted(&mut doc).unwrap());

@@ -6,6 +6,7 @@
 
 pub mod docs;
 pub mod feed;
+pub mod journal;
 pub mod peers;
 pub mod status;
 
@@ -108,6 +109,7 @@ struct Inner {
     peers: Peers,
     /// Per EdgeNode and condition type: its status and since when, as this node has seen.
     transitions: Mutex<HashMap<(String, String), (String, String)>>,
+    journal: journal::Journal,
     applied: Mutex<Vec<AppliedPod>>,
     advertise: Mutex<Option<std::net::IpAddr>>,
     metrics: Metrics,
@@ -138,6 +140,7 @@ impl Node {
             docs,
             peers: Peers::default(),
             transitions: Mutex::new(HashMap::new()),
+            journal: journal::Journal::default(),
             applied: Mutex::new(Vec::new()),
             advertise: Mutex::new(None),
             metrics: Metrics::new(write_seconds),
@@ -172,6 +175,11 @@ impl Node {
     /// This node's validation rules.
     pub fn rules(&self) -> &Rules {
         self.0.docs.rules()
+    }
+
+    /// The recent events of the EdgeNodes this node serves.
+    pub fn journal(&self) -> &journal::Journal {
+        &self.0.journal
     }
 
     /// This node's metrics.
@@ -281,10 +289,21 @@ impl Node {
 
     /// One EdgeNode as kubectl would show it, unless absent or deleted.
     pub async fn edgenode(&self, key: &str) -> Result<Option<EdgeNode>, NodeError> {
+        self.object(key, false).await
+    }
+
+    /// One EdgeNode as [`Node::edgenode`] shows it, or, deleted, while its edge has not yet
+    /// removed the pods (with a `Deleting` condition saying why it waits).
+    pub async fn edgenode_or_deleting(&self, key: &str) -> Result<Option<EdgeNode>, NodeError> {
+        self.object(key, true).await
+    }
+
+    async fn object(&self, key: &str, deleting: bool) -> Result<Option<EdgeNode>, NodeError> {
         let Some((view, last_synced_at)) = self.0.docs.view(key).await? else {
             return Ok(None);
         };
-        if view.deleted || view.generation == 0 {
+        let waiting = deleting && view.observed_generation != Some(view.generation);
+        if (view.deleted && !waiting) || view.generation == 0 {
             return Ok(None);
         }
         let online = self.online(&view.name).await;

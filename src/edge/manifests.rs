@@ -115,6 +115,56 @@ pub fn path_in(dir: &Path, file: &str) -> Option<PathBuf> {
     check_file_name(file).ok().map(|()| dir.join(file))
 }
 
+/// Why a pod's manifest is not written: the code its state and the EdgeNode's
+/// `ManifestsWritten` condition carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The name holds a file edgesync did not write, or something that is not a file.
+    FileNameTaken,
+    /// The manifest directory refuses writes (permissions, a read-only file system).
+    ManifestDirNotWritable,
+    /// No space (or quota) is left on the manifest directory's file system.
+    DiskFull,
+    /// The pod's name makes a file name no file system holds: a refusal, not a failure.
+    InvalidFileName,
+    /// Any other failure.
+    WriteFailed,
+}
+
+impl Cause {
+    /// The cause of a failed write.
+    pub fn of(error: &std::io::Error) -> Cause {
+        use std::io::ErrorKind::*;
+        match error.kind() {
+            PermissionDenied | ReadOnlyFilesystem => Cause::ManifestDirNotWritable,
+            StorageFull | QuotaExceeded => Cause::DiskFull,
+            _ => Cause::WriteFailed,
+        }
+    }
+
+    /// The code, as status shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::FileNameTaken => "FileNameTaken",
+            Cause::ManifestDirNotWritable => "ManifestDirNotWritable",
+            Cause::DiskFull => "DiskFull",
+            Cause::InvalidFileName => "InvalidFileName",
+            Cause::WriteFailed => "WriteFailed",
+        }
+    }
+}
+
+/// A desired file that cannot be written now: why, and in words.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocked {
+    /// The file.
+    pub want: Desired,
+    /// Why, as a code.
+    pub cause: Cause,
+    /// Why, in words.
+    pub reason: String,
+}
+
 /// What to do to reach the desired files.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
@@ -125,8 +175,8 @@ pub struct Plan {
     /// Owned files no longer desired whose path now holds something that is not a regular
     /// file: nothing of edgesync's is left there, so forget them and leave the path alone.
     pub forget: Vec<(OwnedFile, String)>,
-    /// Desired files that cannot be written now, with the reason: the pod's failure alone.
-    pub blocked: Vec<(Desired, String)>,
+    /// Desired files that cannot be written now: the pod's failure alone.
+    pub blocked: Vec<Blocked>,
 }
 
 /// What occupies a path in the manifest directory, seen without following a link.
@@ -166,8 +216,14 @@ pub fn plan(
         owned.iter().map(|o| (o.file.as_str(), o)).collect();
     let mut plan = Plan::default();
     for want in desired {
+        let block = |cause, reason| Blocked {
+            want: want.clone(),
+            cause,
+            reason,
+        };
         if let Err(e) = check_file_name(&want.file) {
-            plan.blocked.push((want.clone(), e.to_string()));
+            plan.blocked
+                .push(block(Cause::InvalidFileName, e.to_string()));
             continue;
         }
         let ours = owned_by_file.contains_key(want.file.as_str());
@@ -177,20 +233,25 @@ pub fn plan(
             OnDisk::File { sha256, .. } if ours && sha256 == want.sha256() => continue,
             OnDisk::File { .. } if ours => None,
             OnDisk::File { managed_by, .. } if managed_by.as_ref() == Some(&want.key) => None,
-            OnDisk::File { .. } => Some(format!(
-                "{file} exists in the manifest directory and was not written by edgesync"
+            OnDisk::File { .. } => Some((
+                Cause::FileNameTaken,
+                format!("{file} exists in the manifest directory and was not written by edgesync"),
             )),
-            OnDisk::NotAFile(kind) => Some(format!(
-                "{file} in the manifest directory is a {kind}; edgesync never follows, replaces \
+            OnDisk::NotAFile(kind) => Some((
+                Cause::FileNameTaken,
+                format!(
+                    "{file} in the manifest directory is a {kind}; edgesync never follows, replaces \
                  or removes it, and writes the manifest once it is gone"
+                ),
             )),
-            OnDisk::Unreadable(error) => Some(format!(
-                "{file} in the manifest directory cannot be looked at: {error}"
+            OnDisk::Unreadable(error) => Some((
+                Cause::WriteFailed,
+                format!("{file} in the manifest directory cannot be looked at: {error}"),
             )),
         };
         match blocked {
             None => plan.write.push(want.clone()),
-            Some(reason) => plan.blocked.push((want.clone(), reason)),
+            Some((cause, reason)) => plan.blocked.push(block(cause, reason)),
         }
     }
     for file in owned {
@@ -249,7 +310,7 @@ mod tests {
     }
 
     fn blocked_pods(plan: &Plan) -> Vec<&str> {
-        plan.blocked.iter().map(|(d, _)| d.pod.as_str()).collect()
+        plan.blocked.iter().map(|b| b.want.pod.as_str()).collect()
     }
 
     #[test]
@@ -279,7 +340,8 @@ mod tests {
         );
         assert!(plan_.write.is_empty());
         assert_eq!(blocked_pods(&plan_), ["db"]);
-        assert!(plan_.blocked[0].1.contains("not written by edgesync"));
+        assert!(plan_.blocked[0].reason.contains("not written by edgesync"));
+        assert_eq!(plan_.blocked[0].cause, Cause::FileNameTaken);
         assert_eq!(plan_.remove, vec![gone.clone()]);
         let drifted = plan(std::slice::from_ref(&a), &[owned(&a)], &[], |_| {
             found("edited", None)
@@ -330,7 +392,8 @@ mod tests {
             });
             assert!(blocked.write.is_empty());
             assert_eq!(blocked_pods(&blocked), ["web"]);
-            assert!(blocked.blocked[0].1.contains(kind), "{blocked:?}");
+            assert!(blocked.blocked[0].reason.contains(kind), "{blocked:?}");
+            assert_eq!(blocked.blocked[0].cause, Cause::FileNameTaken);
         }
         let gone = plan(&[], &[owned(&a)], &[], |_| OnDisk::NotAFile("directory"));
         assert!(gone.remove.is_empty());
@@ -339,6 +402,18 @@ mod tests {
             OnDisk::Unreadable("permission denied".into())
         });
         assert_eq!(blocked_pods(&unreadable), ["web"]);
+    }
+
+    #[test]
+    fn a_failed_write_is_told_by_its_cause() {
+        let cause = |errno| Cause::of(&std::io::Error::from_raw_os_error(errno)).as_str();
+        // EACCES, EPERM, EROFS, ENOSPC, EDQUOT, EIO
+        assert_eq!(cause(13), "ManifestDirNotWritable");
+        assert_eq!(cause(1), "ManifestDirNotWritable");
+        assert_eq!(cause(30), "ManifestDirNotWritable");
+        assert_eq!(cause(28), "DiskFull");
+        assert_eq!(cause(122), "DiskFull");
+        assert_eq!(cause(5), "WriteFailed");
     }
 
     #[test]
@@ -352,7 +427,11 @@ mod tests {
         });
         assert_eq!(plan_.write, vec![b]);
         assert_eq!(blocked_pods(&plan_), [long.as_str()]);
-        assert!(plan_.blocked[0].1.contains("262 bytes, more than the 255"));
+        assert!(
+            plan_.blocked[0]
+                .reason
+                .contains("262 bytes, more than the 255")
+        );
     }
 
     #[test]

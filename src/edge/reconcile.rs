@@ -3,8 +3,8 @@
 //! changes, such as this edge's own reports, are not looked at); a periodic full pass catches
 //! files changed by hand and documents that vanished.
 
-use super::manifests::{self, Desired};
-use crate::crd::{POD_APPLIED, POD_REFUSED, PodState};
+use super::manifests::{self, Cause, Desired};
+use crate::crd::{POD_APPLIED, POD_NOT_WRITTEN, POD_REFUSED, PodState};
 use crate::daemon::DaemonError;
 use crate::input;
 use crate::node::{AppliedPod, Change, Node};
@@ -113,13 +113,15 @@ impl Reconciler {
             // Whatever failed is done again by the next pass.
             self.done.clear();
         }
-        let refused = self
-            .applied
-            .values()
-            .flatten()
-            .filter(|p| p.state == POD_REFUSED)
-            .count();
-        self.node.metrics().pods_refused.set(refused as i64);
+        let count = |state: &str| {
+            let pods = self.applied.values().flatten();
+            pods.filter(|p| p.state == state).count() as i64
+        };
+        self.node.metrics().pods_refused.set(count(POD_REFUSED));
+        self.node
+            .metrics()
+            .pods_not_written
+            .set(count(POD_NOT_WRITTEN));
         self.node
             .set_applied(self.applied.values().flatten().cloned().collect());
     }
@@ -233,7 +235,7 @@ impl Reconciler {
                 name: name.clone(),
                 state: state.into(),
                 reason,
-                phase: None,
+                ..PodState::default()
             });
         }
         Ok(Some(wanted))
@@ -249,7 +251,11 @@ impl Reconciler {
         let stuck = self.write(key, &wanted, owned).await?;
         for s in &stuck {
             if let Some(p) = wanted.pods.iter_mut().find(|p| p.name == s.pod) {
-                p.state = POD_REFUSED.into();
+                // A name no file can have is the spec's fault: refused, as by policy.
+                (p.state, p.cause) = match s.cause {
+                    Cause::InvalidFileName => (POD_REFUSED.into(), None),
+                    cause => (POD_NOT_WRITTEN.into(), Some(cause.as_str().into())),
+                };
                 p.reason = Some(s.reason.clone());
             }
         }
@@ -295,10 +301,11 @@ impl Reconciler {
         let mut stuck: Vec<Stuck> = plan
             .blocked
             .into_iter()
-            .map(|(want, reason)| Stuck {
-                pod: want.pod,
-                file: want.file,
-                reason,
+            .map(|b| Stuck {
+                pod: b.want.pod,
+                file: b.want.file,
+                cause: b.cause,
+                reason: b.reason,
                 kept: false,
             })
             .collect();
@@ -320,6 +327,7 @@ impl Reconciler {
                         store.disown_file(want.file.clone()).await?;
                     }
                     stuck.push(Stuck {
+                        cause: Cause::of(&e),
                         reason: format!("writing {} failed: {e}; edgesync tries again", want.file),
                         pod: want.pod,
                         file: want.file,
@@ -364,6 +372,7 @@ impl Reconciler {
 struct Stuck {
     pod: String,
     file: String,
+    cause: Cause,
     reason: String,
     /// Whether the manifest edgesync wrote before is still in place.
     kept: bool,
@@ -481,7 +490,7 @@ mod tests {
             assert_eq!(edge.image("default", "web").as_deref(), Some("nginx"));
             assert_eq!(edge.image("other", "web").as_deref(), Some("nginx"));
             let (state, reason) = edge.reported("default", "stuck").await;
-            assert_eq!(state, POD_REFUSED);
+            assert_eq!(state, POD_NOT_WRITTEN);
             assert!(reason.contains("is a directory"), "{reason}");
             let (state, reason) = edge.reported("default", &long).await;
             assert_eq!(state, POD_REFUSED);
@@ -552,7 +561,7 @@ mod tests {
             edge.drift_pass().await;
             assert_eq!(edge.image("default", "web").as_deref(), Some("nginx"));
             let (state, reason) = edge.reported("default", "dangling").await;
-            assert_eq!(state, POD_REFUSED);
+            assert_eq!(state, POD_NOT_WRITTEN);
             assert!(reason.contains("symbolic link"), "{reason}");
 
             // A managed manifest replaced by a link to a file outside.

@@ -1,7 +1,7 @@
 //! What only a head serves on the control socket: join tokens, removing edges, and user
 //! administration.
 
-use crate::control::{ApiError, ApiResult};
+use crate::control::{ApiError, ApiResult, EventsQuery};
 use crate::head::api::Accounts;
 use crate::head::create_token;
 use crate::head::edges::Edges;
@@ -29,6 +29,8 @@ pub struct HeadControl {
     pub edges: Edges,
     /// This head's node core.
     pub node: crate::node::Node,
+    /// With a cluster, the EdgeNodes' Kubernetes Events.
+    pub events: Option<crate::head::events::ClusterEvents>,
 }
 
 /// The head's routes of the control socket.
@@ -40,6 +42,7 @@ pub fn routes(head: HeadControl) -> Router {
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/users", get(users))
         .route("/v1/audit", get(audit))
+        .route("/v1/events", get(events))
         .route("/v1/users/{name}/{action}", post(decide))
         .route("/v1/aup", axum::routing::put(set_aup))
         .with_state(head)
@@ -61,6 +64,17 @@ async fn audit(State(head): State<HeadControl>, Query(q): Query<AuditQuery>) -> 
         .audit(q.since.unwrap_or(0), AUDIT_LINES)
         .await?;
     Ok(Json(rows).into_response())
+}
+
+/// The events `q` asks for: with a cluster its Events, else this head's journal.
+async fn events(State(head): State<HeadControl>, Query(q): Query<EventsQuery>) -> ApiResult {
+    match &head.events {
+        Some(cluster) => match cluster.list(&q).await {
+            Ok(lines) => Ok(Json(lines).into_response()),
+            Err(e) => Err(internal(format!("cannot list the Events: {e}"))),
+        },
+        None => Ok(crate::control::journal_events(&head.node, &q)),
+    }
 }
 
 async fn nodes(State(head): State<HeadControl>) -> ApiResult {

@@ -13,6 +13,7 @@ mod status;
 use crate::daemon::Tasks;
 use crate::head::cluster::patch_params;
 use crate::head::edges::Edges;
+use crate::head::events::ClusterEvents;
 use crate::input;
 use crate::node::{Node, NodeError};
 use futures_util::{Stream, StreamExt};
@@ -117,6 +118,8 @@ pub struct Bridge {
     /// that edge), for the status writer.
     status: Arc<Pending>,
     cluster: ClusterView,
+    /// Where the status writer's notices go as Kubernetes Events.
+    events: Option<ClusterEvents>,
 }
 
 /// One namespace (or all) as the writer sees it: the Controller's cache, where documents that
@@ -147,6 +150,7 @@ impl Bridge {
         client: kube::Client,
         node: Node,
         edges: Edges,
+        events: Option<ClusterEvents>,
         namespaces: &[String],
         leading: watch::Receiver<bool>,
         tasks: &mut Tasks,
@@ -167,6 +171,7 @@ impl Bridge {
             resource: ApiResource::erase::<crate::crd::EdgeNode>(&()),
             node,
             edges,
+            events,
             seen: Mutex::new(seen),
             namespaces: (!namespaces.is_empty()).then(|| namespaces.iter().cloned().collect()),
         });
@@ -268,7 +273,7 @@ impl Bridge {
             futures_util::future::join_all(controllers),
             futures_util::future::join_all(orphans),
             self.route_changes(&scopes),
-            status::write(&self),
+            status::write(&self, &scopes),
         );
     }
 

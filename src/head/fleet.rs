@@ -2,7 +2,7 @@
 //! registered edge is up, when it was last heard from, when its certificate expires, and how
 //! many pods the edges refuse.
 
-use crate::crd::POD_REFUSED;
+use crate::crd::{POD_NOT_WRITTEN, POD_REFUSED};
 use crate::head::edges::Edges;
 use crate::metrics::EdgeLabels;
 use crate::node::{Node, PeerInfo};
@@ -123,39 +123,46 @@ fn last_heard(peers: &[PeerInfo], name: &str, online: bool, now: Timestamp) -> O
     }
 }
 
-/// Keeps `edgesync_pods_refused` on a head: the pods the edges report refused, summed over
-/// every EdgeNode, each counted again only when a change can have moved its count.
+/// Keeps `edgesync_pods_refused` and `edgesync_pods_not_written` on a head: the pods the
+/// edges report refused or not written, summed over every EdgeNode, each counted again only
+/// when a change can have moved its count.
 pub async fn count_refused(node: Node, shutdown: CancellationToken) {
     let mut changes = node.docs().subscribe();
-    let mut refused: HashMap<String, usize> = HashMap::new();
+    let mut troubled: HashMap<String, Troubled> = HashMap::new();
     let mut all = true;
     loop {
         let keys = match all {
             true => {
-                refused.clear();
+                troubled.clear();
                 node.docs().keys()
             }
             false => Vec::new(),
         };
         all = false;
         for key in keys {
-            refused.insert(key.clone(), refused_in(&node, &key).await);
+            troubled.insert(key.clone(), troubled_in(&node, &key).await);
         }
-        let total: usize = refused.values().sum();
-        node.metrics().pods_refused.set(total as i64);
+        let total = |of: fn(&Troubled) -> usize| troubled.values().map(of).sum::<usize>() as i64;
+        node.metrics().pods_refused.set(total(|t| t.refused));
+        node.metrics()
+            .pods_not_written
+            .set(total(|t| t.not_written));
         let change = tokio::select! {
             _ = shutdown.cancelled() => return,
             change = changes.recv() => change,
         };
         match change {
-            // An edge reports refusals in status; a spec change can only end some (a pod
+            // An edge reports troubles in status; a spec change can only end some (a pod
             // removed, a deletion), so it is read only when the document has any.
             Ok(change)
                 if change.moved.status
-                    || (change.moved.spec && refused.get(&change.key).is_some_and(|n| *n > 0)) =>
+                    || (change.moved.spec
+                        && troubled
+                            .get(&change.key)
+                            .is_some_and(|t| *t != Troubled::default())) =>
             {
-                let count = refused_in(&node, &change.key).await;
-                refused.insert(change.key, count);
+                let count = troubled_in(&node, &change.key).await;
+                troubled.insert(change.key, count);
             }
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => all = true,
@@ -164,14 +171,26 @@ pub async fn count_refused(node: Node, shutdown: CancellationToken) {
     }
 }
 
-/// Pods of EdgeNode `key` its edge reports refused.
-async fn refused_in(node: &Node, key: &str) -> usize {
+/// Pods of one EdgeNode its edge reports refused, and not written.
+#[derive(Default, PartialEq)]
+struct Troubled {
+    refused: usize,
+    not_written: usize,
+}
+
+async fn troubled_in(node: &Node, key: &str) -> Troubled {
     match node.docs().view(key).await {
-        Ok(Some((view, _))) if !view.deleted => view
-            .pod_states
-            .iter()
-            .filter(|p| p.state == POD_REFUSED && view.pods.contains_key(&p.name))
-            .count(),
-        _ => 0,
+        Ok(Some((view, _))) if !view.deleted => {
+            let count = |state: &str| {
+                let pods = view.pod_states.iter();
+                pods.filter(|p| p.state == state && view.pods.contains_key(&p.name))
+                    .count()
+            };
+            Troubled {
+                refused: count(POD_REFUSED),
+                not_written: count(POD_NOT_WRITTEN),
+            }
+        }
+        _ => Troubled::default(),
     }
 }

@@ -626,8 +626,7 @@ mod tests {
             vec![PodState {
                 name: "nginx".into(),
                 state: state.into(),
-                reason: None,
-                phase: None,
+                ..PodState::default()
             }]
         };
         docs.report_status(key, 1, &report("Applied"))

@@ -3,7 +3,8 @@
 //! condition is built here.
 
 use crate::crd::{
-    Condition, EdgeNode, EdgeNodeSpec, EdgeNodeStatus, POD_APPLIED, POD_REFUSED, Phase, PodState,
+    Condition, EdgeNode, EdgeNodeSpec, EdgeNodeStatus, POD_APPLIED, POD_NOT_WRITTEN, POD_REFUSED,
+    Phase, PodState,
 };
 use crate::model::DocView;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -50,19 +51,27 @@ pub fn derive_status(
                 .unwrap_or_else(|| PodState {
                     name: name.clone(),
                     state: "Pending".into(),
-                    reason: None,
-                    phase: None,
+                    ..PodState::default()
                 })
         })
         .collect();
     let applied = pods.iter().filter(|p| p.state == POD_APPLIED).count();
-    let refused: Vec<&PodState> = pods.iter().filter(|p| p.state == POD_REFUSED).collect();
+    let in_state = |state| pods.iter().filter(move |p: &&PodState| p.state == state);
+    let refused: Vec<&PodState> = in_state(POD_REFUSED).collect();
+    let unwritten: Vec<&PodState> = in_state(POD_NOT_WRITTEN).collect();
+    let why = |pods: &[&PodState], otherwise: &str| {
+        let each = pods.iter().map(|p| {
+            let reason = p.reason.as_deref().unwrap_or(otherwise);
+            format!("{}: {reason}", p.name)
+        });
+        each.collect::<Vec<_>>().join("; ")
+    };
     let synced = view.observed_generation == Some(view.generation);
     let phase = if !online && last_synced_at.is_some() {
         Phase::Offline
     } else if !synced {
         Phase::Pending
-    } else if !refused.is_empty() {
+    } else if !refused.is_empty() || !unwritten.is_empty() {
         Phase::Degraded
     } else {
         Phase::Running
@@ -91,13 +100,19 @@ pub fn derive_status(
             } else {
                 "PodsRefused"
             },
-            refused
-                .iter()
-                .map(|p| format!("{}: {}", p.name, p.reason.as_deref().unwrap_or("refused")))
-                .collect::<Vec<_>>()
-                .join("; "),
+            why(&refused, "refused"),
         ),
     ];
+    // Only while some manifest cannot be written, as Conflict only while there is one: the
+    // conditions always present stay the three the design names.
+    if !unwritten.is_empty() {
+        conditions.push(Condition::new(
+            "ManifestsWritten",
+            false,
+            written_reason(&unwritten),
+            why(&unwritten, "not written"),
+        ));
+    }
     if !view.conflicts.is_empty() {
         conditions.push(Condition::new(
             "Conflict",
@@ -105,6 +120,26 @@ pub fn derive_status(
             "ConcurrentEdits",
             view.conflicts.join("; "),
         ));
+    }
+    if view.deleted && !synced {
+        let edge = &view.name;
+        conditions.push(match online {
+            true => Condition::new(
+                "Deleting",
+                true,
+                "WaitingForEdge",
+                format!("waiting for edge {edge} to remove the pods"),
+            ),
+            false => Condition::new(
+                "Deleting",
+                true,
+                "EdgeOffline",
+                format!(
+                    "edge {edge} is offline: the EdgeNode goes once the edge is back and has \
+                     removed the pods, or once it is forgotten with `edgesync node remove {edge}`"
+                ),
+            ),
+        });
     }
     EdgeNodeStatus {
         phase: Some(phase),
@@ -114,6 +149,21 @@ pub fn derive_status(
         online: Some(online),
         pods_ready: Some(format!("{applied}/{}", pods.len())),
         pods,
+    }
+}
+
+/// The `ManifestsWritten` condition's reason: the pods' one cause, or WriteFailed for several
+/// (or an unknown one).
+fn written_reason(unwritten: &[&PodState]) -> &'static str {
+    let causes: std::collections::BTreeSet<&str> = unwritten
+        .iter()
+        .map(|p| p.cause.as_deref().unwrap_or("WriteFailed"))
+        .collect();
+    match causes.into_iter().collect::<Vec<_>>()[..] {
+        ["FileNameTaken"] => "FileNameTaken",
+        ["ManifestDirNotWritable"] => "ManifestDirNotWritable",
+        ["DiskFull"] => "DiskFull",
+        _ => "WriteFailed",
     }
 }
 
@@ -183,6 +233,87 @@ pub fn with_bridge(
     }
 }
 
+/// A transition worth telling as an event: Online and offline, refused pods, manifests that
+/// cannot be written, conflicts, and a deletion blocked by an offline edge.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Notice {
+    /// Normal or Warning.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// One CamelCase word, as Kubernetes Events have.
+    pub reason: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// The notices between two sets of an EdgeNode's conditions: a condition that turns bad, or
+/// stays bad for another reason, is told again; one that recovers, where it matters.
+pub fn notices(before: &[Condition], after: &[Condition]) -> Vec<Notice> {
+    let find = |set: &[Condition], type_: &str| set.iter().find(|c| c.type_ == type_).cloned();
+    let mut out = Vec::new();
+    let mut tell = |warning: bool, reason: &str, message: String| {
+        out.push(Notice {
+            type_: if warning { "Warning" } else { "Normal" }.into(),
+            reason: reason.into(),
+            message,
+        })
+    };
+    let changed = |b: &Option<Condition>, a: &Condition| {
+        b.as_ref().is_none_or(|b| {
+            (&b.status, &b.reason, &b.message) != (&a.status, &a.reason, &a.message)
+        })
+    };
+    for a in after {
+        let b = find(before, &a.type_);
+        if !changed(&b, a) {
+            continue;
+        }
+        let was_true = b.as_ref().map(|b| b.status == "True");
+        let is_true = a.status == "True";
+        let detail = |what: &str| match a.message.is_empty() {
+            true => what.to_string(),
+            false => format!("{what}: {}", a.message),
+        };
+        match (a.type_.as_str(), is_true) {
+            ("Online", true) if was_true == Some(false) => {
+                tell(false, "EdgeOnline", "the edge is connected again".into())
+            }
+            ("Online", false) if was_true == Some(true) => tell(
+                true,
+                "EdgeOffline",
+                detail(&format!("the edge is offline ({})", a.reason)),
+            ),
+            ("Valid", false) => tell(true, "PodRefused", detail("refused")),
+            ("Valid", true) if was_true == Some(false) => {
+                tell(false, "PodsAccepted", "every pod is accepted".into())
+            }
+            ("ManifestsWritten", false) => tell(true, "ManifestNotWritten", detail(&a.reason)),
+            ("ManifestsWritten", true) if was_true == Some(false) => tell(
+                false,
+                "ManifestsWritten",
+                "every manifest is written".into(),
+            ),
+            ("Conflict", true) => tell(true, "Conflict", detail("concurrent edits disagreed")),
+            ("Deleting", true) if a.reason == "EdgeOffline" => {
+                tell(true, "DeletionBlocked", a.message.clone())
+            }
+            _ => {}
+        }
+    }
+    // Shown only while bad: gone is recovered.
+    let gone = |type_: &str| {
+        find(before, type_).is_some_and(|b| b.status == "False") && find(after, type_).is_none()
+    };
+    if gone("ManifestsWritten") {
+        out.push(Notice {
+            type_: "Normal".into(),
+            reason: "ManifestsWritten".into(),
+            message: "every manifest is written".into(),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,7 +334,8 @@ mod tests {
                 .map(|(name, state)| PodState {
                     name: name.to_string(),
                     state: state.to_string(),
-                    reason: (*state == POD_REFUSED).then(|| "hostNetwork".into()),
+                    reason: (*state != POD_APPLIED).then(|| format!("{name} broke")),
+                    cause: (*state == POD_NOT_WRITTEN).then(|| format!("Cause{name}")),
                     phase: None,
                 })
                 .collect(),
@@ -232,7 +364,32 @@ mod tests {
         );
         let refused = derive_status(&view(Some(2), &[("web", POD_REFUSED)]), at.clone(), true);
         assert_eq!(refused.phase, Some(Phase::Degraded));
-        assert_eq!(condition(&refused, "Valid").message, "web: hostNetwork");
+        assert_eq!(condition(&refused, "Valid").message, "web: web broke");
+        let only_while_bad =
+            |s: &EdgeNodeStatus| s.conditions.iter().all(|c| c.type_ != "ManifestsWritten");
+        assert!(only_while_bad(&refused) && only_while_bad(&running));
+        // A manifest not written is its own condition, named by the cause.
+        let mut full = view(Some(2), &[("web", POD_NOT_WRITTEN), ("db", POD_APPLIED)]);
+        full.pod_states[0].cause = Some("DiskFull".into());
+        let full = derive_status(&full, at.clone(), true);
+        assert_eq!(full.phase, Some(Phase::Degraded));
+        assert_eq!(condition(&full, "Valid").status, "True");
+        let written = condition(&full, "ManifestsWritten");
+        assert_eq!(
+            (written.status.as_str(), written.reason.as_str()),
+            ("False", "DiskFull")
+        );
+        assert_eq!(written.message, "web: web broke");
+        let two = view(
+            Some(2),
+            &[("web", POD_NOT_WRITTEN), ("db", POD_NOT_WRITTEN)],
+        );
+        let two = derive_status(&two, at.clone(), true);
+        assert_eq!(condition(&two, "ManifestsWritten").reason, "WriteFailed");
+        assert_eq!(
+            condition(&two, "ManifestsWritten").message,
+            "db: db broke; web: web broke"
+        );
         let offline = derive_status(&view(Some(2), &[("web", POD_APPLIED)]), at, false);
         assert_eq!(offline.phase, Some(Phase::Offline));
         assert_eq!(condition(&offline, "Online").reason, "Disconnected");
@@ -257,5 +414,85 @@ mod tests {
         with_bridge(&mut bridged, None, Some("spec.pods[0]: bad".into()));
         assert_eq!(condition(&bridged, "Conflict").reason, "ConcurrentEdits");
         assert_eq!(condition(&bridged, "Valid").reason, "SpecRefused");
+    }
+
+    #[test]
+    fn a_deletion_waiting_for_an_offline_edge_says_so() {
+        let mut deleted = view(Some(2), &[]);
+        deleted.deleted = true;
+        deleted.generation = 3;
+        let at = Some("2026-12-02T00:00:00Z".to_string());
+        let waiting = derive_status(&deleted, at.clone(), true);
+        assert_eq!(condition(&waiting, "Deleting").reason, "WaitingForEdge");
+        let blocked = derive_status(&deleted, at.clone(), false);
+        let c = condition(&blocked, "Deleting");
+        assert_eq!(c.reason, "EdgeOffline");
+        assert!(
+            c.message.contains("edgesync node remove edge01"),
+            "{}",
+            c.message
+        );
+        deleted.observed_generation = Some(3);
+        let done = derive_status(&deleted, at, false);
+        assert!(done.conditions.iter().all(|c| c.type_ != "Deleting"));
+    }
+
+    #[test]
+    fn notices_tell_what_turned_bad_and_what_recovered_once() {
+        let c = |type_: &str, ok: bool, reason: &str, message: &str| {
+            Condition::new(type_, ok, reason, message)
+        };
+        let reasons = |n: Vec<Notice>| {
+            n.into_iter()
+                .map(|n| format!("{} {}", n.type_, n.reason))
+                .collect::<Vec<_>>()
+        };
+        let healthy = [
+            c("Online", true, "Connected", ""),
+            c("Valid", true, "AllPodsAccepted", ""),
+        ];
+        // First sight of a healthy EdgeNode: nothing to tell.
+        assert!(notices(&[], &healthy).is_empty());
+        assert!(notices(&healthy, &healthy).is_empty());
+        // First seen offline (a new EdgeNode whose edge never connected): nothing to tell.
+        assert!(notices(&[], &[c("Online", false, "Disconnected", "")]).is_empty());
+        let troubled = [
+            c("Online", false, "Disconnected", ""),
+            c("Valid", false, "PodsRefused", "web: hostNetwork"),
+            c("ManifestsWritten", false, "DiskFull", "db: no space"),
+            c(
+                "Conflict",
+                true,
+                "ConcurrentEdits",
+                "spec.x: kept 1, lost 2",
+            ),
+            c("Deleting", true, "EdgeOffline", "edge edge01 is offline"),
+        ];
+        assert_eq!(
+            reasons(notices(&healthy, &troubled)),
+            [
+                "Warning EdgeOffline",
+                "Warning PodRefused",
+                "Warning ManifestNotWritten",
+                "Warning Conflict",
+                "Warning DeletionBlocked"
+            ]
+        );
+        let told = notices(&healthy, &troubled);
+        assert_eq!(told[1].message, "refused: web: hostNetwork");
+        assert_eq!(told[2].message, "DiskFull: db: no space");
+        // Told once, not on every pass; again when the reason changes.
+        assert!(notices(&troubled, &troubled).is_empty());
+        let mut other = troubled.clone();
+        other[1].message = "db: hostPID".into();
+        assert_eq!(reasons(notices(&troubled, &other)), ["Warning PodRefused"]);
+        assert_eq!(
+            reasons(notices(&troubled, &healthy)),
+            [
+                "Normal EdgeOnline",
+                "Normal PodsAccepted",
+                "Normal ManifestsWritten"
+            ]
+        );
     }
 }

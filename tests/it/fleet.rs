@@ -103,3 +103,61 @@ async fn node_list_shows_every_registered_edge_online_or_not() {
     })
     .await;
 }
+
+/// The `Events:` part of what `describe` printed.
+fn events_part(described: &str) -> &str {
+    described.split_once("Events:").map_or("", |(_, e)| e)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_shows_the_recent_events_of_an_edgenode_and_its_edge() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
+        let described = || ok(head.daemon.cli(&["describe", "edgenode", "edge01"]));
+        // A file of someone else's where the manifest of "taken" would go.
+        std::fs::write(dirs.manifests.join("edgesync_default_taken.json"), "theirs").unwrap();
+        let pods = edgenode("default", "edge01", &[("web", "nginx"), ("taken", "nginx")]);
+        ok(head
+            .daemon
+            .cli(&["apply", "-f", &write(dir.path(), "a.yaml", &pods)]));
+        wait_for("manifests", SOON, || dirs.manifest("default", "web")).await;
+        let first = wait_for("a ManifestNotWritten event", SOON, || {
+            let text = described();
+            events_part(&text)
+                .contains("ManifestNotWritten")
+                .then_some(text)
+        })
+        .await;
+        let events = events_part(&first);
+        assert!(
+            events.contains("TYPE") && events.contains("Warning"),
+            "{first}"
+        );
+        assert!(events.contains("FileNameTaken: taken: "), "{first}");
+        assert!(!events.contains("EdgeOffline"), "{first}");
+
+        edge.stop().await;
+        let offline = wait_for("an EdgeOffline event", SOON, || {
+            let text = described();
+            events_part(&text).contains("EdgeOffline").then_some(text)
+        })
+        .await;
+        assert!(
+            events_part(&offline).contains("the edge is offline"),
+            "{offline}"
+        );
+        let edge = dirs.start("edge01", &[head.addr], None).await;
+        wait_for("an EdgeOnline event", SOON, || {
+            let node = ok(head.daemon.cli(&["node", "describe", "edge01"]));
+            let events = events_part(&node);
+            (events.contains("EdgeOnline") && events.contains("EdgeNode default/edge01"))
+                .then_some(())
+        })
+        .await;
+        // The edge keeps its own.
+        let on_edge = ok(edge.cli(&["describe", "edgenode", "edge01"]));
+        assert!(on_edge.contains("Events:"), "{on_edge}");
+    })
+    .await;
+}

@@ -79,6 +79,16 @@ impl Cluster {
     }
 }
 
+/// The reasons of the Events about EdgeNode `name` (any namespace), oldest first.
+fn edgenode_event_reasons(cluster: &Cluster, name: &str) -> Vec<String> {
+    let events = cluster.api.list("events.k8s.io/v1", "Event");
+    events
+        .iter()
+        .filter(|e| e["regarding"]["kind"] == "EdgeNode" && e["regarding"]["name"] == name)
+        .filter_map(|e| e["reason"].as_str().map(String::from))
+        .collect()
+}
+
 pub(crate) fn pod_images(object: &Value) -> Vec<(String, String)> {
     let mut pods: Vec<(String, String)> = object["spec"]["pods"]
         .as_array()
@@ -227,6 +237,11 @@ async fn a_deleted_edgenode_waits_for_its_offline_edge() {
             dirs.manifest("default", "web")
         })
         .await;
+        wait_for("the edge online in status", SOON, || {
+            let object = cluster.object("default", "edge01")?;
+            (object["status"]["online"] == true).then_some(())
+        })
+        .await;
         edge.stop().await;
 
         cluster
@@ -234,12 +249,38 @@ async fn a_deleted_edgenode_waits_for_its_offline_edge() {
             .delete("edge01", &DeleteParams::default())
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let object = cluster
-            .object("default", "edge01")
-            .expect("held by the finalizer while the edge is offline");
+        // Held by the finalizer, and says why.
+        let deleting = wait_for("a Deleting condition naming the offline edge", SOON, || {
+            let object = cluster.object("default", "edge01")?;
+            let conditions = object["status"]["conditions"].as_array()?;
+            let c = conditions.iter().find(|c| c["type"] == "Deleting")?;
+            (c["reason"] == "EdgeOffline").then(|| c.clone())
+        })
+        .await;
+        let message = deleting["message"].as_str().unwrap();
+        assert!(message.contains("edgesync node remove edge01"), "{message}");
+        let object = cluster.object("default", "edge01").unwrap();
         assert!(object["metadata"]["deletionTimestamp"].is_string());
         assert!(dirs.manifest("default", "web").is_some());
+
+        // As Events on the EdgeNode, which `describe` lists from the API.
+        wait_for("EdgeOffline and DeletionBlocked Events", SOON, || {
+            let reasons = edgenode_event_reasons(&cluster, "edge01");
+            (reasons.contains(&"EdgeOffline".to_string())
+                && reasons.contains(&"DeletionBlocked".to_string()))
+            .then_some(())
+        })
+        .await;
+        let described = ok(head.daemon.cli(&["node", "describe", "edge01"]));
+        let events = described.split_once("Events:").unwrap().1;
+        for said in [
+            "EdgeOffline",
+            "DeletionBlocked",
+            "EdgeNode default/edge01",
+            "Joined",
+        ] {
+            assert!(events.contains(said), "{said} in:\n{described}");
+        }
 
         let _edge = dirs.start("edge01", &[head.addr], None).await;
         wait_for("pods removed when the edge is back", SOON, || {

@@ -55,7 +55,7 @@ async fn a_pod_blocked_by_a_directory_holds_back_no_other_and_is_written_once_it
                 .and(edge_dirs.manifest("default", "db"))
         })
         .await;
-        wait_state(&head.daemon, "stuck", "Refused", "is a directory").await;
+        wait_state(&head.daemon, "stuck", "NotWritten", "is a directory").await;
         wait_state(&head.daemon, "web", "Applied", "").await;
 
         // Later edits to the good pods still apply.
@@ -216,8 +216,8 @@ async fn links_at_manifest_paths_are_never_followed_and_their_targets_never_touc
         let pods = [("dangling", "nginx"), ("linked", "nginx"), ("web", "nginx")];
         apply(&head.daemon, dir.path(), &pods);
         wait_for("web", SOON, || edge_dirs.manifest("default", "web")).await;
-        wait_state(&head.daemon, "dangling", "Refused", "symbolic link").await;
-        wait_state(&head.daemon, "linked", "Refused", "symbolic link").await;
+        wait_state(&head.daemon, "dangling", "NotWritten", "symbolic link").await;
+        wait_state(&head.daemon, "linked", "NotWritten", "symbolic link").await;
 
         // A managed manifest replaced by a link to a file outside: reported, left alone.
         std::fs::remove_file(path("web")).unwrap();
@@ -228,7 +228,7 @@ async fn links_at_manifest_paths_are_never_followed_and_their_targets_never_touc
             ("web", "nginx:2"),
         ];
         apply(&head.daemon, dir.path(), &pods);
-        wait_state(&head.daemon, "web", "Refused", "symbolic link").await;
+        wait_state(&head.daemon, "web", "NotWritten", "symbolic link").await;
 
         // Deleting the EdgeNode removes none of the links.
         ok(head.daemon.cli(&["delete", "edgenode", "edge01"]));
@@ -353,7 +353,8 @@ async fn refused_pods_show_in_status_and_head_policy_allows_privileged_namespace
         .await;
         let pods = node["status"]["pods"].as_array().unwrap();
         let taken = pods.iter().find(|p| p["name"] == "taken").unwrap();
-        assert_eq!(taken["state"], "Refused");
+        assert_eq!(taken["state"], "NotWritten");
+        assert_eq!(taken["cause"], "FileNameTaken");
         assert!(
             taken["reason"]
                 .as_str()
@@ -375,6 +376,146 @@ async fn refused_pods_show_in_status_and_head_policy_allows_privileged_namespace
         })
         .await;
         assert_eq!(agent["spec"]["hostNetwork"], true);
+    })
+    .await;
+}
+
+/// A tmpfs mounted over a directory for one test, unmounted when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    /// Mounts a tmpfs of `size` over `dir`; None when not root (mounting needs it).
+    fn tmpfs(dir: &Path, size: &str) -> Option<Mount> {
+        if !nix_is_root() {
+            eprintln!("not root: cannot mount a tmpfs, so this test cannot run here");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let options = format!("size={size},mode=0700");
+        mount(&[
+            "-t",
+            "tmpfs",
+            "-o",
+            &options,
+            "tmpfs",
+            &dir.display().to_string(),
+        ]);
+        Some(Mount(dir.to_path_buf()))
+    }
+
+    fn remount(&self, options: &str) {
+        let options = format!("remount,{options}");
+        mount(&["-o", &options, &self.0.display().to_string()]);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn mount(args: &[&str]) {
+    let status = std::process::Command::new("mount").args(args).status();
+    assert!(status.is_ok_and(|s| s.success()), "mount {args:?} failed");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    })
+}
+
+/// `ManifestsWritten` of EdgeNode `default/edge01` on `daemon`: status, reason and message.
+fn written_condition(daemon: &Daemon) -> Option<(String, String, String)> {
+    let node = daemon.json(&["get", "edgenodes", "edge01", "-o", "json"]);
+    let conditions = node["status"]["conditions"].as_array()?;
+    let c = conditions
+        .iter()
+        .find(|c| c["type"] == "ManifestsWritten")?;
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    Some((text(&c["status"]), text(&c["reason"]), text(&c["message"])))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_read_only_manifest_dir_is_a_condition_naming_the_cause_until_it_is_fixed() {
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = EdgeDirs::new(dir.path(), "edge01");
+        let Some(disk) = Mount::tmpfs(&dirs.manifests, "256k") else {
+            return;
+        };
+        let head = HeadProc::start(dir.path(), free_udp_addr(), &[]).await;
+        let edge = dirs
+            .start("edge01", &[head.addr], Some(&head.token()))
+            .await;
+        apply(&head.daemon, dir.path(), &[("web", "nginx")]);
+        wait_state(&head.daemon, "web", "Applied", "").await;
+
+        // The disk fills up (with a file of the test's own): a new pod cannot be written, the
+        // one written before stays.
+        let filler = dirs.manifests.join("filler");
+        let block = vec![b'x'; 4096];
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while std::io::Write::write_all(&mut file, &block).is_ok() {}
+        drop(file);
+        apply(
+            &head.daemon,
+            dir.path(),
+            &[("web", "nginx"), ("db", "redis")],
+        );
+        wait_state(&head.daemon, "db", "NotWritten", "No space left").await;
+        let (status, reason, message) = written_condition(&head.daemon).unwrap();
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "DiskFull"));
+        let expected = "db: writing edgesync_default_db.json failed: No space left on device";
+        assert!(message.starts_with(expected), "{message}");
+        assert!(!message.contains(".tmp"), "no temp file path: {message}");
+        let node = head
+            .daemon
+            .json(&["get", "edgenodes", "edge01", "-o", "json"]);
+        assert_eq!(node["status"]["phase"], "Degraded");
+        assert!(
+            dirs.manifest("default", "web").is_some(),
+            "the old one stays"
+        );
+        let described = ok(head.daemon.cli(&["describe", "edgenode", "edge01"]));
+        assert!(
+            described.contains("ManifestsWritten") && described.contains("DiskFull"),
+            "{described}"
+        );
+
+        // Space again: it is written, and the condition clears.
+        std::fs::remove_file(&filler).unwrap();
+        wait_state(&head.daemon, "db", "Applied", "").await;
+        wait_for("the ManifestsWritten condition gone", SOON, || {
+            written_condition(&head.daemon).is_none().then_some(())
+        })
+        .await;
+
+        // Read-only: an edit cannot be written, and says why.
+        disk.remount("ro");
+        apply(
+            &head.daemon,
+            dir.path(),
+            &[("web", "nginx:2"), ("db", "redis")],
+        );
+        wait_state(&head.daemon, "web", "NotWritten", "Read-only file system").await;
+        let (_, reason, message) = written_condition(&head.daemon).unwrap();
+        assert_eq!(reason, "ManifestDirNotWritable");
+        assert!(!message.contains(".tmp"), "no temp file path: {message}");
+        let metrics = scrape(edge.metrics.unwrap()).await;
+        assert!(metrics.contains("edgesync_pods_not_written 1"), "{metrics}");
+
+        disk.remount("rw");
+        wait_for("the edit written", SOON, || {
+            dirs.manifest("default", "web")
+                .filter(|m| image(m) == "nginx:2")
+        })
+        .await;
     })
     .await;
 }

@@ -30,25 +30,6 @@ fn promtool(args: &[&str], dir: &Path, stdin: Option<&str>) -> String {
     said
 }
 
-/// `GET /metrics` from `address` as curl asks it (the Prometheus text format).
-async fn scrape(address: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: edgesync\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
-}
-
 /// Metric names in exposition `text`: each family's and each sample's.
 fn names(text: &str) -> BTreeSet<String> {
     text.lines()

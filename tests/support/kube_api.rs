@@ -64,7 +64,6 @@ v1                                 Service            services            namesp
 v1                                 Endpoints          endpoints           namespaced -      ep  -
 v1                                 ConfigMap          configmaps          namespaced -      cm  -
 coordination.k8s.io/v1             Lease              leases              namespaced -      -   -
-events.k8s.io/v1                   Event              events              namespaced -      ev  -
 rbac.authorization.k8s.io/v1       Role               roles               namespaced -      -   -
 rbac.authorization.k8s.io/v1       RoleBinding        rolebindings        namespaced -      -   -
 rbac.authorization.k8s.io/v1       ClusterRole        clusterroles        cluster    -      -   -
@@ -73,7 +72,7 @@ edgesync.io/v1alpha1               EdgeNode           edgenodes           namesp
 edgesync.io/v1alpha1               Edge               edges               cluster    status eg  -
 edgesync.io/v1alpha1               User               users               cluster    status eu  -
 edgesync.io/v1alpha1      AcceptableUsePolicy acceptableusepolicies     cluster    -      aup -
-events.k8s.io/v1                   Event              events              namespaced -      ev  -
+events.k8s.io/v1                   Event              events              namespaced -      ev  regarding.kind,regarding.namespace,regarding.name,regarding.uid,regarding.apiVersion,regarding.resourceVersion,regarding.fieldPath,reason,reportingController,type
 apiextensions.k8s.io/v1   CustomResourceDefinition customresourcedefinitions cluster -      crd,crds -
 ";
 

@@ -5,9 +5,10 @@
 //! interval, so neither syncing nor 1,000 edges reconnecting cause a write storm.
 
 use super::{Bridge, lock};
-use crate::crd::{EdgeNodeStatus, MANAGED_LABEL, Phase};
+use crate::crd::{Condition, EdgeNodeStatus, MANAGED_LABEL, Phase};
 use crate::daemon::Tasks;
 use crate::head::cluster::patch_params;
+use crate::head::events::edgenode_reference;
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, Patch};
 use kube::runtime::reflector::{ObjectRef, Store as Cache};
@@ -66,7 +67,7 @@ impl Pending {
 
 /// Writes EdgeNode status while this head is the writer. Marks are document keys
 /// (`namespace/name`) or edge names (every EdgeNode of that edge).
-pub(super) async fn write(bridge: &Bridge) {
+pub(super) async fn write(bridge: &Bridge, scopes: &[super::Scope]) {
     // Nothing is written before the caches are filled, so the phase does not flap.
     tokio::join!(bridge.cluster.ready(), bridge.edges.ready());
     let mut written: BTreeMap<String, (Value, Instant)> = BTreeMap::new();
@@ -87,7 +88,7 @@ pub(super) async fn write(bridge: &Bridge) {
             all || marks.contains(key) || marks.contains(edge)
         };
         for key in known.iter().filter(|k| marked(k)) {
-            write_status(bridge, &mut written, key).await;
+            write_status(bridge, scopes, &mut written, key).await;
         }
         tokio::time::sleep_until((pass + STATUS_INTERVAL).into()).await;
     }
@@ -95,6 +96,7 @@ pub(super) async fn write(bridge: &Bridge) {
 
 async fn write_status(
     bridge: &Bridge,
+    scopes: &[super::Scope],
     written: &mut BTreeMap<String, (Value, Instant)>,
     key: &str,
 ) {
@@ -108,7 +110,7 @@ async fn write_status(
             seen.conflicts.get(key).cloned(),
         )
     };
-    let mut status = match bridge.node.edgenode(key).await {
+    let mut status = match bridge.node.edgenode_or_deleting(key).await {
         Ok(Some(object)) => {
             let mut status = object.status.unwrap_or_default();
             crate::node::status::with_cluster(
@@ -146,12 +148,40 @@ async fn write_status(
         return;
     }
     let patch = json!({"status": status});
+    // What the conditions were: as last written in this term, or as the cluster has them.
+    let cached = scopes
+        .iter()
+        .filter(|s| s.namespace.as_deref().is_none_or(|ns| ns == namespace))
+        .find_map(|s| {
+            let at = ObjectRef::new_with(name, bridge.resource.clone()).within(namespace);
+            s.store.get(&at)
+        });
+    let before: Vec<Condition> = match written.get(key) {
+        Some((last, _)) => serde_json::from_value(last["conditions"].clone()),
+        None => {
+            let status = cached
+                .as_ref()
+                .map(|o| o.data["status"]["conditions"].clone());
+            serde_json::from_value(status.unwrap_or_default())
+        }
+    }
+    .unwrap_or_default();
     match bridge
         .api(namespace)
         .patch_status(name, &patch_params(), &Patch::Merge(&patch))
         .await
     {
         Ok(_) => {
+            let after: Vec<Condition> =
+                serde_json::from_value(comparable["conditions"].clone()).unwrap_or_default();
+            let told = crate::node::status::notices(&before, &after);
+            if !told.is_empty() {
+                bridge.node.journal().record(key, &told);
+                if let Some(events) = &bridge.events {
+                    let uid = cached.and_then(|o| o.metadata.uid.clone());
+                    events.publish(&edgenode_reference(namespace, name, uid), told);
+                }
+            }
             written.insert(key.to_string(), (comparable, Instant::now()));
         }
         Err(kube::Error::Api(e)) if e.code == 404 => {}

@@ -1,0 +1,191 @@
+//! The recent events of the EdgeNodes this node serves, as `describe` shows them: what
+//! [`notices`] tells of their conditions, kept in memory in a bounded ring (a restart starts
+//! it afresh; with a cluster the Kubernetes Events are the lasting record).
+
+use super::status::{Notice, notices};
+use super::{Node, lock};
+use crate::crd::Condition;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio_util::sync::CancellationToken;
+
+/// Events kept, over all EdgeNodes; the oldest go first.
+const KEPT: usize = 1000;
+/// The least time between two looks at what changed, so bursts cost one pass.
+const PASS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One event, as `describe` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventLine {
+    /// When it last happened (RFC 3339).
+    pub time: String,
+    /// Normal or Warning.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// One CamelCase word.
+    pub reason: String,
+    /// What it is about: `EdgeNode namespace/name` or `Edge name`.
+    pub object: String,
+    /// What happened.
+    pub message: String,
+    /// How many times in a row.
+    pub count: u32,
+}
+
+/// The object an EdgeNode's events are about.
+pub fn edgenode_object(key: &str) -> String {
+    format!("EdgeNode {key}")
+}
+
+/// The recent events; cheap to share.
+#[derive(Default)]
+pub struct Journal {
+    lines: Mutex<VecDeque<EventLine>>,
+}
+
+impl Journal {
+    /// Records what `notices` told of EdgeNode `key`; one that repeats the last line of the
+    /// same object counts again instead.
+    pub fn record(&self, key: &str, told: &[Notice]) {
+        let object = edgenode_object(key);
+        let now = crate::clock::now();
+        let mut lines = lock(&self.lines);
+        for notice in told {
+            let last = lines.iter_mut().rev().find(|l| l.object == object);
+            match last {
+                Some(l)
+                    if (&l.type_, &l.reason, &l.message)
+                        == (&notice.type_, &notice.reason, &notice.message) =>
+                {
+                    l.count += 1;
+                    l.time = now.clone();
+                }
+                _ => {
+                    if lines.len() == KEPT {
+                        lines.pop_front();
+                    }
+                    lines.push_back(EventLine {
+                        time: now.clone(),
+                        type_: notice.type_.clone(),
+                        reason: notice.reason.clone(),
+                        object: object.clone(),
+                        message: notice.message.clone(),
+                        count: 1,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The events whose object `wanted` picks, oldest first.
+    pub fn lines(&self, wanted: impl Fn(&str) -> bool) -> Vec<EventLine> {
+        let lines = lock(&self.lines);
+        lines
+            .iter()
+            .filter(|l| wanted(&l.object))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Keeps the journal of a node no cluster bridge tells: looks at each EdgeNode whose
+/// document or presence changed, at most once per [`PASS_INTERVAL`], and records what its
+/// conditions tell. The look at start only learns the conditions; an EdgeNode made later is
+/// told against none, so trouble it starts with is told.
+pub async fn follow(node: Node, shutdown: CancellationToken) {
+    let mut changes = node.docs().subscribe();
+    let mut seen: HashMap<String, Vec<Condition>> = HashMap::new();
+    let mut all = true;
+    let mut start = true;
+    loop {
+        let keys: BTreeSet<String> = match all {
+            true => node.docs().keys().into_iter().collect(),
+            false => {
+                let first = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    first = changes.recv() => first,
+                };
+                let mut keys = BTreeSet::new();
+                let mut take = |change: Result<crate::node::Change, ()>| match change {
+                    // Presence is in the registry: any EdgeNode's Online may have moved.
+                    Ok(c) if crate::key::is_internal(&c.key) => all = true,
+                    Ok(c) => {
+                        keys.insert(c.key);
+                    }
+                    Err(()) => all = true,
+                };
+                match first {
+                    Ok(c) => take(Ok(c)),
+                    Err(RecvError::Lagged(_)) => take(Err(())),
+                    Err(RecvError::Closed) => return,
+                }
+                loop {
+                    match changes.try_recv() {
+                        Ok(c) => take(Ok(c)),
+                        Err(TryRecvError::Lagged(_)) => take(Err(())),
+                        Err(_) => break,
+                    }
+                }
+                match all {
+                    true => node.docs().keys().into_iter().collect(),
+                    false => keys,
+                }
+            }
+        };
+        all = false;
+        let pass = tokio::time::Instant::now();
+        for key in keys.iter().filter(|k| !crate::key::is_internal(k)) {
+            let conditions = match node.edgenode_or_deleting(key).await {
+                Ok(Some(object)) => object.status.unwrap_or_default().conditions,
+                Ok(None) => {
+                    seen.remove(key);
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if !start {
+                let before = seen.get(key).map_or(&[][..], Vec::as_slice);
+                node.journal().record(key, &notices(before, &conditions));
+            }
+            seen.insert(key.clone(), conditions);
+        }
+        start = false;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(pass + PASS_INTERVAL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(reason: &str) -> Notice {
+        Notice {
+            type_: "Warning".into(),
+            reason: reason.into(),
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn a_repeat_counts_and_the_ring_is_bounded() {
+        let journal = Journal::default();
+        journal.record("default/edge01", &[notice("EdgeOffline")]);
+        journal.record("default/edge02", &[notice("EdgeOffline")]);
+        journal.record("default/edge01", &[notice("EdgeOffline")]);
+        let mine = journal.lines(|o| o == "EdgeNode default/edge01");
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].count, 2);
+        for i in 0..KEPT + 10 {
+            journal.record(&format!("default/e{i}"), &[notice("PodRefused")]);
+        }
+        assert_eq!(journal.lines(|_| true).len(), KEPT);
+        assert!(journal.lines(|o| o == "EdgeNode default/edge01").is_empty());
+    }
+}
