@@ -214,7 +214,14 @@ pub async fn node_list(socket: &Path, output: &GetOutput) -> Result<(), CommandE
 
 /// The `node list` table: one row per edge; `wide` adds the head, address, DNS and certificate.
 pub fn node_table(items: &[Value], wide: bool, now: Timestamp) -> String {
-    let mut header = vec!["NAME", "ONLINE", "EDGENODES", "PODS", "LAST SEEN"];
+    let mut header = vec![
+        "NAME",
+        "ONLINE",
+        "EDGENODES",
+        "PODS",
+        "LAST SEEN",
+        "VERSION",
+    ];
     if wide {
         header.extend(["HEAD", "ADDRESS", "DNS", "CERTIFICATE EXPIRES"]);
     }
@@ -233,6 +240,7 @@ pub fn node_table(items: &[Value], wide: bool, now: Timestamp) -> String {
                     .as_str()
                     .map_or("<unknown>".into(), |t| format!("{} ago", age(Some(t), now))),
             },
+            text(&item["version"]),
         ];
         if wide {
             row.extend([
@@ -581,6 +589,7 @@ pub async fn node_describe(socket: &Path, name: &str) -> Result<(), CommandError
         },
     );
     field("Certificate expires:", text(&edge["certificateExpires"]));
+    field("Version:", text(&edge["version"]));
     field(
         "Pods:",
         format!(

@@ -239,7 +239,12 @@ async fn handle_incoming(
     let (send, recv, frame) = first?;
     drop(ticket);
     match (frame, identity) {
-        (Some(Frame::Hello { advertise, .. }), Some(peer)) => {
+        (
+            Some(Frame::Hello {
+                advertise, version, ..
+            }),
+            Some(peer),
+        ) => {
             let admitted = match &gate {
                 Some(gate) => (gate.admit)(peer.clone()).await,
                 None => Ok(()),
@@ -259,6 +264,7 @@ async fn handle_incoming(
             let address = PeerAddress {
                 seen: remote.to_string(),
                 reachable,
+                version: (!version.is_empty()).then_some(version),
             };
             let result = run_session(node, peer.clone(), address, recv, send, shutdown).await;
             log_end(&peer, &result);
@@ -378,6 +384,12 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
         conn.close(0u32.into(), b"no identity");
         return;
     };
+    // A peer that negotiated the older protocol refuses a Hello with a version.
+    let says_version = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == crate::transport::tls::ALPN_HELLO_VERSION);
     let opened = async {
         let (mut send, recv) = conn.open_bi().await?;
         write_frame(
@@ -385,6 +397,10 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
             &Frame::Hello {
                 name: node.name().to_string(),
                 advertise: node.advertise().map(|a| a.to_string()).unwrap_or_default(),
+                version: match says_version {
+                    true => crate::version::short(),
+                    false => String::new(),
+                },
             },
         )
         .await?;
@@ -396,6 +412,7 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
             let address = PeerAddress {
                 seen: remote.to_string(),
                 reachable: remote.ip(),
+                version: None,
             };
             let result =
                 run_session(node.clone(), peer.clone(), address, recv, send, shutdown).await;

@@ -364,6 +364,7 @@ mod tests {
         let at = |seen: &str| PeerAddress {
             seen: seen.into(),
             reachable: "192.0.2.1".parse().unwrap(),
+            version: None,
         };
         let peers = node.peers();
         let also_from = || {

@@ -4,7 +4,8 @@
 //! head reports edges connected to the others as online).
 //!
 //! ```text
-//! nodes:    { <edge>: { key: <hex SHA-256 of its public key>, notAfter: <unix s>, removed } }
+//! nodes:    { <edge>: { key: <hex SHA-256 of its public key>, notAfter: <unix s>, removed,
+//!                       version: <edgesync version it last said> } }
 //! presence: { <edge>: <head name> }
 //! addresses: { <edge>: <IP address it is reachable at> }   last known, kept when it leaves
 //! dns:      { <edge>: <IP address in its DNS record> }       what the writer head published
@@ -47,6 +48,20 @@ pub struct Registry {
     pub addresses: BTreeMap<String, std::net::IpAddr>,
     /// Address in each edge's DNS record, as published.
     pub dns: BTreeMap<String, std::net::IpAddr>,
+    /// The edgesync version each edge last said it runs.
+    pub versions: BTreeMap<String, String>,
+}
+
+/// Records the edgesync version registered edge `name` says it runs (kept in its registration,
+/// which a new one replaces). Returns whether it changed.
+pub fn set_version(doc: &mut AutoCommit, name: &str, version: &str) -> Result<bool, ModelError> {
+    let nodes = map(doc, "nodes")?;
+    let Some((AmValue::Object(ObjType::Map), entry)) = doc.get(&nodes, name)? else {
+        return Ok(false);
+    };
+    let changed = reconcile(doc, &entry, "version".into(), &Value::from(version))?;
+    doc.commit();
+    Ok(changed)
 }
 
 /// Records the address edge `name` is reachable at. Returns whether it changed.
@@ -208,6 +223,10 @@ pub fn read(doc: &AutoCommit) -> Registry {
             .collect(),
         addresses: ips(entries("addresses")),
         dns: ips(entries("dns")),
+        versions: entries("nodes")
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v["version"].as_str()?.to_string())))
+            .collect(),
     }
 }
 
@@ -242,6 +261,22 @@ mod tests {
         assert_eq!(merged.nodes.len(), 2);
         assert_eq!(merged.nodes["edge02"].key, "bb");
         assert_eq!(merged.presence["edge02"], "head-b");
+    }
+
+    #[test]
+    fn an_edge_version_is_kept_with_its_registration_and_goes_with_a_new_one() {
+        let mut doc = genesis(&ActorId::random());
+        assert!(
+            !set_version(&mut doc, "edge01", "0.1.0").unwrap(),
+            "not registered"
+        );
+        set_registration(&mut doc, "edge01", &registration("aa")).unwrap();
+        assert!(set_version(&mut doc, "edge01", "0.1.0+abc").unwrap());
+        assert!(!set_version(&mut doc, "edge01", "0.1.0+abc").unwrap());
+        assert_eq!(read(&doc).versions["edge01"], "0.1.0+abc");
+        assert_eq!(read(&doc).nodes["edge01"], registration("aa"));
+        set_registration(&mut doc, "edge01", &registration("bb")).unwrap();
+        assert!(read(&doc).versions.is_empty());
     }
 
     #[test]

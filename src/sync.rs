@@ -380,6 +380,7 @@ mod tests {
             let address = PeerAddress {
                 seen: "test".into(),
                 reachable: [127, 0, 0, 1].into(),
+                version: None,
             };
             let shutdown = CancellationToken::new();
             let session = tokio::spawn(run_session(

@@ -179,3 +179,64 @@ mod tests {
         assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }
+
+#[cfg(test)]
+mod alpn_tests {
+    use super::*;
+
+    /// The protocol a client offering `offered` and a server accepting `accepted` (this
+    /// build's when None) agree on.
+    async fn negotiated(offered: Vec<Vec<u8>>, accepted: Option<Vec<Vec<u8>>>) -> Option<Vec<u8>> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = tls::Ca::generate().unwrap();
+        let head = ca.issue_head("head").unwrap();
+        let mut server_tls = tls::server_config(&ca.cert, &head).unwrap();
+        if let Some(accepted) = accepted {
+            server_tls.alpn_protocols = accepted;
+        }
+        let server = server("127.0.0.1:0".parse().unwrap(), server_tls).unwrap();
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await?.await.ok()?;
+            Some((conn, server))
+        });
+        let mut client_tls =
+            tls::client_config(&ca.cert, &ca.issue_head("other").unwrap()).unwrap();
+        client_tls.alpn_protocols = offered;
+        let conn = connect(&client(addr).unwrap(), addr, client_tls)
+            .await
+            .unwrap();
+        let _server = accept.await.unwrap();
+        let data = conn.handshake_data()?;
+        data.downcast::<quinn::crypto::rustls::HandshakeData>()
+            .ok()?
+            .protocol
+    }
+
+    #[tokio::test]
+    async fn a_peer_of_the_first_release_gets_the_hello_it_knows() {
+        // This build offers both and prefers the Hello with a version.
+        let ours = tls::client_config(
+            &tls::Ca::generate().unwrap().cert,
+            &tls::Ca::generate().unwrap().issue_head("x").unwrap(),
+        )
+        .unwrap()
+        .alpn_protocols;
+        assert_eq!(
+            negotiated(ours.clone(), None).await.as_deref(),
+            Some(tls::ALPN_HELLO_VERSION)
+        );
+        // A dialer of the first release offers only edgesync/1, and gets it.
+        assert_eq!(
+            negotiated(vec![tls::ALPN.to_vec()], None).await.as_deref(),
+            Some(tls::ALPN)
+        );
+        // A head of the first release accepts only edgesync/1: this build's dialer gets it,
+        // and so sends the Hello without a version.
+        let first_release = Some(vec![tls::ALPN.to_vec()]);
+        assert_eq!(
+            negotiated(ours, first_release).await.as_deref(),
+            Some(tls::ALPN)
+        );
+    }
+}

@@ -26,6 +26,15 @@ pub struct BuildInfo {
     pub alpn: String,
 }
 
+/// The version a node tells its peers: the package version, with the commit as build
+/// metadata when known (`0.1.0+dcb77c7`).
+pub fn short() -> String {
+    match COMMIT {
+        "unknown" => VERSION.to_string(),
+        commit => format!("{VERSION}+{}", &commit[..commit.len().min(7)]),
+    }
+}
+
 /// This build.
 pub fn build_info() -> BuildInfo {
     BuildInfo {
@@ -33,6 +42,11 @@ pub fn build_info() -> BuildInfo {
         commit: COMMIT,
         build_date: COMMIT_DATE,
         wire_version: crate::sync::wire::VERSION,
-        alpn: String::from_utf8_lossy(crate::transport::tls::ALPN).into_owned(),
+        alpn: [
+            crate::transport::tls::ALPN_HELLO_VERSION,
+            crate::transport::tls::ALPN,
+        ]
+        .map(String::from_utf8_lossy)
+        .join(", "),
     }
 }

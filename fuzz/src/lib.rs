@@ -162,8 +162,11 @@ pub fn join_request(data: &[u8]) {
             }
         }
         Frame::Renew { csr } => sign(&csr, "edge01"),
-        Frame::Hello { advertise, .. } => {
+        Frame::Hello {
+            advertise, version, ..
+        } => {
             let _ = advertise.parse::<std::net::IpAddr>();
+            assert!(version.len() <= edgesync::sync::wire::MAX_VERSION);
         }
         _ => {}
     }

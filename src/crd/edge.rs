@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Head", type_ = "string", json_path = ".status.head"),
     printcolumn(name = "Address", type_ = "string", json_path = ".status.address"),
     printcolumn(name = "Last Seen", type_ = "date", json_path = ".status.lastSeen"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.version"),
     printcolumn(
         name = "Cert Expires",
         type_ = "date",
@@ -64,4 +65,7 @@ pub struct EdgeStatus {
     /// The address in its DNS record, as published (absent: no record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_address: Option<String>,
+    /// The edgesync version it last said it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }

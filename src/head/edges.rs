@@ -659,7 +659,10 @@ impl Edges {
                 view.addresses.insert(name.clone(), ip);
             }
             if let Some(ip) = status.dns_address.and_then(|a| a.parse().ok()) {
-                view.dns.insert(name, ip);
+                view.dns.insert(name.clone(), ip);
+            }
+            if let Some(version) = status.version {
+                view.versions.insert(name, version);
             }
         }
         view
@@ -752,7 +755,15 @@ impl Edges {
                 _ = tick.tick() => {}
             }
             let me = self.node.name().to_string();
-            let addresses = self.node.docs().registry().await.addresses;
+            let registry = self.node.docs().registry().await;
+            // The version each edge said in its Hello here.
+            let said: HashMap<String, String> = self
+                .node
+                .peers()
+                .list()
+                .into_iter()
+                .filter_map(|p| Some((p.name, p.version?)))
+                .collect();
             let mut writes = 0;
             for edge in c.cache.state() {
                 if writes >= PRESENCE_WRITES_PER_TICK {
@@ -765,10 +776,12 @@ impl Edges {
                     true => EdgeStatus {
                         online: Some(true),
                         head: Some(me.clone()),
-                        address: addresses
+                        address: registry
+                            .addresses
                             .get(&name)
                             .map(|a| a.to_string())
                             .or(seen.address.clone()),
+                        version: said.get(&name).cloned().or(seen.version.clone()),
                         ..seen.clone()
                     },
                     // It left this head, or the head it was with has stopped: say so,
@@ -788,7 +801,8 @@ impl Edges {
                     false => continue,
                 };
                 let same = |a: &EdgeStatus, b: &EdgeStatus| {
-                    a.online == b.online && a.head == b.head && a.address == b.address
+                    (&a.online, &a.head, &a.address, &a.version)
+                        == (&b.online, &b.head, &b.address, &b.version)
                 };
                 if same(&wanted, &seen) {
                     continue;
@@ -804,6 +818,7 @@ impl Edges {
                 let patch = if connected {
                     Patch::Merge(json!({"status": {
                         "online": true, "head": me, "address": wanted.address, "lastSeen": now,
+                        "version": wanted.version,
                     }}))
                 } else {
                     // Only if the head it names still does: a head that took the edge

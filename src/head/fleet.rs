@@ -30,6 +30,9 @@ pub struct EdgeInfo {
     pub certificate_expires: Option<String>,
     /// Its address in DNS, when published.
     pub dns: Option<String>,
+    /// The edgesync version it last said it runs (none from an edge of an earlier release,
+    /// which does not say it).
+    pub version: Option<String>,
     /// EdgeNodes named after it (not deleted).
     pub edgenodes: usize,
     /// Pods its edge reports applied.
@@ -78,6 +81,7 @@ pub async fn list(node: &Node, edges: &Edges) -> Vec<EdgeInfo> {
                 .ok()
                 .map(|t| t.to_string()),
             dns: view.dns.get(name).map(ToString::to_string),
+            version: view.versions.get(name).cloned(),
             edgenodes,
             pods_ready,
             pods,

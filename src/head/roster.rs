@@ -33,7 +33,11 @@ async fn record_presence(node: Node, shutdown: CancellationToken) {
             },
         };
         let (peer, reachable) = match event {
-            PeerEvent::Connected { peer, reachable } => (peer, Some(reachable)),
+            PeerEvent::Connected {
+                peer,
+                reachable,
+                version,
+            } => (peer, Some((reachable, version))),
             PeerEvent::Disconnected { peer } => (peer, None),
         };
         if peer.role != Role::Edge {
@@ -44,10 +48,13 @@ async fn record_presence(node: Node, shutdown: CancellationToken) {
             let connected = node.peers().is_connected(&peer.name);
             let head = connected.then_some(me.as_str());
             let present = registry::set_presence(doc, &peer.name, head, &me)?;
-            let moved = match reachable {
-                Some(address) => registry::set_address(doc, &peer.name, address)?,
-                None => false,
-            };
+            let mut moved = false;
+            if let Some((address, version)) = &reachable {
+                moved |= registry::set_address(doc, &peer.name, *address)?;
+                if let Some(version) = version {
+                    moved |= registry::set_version(doc, &peer.name, version)?;
+                }
+            }
             Ok(present || moved)
         };
         if let Err(e) = node.docs().edit_registry(edit).await {

@@ -37,6 +37,9 @@ pub struct PeerInfo {
     /// noticed yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub also_from: Option<String>,
+    /// The edgesync version it said in its last Hello here, if it said one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// Where a peer is, for a session with it.
@@ -46,6 +49,8 @@ pub struct PeerAddress {
     pub seen: String,
     /// Where others can reach it: its advertised address, else the one seen (for DNS).
     pub reachable: std::net::IpAddr,
+    /// The edgesync version it said in its Hello, if it said one.
+    pub version: Option<String>,
 }
 
 /// A session with a peer started or ended (see [`Peers::watch`]).
@@ -57,6 +62,8 @@ pub enum PeerEvent {
         peer: Identity,
         /// Where others can reach it.
         reachable: std::net::IpAddr,
+        /// The edgesync version it said, if it said one.
+        version: Option<String>,
     },
     /// A session ended.
     Disconnected {
@@ -90,14 +97,16 @@ impl Peers {
 
     /// Records that a session with `peer` started.
     pub fn connected(&self, peer: &Identity, address: &PeerAddress) {
-        self.record(peer, &address.seen);
+        self.record(peer, address);
         self.tell(PeerEvent::Connected {
             peer: peer.clone(),
             reachable: address.reachable,
+            version: address.version.clone(),
         });
     }
 
-    fn record(&self, peer: &Identity, address: &str) {
+    fn record(&self, peer: &Identity, at: &PeerAddress) {
+        let address = at.seen.as_str();
         let mut peers = lock(&self.table);
         let info = peers.entry(peer.name.clone()).or_insert_with(|| PeerInfo {
             name: peer.name.clone(),
@@ -109,6 +118,7 @@ impl Peers {
             bytes_out: 0,
             bytes_in: 0,
             also_from: None,
+            version: None,
         });
         let host = |a: &str| {
             a.parse::<std::net::SocketAddr>()
@@ -123,6 +133,9 @@ impl Peers {
         }
         info.role = peer.role;
         info.address = address.to_string();
+        if at.version.is_some() {
+            info.version = at.version.clone();
+        }
         info.sessions += 1;
         info.connected = true;
         info.last_seen = Some(now());

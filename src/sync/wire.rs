@@ -29,6 +29,8 @@ const _: () = assert!(crate::input::MAX_HISTORY_BYTES <= MAX_SYNC_MESSAGE / 4 * 
 /// Most documents with a partly received sync message at once in one session (a sender sends
 /// one such message at a time).
 pub const MAX_PARTIAL_DOCS: usize = 4;
+/// Longest version a [`Frame::Hello`] may carry.
+pub const MAX_VERSION: usize = 64;
 /// Longest [`Frame::Error`] text accepted.
 pub const MAX_ERROR_TEXT: usize = 4096;
 
@@ -42,6 +44,10 @@ pub enum Frame {
         /// The address others should use to reach the sender (an edge's
         /// `--advertise-address`); empty when the address the receiver sees will do.
         advertise: String,
+        /// The sender's edgesync version; sent only on a connection that negotiated
+        /// [`crate::transport::tls::ALPN_HELLO_VERSION`] (a receiver of the first release refuses
+        /// the field), empty otherwise.
+        version: String,
     },
     /// An Automerge sync message for one document.
     Sync {
@@ -181,9 +187,16 @@ impl Frame {
             payload.extend_from_slice(field);
         };
         match self {
-            Frame::Hello { name, advertise } => {
+            Frame::Hello {
+                name,
+                advertise,
+                version,
+            } => {
                 put(name.as_bytes());
                 put(advertise.as_bytes());
+                if !version.is_empty() {
+                    put(version.as_bytes());
+                }
             }
             Frame::Sync { doc, message } => {
                 put(doc.as_bytes());
@@ -248,6 +261,10 @@ impl Frame {
             1 => Frame::Hello {
                 name: fields.text(253)?,
                 advertise: fields.text(64)?,
+                version: match fields.0.is_empty() {
+                    true => String::new(),
+                    false => fields.text(MAX_VERSION)?,
+                },
             },
             2 => Frame::Sync {
                 doc: fields.text(MAX_DOC_KEY)?,
@@ -563,6 +580,12 @@ mod tests {
             Frame::Hello {
                 name: "edge01".into(),
                 advertise: "2001:db8::1".into(),
+                version: "0.1.0+dcb77c7".into(),
+            },
+            Frame::Hello {
+                name: "edge01".into(),
+                advertise: String::new(),
+                version: String::new(),
             },
             Frame::Sync {
                 doc: "default/edge01".into(),

@@ -19,6 +19,14 @@ use time::OffsetDateTime;
 
 /// ALPN protocol of edgesync's QUIC connections.
 pub const ALPN: &[u8] = b"edgesync/1";
+/// The same protocol, where the dialer's Hello also says its edgesync version. Both are
+/// offered; one that knows only [`ALPN`] negotiates that, and gets the Hello it knows.
+pub const ALPN_HELLO_VERSION: &[u8] = b"edgesync/1.1";
+
+/// The protocols offered and accepted, the preferred first.
+fn alpn_protocols() -> Vec<Vec<u8>> {
+    vec![ALPN_HELLO_VERSION.to_vec(), ALPN.to_vec()]
+}
 /// Server name every head certificate carries and every client asks for.
 pub const HEAD_SERVER_NAME: &str = "edgesync-head";
 /// Default lifetime of a certificate issued to a node (renewed after two thirds of it).
@@ -383,7 +391,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn_protocols();
     Ok(config)
 }
 
@@ -432,7 +440,7 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca)?)
         .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn_protocols();
     Ok(config)
 }
 
@@ -453,7 +461,7 @@ pub fn join_client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn_protocols();
     Ok((config, mismatch))
 }
 

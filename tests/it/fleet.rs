@@ -43,6 +43,7 @@ async fn node_list_shows_every_registered_edge_online_or_not() {
             (Some(1), Some(2))
         );
         assert!(one["certificateExpires"].as_str().is_some(), "{one}");
+        assert_eq!(one["version"], said_version(), "{one}");
         assert_eq!(edge_of(&list, "edge02")["edgenodes"], 0);
 
         // describe: one EdgeNode with its pods and conditions; one edge with its EdgeNodes.
@@ -69,6 +70,7 @@ async fn node_list_shows_every_registered_edge_online_or_not() {
             "Head:",
             "head-1",
             "2/2 ready",
+            "Version:",
             "EdgeNodes:",
             "default",
         ] {

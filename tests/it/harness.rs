@@ -457,3 +457,14 @@ pub async fn scrape(address: std::net::SocketAddr) -> String {
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     body.to_string()
 }
+
+/// The version a node of this build says to its peers, from `edgesync version -o json`:
+/// the package version, with the commit's first 7 characters as build metadata.
+pub fn said_version() -> String {
+    let info: Value = serde_json::from_slice(&cli(&["version", "-o", "json"]).stdout).unwrap();
+    let version = info["version"].as_str().unwrap();
+    match info["commit"].as_str().unwrap() {
+        "unknown" => version.to_string(),
+        commit => format!("{version}+{}", &commit[..7]),
+    }
+}

@@ -102,6 +102,8 @@ async fn fresh_heads_with_empty_state_keep_offline_edits_let_edges_in_and_take_o
         let edge = dirs.start("edge01", &[addr], Some(&a.token())).await;
         let object = online_through(&cluster, "edge01", "head-a").await;
         assert_eq!(object["status"]["address"], "127.0.0.1");
+        // The version the edge said in its Hello, as `node list` also shows it.
+        assert_eq!(object["status"]["version"], said_version(), "{object}");
         assert_eq!(
             object["spec"]["publicKeySHA256"].as_str().unwrap().len(),
             64
