@@ -283,6 +283,10 @@ pub fn notices(before: &[Condition], after: &[Condition]) -> Vec<Notice> {
                 "EdgeOffline",
                 detail(&format!("the edge is offline ({})", a.reason)),
             ),
+            // The head refused the resource itself, or the edge some of its pods.
+            ("Valid", false) if a.reason == "SpecRefused" => {
+                tell(true, "SpecRefused", detail("refused"))
+            }
             ("Valid", false) => tell(true, "PodRefused", detail("refused")),
             ("Valid", true) if was_true == Some(false) => {
                 tell(false, "PodsAccepted", "every pod is accepted".into())

@@ -506,6 +506,11 @@ async fn a_resource_the_head_refuses_says_why_in_its_status() {
         )
         .await
         .unwrap();
+        wait_for("a SpecRefused Event", SOON, || {
+            let reasons = edgenode_event_reasons(&cluster, "edge01");
+            reasons.contains(&"SpecRefused".to_string()).then_some(())
+        })
+        .await;
         let object = wait_for("Valid=False on the resource", SOON, || {
             cluster.object("default", "edge01").filter(|o| {
                 o["status"]["conditions"].as_array().is_some_and(|c| {
@@ -865,6 +870,11 @@ async fn the_same_field_edited_on_both_sides_is_shown_as_a_conflict() {
                 .is_some_and(|(kept, lost)| kept.contains(&settled) && lost.contains(other))
         });
         assert!(told, "{message} / {settled}");
+        wait_for("a Conflict Event", SOON, || {
+            let reasons = edgenode_event_reasons(&cluster, "edge01");
+            reasons.contains(&"Conflict".to_string()).then_some(())
+        })
+        .await;
         // The condition stays until the user changes the resource again.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let still = cluster.object("default", "edge01").unwrap();
