@@ -216,6 +216,15 @@ pub struct HeadArgs {
     /// Lifetime of the tokens in users' kubeconfigs (10m to 30d; default 24h).
     #[arg(long, env = "EDGESYNC_KUBECONFIG_TTL")]
     pub kubeconfig_ttl: Option<String>,
+    /// The name the user portal's pages show (default "edgesync").
+    #[arg(long, env = "EDGESYNC_PORTAL_TITLE")]
+    pub portal_title: Option<String>,
+    /// The operators' e-mail address the portal's pages show for questions.
+    #[arg(long, env = "EDGESYNC_PORTAL_CONTACT")]
+    pub portal_contact: Option<String>,
+    /// How long a portal sign-in lasts (5m to 7d; default 8h).
+    #[arg(long, env = "EDGESYNC_SESSION_LIFETIME")]
+    pub session_lifetime: Option<String>,
     /// `[dns]` of the config file: records for edge workers (config file only).
     #[arg(skip)]
     pub dns: Option<DnsSettings>,

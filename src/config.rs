@@ -90,6 +90,12 @@ pub struct HeadConfig {
     pub kubeconfig_ttl: Duration,
     /// DNS records for edge workers.
     pub dns: dns::DnsConfig,
+    /// The name the portal's pages show.
+    pub portal_title: String,
+    /// The operators' e-mail address on the portal's pages.
+    pub portal_contact: Option<String>,
+    /// How long a portal sign-in lasts.
+    pub session_lifetime: Duration,
 }
 
 impl HeadConfig {
@@ -120,11 +126,19 @@ impl HeadConfig {
             dns: dns::DnsSettings::default()
                 .resolve()
                 .expect("the default DNS settings are valid"),
+            portal_title: DEFAULT_PORTAL_TITLE.into(),
+            portal_contact: None,
+            session_lifetime: DEFAULT_SESSION_LIFETIME,
         }
     }
 }
 
 use dns::ProviderConfig;
+
+/// The portal's name when none is configured.
+pub const DEFAULT_PORTAL_TITLE: &str = "edgesync";
+/// How long a portal sign-in lasts unless configured.
+pub const DEFAULT_SESSION_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 
 /// Namespace of the head's cluster objects when neither flag nor pod says otherwise.
 pub const DEFAULT_CLUSTER_NAMESPACE: &str = "edgesync-system";
@@ -333,6 +347,44 @@ impl HeadArgs {
         if aup_validity < Duration::from_secs(1) {
             return Err(config_err("--aup-validity", "must be at least 1s"));
         }
+        let portal_title = self
+            .portal_title
+            .or(file.portal_title)
+            .map(|t| t.trim().to_string())
+            .unwrap_or_else(|| DEFAULT_PORTAL_TITLE.into());
+        if portal_title.is_empty()
+            || portal_title.chars().count() > 80
+            || portal_title.chars().any(char::is_control)
+        {
+            return Err(config_err(
+                "--portal-title",
+                "must be 1 to 80 characters, without control characters",
+            ));
+        }
+        let portal_contact = self.portal_contact.or(file.portal_contact);
+        if let Some(contact) = &portal_contact {
+            input::check_email(contact).map_err(|_| {
+                config_err(
+                    "--portal-contact",
+                    format!(
+                        "{}: not an e-mail address like ops@example.org",
+                        input::show(contact)
+                    ),
+                )
+            })?;
+        }
+        let session_lifetime = match self.session_lifetime.or(file.session_lifetime) {
+            None => DEFAULT_SESSION_LIFETIME,
+            Some(text) => parse_duration("--session-lifetime", &text)?,
+        };
+        if !(Duration::from_secs(300)..=Duration::from_secs(7 * 24 * 3600))
+            .contains(&session_lifetime)
+        {
+            return Err(config_err(
+                "--session-lifetime",
+                "must be between 5m and 7d",
+            ));
+        }
         let kubeconfig_ttl = match self.kubeconfig_ttl.or(file.kubeconfig_ttl) {
             None => DEFAULT_KUBECONFIG_TTL,
             Some(text) => parse_duration("--kubeconfig-ttl", &text)?,
@@ -401,6 +453,9 @@ impl HeadArgs {
             cluster_ca: self.cluster_ca.or(file.cluster_ca),
             kubeconfig_ttl,
             dns,
+            portal_title,
+            portal_contact,
+            session_lifetime,
         })
     }
 }

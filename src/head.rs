@@ -13,6 +13,7 @@ pub mod events;
 pub mod fleet;
 pub mod lease;
 pub mod peers;
+pub mod portal;
 pub mod roster;
 pub mod users;
 
@@ -185,6 +186,16 @@ impl Head {
             accounts.clone(),
             node.clone(),
             ready,
+            portal::Portal::new(
+                accounts.clone(),
+                // The same on every head of this CA: any head serves any signed-in user.
+                portal::session::Keys::new(
+                    ca.derive_key("edgesync portal sessions v1"),
+                    config.session_lifetime,
+                ),
+                config.portal_title.clone(),
+                config.portal_contact.clone(),
+            ),
             tasks.token(),
         )
         .map_err(|source| {

@@ -450,6 +450,27 @@ pub enum NameError {
     },
 }
 
+/// Checks that `email` looks like an e-mail address: `local@domain.tld`, at most 254
+/// characters, no spaces or control characters.
+pub fn check_email(email: &str) -> Result<(), NotAnEmail> {
+    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(NotAnEmail);
+    }
+    let (local, domain) = email.rsplit_once('@').ok_or(NotAnEmail)?;
+    let labels_ok = domain
+        .split('.')
+        .all(|l| !l.is_empty() && !l.starts_with('-') && !l.ends_with('-'));
+    if local.is_empty() || local.contains('@') || !domain.contains('.') || !labels_ok {
+        return Err(NotAnEmail);
+    }
+    Ok(())
+}
+
+/// What [`check_email`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("is not an e-mail address like name@example.org")]
+pub struct NotAnEmail;
+
 /// Checks a DNS-1123 label (namespaces, container names): lowercase alphanumerics and `-`,
 /// starting and ending alphanumeric, at most 63 characters.
 pub fn check_label(value: &str) -> Result<(), NameError> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
 
 /// Schema version this build knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Incremental chunks kept per document before it is compacted into one snapshot.
 pub const COMPACT_AFTER_CHUNKS: usize = 64;
 
@@ -31,6 +31,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE aups (version INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, created_at INTEGER NOT NULL);
      CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL,
          action TEXT NOT NULL, subject TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');",
+    // 3: when each user last signed out of the portal (sessions issued before end)
+    "ALTER TABLE users ADD COLUMN signed_out_at INTEGER;",
 ];
 
 /// Errors from the database.

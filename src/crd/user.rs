@@ -117,6 +117,9 @@ pub struct UserStatus {
     /// Whether the user's RoleBinding exists (their kubeconfigs work).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_granted: Option<bool>,
+    /// When the user last signed out of the portal (RFC 3339): sessions from before end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_out_at: Option<String>,
 }
 
 /// An acceptance of one AUP version.

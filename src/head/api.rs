@@ -210,17 +210,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status of a users error, the same in the API and the portal.
+pub fn status_of(e: &UserError) -> StatusCode {
+    match e {
+        UserError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        UserError::Duplicate { .. } | UserError::Conflict(_) => StatusCode::CONFLICT,
+        UserError::Unauthorized => StatusCode::UNAUTHORIZED,
+        UserError::Forbidden(_) => StatusCode::FORBIDDEN,
+        UserError::NotFound(_) => StatusCode::NOT_FOUND,
+        UserError::Cluster(_) => StatusCode::BAD_GATEWAY,
+        UserError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<UserError> for ApiError {
     fn from(e: UserError) -> Self {
-        let code = match &e {
-            UserError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            UserError::Duplicate { .. } | UserError::Conflict(_) => StatusCode::CONFLICT,
-            UserError::Unauthorized => StatusCode::UNAUTHORIZED,
-            UserError::Forbidden(_) => StatusCode::FORBIDDEN,
-            UserError::NotFound(_) => StatusCode::NOT_FOUND,
-            UserError::Cluster(_) => StatusCode::BAD_GATEWAY,
-            UserError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let code = status_of(&e);
         let field = e.field().map(str::to_string);
         ApiError(code, e.to_string(), field)
     }
@@ -449,7 +454,12 @@ async fn readyz(State(ready): State<watch::Receiver<bool>>) -> Response {
     }
 }
 
-fn router(accounts: Accounts, node: Node, ready: watch::Receiver<bool>) -> Router {
+fn router(
+    accounts: Accounts,
+    node: Node,
+    ready: watch::Receiver<bool>,
+    portal: super::portal::Portal,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -458,14 +468,15 @@ fn router(accounts: Accounts, node: Node, ready: watch::Receiver<bool>) -> Route
         .route("/api/v1/users/{username}", get(user))
         .route("/api/v1/users/{username}/aup", post(accept))
         .route("/api/v1/users/{username}/kubeconfig", get(kubeconfig))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into(), None) })
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn(bounded_body))
         .with_state(ApiState {
             accounts,
             node,
             ready,
         })
+        .merge(portal.routes())
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into(), None) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(bounded_body))
 }
 
 /// Binds `addr` now (so a taken port fails the start) and returns the address and the server
@@ -476,6 +487,7 @@ pub fn serve(
     accounts: Accounts,
     node: Node,
     ready: watch::Receiver<bool>,
+    portal: super::portal::Portal,
     shutdown: CancellationToken,
 ) -> std::io::Result<(
     SocketAddr,
@@ -488,7 +500,9 @@ pub fn serve(
     let server = axum_server::from_tcp_rustls(listener, config)?;
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
-    let app = router(accounts, node, ready).into_make_service();
+    // The peer's address: sign-ins are limited per address.
+    let app =
+        router(accounts, node, ready, portal).into_make_service_with_connect_info::<SocketAddr>();
     Ok((local, async move {
         tokio::spawn(async move {
             shutdown.cancelled().await;

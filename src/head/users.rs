@@ -169,18 +169,8 @@ impl Registration {
 }
 
 fn check_email(email: &str) -> Result<(), UserError> {
-    let bad = || UserError::invalid("email", "is not an e-mail address like name@example.org");
-    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad());
-    }
-    let (local, domain) = email.rsplit_once('@').ok_or_else(bad)?;
-    let labels_ok = domain
-        .split('.')
-        .all(|l| !l.is_empty() && !l.starts_with('-') && !l.ends_with('-'));
-    if local.is_empty() || local.contains('@') || !domain.contains('.') || !labels_ok {
-        return Err(bad());
-    }
-    Ok(())
+    crate::input::check_email(email)
+        .map_err(|_| UserError::invalid("email", "is not an e-mail address like name@example.org"))
 }
 
 /// The user's acceptance of the AUP.
@@ -217,6 +207,9 @@ pub struct User {
     /// Whether the user's RoleBinding currently exists.
     #[serde(skip)]
     pub access: bool,
+    /// When they last signed out of the portal (unix seconds): sessions issued before end.
+    #[serde(skip)]
+    pub signed_out_at: Option<i64>,
 }
 
 impl User {
@@ -275,6 +268,7 @@ struct Record {
     aup_accepted_at: Option<i64>,
     aup_expires_at: Option<i64>,
     access: bool,
+    signed_out_at: Option<i64>,
     /// What a guarded write compares against: the resourceVersion in the cluster (SQLite
     /// compares the fields themselves).
     revision: String,
@@ -293,6 +287,8 @@ enum Change {
     },
     /// Whether the RoleBinding exists.
     Access(bool),
+    /// Signed out of the portal at this unix time.
+    SignOut(i64),
 }
 
 /// What happened, for the audit trail (SQLite rows or Kubernetes Events).
@@ -303,6 +299,7 @@ enum Action {
     AupAccept,
     AupSet,
     Access(bool),
+    SignOut,
 }
 
 impl Action {
@@ -315,6 +312,7 @@ impl Action {
             Action::AupSet => "aup-set".into(),
             Action::Access(true) => "access-granted".into(),
             Action::Access(false) => "access-removed".into(),
+            Action::SignOut => "sign-out".into(),
         }
     }
 
@@ -330,6 +328,7 @@ impl Action {
             Action::AupSet => ("AUPPublished", "PublishAUP"),
             Action::Access(true) => ("AccessGranted", "GrantAccess"),
             Action::Access(false) => ("AccessRemoved", "RemoveAccess"),
+            Action::SignOut => ("SignedOut", "SignOut"),
         }
     }
 }
@@ -449,6 +448,7 @@ fn shown(record: Record, current: i64, now: i64) -> User {
             valid,
         },
         access: record.access,
+        signed_out_at: record.signed_out_at,
     }
 }
 
@@ -528,6 +528,7 @@ impl Users {
             aup_accepted_at: None,
             aup_expires_at: None,
             access: false,
+            signed_out_at: None,
             revision: String::new(),
         };
         let mut notes = vec![Note::new(
@@ -600,6 +601,15 @@ impl Users {
         Err(UserError::Conflict(format!(
             "user {username} keeps being changed by someone else; try again"
         )))
+    }
+
+    /// Ends every portal session of `username` issued before now, on every head.
+    pub async fn sign_out(&self, username: &str) -> Result<User, UserError> {
+        self.modify(username, |_| {
+            let note = Note::new(username, Action::SignOut, "");
+            Ok(Some((Change::SignOut(unix_now()), note)))
+        })
+        .await
     }
 
     /// Records that the user accepted AUP `version` (which must be the current one).

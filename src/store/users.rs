@@ -29,6 +29,8 @@ pub struct UserRow {
     pub aup_expires_at: Option<i64>,
     /// Whether the user's cluster access exists.
     pub access: bool,
+    /// When they last signed out of the portal (unix seconds).
+    pub signed_out_at: Option<i64>,
 }
 
 /// One change to a user's row.
@@ -47,6 +49,8 @@ pub enum UserUpdate {
     },
     /// Whether the cluster access exists.
     Access(bool),
+    /// Signed out at this unix time: their portal sessions end.
+    SignOut(i64),
 }
 
 /// One line of the audit trail.
@@ -85,7 +89,7 @@ pub struct AupRow {
 }
 
 const COLUMNS: &str = "username, email, full_name, secret_sha256, status, aup_version, \
-                       aup_accepted_at, aup_expires_at, access, uid";
+                       aup_accepted_at, aup_expires_at, access, uid, signed_out_at";
 
 fn user(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
     Ok(UserRow {
@@ -99,6 +103,7 @@ fn user(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
         aup_expires_at: r.get(7)?,
         access: r.get(8)?,
         uid: r.get(9)?,
+        signed_out_at: r.get(10)?,
     })
 }
 
@@ -270,6 +275,7 @@ impl Store {
                 vec![version.into(), accepted_at.into(), expires_at.into()],
             ),
             UserUpdate::Access(access) => ("access = ?7", vec![access.into()]),
+            UserUpdate::SignOut(at) => ("signed_out_at = ?7", vec![at.into()]),
         };
         let was: Vec<Value> = vec![
             old.username.clone().into(),

@@ -203,6 +203,16 @@ impl Ca {
         &self.key_pem
     }
 
+    /// A 32-byte key for `purpose`, the same on every head that shares this CA (and secret as
+    /// long as its private key is): HMAC-SHA256 of the purpose, keyed by the key.
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(self.key_pem.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// SHA-256 of the CA certificate, hex: what join tokens pin.
     pub fn hash(&self) -> String {
         hex::encode(Sha256::digest(&self.cert))

@@ -28,6 +28,7 @@ mod metrics;
 mod monitoring;
 mod namespaces;
 mod offline;
+mod portal;
 mod sync;
 mod users;
 

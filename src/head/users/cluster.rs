@@ -106,6 +106,7 @@ fn record(object: &UserObject) -> Option<Record> {
         aup_accepted_at: aup.as_ref().and_then(|a| unix(&a.accepted_at)),
         aup_expires_at: aup.as_ref().and_then(|a| unix(&a.expires_at)),
         access: status.access_granted.unwrap_or(false),
+        signed_out_at: status.signed_out_at.as_deref().and_then(unix),
         revision: object.metadata.resource_version.clone().unwrap_or_default(),
     })
 }
@@ -133,6 +134,10 @@ fn patch_of(change: &Change, revision: &str) -> (serde_json::Value, bool) {
         ),
         Change::Access(access) => (
             json!({"metadata": guard, "status": {"accessGranted": access}}),
+            true,
+        ),
+        Change::SignOut(at) => (
+            json!({"metadata": guard, "status": {"signedOutAt": rfc3339(Some(*at))}}),
             true,
         ),
     }
@@ -479,10 +484,12 @@ mod tests {
                 expires_at: "not a time".into(),
             }),
             access_granted: Some(true),
+            signed_out_at: Some("2025-01-02T00:00:00Z".into()),
         };
         let complete = object(Some(status), now - ABANDONED_AFTER - 1);
         assert!(!abandoned(&complete, now));
         let r = record(&complete).unwrap();
+        assert_eq!(r.signed_out_at, Some(1_735_776_000));
         assert_eq!(
             (r.uid.as_str(), r.revision.as_str(), r.secret.len()),
             ("u1", "7", 32)

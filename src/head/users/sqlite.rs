@@ -23,6 +23,7 @@ fn record(row: UserRow) -> Record {
         aup_accepted_at: row.aup_accepted_at,
         aup_expires_at: row.aup_expires_at,
         access: row.access,
+        signed_out_at: row.signed_out_at,
         revision: String::new(),
     }
 }
@@ -39,6 +40,7 @@ fn row(record: Record) -> UserRow {
         aup_accepted_at: record.aup_accepted_at,
         aup_expires_at: record.aup_expires_at,
         access: record.access,
+        signed_out_at: record.signed_out_at,
     }
 }
 
@@ -122,6 +124,7 @@ impl Sqlite {
                 expires_at,
             },
             Change::Access(access) => UserUpdate::Access(access),
+            Change::SignOut(at) => UserUpdate::SignOut(at),
         };
         self.store.update_user(row(old), update, entry(note)).await
     }
