@@ -553,6 +553,46 @@ mod tests {
     }
 
     #[test]
+    fn portal_settings_are_checked() {
+        let head = |args: HeadArgs| args.resolve();
+        let ok = head(HeadArgs {
+            portal_title: Some("  Edge Lab ".into()),
+            portal_contact: Some("ops@example.org".into()),
+            session_lifetime: Some("1h".into()),
+            ..HeadArgs::default()
+        })
+        .unwrap();
+        assert_eq!(ok.portal_title, "Edge Lab");
+        assert_eq!(ok.session_lifetime, Duration::from_secs(3600));
+        for (args, flag) in [
+            (
+                HeadArgs {
+                    portal_contact: Some("not an address".into()),
+                    ..HeadArgs::default()
+                },
+                "--portal-contact",
+            ),
+            (
+                HeadArgs {
+                    portal_title: Some(" ".into()),
+                    ..HeadArgs::default()
+                },
+                "--portal-title",
+            ),
+            (
+                HeadArgs {
+                    session_lifetime: Some("30d".into()),
+                    ..HeadArgs::default()
+                },
+                "--session-lifetime",
+            ),
+        ] {
+            let err = head(args).unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{err}");
+        }
+    }
+
+    #[test]
     fn flags_win_over_the_file_and_bad_values_name_their_source() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("edge.toml");

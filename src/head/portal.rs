@@ -89,13 +89,30 @@ async fn headers(request: Request, next: Next) -> Response {
     response
 }
 
+/// The pages' one stylesheet.
+const CSS: &str = include_str!("../../templates/portal/portal.css");
+
+/// Its Subresource Integrity digest, which every page names.
+fn css_integrity() -> &'static str {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(|| {
+        use base64::Engine;
+        use sha2::Digest;
+        let digest = sha2::Sha384::digest(CSS.as_bytes());
+        format!(
+            "sha384-{}",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        )
+    })
+}
+
 async fn stylesheet() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/css; charset=utf-8"),
             (header::CACHE_CONTROL, "public, max-age=3600"),
         ],
-        include_str!("../../templates/portal/portal.css"),
+        CSS,
     )
         .into_response()
 }
@@ -103,6 +120,7 @@ async fn stylesheet() -> Response {
 /// What every page shows: the portal's name and contact, who is signed in, and the token its
 /// forms carry.
 struct Layout {
+    css_integrity: &'static str,
     title: String,
     contact: Option<String>,
     user: Option<String>,
@@ -177,6 +195,7 @@ impl Portal {
 
     fn layout(&self, visit: &Visit) -> Layout {
         Layout {
+            css_integrity: css_integrity(),
             title: self.title.clone(),
             contact: self.contact.clone(),
             user: visit.user.as_ref().map(|u| u.username.clone()),

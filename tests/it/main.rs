@@ -8,6 +8,7 @@
 //! `namecheap` (the Namecheap DNS API) and `relay` (a UDP relay that cuts and degrades links).
 //! Run one feature with `cargo test --test it join::`.
 
+mod browser;
 mod certificates;
 mod chaos;
 mod cli;

@@ -308,3 +308,105 @@ async fn a_wrong_secret_and_an_unknown_user_look_the_same_and_sign_out_ends_the_
     })
     .await;
 }
+
+/// Checks `pages` (name, HTML) with html-validate (the HTML standard, accessibility and
+/// document rules), as `.ci/run` installs it; keeps them under `target/tmp/portal-pages/`.
+fn validate(pages: &[(&str, String)]) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tool = root.join(".ci/node/node_modules/.bin/html-validate");
+    assert!(
+        tool.exists(),
+        "html-validate is missing: npm ci --prefix .ci/node (as .ci/run does)"
+    );
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("portal-pages");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = Vec::new();
+    for (name, html) in pages {
+        let file = dir.join(format!("{name}.html"));
+        std::fs::write(&file, html).unwrap();
+        files.push(file);
+    }
+    let out = std::process::Command::new(tool)
+        .arg("--config")
+        .arg(root.join(".ci/node/htmlvalidate.json"))
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "invalid HTML:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_portal_page_is_valid_html() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = HeadProc::start(
+            dir.path(),
+            free_udp_addr(),
+            &[
+                "--auto-approve",
+                "false",
+                "--portal-contact",
+                "ops@example.org",
+            ],
+        )
+        .await;
+        let mut v = Visitor::new(&head);
+        let mut pages = vec![("home", v.get("/").await.body)];
+        let register = v.get("/register").await;
+        let csrf = register.csrf();
+        pages.push(("register", register.body));
+        let bad = [
+            ("csrf", csrf.as_str()),
+            ("username", "Ada!"),
+            ("email", "x"),
+            ("full_name", ""),
+        ];
+        pages.push(("register-error", v.post("/register", &bad).await.body));
+        pages.push(("refused-form", v.post("/register", &bad[1..]).await.body));
+        let form = [
+            ("csrf", csrf.as_str()),
+            ("username", "ada"),
+            ("email", "ada@example.org"),
+            ("full_name", "Ada Lovelace"),
+        ];
+        let registered = v.post("/register", &form).await;
+        let at = registered.body.find("class=\"secret\">").unwrap() + 15;
+        let secret = registered.body[at..at + 64].to_string();
+        pages.push(("registered", registered.body));
+        pages.push(("signin", v.get("/signin").await.body));
+        pages.push(("signin-error", v.sign_in("ada", &"0".repeat(64)).await.body));
+        v.sign_in("ada", &secret).await;
+        pages.push(("account-pending", v.get("/account").await.body));
+        ok(head.daemon.cli(&["user", "approve", "ada"]));
+        let account = v.get("/account").await;
+        assert!(account.body.contains("Registration: Approved"));
+        pages.push(("account-approved", account.body));
+        let aup = v.get("/aup").await;
+        let csrf = aup.csrf();
+        pages.push(("aup", aup.body));
+        let unticked = v.post("/aup", &[("csrf", &csrf), ("version", "1")]).await;
+        pages.push(("aup-unticked", unticked.body));
+        let accepted = v
+            .post(
+                "/aup",
+                &[("csrf", &csrf), ("version", "1"), ("accept", "yes")],
+            )
+            .await;
+        assert_eq!(accepted.location(), "/account");
+        let account = v.get("/account").await;
+        assert!(
+            account.body.contains("runs without a Kubernetes cluster"),
+            "{}",
+            account.body
+        );
+        pages.push(("account-accepted", account.body));
+        pages.push(("aup-accepted", v.get("/aup").await.body));
+        validate(&pages);
+    })
+    .await;
+}
