@@ -203,12 +203,33 @@ impl Portal {
         }
     }
 
-    /// Whether a posted form carries the token of this visitor's CSRF cookie.
-    fn form_ok(&self, jar: &CookieJar, token: &str) -> bool {
-        jar.get(CSRF_COOKIE)
-            .is_some_and(|c| self.keys.form_token_matches(c.value(), token))
+    /// The visit of a posted form, or its refusal when the form lacks the token of this
+    /// visitor's CSRF cookie (sent from another site, or an old page).
+    async fn posted(&self, jar: CookieJar, token: &str) -> Result<Visit, Response> {
+        let visit = self.visit(jar).await;
+        let ok = visit
+            .jar
+            .get(CSRF_COOKIE)
+            .is_some_and(|c| self.keys.form_token_matches(c.value(), token));
+        match ok {
+            true => Ok(visit),
+            false => Err(refused_form(self, visit)),
+        }
     }
 }
+
+/// The visit's signed-in user, or the way to the sign-in page.
+// The error is a response like the answer it replaces, not worth a box.
+#[allow(clippy::result_large_err)]
+fn signed_in(visit: Visit) -> Result<(User, Visit), Response> {
+    match visit.user.clone() {
+        Some(user) => Ok((user, visit)),
+        None => Err((visit.jar, Redirect::to("/signin")).into_response()),
+    }
+}
+
+/// A handler's answer: a page either way.
+type Answer = Result<Response, Response>;
 
 /// A rendered page with its status and the visitor's cookies.
 fn page(visit: Visit, status: StatusCode, template: impl Template) -> Response {
@@ -328,11 +349,8 @@ async fn register(
     State(portal): State<Portal>,
     jar: CookieJar,
     Form(form): Form<RegisterForm>,
-) -> Response {
-    let visit = portal.visit(jar).await;
-    if !portal.form_ok(&visit.jar, &form.csrf) {
-        return refused_form(&portal, visit);
-    }
+) -> Answer {
+    let visit = portal.posted(jar, &form.csrf).await?;
     let request = Registration {
         username: form.username.trim().to_string(),
         email: form.email.trim().to_string(),
@@ -348,7 +366,7 @@ async fn register(
                 secret,
                 approved,
             };
-            page(visit, StatusCode::CREATED, body)
+            Ok(page(visit, StatusCode::CREATED, body))
         }
         Err(e) => {
             let status = crate::head::api::status_of(&e);
@@ -370,7 +388,7 @@ async fn register(
                     None => e.to_string(),
                 }),
             };
-            page(visit, status, body)
+            Ok(page(visit, status, body))
         }
     }
 }
@@ -419,11 +437,8 @@ async fn signin(
     ConnectInfo(from): ConnectInfo<SocketAddr>,
     jar: CookieJar,
     Form(form): Form<SignInForm>,
-) -> Response {
-    let visit = portal.visit(jar).await;
-    if !portal.form_ok(&visit.jar, &form.csrf) {
-        return refused_form(&portal, visit);
-    }
+) -> Answer {
+    let visit = portal.posted(jar, &form.csrf).await?;
     let username = form.username.trim().to_string();
     let (by_user, by_address) = (format!("user:{username}"), format!("addr:{}", from.ip()));
     let limited = portal
@@ -456,7 +471,7 @@ async fn signin(
                     .jar
                     .add(secure_cookie(SESSION_COOKIE, cookie, lifetime));
                 info!(user = %user.username, "signed in to the portal");
-                return (jar, Redirect::to("/account")).into_response();
+                return Ok((jar, Redirect::to("/account")).into_response());
             }
             Err(UserError::Unauthorized) => {
                 portal.limiter.fail(&by_user);
@@ -474,7 +489,7 @@ async fn signin(
         username: crate::input::clip(&username),
         problem: Some(problem),
     };
-    page(visit, status, body)
+    Ok(page(visit, status, body))
 }
 
 #[derive(Deserialize, Default)]
@@ -487,19 +502,22 @@ async fn signout(
     State(portal): State<Portal>,
     jar: CookieJar,
     Form(form): Form<TokenForm>,
-) -> Response {
-    let visit = portal.visit(jar).await;
-    if !portal.form_ok(&visit.jar, &form.csrf) {
-        return refused_form(&portal, visit);
-    }
+) -> Answer {
+    let visit = portal.posted(jar, &form.csrf).await?;
     if let Some(user) = &visit.user
         && let Err(e) = portal.accounts.users.sign_out(&user.username).await
     {
         let text = format!("Signing out failed: {e}. Try again.");
-        return message(&portal, visit, StatusCode::BAD_GATEWAY, "Sign out", text);
+        return Ok(message(
+            &portal,
+            visit,
+            StatusCode::BAD_GATEWAY,
+            "Sign out",
+            text,
+        ));
     }
     let jar = visit.jar.add(gone(SESSION_COOKIE));
-    (jar, Redirect::to("/signin")).into_response()
+    Ok((jar, Redirect::to("/signin")).into_response())
 }
 
 #[derive(Template)]
@@ -634,15 +652,9 @@ impl Portal {
     }
 }
 
-async fn account(State(portal): State<Portal>, jar: CookieJar) -> Response {
-    let mut visit = portal.visit(jar).await;
-    match visit.user.take() {
-        Some(user) => {
-            visit.user = Some(user.clone());
-            portal.account_page(visit, user, None).await
-        }
-        None => (visit.jar, Redirect::to("/signin")).into_response(),
-    }
+async fn account(State(portal): State<Portal>, jar: CookieJar) -> Answer {
+    let (user, visit) = signed_in(portal.visit(jar).await)?;
+    Ok(portal.account_page(visit, user, None).await)
 }
 
 #[derive(Template)]
@@ -706,34 +718,29 @@ async fn accept(
     State(portal): State<Portal>,
     jar: CookieJar,
     Form(form): Form<AcceptForm>,
-) -> Response {
-    let visit = portal.visit(jar).await;
-    if !portal.form_ok(&visit.jar, &form.csrf) {
-        return refused_form(&portal, visit);
-    }
-    let Some(user) = visit.user.clone() else {
-        return (visit.jar, Redirect::to("/signin")).into_response();
-    };
+) -> Answer {
+    let visit = portal.posted(jar, &form.csrf).await?;
+    let (user, visit) = signed_in(visit)?;
     if form.accept != "yes" {
         let problem = "Tick the box to accept the policy.".to_string();
-        return portal
+        return Ok(portal
             .aup_page(visit, StatusCode::UNPROCESSABLE_ENTITY, Some(problem))
-            .await;
+            .await);
     }
     let version = form.version.parse::<i64>().unwrap_or(-1);
     match portal.accounts.users.accept(&user.username, version).await {
-        Ok(_) => (visit.jar, Redirect::to("/account")).into_response(),
+        Ok(_) => Ok((visit.jar, Redirect::to("/account")).into_response()),
         Err(UserError::Invalid { field, .. }) if field == "version" => {
             let problem = "A new version of the policy was published meanwhile: read it \
                            below and accept it."
                 .to_string();
-            portal
+            Ok(portal
                 .aup_page(visit, StatusCode::CONFLICT, Some(problem))
-                .await
+                .await)
         }
         Err(e) => {
             let status = crate::head::api::status_of(&e);
-            portal.aup_page(visit, status, Some(e.to_string())).await
+            Ok(portal.aup_page(visit, status, Some(e.to_string())).await)
         }
     }
 }
@@ -742,14 +749,9 @@ async fn kubeconfig(
     State(portal): State<Portal>,
     jar: CookieJar,
     Form(form): Form<TokenForm>,
-) -> Response {
-    let visit = portal.visit(jar).await;
-    if !portal.form_ok(&visit.jar, &form.csrf) {
-        return refused_form(&portal, visit);
-    }
-    let Some(user) = visit.user.clone() else {
-        return (visit.jar, Redirect::to("/signin")).into_response();
-    };
+) -> Answer {
+    let visit = portal.posted(jar, &form.csrf).await?;
+    let (user, visit) = signed_in(visit)?;
     match portal.accounts.kubeconfig(&user).await {
         Ok(kubeconfig) => {
             info!(user = %user.username, "kubeconfig issued through the portal");
@@ -765,7 +767,7 @@ async fn kubeconfig(
                     .headers_mut()
                     .insert(header::CONTENT_DISPOSITION, value);
             }
-            response
+            Ok(response)
         }
         Err(e) => {
             let problem = match &e {
@@ -774,7 +776,7 @@ async fn kubeconfig(
                 }
                 other => format!("No kubeconfig: {other}"),
             };
-            portal.account_page(visit, user, Some(problem)).await
+            Ok(portal.account_page(visit, user, Some(problem)).await)
         }
     }
 }

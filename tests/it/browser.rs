@@ -110,7 +110,8 @@ async fn wait_path(client: &Client, path: &str) {
 }
 
 async fn fill(client: &Client, id: &str, text: &str) {
-    let field = client.find(Locator::Id(id)).await.unwrap();
+    let wait = client.wait().at_most(Duration::from_secs(10));
+    let field = wait.for_element(Locator::Id(id)).await.unwrap();
     field.clear().await.unwrap();
     field.send_keys(text).await.unwrap();
 }
@@ -123,6 +124,17 @@ async fn click(client: &Client, css: &str) {
         .click()
         .await
         .unwrap();
+}
+
+/// Sends the form whose button `css` names, and waits for the element `id` of the answer.
+async fn submit(client: &Client, css: &str, id: &str) -> fantoccini::elements::Element {
+    click(client, css).await;
+    client
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Id(id))
+        .await
+        .unwrap()
 }
 
 /// The page's visible text.
@@ -165,15 +177,9 @@ async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
         fill(&client, "username", "ada").await;
         fill(&client, "email", "ada@example.org").await;
         fill(&client, "full_name", "Ada Lovelace").await;
-        click(&client, "form[action='/register'] button").await;
+        let shown = submit(&client, "form[action='/register'] button", "secret").await;
+        let secret = shown.text().await.unwrap();
         snap(&client, "02-secret-once").await;
-        let secret = client
-            .find(Locator::Id("secret"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
         assert_eq!(secret.len(), 64, "{secret}");
         assert!(text(&client).await.contains("shown only this once"));
         assert!(!client.current_url().await.unwrap().as_str().contains(&secret));
@@ -183,7 +189,7 @@ async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
         fill(&client, "username", "ada").await;
         fill(&client, "email", "other@example.org").await;
         fill(&client, "full_name", "Ada Again").await;
-        click(&client, "form[action='/register'] button").await;
+        submit(&client, "form[action='/register'] button", "username-error").await;
         let taken = snap(&client, "03-register-error").await;
         assert!(taken.contains("Username is already registered"), "{taken}");
         assert!(taken.contains("Ada Again"));
@@ -208,8 +214,9 @@ async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
         assert!(approved.contains("Registration: Approved"), "{approved}");
         assert!(approved.contains("Available once you accept the current Acceptable Use Policy"));
         click(&client, "a.button[href='/aup']").await;
+        wait_path(&client, "/aup").await;
         snap(&client, "06-aup").await;
-        click(&client, "form[action='/aup'] button").await;
+        submit(&client, "form[action='/aup'] button", "accept-error").await;
         let unticked = snap(&client, "07-aup-unticked").await;
         assert!(unticked.contains("Tick the box to accept the policy."), "{unticked}");
         click(&client, "#accept").await;
@@ -276,8 +283,7 @@ async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
             client.goto(&at(&a, "/signin")).await.unwrap();
             fill(&client, "username", name).await;
             fill(&client, "secret", &"0".repeat(64)).await;
-            click(&client, "form[action='/signin'] button").await;
-            let error = client.find(Locator::Id("signin-error")).await.unwrap();
+            let error = submit(&client, "form[action='/signin'] button", "signin-error").await;
             said.push(error.text().await.unwrap());
         }
         snap(&client, "12-wrong-secret").await;
