@@ -11,7 +11,7 @@ pub mod peers;
 pub mod status;
 
 pub use docs::{ApplyOutcome, Change, DocEntry, Docs, Moved, Origin, Preview, Scope};
-pub use peers::{PeerAddress, PeerEvent, PeerInfo, Peers};
+pub use peers::{PeerAddress, PeerInfo, Peers};
 pub use status::{derive_status, to_edgenode};
 
 use crate::crd::EdgeNode;

@@ -5,10 +5,11 @@
 
 use crate::clock::unix_now;
 use crate::daemon::Tasks;
-use crate::node::{Node, NodeError, Origin, PeerEvent};
+use crate::node::{Node, NodeError, Origin, PeerInfo};
 use crate::registry::{self, Registration};
 use crate::store::JoinedNode;
 use crate::transport::tls::Role;
+use std::collections::HashMap;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -19,46 +20,44 @@ pub fn start(node: &Node, tasks: &mut Tasks) {
     tasks.spawn(adopt_forever(node.clone(), tasks.token()));
 }
 
-/// Writes each edge's presence and address as its sessions start and end. Each write is
-/// checked under the registry's lock against the peer table, so events handled late or out
-/// of order still leave what is true.
+/// Writes each edge's presence, address and version as its sessions start and end: all the
+/// edges whose sessions changed since the last write go into one registry change (a
+/// reconnect storm costs a few writes, not one per event). Each is written as the peer table
+/// has it under the registry's lock, so a change handled late still leaves what is true.
 async fn record_presence(node: Node, shutdown: CancellationToken) {
-    let mut events = node.peers().watch();
+    let me = node.name().to_string();
     loop {
-        let event = tokio::select! {
+        let names = tokio::select! {
             _ = shutdown.cancelled() => return,
-            event = events.recv() => match event {
-                Some(event) => event,
-                None => return,
-            },
+            names = node.peers().changes() => names,
         };
-        let (peer, reachable) = match event {
-            PeerEvent::Connected {
-                peer,
-                reachable,
-                version,
-            } => (peer, Some((reachable, version))),
-            PeerEvent::Disconnected { peer } => (peer, None),
-        };
-        if peer.role != Role::Edge {
-            continue;
-        }
-        let me = node.name().to_string();
         let edit = |doc: &mut automerge::AutoCommit| {
-            let connected = node.peers().is_connected(&peer.name);
-            let head = connected.then_some(me.as_str());
-            let present = registry::set_presence(doc, &peer.name, head, &me)?;
+            let table: HashMap<String, PeerInfo> = (node.peers().list().into_iter())
+                .map(|p| (p.name.clone(), p))
+                .collect();
             let mut moved = false;
-            if let Some((address, version)) = &reachable {
-                moved |= registry::set_address(doc, &peer.name, *address)?;
-                if let Some(version) = version {
-                    moved |= registry::set_version(doc, &peer.name, version)?;
+            for name in &names {
+                let Some(peer) = table.get(name) else {
+                    // Forgotten (removed): not here any more.
+                    moved |= registry::set_presence(doc, name, None, &me)?;
+                    continue;
+                };
+                if peer.role != Role::Edge {
+                    continue;
+                }
+                let head = peer.connected.then_some(me.as_str());
+                moved |= registry::set_presence(doc, name, head, &me)?;
+                if let Some(address) = peer.reachable.filter(|_| peer.connected) {
+                    moved |= registry::set_address(doc, name, address)?;
+                }
+                if let Some(version) = peer.version.as_deref().filter(|_| peer.connected) {
+                    moved |= registry::set_version(doc, name, version)?;
                 }
             }
-            Ok(present || moved)
+            Ok(moved)
         };
         if let Err(e) = node.docs().edit_registry(edit).await {
-            warn!(peer = %peer.name, error = %e, "cannot record the edge's presence");
+            warn!(edges = names.len(), error = %e, "cannot record the edges' presence");
         }
     }
 }

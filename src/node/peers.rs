@@ -1,12 +1,13 @@
-//! The peer table: who is connected, from where, and what went over each link; and the
-//! sessions to end when a peer is removed.
+//! The peer table: who is connected, from where, and what went over each link; the peers
+//! whose sessions started or ended since a watcher last looked; and the sessions to end when
+//! a peer is removed.
 
 use crate::clock::now;
 use crate::transport::tls::{Identity, Role};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -40,6 +41,9 @@ pub struct PeerInfo {
     /// The edgesync version it said in its last Hello here, if it said one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Where others can reach it, as its last session here said.
+    #[serde(skip)]
+    pub reachable: Option<std::net::IpAddr>,
 }
 
 /// Where a peer is, for a session with it.
@@ -53,56 +57,41 @@ pub struct PeerAddress {
     pub version: Option<String>,
 }
 
-/// A session with a peer started or ended (see [`Peers::watch`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerEvent {
-    /// A session started.
-    Connected {
-        /// The peer.
-        peer: Identity,
-        /// Where others can reach it.
-        reachable: std::net::IpAddr,
-        /// The edgesync version it said, if it said one.
-        version: Option<String>,
-    },
-    /// A session ended.
-    Disconnected {
-        /// The peer.
-        peer: Identity,
-    },
-}
-
 /// Every peer this node has had a session with since it started.
 #[derive(Default)]
 pub struct Peers {
     table: Mutex<BTreeMap<String, PeerInfo>>,
     kicks: Mutex<BTreeMap<String, CancellationToken>>,
-    watch: Mutex<Option<mpsc::UnboundedSender<PeerEvent>>>,
+    /// Peers whose sessions started or ended since the watcher last looked: one entry per
+    /// peer however many times it came and went, so a reconnect storm queues no more work
+    /// than there are peers.
+    changed: Mutex<BTreeSet<String>>,
+    wake: Notify,
 }
 
 impl Peers {
-    /// Sessions starting and ending from now on, for one watcher (a head records its edges'
-    /// presence from them).
-    pub fn watch(&self) -> mpsc::UnboundedReceiver<PeerEvent> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        *lock(&self.watch) = Some(tx);
-        rx
+    /// Waits until sessions started or ended, and takes the names of their peers, each once,
+    /// for one watcher (a head records its edges' presence from them; what is true now is in
+    /// the table). Cancel-safe: names not taken stay for the next call.
+    pub async fn changes(&self) -> BTreeSet<String> {
+        loop {
+            let names = std::mem::take(&mut *lock(&self.changed));
+            if !names.is_empty() {
+                return names;
+            }
+            self.wake.notified().await;
+        }
     }
 
-    fn tell(&self, event: PeerEvent) {
-        if let Some(watch) = lock(&self.watch).as_ref() {
-            let _ = watch.send(event);
-        }
+    fn tell(&self, name: &str) {
+        lock(&self.changed).insert(name.to_string());
+        self.wake.notify_one();
     }
 
     /// Records that a session with `peer` started.
     pub fn connected(&self, peer: &Identity, address: &PeerAddress) {
         self.record(peer, address);
-        self.tell(PeerEvent::Connected {
-            peer: peer.clone(),
-            reachable: address.reachable,
-            version: address.version.clone(),
-        });
+        self.tell(&peer.name);
     }
 
     fn record(&self, peer: &Identity, at: &PeerAddress) {
@@ -119,6 +108,7 @@ impl Peers {
             bytes_in: 0,
             also_from: None,
             version: None,
+            reachable: None,
         });
         let host = |a: &str| {
             a.parse::<std::net::SocketAddr>()
@@ -136,6 +126,7 @@ impl Peers {
         if at.version.is_some() {
             info.version = at.version.clone();
         }
+        info.reachable = Some(at.reachable);
         info.sessions += 1;
         info.connected = true;
         info.last_seen = Some(now());
@@ -150,7 +141,7 @@ impl Peers {
                 info.also_from = None;
             }
         }
-        self.tell(PeerEvent::Disconnected { peer: peer.clone() });
+        self.tell(&peer.name);
     }
 
     /// Changes a known peer's record.
@@ -196,5 +187,45 @@ impl Peers {
     pub fn forget(&self, name: &str) {
         self.end_sessions(name);
         lock(&self.table).remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_storm_of_sessions_leaves_one_name_per_peer_to_look_at() {
+        let peers = Peers::default();
+        let edge = |name: &str| Identity {
+            name: name.into(),
+            role: Role::Edge,
+            key: vec![1],
+        };
+        let at = PeerAddress {
+            seen: "192.0.2.1:4000".into(),
+            reachable: "192.0.2.1".parse().unwrap(),
+            version: Some("0.1.0+abc".into()),
+        };
+        for _ in 0..1000 {
+            for name in ["edge01", "edge02"] {
+                peers.connected(&edge(name), &at);
+                peers.disconnected(&edge(name));
+            }
+        }
+        peers.connected(&edge("edge01"), &at);
+        let names: Vec<String> = peers.changes().await.into_iter().collect();
+        assert_eq!(names, ["edge01", "edge02"]);
+        assert!(peers.is_connected("edge01") && !peers.is_connected("edge02"));
+        let one = peers
+            .list()
+            .into_iter()
+            .find(|p| p.name == "edge01")
+            .unwrap();
+        assert_eq!(one.version.as_deref(), Some("0.1.0+abc"));
+        assert_eq!(one.reachable, Some(at.reachable));
+        // Taken: nothing waits until a session starts or ends again.
+        let next = tokio::time::timeout(std::time::Duration::from_millis(50), peers.changes());
+        assert!(next.await.is_err());
     }
 }
