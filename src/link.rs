@@ -264,7 +264,12 @@ async fn handle_incoming(
             let address = PeerAddress {
                 seen: remote.to_string(),
                 reachable,
-                version: (!version.is_empty()).then_some(version),
+                // Shown to operators: only what a version is made of, never escapes.
+                version: (!version.is_empty()
+                    && version
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".+-_".contains(c)))
+                .then_some(version),
             };
             let result = run_session(node, peer.clone(), address, recv, send, shutdown).await;
             log_end(&peer, &result);

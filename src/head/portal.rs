@@ -171,9 +171,12 @@ impl Portal {
         };
         let mut user = None;
         if let Some(cookie) = jar.get(SESSION_COOKIE).map(|c| c.value().to_string()) {
-            user = self.session_user(&cookie).await;
-            if user.is_none() {
-                jar = jar.add(gone(SESSION_COOKIE));
+            match self.session_user(&cookie).await {
+                Ok(Some(found)) => user = Some(found),
+                Ok(None) => jar = jar.add(gone(SESSION_COOKIE)),
+                // The users cannot be read now: not signed in for this page, but the session
+                // stays for the next.
+                Err(e) => warn!(error = %e, "cannot check a portal session"),
             }
         }
         Visit {
@@ -183,14 +186,21 @@ impl Portal {
         }
     }
 
-    /// The user whose session `cookie` holds, if it still does: signed with the heads' key,
-    /// unexpired, for the registration that holds the name now, and not signed out since.
-    async fn session_user(&self, cookie: &str) -> Option<User> {
-        let (session, signed_for) = self.keys.open(cookie, now_ms())?;
-        let user = self.accounts.users.get(&session.username).await.ok()?;
+    /// The user whose session `cookie` holds, if it still does: signed with the heads' key
+    /// and unexpired (checked before anything is looked up), for the registration that holds
+    /// the name now, and not signed out since.
+    async fn session_user(&self, cookie: &str) -> Result<Option<User>, UserError> {
+        let Some(session) = self.keys.open(cookie, now_ms()) else {
+            return Ok(None);
+        };
+        let user = match self.accounts.users.get(&session.username).await {
+            Ok(user) => user,
+            Err(UserError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let holds =
-            signed_for(&user.uid) && !session::outlived(session.issued_ms, user.signed_out_at);
-        holds.then_some(user)
+            user.uid == session.uid && !session::outlived(session.issued_ms, user.signed_out_at);
+        Ok(holds.then_some(user))
     }
 
     fn layout(&self, visit: &Visit) -> Layout {
@@ -440,11 +450,20 @@ async fn signin(
 ) -> Answer {
     let visit = portal.posted(jar, &form.csrf).await?;
     let username = form.username.trim().to_string();
-    let (by_user, by_address) = (format!("user:{username}"), format!("addr:{}", from.ip()));
-    let limited = portal
-        .limiter
-        .check(&by_user, session::PER_USER)
-        .and(portal.limiter.check(&by_address, session::PER_ADDRESS));
+    // Per name from this address (nobody locks a user out from elsewhere), and per address;
+    // a name that cannot be a username is counted as one.
+    let name = match crate::input::check_label(&username) {
+        Ok(()) => username.as_str(),
+        Err(_) => "?",
+    };
+    let (by_user, by_address) = (
+        format!("user:{name}@{}", from.ip()),
+        format!("addr:{}", from.ip()),
+    );
+    let limited = portal.limiter.attempt(&[
+        (&by_user, session::PER_USER),
+        (&by_address, session::PER_ADDRESS),
+    ]);
     let refused = |problem: String, status: StatusCode| {
         let l = portal.layout(&visit);
         (l, problem, status)
@@ -453,7 +472,7 @@ async fn signin(
         Err(wait) => {
             let minutes = wait.as_secs().div_ceil(60);
             refused(
-                format!("Too many failed sign-ins. Try again in {minutes} minutes."),
+                format!("Too many sign-in attempts. Try again in {minutes} minutes."),
                 StatusCode::TOO_MANY_REQUESTS,
             )
         }
@@ -464,7 +483,7 @@ async fn signin(
             .await
         {
             Ok(user) => {
-                portal.limiter.clear(&by_user);
+                portal.limiter.clear(&[&by_user]);
                 let cookie = portal.keys.issue(&user.username, &user.uid, now_ms());
                 let lifetime = Some(portal.keys.lifetime);
                 let jar = visit
@@ -473,15 +492,17 @@ async fn signin(
                 info!(user = %user.username, "signed in to the portal");
                 return Ok((jar, Redirect::to("/account")).into_response());
             }
-            Err(UserError::Unauthorized) => {
-                portal.limiter.fail(&by_user);
-                portal.limiter.fail(&by_address);
+            Err(UserError::Unauthorized) => refused(
+                "The username or the sign-in secret is wrong.".into(),
+                StatusCode::UNAUTHORIZED,
+            ),
+            Err(e) => {
+                warn!(error = %e, "cannot check a sign-in");
                 refused(
-                    "The username or the sign-in secret is wrong.".into(),
-                    StatusCode::UNAUTHORIZED,
+                    "Signing in is not possible right now; try again in a moment.".into(),
+                    crate::head::api::status_of(&e),
                 )
             }
-            Err(e) => refused(e.to_string(), StatusCode::INTERNAL_SERVER_ERROR),
         },
     };
     let body = SignInPage {
@@ -508,13 +529,8 @@ async fn signout(
         && let Err(e) = portal.accounts.users.sign_out(&user.username).await
     {
         let text = format!("Signing out failed: {e}. Try again.");
-        return Ok(message(
-            &portal,
-            visit,
-            StatusCode::BAD_GATEWAY,
-            "Sign out",
-            text,
-        ));
+        let status = crate::head::api::status_of(&e);
+        return Ok(message(&portal, visit, status, "Sign out", text));
     }
     let jar = visit.jar.add(gone(SESSION_COOKIE));
     Ok((jar, Redirect::to("/signin")).into_response())
@@ -545,7 +561,13 @@ fn day(rfc3339: Option<&str>) -> String {
 }
 
 impl Portal {
-    async fn account_page(&self, visit: Visit, user: User, problem: Option<String>) -> Response {
+    async fn account_page(
+        &self,
+        visit: Visit,
+        user: User,
+        status: StatusCode,
+        problem: Option<String>,
+    ) -> Response {
         let current = match self.accounts.users.aup().await {
             Ok(aup) => aup.version,
             Err(e) => {
@@ -648,13 +670,13 @@ impl Portal {
             namespace: user.username.clone(),
             file: format!("{}-kubeconfig.yaml", user.username),
         };
-        page(visit, StatusCode::OK, body)
+        page(visit, status, body)
     }
 }
 
 async fn account(State(portal): State<Portal>, jar: CookieJar) -> Answer {
     let (user, visit) = signed_in(portal.visit(jar).await)?;
-    Ok(portal.account_page(visit, user, None).await)
+    Ok(portal.account_page(visit, user, StatusCode::OK, None).await)
 }
 
 #[derive(Template)]
@@ -770,13 +792,16 @@ async fn kubeconfig(
             Ok(response)
         }
         Err(e) => {
+            let status = crate::head::api::status_of(&e);
             let problem = match &e {
                 UserError::Forbidden(_) => {
                     "You cannot have a kubeconfig now; this page says why.".to_string()
                 }
                 other => format!("No kubeconfig: {other}"),
             };
-            Ok(portal.account_page(visit, user, Some(problem)).await)
+            Ok(portal
+                .account_page(visit, user, status, Some(problem))
+                .await)
         }
     }
 }

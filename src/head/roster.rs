@@ -57,7 +57,12 @@ async fn record_presence(node: Node, shutdown: CancellationToken) {
             Ok(moved)
         };
         if let Err(e) = node.docs().edit_registry(edit).await {
-            warn!(edges = names.len(), error = %e, "cannot record the edges' presence");
+            warn!(edges = names.len(), error = %e, "cannot record the edges' presence; will retry");
+            node.peers().requeue(names);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
         }
     }
 }

@@ -83,6 +83,12 @@ impl Peers {
         }
     }
 
+    /// Puts back names [`Peers::changes`] gave out whose change could not be recorded.
+    pub fn requeue(&self, names: BTreeSet<String>) {
+        lock(&self.changed).extend(names);
+        self.wake.notify_one();
+    }
+
     fn tell(&self, name: &str) {
         lock(&self.changed).insert(name.to_string());
         self.wake.notify_one();
@@ -123,9 +129,8 @@ impl Peers {
         }
         info.role = peer.role;
         info.address = address.to_string();
-        if at.version.is_some() {
-            info.version = at.version.clone();
-        }
+        // What its last session said: none from a release before versions were said.
+        info.version = at.version.clone();
         info.reachable = Some(at.reachable);
         info.sessions += 1;
         info.connected = true;

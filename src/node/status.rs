@@ -309,11 +309,11 @@ pub fn notices(before: &[Condition], after: &[Condition]) -> Vec<Notice> {
         find(before, type_).is_some_and(|b| b.status == "False") && find(after, type_).is_none()
     };
     if gone("ManifestsWritten") {
-        out.push(Notice {
-            type_: "Normal".into(),
-            reason: "ManifestsWritten".into(),
-            message: "every manifest is written".into(),
-        });
+        tell(
+            false,
+            "ManifestsWritten",
+            "every manifest is written".into(),
+        );
     }
     out
 }

@@ -298,7 +298,7 @@ async fn a_wrong_secret_and_an_unknown_user_look_the_same_and_sign_out_ends_the_
             let limited = last.take().unwrap();
             assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS, "{name}");
             assert!(
-                limited.error().starts_with("Too many failed sign-ins."),
+                limited.error().starts_with("Too many sign-in attempts."),
                 "{name}"
             );
         }

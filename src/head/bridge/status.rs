@@ -175,12 +175,9 @@ async fn write_status(
             let after: Vec<Condition> =
                 serde_json::from_value(comparable["conditions"].clone()).unwrap_or_default();
             let told = crate::node::status::notices(&before, &after);
-            if !told.is_empty() {
-                bridge.node.journal().record(key, &told);
-                if let Some(events) = &bridge.events {
-                    let uid = cached.and_then(|o| o.metadata.uid.clone());
-                    events.publish(&edgenode_reference(namespace, name, uid), told);
-                }
+            if let Some(events) = bridge.events.as_ref().filter(|_| !told.is_empty()) {
+                let uid = cached.and_then(|o| o.metadata.uid.clone());
+                events.publish(&edgenode_reference(namespace, name, uid), told);
             }
             written.insert(key.to_string(), (comparable, Instant::now()));
         }

@@ -27,6 +27,8 @@ pub struct Keys {
 pub struct Session {
     /// The user.
     pub username: String,
+    /// Their registration, which must still hold the name.
+    pub uid: String,
     /// When it was issued.
     pub issued_ms: i64,
 }
@@ -51,41 +53,35 @@ impl Keys {
         let expires = now_ms.saturating_add(self.lifetime.as_millis() as i64);
         let (issued, expires) = (now_ms.to_string(), expires.to_string());
         let mac = self.mac(&["session v1", username, uid, &issued, &expires]);
-        format!("v1.{username}.{issued}.{expires}.{mac}")
+        format!("v1.{username}.{uid}.{issued}.{expires}.{mac}")
     }
 
-    /// The session `cookie` holds if it is well formed, unexpired at `now_ms` and signed by
-    /// these keys; its user's registration (`uid_of`) and sign-out are checked by the caller.
-    pub fn open(&self, cookie: &str, now_ms: i64) -> Option<(Session, impl Fn(&str) -> bool)> {
-        let mut parts = cookie.split('.');
-        let (Some("v1"), Some(username), Some(issued), Some(expires), Some(mac), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+    /// The session `cookie` holds if it is well formed, signed by these keys and unexpired at
+    /// `now_ms` (issued at most [`CLOCK_SKEW`] ahead of it, by a head whose clock runs
+    /// ahead). Checked before anything is looked up; whether its registration still holds
+    /// the name and whether the user signed out since are the caller's to check.
+    pub fn open(&self, cookie: &str, now_ms: i64) -> Option<Session> {
+        let parts: Vec<&str> = cookie.split('.').collect();
+        let ["v1", username, uid, issued, expires, mac] = parts[..] else {
             return None;
         };
-        let (issued_ms, expires_ms) = (issued.parse::<i64>().ok()?, expires.parse::<i64>().ok()?);
-        if expires_ms <= now_ms || issued_ms > now_ms {
+        let expected = self.mac(&["session v1", username, uid, issued, expires]);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            expected.as_bytes(),
+            mac.as_bytes(),
+        )) {
             return None;
         }
-        let (keys, fields) = (
-            self.clone(),
-            [username, issued, expires, mac].map(str::to_string),
-        );
-        let signed_for = move |uid: &str| {
-            let [username, issued, expires, mac] = &fields;
-            let expected = keys.mac(&["session v1", username, uid, issued, expires]);
-            subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), mac.as_bytes()).into()
-        };
-        let session = Session {
+        let (issued_ms, expires_ms) = (issued.parse::<i64>().ok()?, expires.parse::<i64>().ok()?);
+        let skew = CLOCK_SKEW.as_millis() as i64;
+        if expires_ms <= now_ms || issued_ms > now_ms.saturating_add(skew) {
+            return None;
+        }
+        Some(Session {
             username: username.to_string(),
+            uid: uid.to_string(),
             issued_ms,
-        };
-        Some((session, signed_for))
+        })
     }
 
     /// The form token for a visitor whose CSRF cookie is `cookie`.
@@ -107,61 +103,74 @@ pub fn outlived(issued_ms: i64, signed_out_at: Option<i64>) -> bool {
     signed_out_at.is_some_and(|at| issued_ms < at.saturating_add(1).saturating_mul(1000))
 }
 
-/// Failed sign-ins allowed per username within [`WINDOW`].
+/// How far ahead of this head's clock another head's may run.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Sign-in attempts allowed per username from one address within [`WINDOW`] (per pair, so
+/// nobody locks a user out from elsewhere).
 pub const PER_USER: u32 = 5;
-/// Failed sign-ins allowed per address within [`WINDOW`].
+/// Sign-in attempts allowed per address within [`WINDOW`].
 pub const PER_ADDRESS: u32 = 20;
-/// How long failed sign-ins are counted.
+/// How long attempts are counted.
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Most usernames and addresses counted at once; past it the oldest windows go.
 const TRACKED: usize = 10_000;
 
-/// Counts failed sign-ins per key (`user:NAME`, `addr:IP`) in fixed windows. In memory, per
-/// head: a restart or another head starts counting afresh, which bounds guessing per head.
+/// Counts sign-in attempts per key (`user:NAME@IP`, `addr:IP`) in fixed windows; a success
+/// forgets them. In memory, per head: a restart or another head starts counting afresh,
+/// which bounds guessing per head.
 #[derive(Default)]
 pub struct Limiter {
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    attempts: Mutex<HashMap<String, (u32, Instant)>>,
 }
 
 impl Limiter {
-    /// Whether `key` may try again (fewer than `limit` failures in its window); when not, how
-    /// long until it may.
-    pub fn check(&self, key: &str, limit: u32) -> Result<(), Duration> {
-        let failures = crate::node::lock(&self.failures);
-        match failures.get(key) {
-            Some((count, since)) if *count >= limit && since.elapsed() < WINDOW => {
-                Err(WINDOW.saturating_sub(since.elapsed()))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts a failure of `key`.
-    pub fn fail(&self, key: &str) {
-        let mut failures = crate::node::lock(&self.failures);
-        if failures.len() >= TRACKED && !failures.contains_key(key) {
-            failures.retain(|_, (_, since)| since.elapsed() < WINDOW);
-            if failures.len() >= TRACKED
-                && let Some(oldest) = failures
-                    .iter()
-                    .min_by_key(|(_, (_, since))| *since)
-                    .map(|(k, _)| k.clone())
+    /// Counts an attempt of every key in `keys` (each with its limit) if none is at its limit;
+    /// otherwise counts nothing and says how long until the busiest may try again. One lock,
+    /// so attempts racing each other are all counted.
+    pub fn attempt(&self, keys: &[(&str, u32)]) -> Result<(), Duration> {
+        let mut attempts = crate::node::lock(&self.attempts);
+        let mut wait = Duration::ZERO;
+        for (key, limit) in keys {
+            if let Some((count, since)) = attempts.get(*key)
+                && *count >= *limit
+                && since.elapsed() < WINDOW
             {
-                failures.remove(&oldest);
+                wait = wait.max(WINDOW.saturating_sub(since.elapsed()));
             }
         }
-        let entry = failures
-            .entry(key.to_string())
-            .or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= WINDOW {
-            *entry = (0, Instant::now());
+        if !wait.is_zero() {
+            return Err(wait);
         }
-        entry.0 += 1;
+        for (key, _) in keys {
+            if attempts.len() >= TRACKED && !attempts.contains_key(*key) {
+                attempts.retain(|_, (_, since)| since.elapsed() < WINDOW);
+                if attempts.len() >= TRACKED
+                    && let Some(oldest) = attempts
+                        .iter()
+                        .min_by_key(|(_, (_, since))| *since)
+                        .map(|(k, _)| k.clone())
+                {
+                    attempts.remove(&oldest);
+                }
+            }
+            let entry = attempts
+                .entry(key.to_string())
+                .or_insert((0, Instant::now()));
+            if entry.1.elapsed() >= WINDOW {
+                *entry = (0, Instant::now());
+            }
+            entry.0 += 1;
+        }
+        Ok(())
     }
 
-    /// Forgets the failures of `key` (a successful sign-in).
-    pub fn clear(&self, key: &str) {
-        crate::node::lock(&self.failures).remove(key);
+    /// Forgets the attempts of `keys` (a successful sign-in).
+    pub fn clear(&self, keys: &[&str]) {
+        let mut attempts = crate::node::lock(&self.attempts);
+        for key in keys {
+            attempts.remove(*key);
+        }
     }
 }
 
@@ -170,21 +179,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_session_holds_only_as_issued_for_its_registration_until_it_expires() {
+    fn a_session_holds_only_as_issued_until_it_expires() {
         let keys = Keys::new([7; 32], Duration::from_secs(60));
         let cookie = keys.issue("ada", "uid-1", 1_000_000);
-        let (session, signed_for) = keys.open(&cookie, 1_000_500).unwrap();
-        assert_eq!(session.username, "ada");
-        assert!(signed_for("uid-1"));
-        assert!(!signed_for("uid-2"), "another registration of the name");
+        let session = keys.open(&cookie, 1_000_500).unwrap();
+        assert_eq!(
+            (session.username.as_str(), session.uid.as_str()),
+            ("ada", "uid-1")
+        );
         assert!(keys.open(&cookie, 1_060_000).is_none(), "expired");
+        assert!(
+            keys.open(&cookie, 990_000).is_some(),
+            "a head's clock a little behind"
+        );
+        assert!(
+            keys.open(&cookie, 900_000).is_none(),
+            "issued far in the future"
+        );
         let other = Keys::new([8; 32], Duration::from_secs(60));
-        let (_, signed_for) = other.open(&cookie, 1_000_500).unwrap();
-        assert!(!signed_for("uid-1"), "another CA's key");
-        let forged = cookie.replace("v1.ada.", "v1.bob.");
-        let (_, signed_for) = keys.open(&forged, 1_000_500).unwrap();
-        assert!(!signed_for("uid-1"));
-        for bad in ["", "v1.ada", "v2.ada.1.2.ff", &format!("{cookie}.x")] {
+        assert!(other.open(&cookie, 1_000_500).is_none(), "another CA's key");
+        for forged in [
+            cookie.replace("v1.ada.", "v1.bob."),
+            cookie.replace(".uid-1.", ".uid-2."),
+            cookie.replace(".1060000.", ".9060000."),
+        ] {
+            assert!(keys.open(&forged, 1_000_500).is_none(), "{forged}");
+        }
+        for bad in ["", "v1.ada", "v2.ada.u.1.2.ff", &format!("{cookie}.x")] {
             assert!(keys.open(bad, 1_000_500).is_none(), "{bad}");
         }
         assert!(outlived(1_000_500, Some(1_000)));
@@ -202,16 +223,24 @@ mod tests {
     }
 
     #[test]
-    fn failures_past_the_limit_wait_for_the_window() {
+    fn attempts_past_a_limit_wait_for_the_window_and_a_success_forgets_them() {
         let limiter = Limiter::default();
+        let keys = [
+            ("user:ada@192.0.2.1", PER_USER),
+            ("addr:192.0.2.1", PER_ADDRESS),
+        ];
         for _ in 0..PER_USER {
-            assert!(limiter.check("user:ada", PER_USER).is_ok());
-            limiter.fail("user:ada");
+            assert!(limiter.attempt(&keys).is_ok());
         }
-        let wait = limiter.check("user:ada", PER_USER).unwrap_err();
+        let wait = limiter.attempt(&keys).unwrap_err();
         assert!(wait > Duration::from_secs(60) && wait <= WINDOW);
-        assert!(limiter.check("user:bob", PER_USER).is_ok());
-        limiter.clear("user:ada");
-        assert!(limiter.check("user:ada", PER_USER).is_ok());
+        // Not from another address: nobody locks ada out from elsewhere.
+        let elsewhere = [
+            ("user:ada@192.0.2.9", PER_USER),
+            ("addr:192.0.2.9", PER_ADDRESS),
+        ];
+        assert!(limiter.attempt(&elsewhere).is_ok());
+        limiter.clear(&["user:ada@192.0.2.1"]);
+        assert!(limiter.attempt(&keys).is_ok());
     }
 }
