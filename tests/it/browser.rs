@@ -5,7 +5,7 @@
 //! under `target/tmp/portal-screenshots/` (the HTML itself is validated in `portal`).
 
 use crate::harness::*;
-use crate::kube_api::KubeApi;
+use crate::users::{emulated_cluster, user_client};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -152,21 +152,27 @@ async fn text(client: &Client) -> String {
 async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
     within(180, async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = KubeApi::start().await;
-        cluster.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "edgesync-system"}}));
-        let kubeconfig = dir.path().join("kubeconfig");
-        cluster.write_kubeconfig(&kubeconfig);
+        let (_cluster, kubeconfig) = emulated_cluster(dir.path()).await;
         let kubeconfig = kubeconfig.display().to_string();
         let args = [
-            "--kubeconfig", &kubeconfig, "--auto-approve", "false",
-            "--portal-title", "Edge Lab", "--portal-contact", "ops@example.org",
+            "--kubeconfig",
+            &kubeconfig,
+            "--auto-approve",
+            "false",
+            "--portal-title",
+            "Edge Lab",
+            "--portal-contact",
+            "ops@example.org",
         ];
-        let a = HeadProc::start_named(&dir.path().join("a"), "head-a", free_udp_addr(), &args).await;
-        let b = HeadProc::start_named(&dir.path().join("b"), "head-b", free_udp_addr(), &args).await;
+        let a =
+            HeadProc::start_named(&dir.path().join("a"), "head-a", free_udp_addr(), &args).await;
+        let b =
+            HeadProc::start_named(&dir.path().join("b"), "head-b", free_udp_addr(), &args).await;
         let downloads = dir.path().join("downloads");
         std::fs::create_dir_all(&downloads).unwrap();
         let (_driver, client) = browser(&downloads).await;
-        let at = |head: &HeadProc, path: &str| format!("https://localhost:{}{path}", head.api.port());
+        let at =
+            |head: &HeadProc, path: &str| format!("https://localhost:{}{path}", head.api.port());
 
         client.goto(&at(&a, "/")).await.unwrap();
         let home = snap(&client, "01-home").await;
@@ -182,7 +188,14 @@ async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
         snap(&client, "02-secret-once").await;
         assert_eq!(secret.len(), 64, "{secret}");
         assert!(text(&client).await.contains("shown only this once"));
-        assert!(!client.current_url().await.unwrap().as_str().contains(&secret));
+        assert!(
+            !client
+                .current_url()
+                .await
+                .unwrap()
+                .as_str()
+                .contains(&secret)
+        );
 
         // A registration error keeps what was typed and names the field.
         client.goto(&at(&a, "/register")).await.unwrap();
@@ -205,7 +218,10 @@ async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
         let pending = snap(&client, "04-pending").await;
         assert!(pending.contains("Registration: Pending"), "{pending}");
         assert!(pending.contains("waits for an administrator"));
-        assert!(!pending.contains(&secret), "the secret is never shown again");
+        assert!(
+            !pending.contains(&secret),
+            "the secret is never shown again"
+        );
 
         // Approved with the CLI; the AUP is read and accepted.
         ok(a.daemon.cli(&["user", "approve", "ada"]));
@@ -218,7 +234,10 @@ async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
         snap(&client, "06-aup").await;
         submit(&client, "form[action='/aup'] button", "accept-error").await;
         let unticked = snap(&client, "07-aup-unticked").await;
-        assert!(unticked.contains("Tick the box to accept the policy."), "{unticked}");
+        assert!(
+            unticked.contains("Tick the box to accept the policy."),
+            "{unticked}"
+        );
         click(&client, "#accept").await;
         click(&client, "form[action='/aup'] button").await;
         wait_path(&client, "/account").await;
@@ -230,22 +249,21 @@ async fn a_person_with_only_a_browser_gets_a_working_kubeconfig() {
         click(&client, "form[action='/kubeconfig'] button").await;
         let file = downloads.join("ada-kubeconfig.yaml");
         let issued = wait_for("the kubeconfig downloaded", SOON, || {
-            std::fs::read_to_string(&file).ok().filter(|t| t.contains("current-context"))
+            std::fs::read_to_string(&file)
+                .ok()
+                .filter(|t| t.contains("current-context"))
         })
         .await;
-        let user = {
-            let file: kube::config::Kubeconfig = serde_saphyr::from_str(&issued).unwrap();
-            let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .unwrap();
-            kube::Client::try_from(config).unwrap()
-        };
+        let user = user_client(&issued).await;
         type ConfigMaps = kube::Api<k8s_openapi::api::core::v1::ConfigMap>;
         let own: ConfigMaps = kube::Api::namespaced(user.clone(), "ada");
         own.list(&Default::default()).await.expect("own namespace");
         let other: ConfigMaps = kube::Api::namespaced(user, "default");
         let refused = other.list(&Default::default()).await.unwrap_err();
-        assert!(matches!(refused, kube::Error::Api(ref e) if e.code == 403), "{refused:?}");
+        assert!(
+            matches!(refused, kube::Error::Api(ref e) if e.code == 403),
+            "{refused:?}"
+        );
 
         // Another head serves the same session (the browser sends the cookie to localhost).
         client.goto(&at(&b, "/account")).await.unwrap();

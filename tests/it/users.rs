@@ -247,15 +247,19 @@ async fn registration_refusals_and_the_aup_on_a_standalone_head() {
 async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = KubeApi::start().await;
-        cluster.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "edgesync-system"}}));
-        let kubeconfig = dir.path().join("kubeconfig");
-        cluster.write_kubeconfig(&kubeconfig);
+        let (cluster, kubeconfig) = emulated_cluster(dir.path()).await;
         let kubeconfig = kubeconfig.display().to_string();
         let head = HeadProc::start(
             dir.path(),
             free_udp_addr(),
-            &["--kubeconfig", &kubeconfig, "--auto-approve", "false", "--aup-validity", "4s"],
+            &[
+                "--kubeconfig",
+                &kubeconfig,
+                "--auto-approve",
+                "false",
+                "--aup-validity",
+                "4s",
+            ],
         )
         .await;
         let api = Api::new(&head);
@@ -269,7 +273,10 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
         assert_eq!(status, StatusCode::FORBIDDEN, "not approved yet: {body}");
 
         ok(cli(&["user", "approve", "ada", "--socket", &socket]));
-        let listed: Value = serde_json::from_str(&ok(cli(&["user", "list", "-o", "json", "--socket", &socket]))).unwrap();
+        let listed: Value = serde_json::from_str(&ok(cli(&[
+            "user", "list", "-o", "json", "--socket", &socket,
+        ])))
+        .unwrap();
         assert_eq!(listed[0]["status"], "Approved");
         let (status, body) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -277,22 +284,35 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
 
         // The kubeconfig works with the kube client in the user's namespace, not in another.
         let user = user_client(&issued).await;
-        let own: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(user.clone(), "ada");
+        let own: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(user.clone(), "ada");
         own.list(&Default::default()).await.expect("own namespace");
-        let other: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(user.clone(), "default");
+        let other: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(user.clone(), "default");
         let refused = other.list(&Default::default()).await.unwrap_err();
-        assert!(matches!(refused, kube::Error::Api(ref e) if e.code == 403), "{refused:?}");
+        assert!(
+            matches!(refused, kube::Error::Api(ref e) if e.code == 403),
+            "{refused:?}"
+        );
 
         // The acceptance expires: the RoleBinding goes and the same token stops working.
         wait_for("access removed when the AUP expired", SOON, || {
             cluster
-                .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
+                .get(
+                    "rbac.authorization.k8s.io/v1",
+                    "RoleBinding",
+                    Some("ada"),
+                    "edgesync-user",
+                )
                 .is_none()
                 .then_some(())
         })
         .await;
         let refused = own.list(&Default::default()).await.unwrap_err();
-        assert!(matches!(refused, kube::Error::Api(ref e) if e.code == 403), "{refused:?}");
+        assert!(
+            matches!(refused, kube::Error::Api(ref e) if e.code == 403),
+            "{refused:?}"
+        );
         let (status, _) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
 
@@ -301,9 +321,16 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
         let (status, _) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
         assert_eq!(status, StatusCode::OK);
         ok(cli(&["user", "revoke", "ada", "--socket", &socket]));
-        assert!(cluster
-            .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
-            .is_none());
+        assert!(
+            cluster
+                .get(
+                    "rbac.authorization.k8s.io/v1",
+                    "RoleBinding",
+                    Some("ada"),
+                    "edgesync-user"
+                )
+                .is_none()
+        );
 
         // An acceptance that expires while the head is down is handled when it starts.
         ok(cli(&["user", "approve", "ada", "--socket", &socket]));
@@ -312,13 +339,26 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
         assert_eq!(status, StatusCode::OK);
         head.daemon.stop().await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(cluster
-            .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
-            .is_some());
-        let head = HeadProc::start(dir.path(), free_udp_addr(), &["--kubeconfig", &kubeconfig]).await;
+        assert!(
+            cluster
+                .get(
+                    "rbac.authorization.k8s.io/v1",
+                    "RoleBinding",
+                    Some("ada"),
+                    "edgesync-user"
+                )
+                .is_some()
+        );
+        let head =
+            HeadProc::start(dir.path(), free_udp_addr(), &["--kubeconfig", &kubeconfig]).await;
         wait_for("expired access removed at start", SOON, || {
             cluster
-                .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("ada"), "edgesync-user")
+                .get(
+                    "rbac.authorization.k8s.io/v1",
+                    "RoleBinding",
+                    Some("ada"),
+                    "edgesync-user",
+                )
                 .is_none()
                 .then_some(())
         })
@@ -332,14 +372,34 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
         api.accept("bob", &bob).await;
         let (status, body) = api.get("/api/v1/users/bob/kubeconfig", &bob).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-        assert!(cluster
-            .get("rbac.authorization.k8s.io/v1", "RoleBinding", Some("bob"), "edgesync-user")
-            .is_none());
+        assert!(
+            cluster
+                .get(
+                    "rbac.authorization.k8s.io/v1",
+                    "RoleBinding",
+                    Some("bob"),
+                    "edgesync-user"
+                )
+                .is_none()
+        );
     })
     .await;
 }
 
-async fn user_client(kubeconfig: &str) -> kube::Client {
+/// The Kubernetes API emulator with the heads' namespace, and an administrator's kubeconfig
+/// for it written into `dir`.
+pub(crate) async fn emulated_cluster(dir: &std::path::Path) -> (KubeApi, std::path::PathBuf) {
+    let cluster = KubeApi::start().await;
+    cluster.put(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "edgesync-system"}}),
+    );
+    let kubeconfig = dir.join("kubeconfig");
+    cluster.write_kubeconfig(&kubeconfig);
+    (cluster, kubeconfig)
+}
+
+/// A kube client that acts with `kubeconfig` (as issued to a user).
+pub(crate) async fn user_client(kubeconfig: &str) -> kube::Client {
     let file: kube::config::Kubeconfig = serde_saphyr::from_str(kubeconfig).unwrap();
     let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
         .await
@@ -407,10 +467,7 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
     use sha2::Digest;
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = KubeApi::start().await;
-        cluster.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "edgesync-system"}}));
-        let kubeconfig_path = dir.path().join("kubeconfig");
-        cluster.write_kubeconfig(&kubeconfig_path);
+        let (cluster, kubeconfig_path) = emulated_cluster(dir.path()).await;
         let kubeconfig = kubeconfig_path.display().to_string();
         let a = cluster_head(dir.path(), "head-a", &kubeconfig).await;
         let b = cluster_head(dir.path(), "head-b", &kubeconfig).await;
@@ -421,13 +478,17 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["status"], "Pending");
         let secret = body["secret"].as_str().unwrap().to_string();
-        let object = cluster.get(API_VERSION, "User", None, "ada").expect("User ada");
+        let object = cluster
+            .get(API_VERSION, "User", None, "ada")
+            .expect("User ada");
         assert_eq!(object["spec"]["approval"], "Pending");
         assert_eq!(object["spec"]["email"], "ada@example.org");
         let hashed = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
         assert_eq!(object["status"]["secretSHA256"], hashed.as_str());
         assert!(!object.to_string().contains(&secret), "{object}");
-        let aup = cluster.get(API_VERSION, "AcceptableUsePolicy", None, "v1").expect("AUP v1");
+        let aup = cluster
+            .get(API_VERSION, "AcceptableUsePolicy", None, "v1")
+            .expect("AUP v1");
         assert_eq!(aup["spec"]["version"], 1);
 
         // Head B knows the name, the address and the secret.
@@ -436,11 +497,22 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
             ("bob", "ADA@example.org", "email"),
         ] {
             let (status, body) = api_b.register(username, email).await;
-            assert_eq!((status, &body["field"]), (StatusCode::CONFLICT, &json!(field)), "{body}");
+            assert_eq!(
+                (status, &body["field"]),
+                (StatusCode::CONFLICT, &json!(field)),
+                "{body}"
+            );
         }
-        assert!(cluster.get(API_VERSION, "User", None, "bob").is_none(), "the refused registration is gone");
+        assert!(
+            cluster.get(API_VERSION, "User", None, "bob").is_none(),
+            "the refused registration is gone"
+        );
         let (status, body) = api_b.get("/api/v1/users/ada", &secret).await;
-        assert_eq!((status, &body["status"]), (StatusCode::OK, &json!("Pending")), "{body}");
+        assert_eq!(
+            (status, &body["status"]),
+            (StatusCode::OK, &json!("Pending")),
+            "{body}"
+        );
         let (status, wrong) = api_b.get("/api/v1/users/ada", "nope").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         let (_, nobody) = api_b.get("/api/v1/users/nobody", &secret).await;
@@ -450,7 +522,11 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
         let admin = admin_client(&kubeconfig_path).await;
         let users: kube::Api<edgesync::crd::user::User> = kube::Api::all(admin);
         users
-            .patch("ada", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": "Approved"}})))
+            .patch(
+                "ada",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"approval": "Approved"}})),
+            )
             .await
             .unwrap();
         let (_, body) = api_b.get("/api/v1/users/ada", &secret).await;
@@ -460,7 +536,11 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
 
         // The AUP accepted and a kubeconfig issued through head B.
         let (status, body) = api_b.accept("ada", &secret).await;
-        assert_eq!((status, &body["aup"]["valid"]), (StatusCode::OK, &json!(true)), "{body}");
+        assert_eq!(
+            (status, &body["aup"]["valid"]),
+            (StatusCode::OK, &json!(true)),
+            "{body}"
+        );
         let (status, body) = api_b.get("/api/v1/users/ada/kubeconfig", &secret).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(role_binding(&cluster, "ada").is_some());
@@ -484,10 +564,20 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
         let policy = write(dir.path(), "aup.txt", "Version two of the rules.\n");
         ok(a.daemon.cli(&["aup", "set", "-f", &policy]));
         let (_, aup) = api_b.get("/api/v1/aup", "").await;
-        assert_eq!((&aup["version"], &aup["text"]), (&json!(2), &json!("Version two of the rules.\n")));
-        wait_for("access removed for the new AUP", SOON, || role_binding(&cluster, "ada").is_none().then_some(())).await;
+        assert_eq!(
+            (&aup["version"], &aup["text"]),
+            (&json!(2), &json!("Version two of the rules.\n"))
+        );
+        wait_for("access removed for the new AUP", SOON, || {
+            role_binding(&cluster, "ada").is_none().then_some(())
+        })
+        .await;
         let (status, body) = api_b.accept("ada", &secret).await;
-        assert_eq!((status, &body["aup"]["version"]), (StatusCode::OK, &json!(2)), "{body}");
+        assert_eq!(
+            (status, &body["aup"]["version"]),
+            (StatusCode::OK, &json!(2)),
+            "{body}"
+        );
 
         // Who did what, as Events on the User.
         let events = cluster.list("events.k8s.io/v1", "Event");
@@ -496,10 +586,21 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
             .filter(|e| e["regarding"]["kind"] == "User" && e["regarding"]["name"] == "ada")
             .map(|e| e["reason"].as_str().unwrap())
             .collect();
-        for reason in ["Registered", "AUPAccepted", "AccessGranted", "Revoked", "AccessRemoved", "Approved"] {
+        for reason in [
+            "Registered",
+            "AUPAccepted",
+            "AccessGranted",
+            "Revoked",
+            "AccessRemoved",
+            "Approved",
+        ] {
             assert!(reasons.contains(&reason), "no {reason} in {reasons:?}");
         }
-        assert!(events.iter().all(|e| e["reportingController"] == "edgesync-head"));
+        assert!(
+            events
+                .iter()
+                .all(|e| e["reportingController"] == "edgesync-head")
+        );
 
         // One address registered on both heads at the same moment: never two users.
         for i in 0..5 {
@@ -509,16 +610,25 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
                 api_a.register(&name_a, &email),
                 api_b.register(&name_b, &email)
             );
-            let created = [&first, &second].iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
+            let created = [&first, &second]
+                .iter()
+                .filter(|(s, _)| *s == StatusCode::CREATED)
+                .count();
             for (status, body) in [&first, &second] {
-                assert!(matches!(*status, StatusCode::CREATED | StatusCode::CONFLICT), "{body}");
+                assert!(
+                    matches!(*status, StatusCode::CREATED | StatusCode::CONFLICT),
+                    "{body}"
+                );
             }
             let holders = cluster
                 .list(API_VERSION, "User")
                 .into_iter()
                 .filter(|u| u["spec"]["email"] == email.as_str())
                 .count();
-            assert!(created <= 1 && holders == created, "{first:?} {second:?}: {holders} users");
+            assert!(
+                created <= 1 && holders == created,
+                "{first:?} {second:?}: {holders} users"
+            );
         }
 
         // Every head's state dir is lost; fresh heads serve the user as before.
@@ -531,7 +641,15 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
         let api_c = Api::new(&c);
         let (status, body) = api_c.get("/api/v1/users/ada", &secret).await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!((&body["status"], &body["aup"]["version"], &body["aup"]["valid"]), (&json!("Approved"), &json!(2), &json!(true)), "{body}");
+        assert_eq!(
+            (
+                &body["status"],
+                &body["aup"]["version"],
+                &body["aup"]["valid"]
+            ),
+            (&json!("Approved"), &json!(2), &json!(true)),
+            "{body}"
+        );
         let (status, body) = api_c.get("/api/v1/users/ada/kubeconfig", &secret).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(role_binding(&cluster, "ada").is_some());
@@ -540,7 +658,11 @@ async fn with_a_cluster_any_head_serves_any_user_and_nothing_lives_in_a_state_di
 
         // Revoked with kubectl: the head removes access on its own.
         users
-            .patch("ada", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": "Revoked"}})))
+            .patch(
+                "ada",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"approval": "Revoked"}})),
+            )
             .await
             .unwrap();
         wait_for("access removed after kubectl revoked", SOON, || {
