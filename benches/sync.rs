@@ -56,9 +56,22 @@ impl HeadProcess {
             .unwrap()
             .local_addr()
             .unwrap();
+        HeadProcess::start_at(dir, addr).await
+    }
+
+    /// A head listening for QUIC on `addr`, with its files under `dir` (kept from an earlier
+    /// head there).
+    async fn start_at(dir: &Path, addr: SocketAddr) -> HeadProcess {
         let api = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
+            .unwrap();
+        // Warnings kept for a look after a run, from every head started here.
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("head.log"))
             .unwrap();
         let child = Command::new(edgesync_bin())
             .args(["head", "--name", "head", "--listen", &addr.to_string()])
@@ -68,7 +81,7 @@ impl HeadProcess {
             .arg("--socket")
             .arg(dir.join("head.sock"))
             .env("EDGESYNC_LOG", "warn")
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let head = HeadProcess {
@@ -101,6 +114,14 @@ impl HeadProcess {
             .to_string()
     }
 
+    /// Stops the head as an operator does (SIGTERM): it closes every connection and exits.
+    fn stop(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let _ = self.child.wait();
+    }
+
+    /// Applies EdgeNodes of `text` (one or more YAML documents).
     async fn apply(&self, yaml: String) {
         let (status, body) = Client::new(&self.socket())
             .request(Method::POST, "/v1/apply", Some(yaml.into_bytes()))
@@ -293,91 +314,269 @@ fn write_floor(dir: &Path, count: usize) -> (f64, f64) {
     (percentile(&samples, 0.5), percentile(&samples, 0.99))
 }
 
-/// 2: one pod update applied at once to `edges` EdgeNodes, one per connected edge.
-async fn fan_out(edges: usize) -> Vec<Figure> {
+/// Most documents one `apply` may carry (README, Limits): larger sets go as several applies
+/// sent at once, as from several clients.
+const APPLY_DOCUMENTS: usize = 500;
+
+/// Applies `docs` (one EdgeNode each) in applies of at most [`APPLY_DOCUMENTS`], all at once.
+async fn apply_all(head: &HeadProcess, docs: &[String]) {
+    let applies = docs
+        .chunks(APPLY_DOCUMENTS)
+        .map(|chunk| head.apply(chunk.concat()));
+    futures_util::future::join_all(applies).await;
+}
+
+/// The loopback address edge `i` of a fleet dials from, so each looks like a host of its own
+/// to the head (which bounds connection attempts per address).
+fn fleet_address(i: usize) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8).into()
+}
+
+/// Times at which each of `edges` edges (manifest dirs `dir/e{i}/manifests`) was first seen
+/// with `image` in its pod's manifest, from `start`; waits for all. Reads only manifests
+/// replaced since last read (a write renames a new file into place), so polling takes little
+/// from the edges.
+async fn delivered(
+    dir: &Path,
+    edges: std::ops::Range<usize>,
+    image: &str,
+    start: Instant,
+) -> Vec<f64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut missing: Vec<(PathBuf, u64)> = edges
+        .map(|i| (dir.join(format!("e{i}/manifests")), 0))
+        .collect();
+    let mut times = Vec::new();
+    while !missing.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "timed out: {} edges without {image}",
+            missing.len()
+        );
+        missing.retain_mut(|(dir, seen)| {
+            let file = dir.join("edgesync_default_pod0.json");
+            let inode = std::fs::metadata(&file).map_or(0, |m| m.ino());
+            if inode == *seen {
+                return true;
+            }
+            *seen = inode;
+            let done = manifest_has(dir, "default", "pod0", image);
+            if done {
+                times.push(start.elapsed().as_secs_f64());
+            }
+            !done
+        });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+/// Raises this process's open-file limit to its hard limit: each in-process edge holds a
+/// database (three files), a socket, a lock and its control socket.
+fn raise_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = setrlimit(Resource::Nofile, limit);
+}
+
+/// 2: a fleet of `edges` connected edges on one head, one EdgeNode each: the head's memory
+/// per edge and CPU while all are idle; fan-out of one pod update to `first` EdgeNodes and
+/// then to all; a reconnect storm after the head restarts, with a change for every edge
+/// pending.
+async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
+    raise_file_limit();
     let dir = tempfile::tempdir().unwrap();
-    let head = HeadProcess::start(dir.path()).await;
+    let path = dir.path();
+    let head = HeadProcess::start(&path.join("head")).await;
     let token = head.token();
     let before = rss_bytes(head.child.id());
     let mut running = Vec::new();
     let joined = Instant::now();
     for chunk in (0..edges).collect::<Vec<_>>().chunks(50) {
-        let starts = chunk.iter().map(|i| {
-            let config = edge_config(
-                &dir.path().join(format!("e{i}")),
-                &format!("edge{i}"),
-                head.addr,
-                &token,
-            );
+        let starts = chunk.iter().map(|&i| {
+            let config = EdgeConfig {
+                source_address: Some(fleet_address(i)),
+                ..edge_config(
+                    &path.join(format!("e{i}")),
+                    &format!("edge{i}"),
+                    head.addr,
+                    &token,
+                )
+            };
             Edge::start(config)
         });
         for edge in futures_util::future::join_all(starts).await {
             running.push(edge.unwrap());
         }
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     eprintln!(
-        "fan-out: {edges} edges joined in {:.1} s",
-        joined.elapsed().as_secs_f64()
+        "fleet: {edges} edges joined in {:.1} s; head memory per edge, connected without EdgeNodes: {:.1} KiB",
+        joined.elapsed().as_secs_f64(),
+        (rss_bytes(head.child.id()) - before) / edges as f64 / 1024.0
     );
-    let all = |image: &str| {
-        (0..edges)
+    let docs = |image: &str, count: usize| -> Vec<String> {
+        (0..count)
             .map(|i| edgenode("default", &format!("edge{i}"), 1, image))
-            .collect::<String>()
+            .collect()
     };
-    // Reads only the manifests not yet seen written and replaced since last read (a write
-    // renames a new file into place), so polling takes little from the edges.
-    let written = |image: &'static str| {
-        let mut missing: Vec<(PathBuf, u64)> = (0..edges)
-            .map(|i| (dir.path().join(format!("e{i}/manifests")), 0))
-            .collect();
-        move || {
-            missing.retain_mut(|(dir, seen)| {
-                use std::os::unix::fs::MetadataExt;
-                let file = dir.join("edgesync_default_pod0.json");
-                let inode = std::fs::metadata(&file).map_or(0, |m| m.ino());
-                if inode == *seen {
-                    return true;
-                }
-                *seen = inode;
-                !manifest_has(dir, "default", "pod0", image)
-            });
-            missing.is_empty()
-        }
-    };
-    let poll = Duration::from_millis(1);
-    head.apply(all("nginx:1")).await;
-    wait_every(Duration::from_secs(120), poll, written("nginx:1")).await;
-    let per_edge = (rss_bytes(head.child.id()) - before) / edges as f64 / 1024.0;
     let started = Instant::now();
-    let cpu = (
-        cpu_seconds(head.child.id()),
-        cpu_seconds(std::process::id()),
-    );
-    head.apply(all("nginx:2")).await;
-    wait_every(Duration::from_secs(120), poll, written("nginx:2")).await;
-    let elapsed = started.elapsed().as_secs_f64();
+    apply_all(&head, &docs("nginx:1", edges)).await;
+    delivered(path, 0..edges, "nginx:1", started).await;
     eprintln!(
-        "fan-out: CPU used meanwhile: head {:.2} s, edges and bench {:.2} s",
-        cpu_seconds(head.child.id()) - cpu.0,
-        cpu_seconds(std::process::id()) - cpu.1
+        "fleet: first sync of all in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // Idle: presence written, status reports in, nothing moving.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = head.child.id();
+    let per_edge = (rss_bytes(pid) - before) / edges as f64 / 1024.0;
+    let idle_window = Duration::from_secs(if edges > 1000 { 10 } else { 3 });
+    let cpu0 = cpu_seconds(pid);
+    tokio::time::sleep(idle_window).await;
+    let idle_cpu = (cpu_seconds(pid) - cpu0) / idle_window.as_secs_f64() * 100.0;
+
+    // Fan-out, to the first `first` EdgeNodes and then to all; the head's CPU per update
+    // apart from the edges' (and the bench's) own.
+    let mut fan_out = Vec::new();
+    for (count, image) in [(first, "nginx:2"), (edges, "nginx:3")] {
+        let cpu = (cpu_seconds(pid), cpu_seconds(std::process::id()));
+        let started = Instant::now();
+        apply_all(&head, &docs(image, count)).await;
+        let last = *delivered(path, 0..count, image, started)
+            .await
+            .last()
+            .unwrap();
+        let head_cpu = cpu_seconds(pid) - cpu.0;
+        eprintln!(
+            "fleet: fan-out to {count}: {last:.2} s; CPU meanwhile: head {head_cpu:.2} s, edges and bench {:.2} s",
+            cpu_seconds(std::process::id()) - cpu.1
+        );
+        fan_out.push((count, last, head_cpu / count as f64 * 1e6));
+    }
+
+    // The storm: the head restarts (every edge drops at once), a change for every edge is
+    // applied as soon as it is back, and every edge reconnects and receives it.
+    let wire = |edges: &[Edge]| -> f64 {
+        edges
+            .iter()
+            .flat_map(|e| {
+                ["in", "out"].map(|direction| {
+                    let labels = edgesync::metrics::TrafficLabels {
+                        role: "head".into(),
+                        direction: direction.into(),
+                    };
+                    e.node().metrics().bytes.get_or_create(&labels).get() as f64
+                })
+            })
+            .sum()
+    };
+    let key = |i: usize| format!("default/edge{i}");
+    let mut heads_before = Vec::with_capacity(edges);
+    for (i, edge) in running.iter().enumerate() {
+        heads_before.push(edge.node().docs().heads(&key(i)).await.unwrap_or_default());
+    }
+    let bytes_before = wire(&running);
+    let addr = head.addr;
+    head.stop();
+    let started = Instant::now();
+    let head = HeadProcess::start_at(&path.join("head"), addr).await;
+    let pid = head.child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_bytes(pid) as u64, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let cpu = cpu_seconds(pid);
+    apply_all(&head, &docs("nginx:4", edges)).await;
+    let resynced = delivered(path, 0..edges, "nginx:4", started).await;
+    quiet(|| wire(&running)).await;
+    sampler.abort();
+    let storm_cpu = cpu_seconds(pid) - cpu;
+    let bytes = wire(&running) - bytes_before;
+    // What the missed changes need: every change either side did not have yet, as stored.
+    let mut needed = 0.0;
+    for (i, edge) in running.iter().enumerate() {
+        let entry = edge.node().docs().sync_doc(&key(i)).unwrap();
+        let mut entry = entry.lock().await;
+        needed += entry
+            .doc
+            .get_changes(&heads_before[i])
+            .iter()
+            .map(|c| c.raw_bytes().len() as f64)
+            .sum::<f64>();
+    }
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    eprintln!(
+        "fleet: storm: {:.0} KiB on the wire for {:.0} KiB of changes; head CPU {storm_cpu:.2} s, peak RSS {:.0} MiB",
+        bytes / 1024.0,
+        needed / 1024.0,
+        peak / 1048576.0
     );
     futures_util::future::join_all(running.into_iter().map(Edge::shutdown)).await;
-    vec![
+    let mut figures = vec![
         Figure {
-            name: format!("fan_out_{edges}_edges_last_manifest"),
-            value: elapsed,
-            unit: "s",
+            name: format!("head_memory_per_edge_of_{edges}"),
+            value: per_edge,
+            unit: "KiB",
+            target: 50.0,
+            at_most: true,
+        },
+        Figure {
+            name: format!("head_idle_cpu_{edges}_edges"),
+            value: idle_cpu,
+            unit: "% of a core",
             target: 2.0,
             at_most: true,
         },
-        Figure {
-            name: "head_memory_per_edge".into(),
-            value: per_edge,
-            unit: "KiB",
-            target: 100.0,
+    ];
+    for (count, last, per_update) in fan_out {
+        figures.push(Figure {
+            name: format!("fan_out_{count}_edges_last_manifest"),
+            value: last,
+            unit: "s",
+            target: count as f64 / 1000.0,
             at_most: true,
-        },
-    ]
+        });
+        figures.push(Figure {
+            name: format!("fan_out_{count}_head_cpu_per_update"),
+            value: per_update,
+            unit: "µs",
+            target: f64::INFINITY,
+            at_most: true,
+        });
+    }
+    for (name, p) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
+        figures.push(Figure {
+            name: format!("storm_{edges}_edges_resync_{name}"),
+            value: percentile(&resynced, p),
+            unit: "s",
+            target: 60.0,
+            at_most: true,
+        });
+    }
+    figures.push(Figure {
+        name: "storm_bytes_vs_missed_changes".into(),
+        value: bytes / needed,
+        unit: "x",
+        target: 2.0,
+        at_most: true,
+    });
+    figures.push(Figure {
+        name: "storm_head_peak_memory_per_edge".into(),
+        value: (peak - before) / edges as f64 / 1024.0,
+        unit: "KiB",
+        target: f64::INFINITY,
+        at_most: true,
+    });
+    figures
 }
 
 /// 3: bytes both ways when an edge comes back after 1% of its documents changed, and the
@@ -642,8 +841,15 @@ async fn main() {
     if wanted("latency") {
         phase("latency", latency(if quick { 100 } else { 1000 }).await);
     }
-    if wanted("fan-out") {
-        phase("fan-out", fan_out(if quick { 100 } else { 1000 }).await);
+    if wanted("fleet") {
+        let (edges, first) = if quick { (200, 100) } else { (10_000, 1000) };
+        // EDGESYNC_BENCH_EDGES=N: another fleet size (the first fan-out is to a tenth of it).
+        let (edges, first) = match std::env::var("EDGESYNC_BENCH_EDGES").map(|n| n.parse::<usize>())
+        {
+            Ok(Ok(n)) => (n, (n / 10).max(1)),
+            _ => (edges, first),
+        };
+        phase("fleet", fleet(edges, first).await);
     }
     if wanted("resync") {
         phase("resync", resync(if quick { 200 } else { 1000 }).await);

@@ -283,6 +283,10 @@ pub struct EdgeArgs {
     /// Address the head should publish for this edge.
     #[arg(long, env = "EDGESYNC_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<std::net::IpAddr>,
+    /// Local address to dial the heads from, on a host with several (default: the one the
+    /// route to each head picks).
+    #[arg(long, env = "EDGESYNC_SOURCE_ADDRESS")]
+    pub source_address: Option<std::net::IpAddr>,
     /// Namespace whose pods may break the Pod Security baseline profile here; repeatable.
     #[arg(
         long = "privileged-namespace",

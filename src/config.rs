@@ -194,6 +194,8 @@ pub struct EdgeConfig {
     pub socket: PathBuf,
     /// Address to publish.
     pub advertise_address: Option<String>,
+    /// Local address to dial the heads from (default: the one the route picks).
+    pub source_address: Option<std::net::IpAddr>,
     /// Namespaces exempt from the baseline profile on this edge.
     pub privileged_namespaces: Vec<String>,
     /// How often manifests are checked for hand edits.
@@ -250,6 +252,7 @@ impl EdgeConfig {
             state_dir: dir.join("state"),
             socket: dir.join("edge.sock"),
             advertise_address: None,
+            source_address: None,
             privileged_namespaces: Vec::new(),
             drift_interval: Duration::from_millis(200),
             metrics: MetricsListen::None,
@@ -519,6 +522,7 @@ impl EdgeArgs {
                 .advertise_address
                 .or(file.advertise_address)
                 .map(|a| a.to_string()),
+            source_address: self.source_address.or(file.source_address),
             privileged_namespaces,
             drift_interval,
             metrics: MetricsListen::resolve(

@@ -96,7 +96,13 @@ impl Edge {
             metrics_node.metrics().cert_expires("node", &cert.chain[0]);
             Ok(tls::client_config(&ca, &cert)?)
         });
-        tasks.spawn(link::dial(node.clone(), targets, client, tasks.token()));
+        tasks.spawn(link::dial(
+            node.clone(),
+            targets,
+            client,
+            config.source_address,
+            tasks.token(),
+        ));
         tasks.spawn(join::renew_loop(config.clone(), tasks.token()));
         tasks.spawn(control);
         let render: control::RenderMetrics = {

@@ -169,6 +169,7 @@ impl Head {
                 node.clone(),
                 vec![peer.clone()],
                 client_tls.clone(),
+                None,
                 tasks.token(),
             ));
         }

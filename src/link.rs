@@ -12,7 +12,7 @@ use crate::transport::tls::{Identity, TlsError};
 use crate::transport::{self, Backoff};
 use admission::{Admission, Decision, Ticket};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -305,9 +305,15 @@ async fn answer(conn: &quinn::Connection, mut send: quinn::SendStream, frame: Fr
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
 }
 
-/// Keeps one link to whichever of `targets` answers first, reconnecting with backoff until
-/// `shutdown`. `tls` must present this node's certificate.
-pub async fn dial(node: Node, targets: Vec<String>, tls: TlsSource, shutdown: CancellationToken) {
+/// Keeps one link to whichever of `targets` answers first, dialing from `source` if given,
+/// reconnecting with backoff until `shutdown`. `tls` must present this node's certificate.
+pub async fn dial(
+    node: Node,
+    targets: Vec<String>,
+    tls: TlsSource,
+    source: Option<IpAddr>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     let mut endpoints: Vec<(bool, quinn::Endpoint)> = Vec::new();
     while !shutdown.is_cancelled() {
@@ -315,7 +321,7 @@ pub async fn dial(node: Node, targets: Vec<String>, tls: TlsSource, shutdown: Ca
         let attempt = match tls() {
             Ok(tls) => tokio::select! {
                 _ = shutdown.cancelled() => None,
-                conn = connect_any(&mut endpoints, &addrs, &tls) => conn,
+                conn = connect_any(&mut endpoints, &addrs, &tls, source) => conn,
             },
             Err(e) => {
                 warn!(error = %e, "no usable client certificate");
@@ -349,10 +355,11 @@ async fn connect_any(
     endpoints: &mut Vec<(bool, quinn::Endpoint)>,
     addrs: &[SocketAddr],
     tls: &rustls::ClientConfig,
+    source: Option<IpAddr>,
 ) -> Option<quinn::Connection> {
     let mut attempts = tokio::task::JoinSet::new();
     for &addr in addrs {
-        match endpoint_for(endpoints, addr) {
+        match endpoint_for(endpoints, addr, source) {
             Ok(endpoint) => {
                 let tls = tls.clone();
                 attempts.spawn(async move { transport::connect(&endpoint, addr, tls).await });
@@ -373,11 +380,12 @@ async fn connect_any(
 fn endpoint_for(
     endpoints: &mut Vec<(bool, quinn::Endpoint)>,
     addr: SocketAddr,
+    source: Option<IpAddr>,
 ) -> Result<quinn::Endpoint, transport::TransportError> {
     if let Some((_, e)) = endpoints.iter().find(|(v6, _)| *v6 == addr.is_ipv6()) {
         return Ok(e.clone());
     }
-    let endpoint = transport::client(addr)?;
+    let endpoint = transport::client(addr, source)?;
     endpoints.push((addr.is_ipv6(), endpoint.clone()));
     Ok(endpoint)
 }

@@ -4,7 +4,7 @@
 pub mod tls;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tls::{Identity, TlsError};
@@ -67,13 +67,26 @@ pub fn server(
     quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })
 }
 
-/// A QUIC client endpoint on an ephemeral port of the right address family.
-pub fn client(for_addr: SocketAddr) -> Result<quinn::Endpoint, TransportError> {
-    let bind: SocketAddr = if for_addr.is_ipv6() {
-        "[::]:0".parse().expect("valid address")
-    } else {
-        "0.0.0.0:0".parse().expect("valid address")
+/// A QUIC client endpoint on an ephemeral port of `source` (the local address to dial from),
+/// else of any address of the right family.
+pub fn client(
+    for_addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<quinn::Endpoint, TransportError> {
+    let any: IpAddr = match for_addr.is_ipv6() {
+        true => Ipv6Addr::UNSPECIFIED.into(),
+        false => Ipv4Addr::UNSPECIFIED.into(),
     };
+    let bind = SocketAddr::new(source.unwrap_or(any), 0);
+    if bind.is_ipv6() != for_addr.is_ipv6() {
+        return Err(TransportError::Bind {
+            addr: bind,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("cannot reach {for_addr} from an address of the other family"),
+            ),
+        });
+    }
     quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })
 }
 
@@ -178,6 +191,20 @@ mod tests {
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }
+
+    #[tokio::test]
+    async fn a_client_binds_its_source_address_of_the_right_family() {
+        let head: SocketAddr = "127.0.0.1:7444".parse().unwrap();
+        let any = client(head, None).unwrap().local_addr().unwrap();
+        assert!(any.ip().is_unspecified() && any.is_ipv4(), "{any}");
+        let from = client(head, Some("127.0.0.3".parse().unwrap()));
+        assert_eq!(
+            from.unwrap().local_addr().unwrap().ip().to_string(),
+            "127.0.0.3"
+        );
+        let other = client(head, Some("::1".parse().unwrap())).unwrap_err();
+        assert!(other.to_string().contains("other family"), "{other}");
+    }
 }
 
 #[cfg(test)]
@@ -203,7 +230,7 @@ mod alpn_tests {
         let mut client_tls =
             tls::client_config(&ca.cert, &ca.issue_head("other").unwrap()).unwrap();
         client_tls.alpn_protocols = offered;
-        let conn = connect(&client(addr).unwrap(), addr, client_tls)
+        let conn = connect(&client(addr, None).unwrap(), addr, client_tls)
             .await
             .unwrap();
         let _server = accept.await.unwrap();

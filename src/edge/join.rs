@@ -8,7 +8,7 @@ use crate::sync::wire::{Frame, MAX_FIRST_FRAME, read_frame, write_frame};
 use crate::transport::tls::{self, JoinToken, KeyedCert, TlsError};
 use crate::transport::{self, Backoff};
 use sha2::Digest;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -135,7 +135,7 @@ async fn join(
     loop {
         for addr in transport::resolve(&config.heads).await {
             let (client, pin_failed) = tls::join_client_config(&token.ca_hash)?;
-            let outcome = match request_cert(addr, client, &request, &token.ca_hash).await {
+            let outcome = match request_cert(addr, config.source_address, client, &request, &token.ca_hash).await {
                 Err(Attempt::Unreachable(_)) if pin_failed.load(Ordering::SeqCst) => Err(Attempt::Refused(
                     "the head's CA certificate does not match the CA hash in the token; check the token and --head".into(),
                 )),
@@ -171,15 +171,16 @@ async fn join(
 }
 
 /// Sends one certificate request (join or renewal) to `addr` and returns the certificate and
-/// CA PEMs, checking that the CA is the one expected (`ca_hash`).
+/// CA PEMs, checking that the CA is the one expected (`ca_hash`). Dials from `source` if given.
 async fn request_cert(
     addr: SocketAddr,
+    source: Option<IpAddr>,
     client: rustls::ClientConfig,
     request: &Frame,
     ca_hash: &str,
 ) -> Result<(String, String), Attempt> {
     let unreachable = |e: &dyn std::fmt::Display| Attempt::Unreachable(e.to_string());
-    let endpoint = transport::client(addr).map_err(|e| unreachable(&e))?;
+    let endpoint = transport::client(addr, source).map_err(|e| unreachable(&e))?;
     let conn = transport::connect(&endpoint, addr, client)
         .await
         .map_err(|e| unreachable(&e))?;
@@ -243,7 +244,7 @@ pub async fn renew_loop(config: EdgeConfig, shutdown: CancellationToken) {
                     }
                     .map_err(JoinError::Rejoin)
                 } else {
-                    renew(dir, &config.heads).await
+                    renew(dir, &config.heads, config.source_address).await
                 };
                 match outcome {
                     Ok(()) => {
@@ -267,7 +268,7 @@ pub async fn renew_loop(config: EdgeConfig, shutdown: CancellationToken) {
 
 /// Renews the certificate in `dir` from whichever of `heads` answers first; else the last
 /// head's failure.
-async fn renew(dir: &Path, heads: &[String]) -> Result<(), JoinError> {
+async fn renew(dir: &Path, heads: &[String], source: Option<IpAddr>) -> Result<(), JoinError> {
     let (cert, ca) = tls::load_node_cert(dir)?.ok_or_else(|| JoinError::NoCertificate {
         dir: dir.to_path_buf(),
     })?;
@@ -278,7 +279,7 @@ async fn renew(dir: &Path, heads: &[String]) -> Result<(), JoinError> {
     let mut last = JoinError::NoHead;
     for head in transport::resolve(heads).await {
         let client = tls::client_config(&ca, &cert)?;
-        last = match request_cert(head, client, &request, &ca_hash).await {
+        last = match request_cert(head, source, client, &request, &ca_hash).await {
             Ok((cert_pem, ca_pem)) => {
                 let issued = tls::pem_to_der(&cert_pem)?;
                 let same = tls::identity(&issued).map(|id| id.name == name);

@@ -56,7 +56,13 @@ pub async fn follow(
             info!(peer = %addr, "peer head found in the Service");
             let token = shutdown.child_token();
             dials.insert(addr.clone(), token.clone());
-            tasks.spawn(link::dial(node.clone(), vec![addr], tls.clone(), token));
+            tasks.spawn(link::dial(
+                node.clone(),
+                vec![addr],
+                tls.clone(),
+                None,
+                token,
+            ));
         }
         while tasks.try_join_next().is_some() {}
     }

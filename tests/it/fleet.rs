@@ -25,8 +25,15 @@ async fn node_list_shows_every_registered_edge_online_or_not() {
         let dir = tempfile::tempdir().unwrap();
         let (head, dirs, edge1) = head_and_edge(dir.path()).await;
         let dirs2 = EdgeDirs::new(dir.path(), "edge02");
+        // edge02 dials from another local address (--source-address), which the head sees.
         let edge2 = dirs2
-            .start("edge02", &[head.addr], Some(&head.token()))
+            .spawn(
+                "edge02",
+                &[head.addr],
+                Some(&head.token()),
+                &["--source-address", "127.0.0.2"],
+            )
+            .ready()
             .await;
         let pods = edgenode("default", "edge01", &[("web", "nginx"), ("db", "redis")]);
         ok(head
@@ -45,6 +52,7 @@ async fn node_list_shows_every_registered_edge_online_or_not() {
         assert!(one["certificateExpires"].as_str().is_some(), "{one}");
         assert_eq!(one["version"], said_version(), "{one}");
         assert_eq!(edge_of(&list, "edge02")["edgenodes"], 0);
+        assert_eq!(edge_of(&list, "edge02")["address"], "127.0.0.2");
 
         // describe: one EdgeNode with its pods and conditions; one edge with its EdgeNodes.
         let described = ok(head.daemon.cli(&["describe", "edgenode", "edge01"]));
