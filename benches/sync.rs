@@ -353,6 +353,7 @@ async fn delivered(
             "timed out: {} edges without {image}",
             missing.len()
         );
+        let pass = Instant::now();
         missing.retain_mut(|(dir, seen)| {
             let file = dir.join("edgesync_default_pod0.json");
             let inode = std::fs::metadata(&file).map_or(0, |m| m.ino());
@@ -366,7 +367,8 @@ async fn delivered(
             }
             !done
         });
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // A pass over thousands of files takes a while: at most a third of a core for it.
+        tokio::time::sleep(Duration::from_millis(2).max(pass.elapsed() * 2)).await;
     }
     times.sort_by(f64::total_cmp);
     times
@@ -381,35 +383,173 @@ fn raise_file_limit() {
     let _ = setrlimit(Resource::Nofile, limit);
 }
 
-/// 2: a fleet of `edges` connected edges on one head, one EdgeNode each: the head's memory
-/// per edge and CPU while all are idle; fan-out of one pod update to `first` EdgeNodes and
-/// then to all; a reconnect storm after the head restarts, with a change for every edge
-/// pending.
-async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
+/// Edges one process hosts: six open files each, within the hard limit of 20,000 these
+/// machines set (which root cannot raise here: no CAP_SYS_RESOURCE).
+const EDGES_PER_HOST: usize = 2500;
+
+/// A process of this bench hosting edges `first..first + count` of a fleet (see
+/// [`host_edges`]), driven by one-line commands.
+struct EdgeHost {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl EdgeHost {
+    fn spawn(first: usize, count: usize, head: SocketAddr, token: &str, dir: &Path) -> EdgeHost {
+        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--host-edges")
+            .args([first.to_string(), count.to_string(), head.to_string()])
+            .arg(token)
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        use tokio::io::AsyncBufReadExt;
+        let stdin = child.stdin.take().unwrap();
+        let stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        EdgeHost {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// The next line the host prints.
+    async fn answer(&mut self) -> String {
+        self.stdout
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the edge host ended")
+    }
+
+    async fn ask(&mut self, command: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .unwrap();
+        self.answer().await
+    }
+
+    fn cpu(&self) -> f64 {
+        self.child.id().map_or(0.0, cpu_seconds)
+    }
+}
+
+/// Asks every host `command` at once; their answers.
+async fn ask_all(hosts: &mut [EdgeHost], command: &str) -> Vec<String> {
+    futures_util::future::join_all(hosts.iter_mut().map(|h| h.ask(command))).await
+}
+
+/// Asks every host `command`; their answers as numbers, summed field by field.
+async fn sum_all(hosts: &mut [EdgeHost], command: &str) -> Vec<f64> {
+    let mut sums: Vec<f64> = Vec::new();
+    for answer in ask_all(hosts, command).await {
+        for (i, n) in answer.split_whitespace().enumerate() {
+            let n: f64 = n.parse().unwrap();
+            match sums.get_mut(i) {
+                Some(sum) => *sum += n,
+                None => sums.push(n),
+            }
+        }
+    }
+    sums
+}
+
+/// `sync --host-edges FIRST COUNT HEAD TOKEN DIR`: runs edges FIRST.. of a fleet in this
+/// process, each in `DIR/e{i}` dialing from its own loopback address, prints `ready` once all
+/// are up, then answers commands on stdin: `mark` (remember each edge's document and bytes on
+/// the wire now), `since` (bytes to and from the head since the mark, and the bytes of the
+/// changes either side received since), `stop`.
+async fn host_edges(args: &[String]) {
     raise_file_limit();
+    let [first, count, head, token, dir] = args else {
+        panic!("usage: --host-edges FIRST COUNT HEAD TOKEN DIR");
+    };
+    let (first, count): (usize, usize) = (first.parse().unwrap(), count.parse().unwrap());
+    let head: SocketAddr = head.parse().unwrap();
+    let dir = Path::new(dir);
+    let mut edges = Vec::with_capacity(count);
+    for chunk in (first..first + count).collect::<Vec<_>>().chunks(50) {
+        let starts = chunk.iter().map(|&i| {
+            let config = EdgeConfig {
+                source_address: Some(fleet_address(i)),
+                ..edge_config(&dir.join(format!("e{i}")), &format!("edge{i}"), head, token)
+            };
+            Edge::start(config)
+        });
+        for edge in futures_util::future::join_all(starts).await {
+            edges.push(edge.unwrap());
+        }
+    }
+    println!("ready");
+    let wire = |edges: &[Edge]| -> f64 {
+        let traffic = |e: &Edge, direction: &str| {
+            let labels = edgesync::metrics::TrafficLabels {
+                role: "head".into(),
+                direction: direction.into(),
+            };
+            e.node().metrics().bytes.get_or_create(&labels).get() as f64
+        };
+        edges
+            .iter()
+            .map(|e| traffic(e, "in") + traffic(e, "out"))
+            .sum()
+    };
+    let key = |i: usize| format!("default/edge{}", first + i);
+    let (mut heads, mut bytes) = (Vec::new(), 0.0);
+    let mut lines = std::io::stdin().lines();
+    while let Some(Ok(command)) = lines.next() {
+        match command.as_str() {
+            "mark" => {
+                heads.clear();
+                for (i, edge) in edges.iter().enumerate() {
+                    heads.push(edge.node().docs().heads(&key(i)).await.unwrap_or_default());
+                }
+                bytes = wire(&edges);
+                println!("ok");
+            }
+            "since" => {
+                let mut needed = 0;
+                for (i, edge) in edges.iter().enumerate() {
+                    let entry = edge.node().docs().sync_doc(&key(i)).unwrap();
+                    let mut entry = entry.lock().await;
+                    let changes = entry.doc.get_changes(&heads[i]);
+                    needed += changes.iter().map(|c| c.raw_bytes().len()).sum::<usize>();
+                }
+                println!("{} {needed}", wire(&edges) - bytes);
+            }
+            _ => break,
+        }
+    }
+    futures_util::future::join_all(edges.into_iter().map(Edge::shutdown)).await;
+    println!("ok");
+}
+
+/// 2: a fleet of `edges` connected edges on one head, one EdgeNode each, hosted
+/// [`EDGES_PER_HOST`] to a process: the head's memory per edge and CPU while all are idle;
+/// fan-out of one pod update to `first` EdgeNodes and then to all; a reconnect storm after the
+/// head restarts, with a change for every edge pending.
+async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path();
     let head = HeadProcess::start(&path.join("head")).await;
     let token = head.token();
     let before = rss_bytes(head.child.id());
-    let mut running = Vec::new();
     let joined = Instant::now();
-    for chunk in (0..edges).collect::<Vec<_>>().chunks(50) {
-        let starts = chunk.iter().map(|&i| {
-            let config = EdgeConfig {
-                source_address: Some(fleet_address(i)),
-                ..edge_config(
-                    &path.join(format!("e{i}")),
-                    &format!("edge{i}"),
-                    head.addr,
-                    &token,
-                )
-            };
-            Edge::start(config)
-        });
-        for edge in futures_util::future::join_all(starts).await {
-            running.push(edge.unwrap());
-        }
+    let mut hosts: Vec<EdgeHost> = (0..edges)
+        .step_by(EDGES_PER_HOST)
+        .map(|first| {
+            let count = EDGES_PER_HOST.min(edges - first);
+            EdgeHost::spawn(first, count, head.addr, &token, path)
+        })
+        .collect();
+    for host in &mut hosts {
+        assert_eq!(host.answer().await, "ready");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     eprintln!(
@@ -439,10 +579,11 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     let idle_cpu = (cpu_seconds(pid) - cpu0) / idle_window.as_secs_f64() * 100.0;
 
     // Fan-out, to the first `first` EdgeNodes and then to all; the head's CPU per update
-    // apart from the edges' (and the bench's) own.
+    // apart from the edges' own.
+    let hosts_cpu = |hosts: &[EdgeHost]| hosts.iter().map(EdgeHost::cpu).sum::<f64>();
     let mut fan_out = Vec::new();
     for (count, image) in [(first, "nginx:2"), (edges, "nginx:3")] {
-        let cpu = (cpu_seconds(pid), cpu_seconds(std::process::id()));
+        let cpu = (cpu_seconds(pid), hosts_cpu(&hosts));
         let started = Instant::now();
         apply_all(&head, &docs(image, count)).await;
         let last = *delivered(path, 0..count, image, started)
@@ -451,34 +592,15 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
             .unwrap();
         let head_cpu = cpu_seconds(pid) - cpu.0;
         eprintln!(
-            "fleet: fan-out to {count}: {last:.2} s; CPU meanwhile: head {head_cpu:.2} s, edges and bench {:.2} s",
-            cpu_seconds(std::process::id()) - cpu.1
+            "fleet: fan-out to {count}: {last:.2} s; CPU meanwhile: head {head_cpu:.2} s, edges {:.2} s",
+            hosts_cpu(&hosts) - cpu.1
         );
         fan_out.push((count, last, head_cpu / count as f64 * 1e6));
     }
 
     // The storm: the head restarts (every edge drops at once), a change for every edge is
     // applied as soon as it is back, and every edge reconnects and receives it.
-    let wire = |edges: &[Edge]| -> f64 {
-        edges
-            .iter()
-            .flat_map(|e| {
-                ["in", "out"].map(|direction| {
-                    let labels = edgesync::metrics::TrafficLabels {
-                        role: "head".into(),
-                        direction: direction.into(),
-                    };
-                    e.node().metrics().bytes.get_or_create(&labels).get() as f64
-                })
-            })
-            .sum()
-    };
-    let key = |i: usize| format!("default/edge{i}");
-    let mut heads_before = Vec::with_capacity(edges);
-    for (i, edge) in running.iter().enumerate() {
-        heads_before.push(edge.node().docs().heads(&key(i)).await.unwrap_or_default());
-    }
-    let bytes_before = wire(&running);
+    ask_all(&mut hosts, "mark").await;
     let addr = head.addr;
     head.stop();
     let started = Instant::now();
@@ -497,30 +619,27 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     let cpu = cpu_seconds(pid);
     apply_all(&head, &docs("nginx:4", edges)).await;
     let resynced = delivered(path, 0..edges, "nginx:4", started).await;
-    quiet(|| wire(&running)).await;
+    let mut bytes = sum_all(&mut hosts, "since").await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = sum_all(&mut hosts, "since").await;
+        if now == bytes {
+            break;
+        }
+        bytes = now;
+    }
     sampler.abort();
     let storm_cpu = cpu_seconds(pid) - cpu;
-    let bytes = wire(&running) - bytes_before;
     // What the missed changes need: every change either side did not have yet, as stored.
-    let mut needed = 0.0;
-    for (i, edge) in running.iter().enumerate() {
-        let entry = edge.node().docs().sync_doc(&key(i)).unwrap();
-        let mut entry = entry.lock().await;
-        needed += entry
-            .doc
-            .get_changes(&heads_before[i])
-            .iter()
-            .map(|c| c.raw_bytes().len() as f64)
-            .sum::<f64>();
-    }
+    let (wire, needed) = (bytes[0], bytes[1]);
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64;
     eprintln!(
         "fleet: storm: {:.0} KiB on the wire for {:.0} KiB of changes; head CPU {storm_cpu:.2} s, peak RSS {:.0} MiB",
-        bytes / 1024.0,
+        wire / 1024.0,
         needed / 1024.0,
         peak / 1048576.0
     );
-    futures_util::future::join_all(running.into_iter().map(Edge::shutdown)).await;
+    futures_util::future::join_all(hosts.iter_mut().map(|h| h.ask("stop"))).await;
     let mut figures = vec![
         Figure {
             name: format!("head_memory_per_edge_of_{edges}"),
@@ -564,7 +683,7 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     }
     figures.push(Figure {
         name: "storm_bytes_vs_missed_changes".into(),
-        value: bytes / needed,
+        value: wire / needed,
         unit: "x",
         target: 2.0,
         at_most: true,
@@ -825,6 +944,9 @@ async fn main() {
     // EDGESYNC_LOG=edgesync=debug shows what the in-process edges do; silent by default.
     edgesync::runtime::init_tracing(edgesync::cli::LogFormat::Text, None, "off");
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--host-edges") {
+        return host_edges(&args[1..]).await;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let only: Vec<&str> = args
         .iter()

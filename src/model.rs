@@ -19,6 +19,7 @@ use crate::key::DocKey;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
     ActorId, AutoCommit, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, Value as AmValue,
+    ValueRef,
 };
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -205,6 +206,33 @@ pub fn is_live(doc: &AutoCommit) -> Result<bool, ModelError> {
         Some((AmValue::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Boolean(true))
     );
     Ok(generation > 0 && !deleted)
+}
+
+/// The state each pod of a live EdgeNode's spec has in the edge's report, by pod name (pods
+/// without a report are left out); None if the document is not live. Reads only those two maps,
+/// not the whole document.
+pub fn reported_pod_states(doc: &AutoCommit) -> Result<Option<Vec<(String, String)>>, ModelError> {
+    if !is_live(doc)? {
+        return Ok(None);
+    }
+    let (Some(spec), Some(status)) = (
+        map_at_read(doc, &ROOT, "spec").and_then(|spec| map_at_read(doc, &spec, "pods")),
+        map_at_read(doc, &ROOT, "status").and_then(|status| map_at_read(doc, &status, "pods")),
+    ) else {
+        return Ok(Some(Vec::new()));
+    };
+    let mut states = Vec::new();
+    for item in doc.map_range(&status, ..) {
+        if !matches!(item.value, ValueRef::Object(_)) || doc.get(&spec, &*item.key)?.is_none() {
+            continue;
+        }
+        if let Some((AmValue::Scalar(state), _)) = doc.get(item.id(), "state")?
+            && let ScalarValue::Str(state) = state.as_ref()
+        {
+            states.push((item.key.to_string(), state.to_string()));
+        }
+    }
+    Ok(Some(states))
 }
 
 /// Reads a document into a [`DocView`].
@@ -439,24 +467,39 @@ fn to_scalar(value: &Value) -> ScalarValue {
     }
 }
 
+/// Appends a line for every property under `obj` that holds concurrent values. One pass over
+/// each object's winning values, which carry a conflict flag; only a flagged property is read
+/// whole.
 fn collect_conflicts(
     doc: &AutoCommit,
     obj: &ObjId,
     path: &str,
     out: &mut Vec<String>,
 ) -> Result<(), automerge::AutomergeError> {
-    let props: Vec<(Prop, String)> = match doc.object_type(obj)? {
+    // (property, whether it holds concurrent values, the winning value's object if any)
+    let props: Vec<(Prop, bool, Option<ObjId>)> = match doc.object_type(obj)? {
         ObjType::Map | ObjType::Table => doc
-            .keys(obj)
-            .map(|k| (Prop::Map(k.clone()), format!("{path}.{k}")))
+            .map_range(obj, ..)
+            .map(|item| {
+                let child = matches!(item.value, ValueRef::Object(_)).then(|| item.id());
+                (Prop::Map(item.key.into_owned()), item.conflict, child)
+            })
             .collect(),
-        _ => (0..doc.length(obj))
-            .map(|i| (Prop::Seq(i), format!("{path}[{i}]")))
+        _ => doc
+            .list_range(obj, ..)
+            .map(|item| {
+                let child = matches!(item.value, ValueRef::Object(_)).then(|| item.id());
+                (Prop::Seq(item.index), item.conflict, child)
+            })
             .collect(),
     };
-    for (prop, child_path) in props {
-        let all = doc.get_all(obj, prop.clone())?;
-        if all.len() > 1 {
+    for (prop, conflict, child) in props {
+        let child_path = match &prop {
+            Prop::Map(key) => format!("{path}.{key}"),
+            Prop::Seq(i) => format!("{path}[{i}]"),
+        };
+        if conflict {
+            let all = doc.get_all(obj, prop.clone())?;
             let kept = doc
                 .get(obj, prop)?
                 .map(|(v, _)| describe(&v))
@@ -471,8 +514,8 @@ fn collect_conflicts(
                 lost.join(", ")
             ));
         }
-        if let Some((AmValue::Object(_), id)) = all.last() {
-            collect_conflicts(doc, id, &child_path, out)?;
+        if let Some(id) = child {
+            collect_conflicts(doc, &id, &child_path, out)?;
         }
     }
     Ok(())
@@ -654,7 +697,19 @@ mod tests {
         ];
         assert!(set_status(&mut doc, 1, &states).unwrap());
         assert!(!set_status(&mut doc, 1, &states).unwrap());
+        // The short read agrees with the whole one, for the pods of the spec.
+        let view = read(&doc, "team-a/edge01").unwrap();
+        let reported = reported_pod_states(&doc).unwrap().unwrap();
+        let in_spec: Vec<(String, String)> = view
+            .pod_states
+            .iter()
+            .filter(|p| view.pods.contains_key(&p.name))
+            .map(|p| (p.name.clone(), p.state.clone()))
+            .collect();
+        assert!(!in_spec.is_empty());
+        assert_eq!(reported, in_spec);
         assert!(mark_deleted(&mut doc).unwrap());
+        assert_eq!(reported_pod_states(&doc).unwrap(), None);
         assert!(!is_live(&doc).unwrap());
         let view = read(&doc, "team-a/edge01").unwrap();
         assert!(view.deleted && view.pods.is_empty());

@@ -183,13 +183,9 @@ struct Troubled {
 }
 
 async fn troubled_in(node: &Node, key: &str) -> Troubled {
-    match node.docs().view(key).await {
-        Ok(Some((view, _))) if !view.deleted => {
-            let count = |state: &str| {
-                let pods = view.pod_states.iter();
-                pods.filter(|p| p.state == state && view.pods.contains_key(&p.name))
-                    .count()
-            };
+    match node.docs().reported_pod_states(key).await {
+        Ok(Some(states)) => {
+            let count = |state: &str| states.iter().filter(|(_, s)| s == state).count();
             Troubled {
                 refused: count(POD_REFUSED),
                 not_written: count(POD_NOT_WRITTEN),

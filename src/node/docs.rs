@@ -450,6 +450,19 @@ impl Docs {
         )))
     }
 
+    /// The states the edge reports for the pods of EdgeNode `key`'s spec, if it is live (see
+    /// [`model::reported_pod_states`]).
+    pub async fn reported_pod_states(
+        &self,
+        key: &str,
+    ) -> Result<Option<Vec<(String, String)>>, NodeError> {
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let entry = entry.lock().await;
+        Ok(model::reported_pod_states(&entry.doc)?)
+    }
+
     /// Document `key` as a view, with the heads it was read at.
     pub async fn view_at(
         &self,
