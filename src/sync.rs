@@ -180,7 +180,7 @@ impl Link {
         for key in self.session.resume(&heads) {
             self.push(&key).await?;
         }
-        let mine = self.node.docs().sync_heads().await;
+        let mine = self.node.docs().sync_heads(self.session.peer()).await;
         self.session.summary(&mine)?;
         self.flush()
     }
@@ -192,7 +192,7 @@ impl Link {
         match self.session.on_frame(frame, now_std())? {
             None => Ok(()),
             Some(Incoming::Summary(theirs)) => {
-                let mine = self.node.docs().sync_heads().await;
+                let mine = self.node.docs().sync_heads(self.session.peer()).await;
                 for key in self.session.on_summary(theirs, &mine) {
                     self.push(&key).await?;
                 }

@@ -12,10 +12,10 @@ use crate::key::DocKey;
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registry};
 use crate::store::{COMPACT_AFTER_CHUNKS, Store};
-use crate::transport::tls::Identity;
+use crate::transport::tls::{Identity, Role};
 use automerge::{ActorId, AutoCommit, ChangeHash, sync};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 use tracing::warn;
@@ -76,11 +76,42 @@ pub struct Docs {
     actor: ActorId,
     store: Store,
     rules: Rules,
-    docs: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<DocEntry>>>>,
+    docs: Mutex<Table>,
     changes: broadcast::Sender<Change>,
     feeds: Feeds,
     /// Heads each peer is known to have, by peer and document (from the sync states).
     shared: Mutex<HashMap<(String, String), Vec<ChangeHash>>>,
+}
+
+/// One node's documents by key, and the keys of each edge's (what its sync sessions offer, so a
+/// session start never walks a fleet's documents).
+#[derive(Default)]
+struct Table {
+    entries: BTreeMap<String, Arc<tokio::sync::Mutex<DocEntry>>>,
+    by_edge: HashMap<String, BTreeSet<String>>,
+}
+
+impl Table {
+    fn insert(&mut self, key: String, entry: Arc<tokio::sync::Mutex<DocEntry>>) {
+        if let Some(edge) = crate::key::edge_of(&key) {
+            let keys = self.by_edge.entry(edge.to_string()).or_default();
+            keys.insert(key.clone());
+        }
+        self.entries.insert(key, entry);
+    }
+
+    /// The documents `peer` may see.
+    fn seen_by(&self, peer: &Identity) -> Vec<(String, Arc<tokio::sync::Mutex<DocEntry>>)> {
+        let entry = |key: &String| (key.clone(), self.entries[key].clone());
+        match peer.role {
+            Role::Head => self.entries.keys().map(entry).collect(),
+            Role::Edge => self
+                .by_edge
+                .get(&peer.name)
+                .map(|keys| keys.iter().map(entry).collect())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 impl Docs {
@@ -93,7 +124,7 @@ impl Docs {
             )
             .await?;
         let actor = ActorId::from(actor);
-        let mut docs = BTreeMap::new();
+        let mut docs = Table::default();
         for stored in store.load_docs().await? {
             let key = stored.key.clone();
             let entry = DocEntry::load(stored, &actor)?;
@@ -136,8 +167,18 @@ impl Docs {
     /// Every EdgeNode document key.
     pub fn keys(&self) -> Vec<String> {
         let docs = lock(&self.docs);
-        docs.keys()
+        docs.entries
+            .keys()
             .filter(|k| !registry::is_internal(k))
+            .cloned()
+            .collect()
+    }
+
+    /// The keys of the EdgeNodes named after edge `edge`.
+    pub fn keys_of_edge(&self, edge: &str) -> Vec<String> {
+        let docs = lock(&self.docs);
+        let keys = docs.by_edge.get(edge).into_iter().flatten();
+        keys.filter(|k| !registry::is_internal(k))
             .cloned()
             .collect()
     }
@@ -183,16 +224,17 @@ impl Docs {
     }
 
     fn entry(&self, key: &str) -> Option<Arc<tokio::sync::Mutex<DocEntry>>> {
-        lock(&self.docs).get(key).cloned()
+        lock(&self.docs).entries.get(key).cloned()
     }
 
     fn entry_or_genesis(&self, key: &str) -> Arc<tokio::sync::Mutex<DocEntry>> {
         let mut docs = lock(&self.docs);
-        docs.entry(key.to_string())
-            .or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(DocEntry::genesis(key, &self.actor)))
-            })
-            .clone()
+        if let Some(entry) = docs.entries.get(key) {
+            return entry.clone();
+        }
+        let entry = Arc::new(tokio::sync::Mutex::new(DocEntry::genesis(key, &self.actor)));
+        docs.insert(key.to_string(), entry.clone());
+        entry
     }
 
     /// Stores what changed in `entry` since its last save (and the given sync states), then
@@ -564,13 +606,9 @@ impl Docs {
         self.persist(key, entry, states, origin, moved).await
     }
 
-    /// The heads of every document (what sync sessions offer; each session filters by what
-    /// its peer may access).
-    pub async fn sync_heads(&self) -> Vec<(String, Vec<automerge::ChangeHash>)> {
-        let entries: Vec<_> = lock(&self.docs)
-            .iter()
-            .map(|(key, entry)| (key.clone(), entry.clone()))
-            .collect();
+    /// The heads of every document `peer` may see (what a sync session with it offers).
+    pub async fn sync_heads(&self, peer: &Identity) -> Vec<(String, Vec<automerge::ChangeHash>)> {
+        let entries = lock(&self.docs).seen_by(peer);
         let mut heads = Vec::with_capacity(entries.len());
         for (key, entry) in entries {
             heads.push((key, entry.lock().await.doc.get_heads()));

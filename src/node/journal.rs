@@ -5,6 +5,7 @@
 use super::status::{Notice, notices};
 use super::{Node, lock};
 use crate::crd::Condition;
+use crate::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -99,6 +100,7 @@ impl Journal {
 pub async fn follow(node: Node, shutdown: CancellationToken) {
     let mut changes = node.docs().subscribe();
     let mut seen: HashMap<String, Vec<Condition>> = HashMap::new();
+    let mut registry = node.docs().registry().await;
     let mut all = true;
     let mut start = true;
     loop {
@@ -110,9 +112,9 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
                     first = changes.recv() => first,
                 };
                 let mut keys = BTreeSet::new();
+                let mut registry_moved = false;
                 let mut take = |change: Result<crate::node::Change, ()>| match change {
-                    // Presence is in the registry: any EdgeNode's Online may have moved.
-                    Ok(c) if crate::key::is_internal(&c.key) => all = true,
+                    Ok(c) if crate::key::is_internal(&c.key) => registry_moved = true,
                     Ok(c) => {
                         keys.insert(c.key);
                     }
@@ -129,6 +131,15 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
                         Err(TryRecvError::Lagged(_)) => take(Err(())),
                         Err(_) => break,
                     }
+                }
+                // Presence is in the registry: the EdgeNodes of the edges whose presence or
+                // registration moved may have a new Online.
+                if registry_moved {
+                    let now = node.docs().registry().await;
+                    for edge in moved_edges(&registry, &now) {
+                        keys.extend(node.docs().keys_of_edge(&edge));
+                    }
+                    registry = now;
                 }
                 match all {
                     true => node.docs().keys().into_iter().collect(),
@@ -161,6 +172,19 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
     }
 }
 
+/// The edges whose presence or registration differs between two readings of the registry.
+fn moved_edges(before: &Registry, after: &Registry) -> BTreeSet<String> {
+    let names = before.presence.keys().chain(after.presence.keys());
+    let names = names.chain(before.nodes.keys()).chain(after.nodes.keys());
+    names
+        .filter(|name| {
+            before.presence.get(*name) != after.presence.get(*name)
+                || before.nodes.get(*name) != after.nodes.get(*name)
+        })
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +195,22 @@ mod tests {
             reason: reason.into(),
             message: "m".into(),
         }
+    }
+
+    #[test]
+    fn only_edges_whose_presence_or_registration_moved_are_looked_at_again() {
+        let mut before = Registry::default();
+        for edge in ["edge01", "edge02", "edge03"] {
+            before.presence.insert(edge.into(), "head-1".into());
+        }
+        let mut after = before.clone();
+        after.presence.remove("edge01");
+        after.presence.insert("edge02".into(), "head-2".into());
+        after.presence.insert("edge04".into(), "head-1".into());
+        after.versions.insert("edge03".into(), "1.2.0".into());
+        let moved: Vec<String> = moved_edges(&before, &after).into_iter().collect();
+        assert_eq!(moved, ["edge01", "edge02", "edge04"]);
+        assert!(moved_edges(&after, &after).is_empty());
     }
 
     #[test]
