@@ -350,8 +350,9 @@ async fn delivered(
     while !missing.is_empty() {
         assert!(
             start.elapsed() < Duration::from_secs(300),
-            "timed out: {} edges without {image}",
-            missing.len()
+            "timed out: {} edges without {image}, such as {}",
+            missing.len(),
+            missing[0].0.display()
         );
         let pass = Instant::now();
         missing.retain_mut(|(dir, seen)| {
@@ -404,6 +405,17 @@ impl EdgeHost {
             .arg(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("edges.log"))
+                    .unwrap(),
+            )
+            .env(
+                "EDGESYNC_LOG",
+                std::env::var("EDGESYNC_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -535,8 +547,10 @@ async fn host_edges(args: &[String]) {
 /// fan-out of one pod update to `first` EdgeNodes and then to all; a reconnect storm after the
 /// head restarts, with a change for every edge pending.
 async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path();
+    // Kept after a run for a look at the logs (head/head.log, edges.log), until the next.
+    let path = &Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-fleet");
+    let _ = std::fs::remove_dir_all(path);
+    std::fs::create_dir_all(path).unwrap();
     let head = HeadProcess::start(&path.join("head")).await;
     let token = head.token();
     let before = rss_bytes(head.child.id());
@@ -640,6 +654,8 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
         peak / 1048576.0
     );
     futures_util::future::join_all(hosts.iter_mut().map(|h| h.ask("stop"))).await;
+    drop(head);
+    let _ = std::fs::remove_dir_all(path);
     let mut figures = vec![
         Figure {
             name: format!("head_memory_per_edge_of_{edges}"),

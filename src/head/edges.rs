@@ -641,7 +641,7 @@ impl Edges {
 
     /// What DNS records are made from: every registration (removed ones marked), each edge's
     /// reachable address and the record published for it.
-    pub async fn dns_view(&self) -> Registry {
+    pub async fn dns_view(&self) -> Arc<Registry> {
         let Some(c) = &self.cluster else {
             return self.node.docs().registry().await;
         };
@@ -665,7 +665,7 @@ impl Edges {
                 view.versions.insert(name, version);
             }
         }
-        view
+        Arc::new(view)
     }
 
     /// Records that edge `name`'s DNS record now holds `address` (None: there is none). With a

@@ -94,7 +94,8 @@ pub async fn list(node: &Node, edges: &Edges) -> Vec<EdgeInfo> {
 /// registered edge: up while it is connected here or to a head connected here; heard from now
 /// while up (QUIC keep-alives hold the link), else when its last session here ended.
 pub async fn update_metrics(node: &Node, edges: &Edges) {
-    let registered = edges.dns_view().await.nodes;
+    let view = edges.dns_view().await;
+    let registered = &view.nodes;
     let peers = node.peers().list();
     let now = Timestamp::now();
     let m = node.metrics();

@@ -5,11 +5,10 @@
 
 use crate::clock::unix_now;
 use crate::daemon::Tasks;
-use crate::node::{Node, NodeError, Origin, PeerInfo};
+use crate::node::{Node, NodeError, Origin};
 use crate::registry::{self, Registration};
 use crate::store::JoinedNode;
 use crate::transport::tls::Role;
-use std::collections::HashMap;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -32,9 +31,7 @@ async fn record_presence(node: Node, shutdown: CancellationToken) {
             names = node.peers().changes() => names,
         };
         let edit = |doc: &mut automerge::AutoCommit| {
-            let table: HashMap<String, PeerInfo> = (node.peers().list().into_iter())
-                .map(|p| (p.name.clone(), p))
-                .collect();
+            let table = node.peers().some(&names);
             let mut moved = false;
             for name in &names {
                 let Some(peer) = table.get(name) else {
@@ -158,15 +155,17 @@ async fn forget_edge(node: &Node, name: &str) -> Result<bool, NodeError> {
 async fn adopt_registry(node: &Node) -> Result<(), NodeError> {
     let registry = node.docs().registry().await;
     let now = unix_now();
-    for (id, token) in registry.tokens {
+    for (id, token) in &registry.tokens {
         let Ok(hash) = hex::decode(&token.hash) else {
             continue;
         };
         if token.expires > now && node.store().token(id.clone()).await?.is_none() {
-            node.store().add_token(id, hash, token.expires, now).await?;
+            node.store()
+                .add_token(id.clone(), hash, token.expires, now)
+                .await?;
         }
     }
-    for (name, registration) in registry.nodes {
+    for (name, registration) in &registry.nodes {
         let stored = node.store().node(name.clone()).await?;
         if registration.removed {
             if stored.is_some() {
@@ -184,7 +183,7 @@ async fn adopt_registry(node: &Node) -> Result<(), NodeError> {
                 node.peers().end_sessions(&name);
             }
             let joined = JoinedNode {
-                name,
+                name: name.clone(),
                 key_sha256,
                 cert_not_after: registration.not_after,
             };

@@ -81,6 +81,8 @@ pub struct Docs {
     feeds: Feeds,
     /// Heads each peer is known to have, by peer and document (from the sync states).
     shared: Mutex<HashMap<(String, String), Vec<ChangeHash>>>,
+    /// The registry as last read, and the heads it was read at.
+    registry_read: Mutex<Option<(Vec<ChangeHash>, Arc<Registry>)>>,
 }
 
 /// One node's documents by key, and the keys of each edge's (what its sync sessions offer, so a
@@ -146,6 +148,7 @@ impl Docs {
             changes,
             feeds: Feeds::default(),
             shared: Mutex::new(shared),
+            registry_read: Mutex::new(None),
         })
     }
 
@@ -189,10 +192,22 @@ impl Docs {
     }
 
     /// The heads' registry as this head knows it.
-    pub async fn registry(&self) -> Registry {
-        match self.entry(registry::KEY) {
-            Some(entry) => registry::read(&entry.lock().await.doc),
-            None => Registry::default(),
+    pub async fn registry(&self) -> Arc<Registry> {
+        let Some(entry) = self.entry(registry::KEY) else {
+            return Arc::default();
+        };
+        let mut entry = entry.lock().await;
+        // Read once per version: at 10,000 edges a reading costs tens of milliseconds, and
+        // presence, DNS and the journal each look at every change.
+        let heads = entry.doc.get_heads();
+        let mut read = lock(&self.registry_read);
+        match &*read {
+            Some((at, registry)) if *at == heads => registry.clone(),
+            _ => {
+                let registry = Arc::new(registry::read(&entry.doc));
+                *read = Some((heads, registry.clone()));
+                registry
+            }
         }
     }
 

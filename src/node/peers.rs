@@ -168,6 +168,15 @@ impl Peers {
             .any(|p| p.connected && p.role == Role::Head)
     }
 
+    /// The peers of `names` that are known, by name.
+    pub fn some(&self, names: &BTreeSet<String>) -> BTreeMap<String, PeerInfo> {
+        let table = lock(&self.table);
+        names
+            .iter()
+            .filter_map(|name| Some((name.clone(), table.get(name)?.clone())))
+            .collect()
+    }
+
     /// Every peer.
     pub fn list(&self) -> Vec<PeerInfo> {
         lock(&self.table).values().cloned().collect()
