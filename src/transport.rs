@@ -56,6 +56,13 @@ fn transport_config(dialing: bool) -> Arc<quinn::TransportConfig> {
     Arc::new(config)
 }
 
+/// The receive and send buffers a server socket asks of the kernel. A head's one socket takes
+/// the bursts of thousands of edges at once (a reconnect storm, the acknowledgements of a
+/// fan-out); with the usual default of about 200 KiB they overflow, packets drop, keep-alives
+/// go unanswered and links time out, which brings more handshakes. The kernel caps it at
+/// `net.core.rmem_max` and `net.core.wmem_max`.
+pub const SERVER_SOCKET_BUFFER: usize = 8 << 20;
+
 /// A QUIC server endpoint on `addr` presenting `tls`.
 pub fn server(
     addr: SocketAddr,
@@ -64,7 +71,32 @@ pub fn server(
     let crypto = QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config(false));
-    quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })
+    let bind = |source| TransportError::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind)?;
+    // Best effort: a smaller buffer than asked still works.
+    let _ = socket.set_recv_buffer_size(SERVER_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SERVER_SOCKET_BUFFER);
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    if granted < SERVER_SOCKET_BUFFER {
+        tracing::info!(
+            granted_kib = granted >> 10,
+            "the UDP receive buffer is smaller than asked; for thousands of edges raise net.core.rmem_max to {} or more",
+            SERVER_SOCKET_BUFFER
+        );
+    }
+    socket.bind(&addr.into()).map_err(bind)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind)
 }
 
 /// A QUIC client endpoint on an ephemeral port of `source` (the local address to dial from),

@@ -8,8 +8,7 @@ use crate::metrics::EdgeLabels;
 use crate::node::{Node, PeerInfo};
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
-use tokio::sync::broadcast::error::RecvError;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio_util::sync::CancellationToken;
 
 /// One registered edge as `edgesync node list` shows it.
@@ -129,50 +128,29 @@ fn last_heard(peers: &[PeerInfo], name: &str, online: bool, now: Timestamp) -> O
 }
 
 /// Keeps `edgesync_pods_refused` and `edgesync_pods_not_written` on a head: the pods the
-/// edges report refused or not written, summed over every EdgeNode, each counted again only
-/// when a change can have moved its count.
+/// edges report refused or not written, summed over every EdgeNode, each counted again after
+/// its document changes. The changed keys come coalesced: however far behind this falls, it
+/// owes at most one look per EdgeNode (a broadcast would lag, and then every one be read).
 pub async fn count_refused(node: Node, shutdown: CancellationToken) {
-    let mut changes = node.docs().subscribe();
+    let changed = node.docs().watch_all();
     let mut troubled: HashMap<String, Troubled> = HashMap::new();
-    let mut all = true;
+    let mut keys: BTreeSet<String> = node.docs().keys().into_iter().collect();
     loop {
-        let keys = match all {
-            true => {
-                troubled.clear();
-                node.docs().keys()
-            }
-            false => Vec::new(),
-        };
-        all = false;
-        for key in keys {
-            troubled.insert(key.clone(), troubled_in(&node, &key).await);
+        for key in keys.iter().filter(|k| !crate::key::is_internal(k)) {
+            match troubled_in(&node, key).await {
+                none if none == Troubled::default() => troubled.remove(key),
+                some => troubled.insert(key.clone(), some),
+            };
         }
         let total = |of: fn(&Troubled) -> usize| troubled.values().map(of).sum::<usize>() as i64;
         node.metrics().pods_refused.set(total(|t| t.refused));
         node.metrics()
             .pods_not_written
             .set(total(|t| t.not_written));
-        let change = tokio::select! {
+        keys = tokio::select! {
             _ = shutdown.cancelled() => return,
-            change = changes.recv() => change,
+            keys = changed.next() => keys,
         };
-        match change {
-            // An edge reports troubles in status; a spec change can only end some (a pod
-            // removed, a deletion), so it is read only when the document has any.
-            Ok(change)
-                if change.moved.status
-                    || (change.moved.spec
-                        && troubled
-                            .get(&change.key)
-                            .is_some_and(|t| *t != Troubled::default())) =>
-            {
-                let count = troubled_in(&node, &change.key).await;
-                troubled.insert(change.key, count);
-            }
-            Ok(_) => {}
-            Err(RecvError::Lagged(_)) => all = true,
-            Err(RecvError::Closed) => return,
-        }
     }
 }
 

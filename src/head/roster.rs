@@ -169,7 +169,7 @@ async fn adopt_registry(node: &Node) -> Result<(), NodeError> {
         let stored = node.store().node(name.clone()).await?;
         if registration.removed {
             if stored.is_some() {
-                forget_edge(node, &name).await?;
+                forget_edge(node, name).await?;
                 info!(node = %name, "edge removed on another head");
             }
             continue;
@@ -180,7 +180,7 @@ async fn adopt_registry(node: &Node) -> Result<(), NodeError> {
         if stored.as_ref().is_none_or(|s| s.key_sha256 != key_sha256) {
             // A newer certificate replaces the old one: sessions under the old key end.
             if stored.is_some() {
-                node.peers().end_sessions(&name);
+                node.peers().end_sessions(name);
             }
             let joined = JoinedNode {
                 name: name.clone(),

@@ -186,6 +186,12 @@ impl Docs {
             .collect()
     }
 
+    /// The keys of documents as they change (each once until taken), for a watcher that must
+    /// not fall behind.
+    pub fn watch_all(&self) -> Arc<Feed> {
+        self.feeds.subscribe_all()
+    }
+
     /// Changes to the documents `peer` may see, for a sync session with it.
     pub fn feed(&self, peer: &Identity) -> Arc<Feed> {
         self.feeds.subscribe(peer)

@@ -56,6 +56,13 @@ impl Feeds {
         feed
     }
 
+    /// A feed of every document's changes.
+    pub fn subscribe_all(&self) -> Arc<Feed> {
+        let feed = Arc::new(Feed::default());
+        push_live(&mut lock(&self.heads), Arc::downgrade(&feed));
+        feed
+    }
+
     /// Tells the feeds that may see document `key` that it changed.
     pub fn publish(&self, key: &str) {
         notify_live(&mut lock(&self.heads), key);
