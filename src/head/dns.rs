@@ -93,6 +93,10 @@ pub async fn run(
     let mut retry_at: Option<Instant> = Some(Instant::now());
     // A standalone head has no election: its sender is gone and it always leads.
     let mut elected = true;
+    // How long reading every edge took last time: a burst waits ten times that, so that with
+    // tens of thousands of edges, whose presence moves all the time, reading them takes at
+    // most about a tenth of a core.
+    let mut reading = Duration::ZERO;
     loop {
         let wait = async {
             match retry_at {
@@ -107,7 +111,7 @@ pub async fn run(
             // Changes come in bursts (many edges connect at once): each pass reads every
             // edge, so one pass follows a burst.
             _ = edges.changed() => {
-                let soon = Instant::now() + SETTLE;
+                let soon = Instant::now() + SETTLE.max(reading * 10);
                 retry_at = Some(retry_at.map_or(soon, |at| at.min(soon)));
                 continue;
             }
@@ -117,9 +121,12 @@ pub async fn run(
             continue;
         }
         refused.retain(|_, (_, at)| at.elapsed() < REFUSED_RETRY);
+        let read = Instant::now();
         let registry = edges.dns_view().await;
+        let desired = desired(&registry);
+        reading = read.elapsed();
         let mut failed = false;
-        for (name, want) in desired(&registry) {
+        for (name, want) in desired {
             let have = registry.dns.get(&name).copied();
             if have == want || refused.get(&name).is_some_and(|(r, _)| *r == want) {
                 continue;

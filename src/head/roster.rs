@@ -72,7 +72,8 @@ async fn adopt_forever(node: Node, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             change = changes.recv() => match change {
                 Ok(change) => change.key == registry::KEY && matches!(change.origin, Origin::Peer(_)),
-                Err(RecvError::Lagged(_)) => true,
+                // Missed changes may hold another head's; with none connected, none came.
+                Err(RecvError::Lagged(_)) => node.peers().any_head_connected(),
                 Err(RecvError::Closed) => return,
             },
         };
