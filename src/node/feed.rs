@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::Notify;
 
-/// Documents changed since a session last looked.
+/// Names (of documents, or of peers) changed since the one watcher last looked, each once.
 #[derive(Default)]
 pub struct Feed {
     keys: Mutex<BTreeSet<String>>,
@@ -28,8 +28,15 @@ impl Feed {
         }
     }
 
-    fn add(&self, key: &str) {
+    /// Notes that `key` changed.
+    pub fn add(&self, key: &str) {
         lock(&self.keys).insert(key.to_string());
+        self.wake.notify_one();
+    }
+
+    /// Puts back keys [`Feed::next`] gave out that could not be handled.
+    pub fn requeue(&self, keys: BTreeSet<String>) {
+        lock(&self.keys).extend(keys);
         self.wake.notify_one();
     }
 }

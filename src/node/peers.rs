@@ -2,12 +2,12 @@
 //! whose sessions started or ended since a watcher last looked; and the sessions to end when
 //! a peer is removed.
 
+use super::feed::Feed;
 use crate::clock::now;
 use crate::transport::tls::{Identity, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -65,8 +65,7 @@ pub struct Peers {
     /// Peers whose sessions started or ended since the watcher last looked: one entry per
     /// peer however many times it came and went, so a reconnect storm queues no more work
     /// than there are peers.
-    changed: Mutex<BTreeSet<String>>,
-    wake: Notify,
+    changed: Feed,
 }
 
 impl Peers {
@@ -74,24 +73,16 @@ impl Peers {
     /// for one watcher (a head records its edges' presence from them; what is true now is in
     /// the table). Cancel-safe: names not taken stay for the next call.
     pub async fn changes(&self) -> BTreeSet<String> {
-        loop {
-            let names = std::mem::take(&mut *lock(&self.changed));
-            if !names.is_empty() {
-                return names;
-            }
-            self.wake.notified().await;
-        }
+        self.changed.next().await
     }
 
     /// Puts back names [`Peers::changes`] gave out whose change could not be recorded.
     pub fn requeue(&self, names: BTreeSet<String>) {
-        lock(&self.changed).extend(names);
-        self.wake.notify_one();
+        self.changed.requeue(names);
     }
 
     fn tell(&self, name: &str) {
-        lock(&self.changed).insert(name.to_string());
-        self.wake.notify_one();
+        self.changed.add(name);
     }
 
     /// Records that a session with `peer` started.

@@ -297,15 +297,7 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
 
         // The acceptance expires: the RoleBinding goes and the same token stops working.
         wait_for("access removed when the AUP expired", SOON, || {
-            cluster
-                .get(
-                    "rbac.authorization.k8s.io/v1",
-                    "RoleBinding",
-                    Some("ada"),
-                    "edgesync-user",
-                )
-                .is_none()
-                .then_some(())
+            role_binding(&cluster, "ada").is_none().then_some(())
         })
         .await;
         let refused = own.list(&Default::default()).await.unwrap_err();
@@ -321,16 +313,7 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
         let (status, _) = api.get("/api/v1/users/ada/kubeconfig", &secret).await;
         assert_eq!(status, StatusCode::OK);
         ok(cli(&["user", "revoke", "ada", "--socket", &socket]));
-        assert!(
-            cluster
-                .get(
-                    "rbac.authorization.k8s.io/v1",
-                    "RoleBinding",
-                    Some("ada"),
-                    "edgesync-user"
-                )
-                .is_none()
-        );
+        assert!(role_binding(&cluster, "ada").is_none());
 
         // An acceptance that expires while the head is down is handled when it starts.
         ok(cli(&["user", "approve", "ada", "--socket", &socket]));
@@ -339,28 +322,11 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
         assert_eq!(status, StatusCode::OK);
         head.daemon.stop().await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(
-            cluster
-                .get(
-                    "rbac.authorization.k8s.io/v1",
-                    "RoleBinding",
-                    Some("ada"),
-                    "edgesync-user"
-                )
-                .is_some()
-        );
+        assert!(role_binding(&cluster, "ada").is_some());
         let head =
             HeadProc::start(dir.path(), free_udp_addr(), &["--kubeconfig", &kubeconfig]).await;
         wait_for("expired access removed at start", SOON, || {
-            cluster
-                .get(
-                    "rbac.authorization.k8s.io/v1",
-                    "RoleBinding",
-                    Some("ada"),
-                    "edgesync-user",
-                )
-                .is_none()
-                .then_some(())
+            role_binding(&cluster, "ada").is_none().then_some(())
         })
         .await;
 
@@ -372,16 +338,7 @@ async fn kubeconfigs_work_in_the_users_namespace_only_until_access_ends() {
         api.accept("bob", &bob).await;
         let (status, body) = api.get("/api/v1/users/bob/kubeconfig", &bob).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-        assert!(
-            cluster
-                .get(
-                    "rbac.authorization.k8s.io/v1",
-                    "RoleBinding",
-                    Some("bob"),
-                    "edgesync-user"
-                )
-                .is_none()
-        );
+        assert!(role_binding(&cluster, "bob").is_none());
     })
     .await;
 }
