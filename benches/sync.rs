@@ -80,7 +80,10 @@ impl HeadProcess {
             .arg(dir.join("state"))
             .arg("--socket")
             .arg(dir.join("head.sock"))
-            .env("EDGESYNC_LOG", "warn")
+            .env(
+                "EDGESYNC_LOG",
+                std::env::var("EDGESYNC_BENCH_HEAD_LOG").unwrap_or("warn".into()),
+            )
             .stderr(log)
             .spawn()
             .unwrap();
@@ -119,6 +122,33 @@ impl HeadProcess {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         let _ = self.child.wait();
+    }
+
+    /// Waits until no sync traffic has moved for a second (the edges' reports after a sync all
+    /// in), for at most five minutes.
+    async fn quiet(&self) {
+        let traffic = || async {
+            let (_, body) = Client::new(&self.socket())
+                .request(Method::GET, "/metrics", None)
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&body)
+                .lines()
+                .filter(|l| l.starts_with("edgesync_wire_bytes_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut last = traffic().await;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = traffic().await;
+            if now == last {
+                return;
+            }
+            last = now;
+        }
+        eprintln!("the head was still busy after five minutes");
     }
 
     /// Applies EdgeNodes of `text` (one or more YAML documents).
@@ -530,7 +560,7 @@ async fn host_edges(args: &[String]) {
                 for (i, edge) in edges.iter().enumerate() {
                     let entry = edge.node().docs().sync_doc(&key(i)).unwrap();
                     let mut entry = entry.lock().await;
-                    let changes = entry.doc.get_changes(&heads[i]);
+                    let changes = entry.doc().get_changes(&heads[i]);
                     needed += changes.iter().map(|c| c.raw_bytes().len()).sum::<usize>();
                 }
                 println!("{} {needed}", wire(&edges) - bytes);
@@ -584,10 +614,17 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
         started.elapsed().as_secs_f64()
     );
     // Idle: presence written, status reports in, nothing moving.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    head.quiet().await;
     let pid = head.child.id();
     let per_edge = (rss_bytes(pid) - before) / edges as f64 / 1024.0;
-    let idle_window = Duration::from_secs(if edges > 1000 { 10 } else { 3 });
+    // EDGESYNC_BENCH_IDLE_SECONDS lengthens the window, for a profiler to attach meanwhile.
+    let idle_window = Duration::from_secs(
+        std::env::var("EDGESYNC_BENCH_IDLE_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(if edges > 1000 { 10 } else { 3 }),
+    );
+    eprintln!("fleet: idle for {} s", idle_window.as_secs());
     let cpu0 = cpu_seconds(pid);
     tokio::time::sleep(idle_window).await;
     let idle_cpu = (cpu_seconds(pid) - cpu0) / idle_window.as_secs_f64() * 100.0;
@@ -919,7 +956,10 @@ async fn cold_start() -> Vec<Figure> {
             .arg(&manifests)
             .arg("--socket")
             .arg(edge_dir.join("edge.sock"))
-            .env("EDGESYNC_LOG", "warn")
+            .env(
+                "EDGESYNC_LOG",
+                std::env::var("EDGESYNC_BENCH_HEAD_LOG").unwrap_or("warn".into()),
+            )
             .stderr(Stdio::null());
         if let Some(token) = token {
             command.args(["--token", token]);

@@ -139,7 +139,11 @@ impl Head {
             info!(file = %token_file.display(), "wrote a join token valid for 24h");
         }
         let cert = ca.issue_head(&config.name)?;
-        let endpoint = transport::server(config.listen, tls::server_config(&ca.cert, &cert)?)?;
+        let endpoint = transport::server(
+            config.listen,
+            tls::server_config(&ca.cert, &cert)?,
+            ca.derive_key("edgesync stateless reset v1"),
+        )?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| TransportError::Bind {
@@ -175,6 +179,10 @@ impl Head {
         }
         let accounts = accounts(&config, &store, cluster.as_ref()).await?;
         tasks.spawn(accounts.clone().sweep_forever(tasks.token()));
+        tasks.spawn({
+            let (node, shutdown) = (node.clone(), tasks.token());
+            async move { node.docs().unload_forever(shutdown).await }
+        });
         let api_cert = match &config.api_cert {
             Some((cert, key)) => tls::load_keyed_cert(cert, key)?,
             None => ca.issue_api(&api_names(&config))?,

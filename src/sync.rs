@@ -25,6 +25,10 @@ pub use session::SessionError;
 /// Frames read ahead of the session (each at most [`wire::MAX_FRAME`] bytes).
 const READ_AHEAD: usize = 4;
 
+/// A frame read, or why none could be. Queues hold them boxed: a queue keeps a block of 32
+/// slots for as long as it lives, in every session of a fleet.
+type Read = Box<Result<Frame, WireError>>;
+
 /// Runs the sync protocol with `peer` over one stream until it closes, the peer misbehaves or
 /// `shutdown` fires. The first frame (Hello) is already consumed by the caller on the accepting
 /// side; the dialing side sends its own Hello before calling this.
@@ -79,7 +83,7 @@ where
                     Ok(Err(e)) => Err(e.into()),
                     _ => Ok(()),
                 },
-                frame = frames.recv() => match frame {
+                frame = frames.recv() => match frame.map(|read| *read) {
                     None => return Ok(()),
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(frame)) => link.on_frame(frame).await?,
@@ -109,10 +113,7 @@ where
     result
 }
 
-async fn read_frames<R: AsyncRead + Unpin>(
-    mut recv: R,
-    out: mpsc::Sender<Result<Frame, WireError>>,
-) {
+async fn read_frames<R: AsyncRead + Unpin>(mut recv: R, out: mpsc::Sender<Read>) {
     loop {
         let frame = read_frame(&mut recv, wire::MAX_FRAME).await;
         let end = !matches!(frame, Ok(Some(_)));
@@ -121,7 +122,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
             Ok(None) => break,
             Err(e) => Err(e),
         };
-        if out.send(item).await.is_err() || end {
+        if out.send(Box::new(item)).await.is_err() || end {
             break;
         }
     }
@@ -129,7 +130,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
 
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut send: W,
-    mut queue: mpsc::UnboundedReceiver<Transmit>,
+    mut queue: mpsc::UnboundedReceiver<Box<Transmit>>,
     node: Node,
 ) -> Result<(), WireError> {
     use tokio::io::AsyncWriteExt;
@@ -156,7 +157,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 struct Link {
     node: Node,
     session: Session,
-    out: mpsc::UnboundedSender<Transmit>,
+    out: mpsc::UnboundedSender<Box<Transmit>>,
 }
 
 fn now_std() -> std::time::Instant {
@@ -216,7 +217,7 @@ impl Link {
         let mut entry = entry.lock().await;
         if !self
             .session
-            .receive(&key, &mut entry.doc, message, now_std())?
+            .receive(&key, entry.doc(), message, now_std())?
         {
             return Ok(());
         }
@@ -235,7 +236,7 @@ impl Link {
             role: self.peer().role.as_str().into(),
         };
         self.node.metrics().sync_rounds.get_or_create(&role).inc();
-        self.session.push(&key, &mut entry.doc, now_std())?;
+        self.session.push(&key, entry.doc(), now_std())?;
         Ok(())
     }
 
@@ -243,7 +244,7 @@ impl Link {
     async fn push(&mut self, key: &str) -> Result<(), SessionError> {
         if let Some(entry) = self.node.docs().sync_doc(key) {
             let mut entry = entry.lock().await;
-            self.session.push(key, &mut entry.doc, now_std())?;
+            self.session.push(key, entry.doc(), now_std())?;
         }
         Ok(())
     }
@@ -279,7 +280,7 @@ impl Link {
                 .peers()
                 .touch(&self.peer().name, |p| p.bytes_out += n);
             self.out
-                .send(transmit)
+                .send(Box::new(transmit))
                 .map_err(|_| SessionError::Protocol("connection writer has stopped".into()))?;
         }
         while let Some(event) = self.session.poll_event() {
@@ -409,7 +410,12 @@ mod tests {
             write_frame(&mut tx, &huge).await.unwrap();
             let good = states.entry("good/edge01".into()).or_default();
             let good_doc = source.docs().sync_doc("good/edge01").unwrap();
-            let first = good_doc.lock().await.doc.sync().generate_sync_message(good);
+            let first = good_doc
+                .lock()
+                .await
+                .doc()
+                .sync()
+                .generate_sync_message(good);
             let first = first.unwrap();
             let first = Frame::Sync {
                 doc: "good/edge01".into(),
@@ -436,9 +442,9 @@ mod tests {
                         let message = sync::Message::decode(&message).unwrap();
                         let entry = source.docs().sync_entry(&doc).unwrap();
                         let mut entry = entry.lock().await;
-                        let theirs = &mut entry.doc;
+                        let theirs = entry.doc();
                         theirs.sync().receive_sync_message(state, message).unwrap();
-                        let reply = entry.doc.sync().generate_sync_message(state);
+                        let reply = entry.doc().sync().generate_sync_message(state);
                         drop(entry);
                         if let Some(reply) = reply {
                             let reply = Frame::Sync {

@@ -17,7 +17,9 @@ use automerge::{ActorId, AutoCommit, ChangeHash, sync};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::lock;
@@ -85,6 +87,12 @@ pub struct Docs {
     registry_read: Mutex<Option<(Vec<ChangeHash>, Arc<Registry>)>>,
 }
 
+/// How long a head keeps an EdgeNode document loaded that nothing uses (about 20 KiB for a
+/// small one); then it waits in its compact encoding (about half a KiB) until next used.
+/// Long enough that the documents of a burst of changes stay loaded through it: a document is
+/// used several times per change (the apply, each sync round, the edge's report).
+pub const UNLOAD_AFTER: Duration = Duration::from_secs(30);
+
 /// One node's documents by key, and the keys of each edge's (what its sync sessions offer, so a
 /// session start never walks a fleet's documents).
 #[derive(Default)]
@@ -129,7 +137,11 @@ impl Docs {
         let mut docs = Table::default();
         for stored in store.load_docs().await? {
             let key = stored.key.clone();
-            let entry = DocEntry::load(stored, &actor)?;
+            let mut entry = DocEntry::load(stored, &actor)?;
+            // A head loads a document when it is used (see `unload_forever`).
+            if scope == Scope::All && !registry::is_internal(&key) {
+                entry.unload();
+            }
             docs.insert(key, Arc::new(tokio::sync::Mutex::new(entry)));
         }
         let mut shared = HashMap::new();
@@ -150,6 +162,54 @@ impl Docs {
             shared: Mutex::new(shared),
             registry_read: Mutex::new(None),
         })
+    }
+
+    /// On a head: saves away the EdgeNode documents nothing used for [`UNLOAD_AFTER`], until
+    /// `shutdown`. A document saved away is loaded again when it is next used.
+    pub async fn unload_forever(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(UNLOAD_AFTER / 3) => {}
+            }
+            self.unload(UNLOAD_AFTER);
+        }
+    }
+
+    /// Saves away the loaded EdgeNode documents unused for `idle`, leaving alone those in use
+    /// now; returns how many it saved away.
+    pub fn unload(&self, idle: Duration) -> usize {
+        let entries = self.edgenode_entries();
+        let mut unloaded = 0;
+        for entry in entries {
+            if let Ok(mut entry) = entry.try_lock()
+                && entry
+                    .loaded_since()
+                    .is_some_and(|used| used.elapsed() >= idle)
+                && entry.unload()
+            {
+                unloaded += 1;
+            }
+        }
+        unloaded
+    }
+
+    /// How many EdgeNode documents are loaded now (not counting those in use this instant).
+    pub fn loaded(&self) -> usize {
+        let entries = self.edgenode_entries();
+        let loaded = |entry: &Arc<tokio::sync::Mutex<DocEntry>>| {
+            entry.try_lock().is_ok_and(|e| e.loaded_since().is_some())
+        };
+        entries.iter().filter(|e| loaded(e)).count()
+    }
+
+    fn edgenode_entries(&self) -> Vec<Arc<tokio::sync::Mutex<DocEntry>>> {
+        let docs = lock(&self.docs);
+        let edgenodes = docs
+            .entries
+            .iter()
+            .filter(|(key, _)| !registry::is_internal(key));
+        edgenodes.map(|(_, entry)| entry.clone()).collect()
     }
 
     /// The database.
@@ -205,12 +265,12 @@ impl Docs {
         let mut entry = entry.lock().await;
         // Read once per version: at 10,000 edges a reading costs tens of milliseconds, and
         // presence, DNS and the journal each look at every change.
-        let heads = entry.doc.get_heads();
+        let heads = entry.heads();
         let mut read = lock(&self.registry_read);
         match &*read {
             Some((at, registry)) if *at == heads => registry.clone(),
             _ => {
-                let registry = Arc::new(registry::read(&entry.doc));
+                let registry = Arc::new(registry::read(entry.doc()));
                 *read = Some((heads, registry.clone()));
                 registry
             }
@@ -220,8 +280,8 @@ impl Docs {
     /// The head edge `name` is connected to, as the heads' registry says.
     pub async fn presence_of(&self, name: &str) -> Option<String> {
         let entry = self.entry(registry::KEY)?;
-        let entry = entry.lock().await;
-        registry::presence_of(&entry.doc, name)
+        let mut entry = entry.lock().await;
+        registry::presence_of(entry.doc(), name)
     }
 
     /// Edits the heads' registry and stores it; it reaches the other heads by sync.
@@ -231,7 +291,7 @@ impl Docs {
     ) -> Result<(), NodeError> {
         let entry = self.entry_or_genesis(registry::KEY);
         let mut entry = entry.lock().await;
-        if edit(&mut entry.doc)? {
+        if edit(entry.doc())? {
             self.persist(
                 registry::KEY,
                 &mut entry,
@@ -350,8 +410,8 @@ impl Docs {
         for desired in &nodes {
             let key = desired.key().to_string();
             let mut doc = match self.entry(&key) {
-                Some(entry) => entry.lock().await.doc.fork(),
-                None => DocEntry::genesis(&key, &self.actor).doc,
+                Some(entry) => entry.lock().await.doc().fork(),
+                None => DocEntry::genesis(&key, &self.actor).doc().fork(),
             };
             let live = model::is_live(&doc)?;
             let before = live.then(|| model::read(&doc, &key)).transpose()?;
@@ -420,11 +480,9 @@ impl Docs {
         let mut saves = Vec::new();
         let mut staged = Vec::new();
         for (i, (key, desired)) in order.iter().enumerate() {
-            let edited = self
-                .edit_spec(&mut locked[i].doc, desired)
-                .and_then(|edited| {
-                    check_history(key, &mut locked[i], MAX_HISTORY_BYTES).map(|()| edited)
-                });
+            let edited = self.edit_spec(locked[i].doc(), desired).and_then(|edited| {
+                check_history(key, &mut locked[i], MAX_HISTORY_BYTES).map(|()| edited)
+            });
             let result = match edited {
                 Ok((false, _)) => "created",
                 Ok((true, true)) => "configured",
@@ -490,13 +548,13 @@ impl Docs {
             .entry(key)
             .ok_or_else(|| NodeError::NotFound(key.to_string()))?;
         let mut entry = entry.lock().await;
-        if !model::is_live(&entry.doc)? {
+        if !model::is_live(entry.doc())? {
             return Err(NodeError::NotFound(key.to_string()));
         }
         if !self.scope.serves(key) {
             return Err(NodeError::NotFound(key.to_string()));
         }
-        model::mark_deleted(&mut entry.doc)?;
+        model::mark_deleted(entry.doc())?;
         self.persist(key, &mut entry, Vec::new(), Origin::Local, Moved::SPEC)
             .await
     }
@@ -506,9 +564,9 @@ impl Docs {
         let Some(entry) = self.entry(key) else {
             return Ok(None);
         };
-        let entry = entry.lock().await;
+        let mut entry = entry.lock().await;
         Ok(Some((
-            model::read(&entry.doc, key)?,
+            model::read(entry.doc(), key)?,
             entry.last_synced_at.clone(),
         )))
     }
@@ -522,8 +580,8 @@ impl Docs {
         let Some(entry) = self.entry(key) else {
             return Ok(None);
         };
-        let entry = entry.lock().await;
-        Ok(model::reported_pod_states(&entry.doc)?)
+        let mut entry = entry.lock().await;
+        Ok(model::reported_pod_states(entry.doc())?)
     }
 
     /// Document `key` as a view, with the heads it was read at.
@@ -535,8 +593,8 @@ impl Docs {
             return Ok(None);
         };
         let mut entry = entry.lock().await;
-        let heads = entry.doc.get_heads();
-        Ok(Some((model::read(&entry.doc, key)?, heads)))
+        let heads = entry.heads();
+        Ok(Some((model::read(entry.doc(), key)?, heads)))
     }
 
     /// Document `key` as it was at `heads`; None when this node has no such document or not
@@ -553,11 +611,11 @@ impl Docs {
         if heads.is_empty()
             || heads
                 .iter()
-                .any(|h| entry.doc.get_change_by_hash(h).is_none())
+                .any(|h| entry.doc().get_change_by_hash(h).is_none())
         {
             return Ok(None);
         }
-        let past = entry.doc.fork_at(heads).map_err(|e| NodeError::Sync {
+        let past = entry.doc().fork_at(heads).map_err(|e| NodeError::Sync {
             key: key.to_string(),
             reason: e.to_string(),
         })?;
@@ -575,7 +633,7 @@ impl Docs {
             return Ok(());
         };
         let mut entry = entry.lock().await;
-        if model::set_status(&mut entry.doc, observed, pods)? {
+        if model::set_status(entry.doc(), observed, pods)? {
             self.persist(key, &mut entry, Vec::new(), Origin::Local, Moved::STATUS)
                 .await?;
         }
@@ -613,15 +671,15 @@ impl Docs {
         shared_heads: Vec<automerge::ChangeHash>,
     ) -> Result<(), NodeError> {
         lock(&self.shared).insert((peer.to_string(), key.to_string()), shared_heads);
-        if entry.doc.get_heads() == entry.persisted_heads {
+        if entry.heads() == entry.persisted_heads {
             // Nothing new (an acknowledgement): the session keeps the sync state and stores
             // it when it ends; a state stored stale only costs a little resending.
             entry.last_synced_at = Some(now());
             return Ok(());
         }
         let before = entry.persisted_heads.clone();
-        let after = entry.doc.get_heads();
-        let moved = moved(key, &mut entry.doc, &before, &after);
+        let after = entry.heads();
+        let moved = moved(key, entry.doc(), &before, &after);
         let states = state.map(|s| (peer.to_string(), s)).into_iter().collect();
         let origin = Origin::Peer(peer.to_string());
         self.persist(key, entry, states, origin, moved).await
@@ -632,7 +690,7 @@ impl Docs {
         let entries = lock(&self.docs).seen_by(peer);
         let mut heads = Vec::with_capacity(entries.len());
         for (key, entry) in entries {
-            heads.push((key, entry.lock().await.doc.get_heads()));
+            heads.push((key, entry.lock().await.heads()));
         }
         heads
     }
@@ -640,7 +698,7 @@ impl Docs {
     /// The heads of document `key`, if there is one.
     pub async fn heads(&self, key: &str) -> Option<Vec<automerge::ChangeHash>> {
         let entry = self.entry(key)?;
-        let heads = entry.lock().await.doc.get_heads();
+        let heads = entry.lock().await.heads();
         Some(heads)
     }
 
@@ -720,9 +778,9 @@ mod tests {
         // From a peer: an edge's report moves the status only, a user's edit the spec.
         let entry = docs.sync_doc(key).unwrap();
         let mut entry = entry.lock().await;
-        let mut theirs = entry.doc.fork();
+        let mut theirs = entry.doc().fork();
         model::set_status(&mut theirs, 1, &report("Refused")).unwrap();
-        entry.doc.merge(&mut theirs).unwrap();
+        entry.doc().merge(&mut theirs).unwrap();
         docs.synced("edge01", key, &mut entry, None, Vec::new())
             .await
             .unwrap();
@@ -731,7 +789,7 @@ mod tests {
         let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
         let desired = input::parse_edgenodes(&edited, &Rules::new("default")).unwrap();
         model::set_spec(&mut theirs, &desired[0], "t").unwrap();
-        entry.doc.merge(&mut theirs).unwrap();
+        entry.doc().merge(&mut theirs).unwrap();
         docs.synced("edge01", key, &mut entry, None, Vec::new())
             .await
             .unwrap();
@@ -741,5 +799,52 @@ mod tests {
             .await
             .unwrap();
         assert!(changes.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn documents_saved_away_load_again_when_used_and_lose_nothing() {
+        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let store = Store::open(dir.path()).unwrap();
+            Docs::open(Scope::All, store, Rules::new("default"))
+                .await
+                .unwrap()
+        };
+        let docs = open().await;
+        let names = ["edge01", "edge02", "edge03"];
+        for name in names {
+            docs.apply_text(&EXAMPLE.replace("edge01", name), "default")
+                .await
+                .unwrap();
+        }
+        async fn view(docs: &Docs, name: &str) -> DocView {
+            let key = format!("default/{name}");
+            docs.view(&key).await.unwrap().unwrap().0
+        }
+        let before = view(&docs, "edge01").await;
+        let heads = docs.heads("default/edge01").await.unwrap();
+        assert_eq!(docs.loaded(), 3);
+        // Only those unused for long go.
+        assert_eq!(docs.unload(Duration::from_secs(3600)), 0);
+        assert_eq!(docs.unload(Duration::ZERO), 3);
+        assert_eq!(docs.loaded(), 0);
+        assert_eq!(docs.heads("default/edge01").await.unwrap(), heads);
+        assert_eq!(docs.loaded(), 0, "heads are known without loading");
+        assert_eq!(view(&docs, "edge01").await, before);
+        assert_eq!(docs.loaded(), 1);
+        // An edit of a document saved away is stored like any other.
+        let edited = EXAMPLE
+            .replace("edge01", "edge02")
+            .replace("image: nginx", "image: nginx:1.27");
+        docs.apply_text(&edited, "default").await.unwrap();
+        assert_eq!(docs.loaded(), 2);
+        drop(docs);
+        // A head keeps what it opens saved away until it is used.
+        let docs = open().await;
+        assert_eq!(docs.loaded(), 0);
+        let image = |view: DocView| view.pods["nginx"]["spec"]["containers"][0]["image"].clone();
+        assert_eq!(image(view(&docs, "edge02").await), "nginx:1.27");
+        assert_eq!(view(&docs, "edge01").await, before);
     }
 }

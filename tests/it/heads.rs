@@ -151,11 +151,18 @@ async fn fresh_heads_with_empty_state_keep_offline_edits_let_edges_in_and_take_o
         .await;
         // A fresh head takes the same address.
         let b = head(&cluster, &dir.path().join("b"), "head-b", addr).await;
-        // The edge notices the dead head when its QUIC idle timeout (20 s) runs out.
+        // The fresh head shares the CA, so it answers the edge's next packet for the dead
+        // head's connection with a stateless reset, and the edge dials again at once.
         wait_for("the edge let in by the fresh head", RECONNECT, || {
             connected(&b, "edge01").then_some(())
         })
         .await;
+        let log = edge.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        assert!(
+            log.contains("reset by peer"),
+            "the old link did not end by a reset; the edge's log ends: {tail:#?}"
+        );
         online_through(&cluster, "edge01", "head-b").await;
         assert!(!edge.log_text().contains("not a registered node"));
         // The offline edit wins over nothing: it reaches the resource whole.

@@ -8,11 +8,11 @@ use crate::node::NodeError;
 use crate::registry;
 use crate::store::{COMPACT_AFTER_CHUNKS, DocSave, DocWrite, StoredDoc};
 use automerge::{ActorId, AutoCommit};
+use std::time::Instant;
 
 /// One document and what the node knows about it.
 pub struct DocEntry {
-    /// The Automerge document.
-    pub doc: AutoCommit,
+    doc: Resident,
     /// When a peer last synced it.
     pub last_synced_at: Option<String>,
     /// Incremental chunks stored since the last snapshot.
@@ -21,9 +21,33 @@ pub struct DocEntry {
     pub(super) persisted_heads: Vec<automerge::ChangeHash>,
     /// Bytes stored for it: the snapshot and the chunks since.
     pub(super) stored_bytes: usize,
+    /// When it was last lent out.
+    used: Instant,
+}
+
+/// A document in memory: loaded, to be read, edited and synced, or saved while nothing uses
+/// it: its compact encoding, some forty times smaller than the loaded document.
+enum Resident {
+    /// Boxed: a document is 4 KiB before it holds anything.
+    Loaded(Box<AutoCommit>),
+    Saved {
+        bytes: Vec<u8>,
+        actor: ActorId,
+    },
 }
 
 impl DocEntry {
+    fn new(doc: AutoCommit) -> DocEntry {
+        DocEntry {
+            doc: Resident::Loaded(Box::new(doc)),
+            last_synced_at: None,
+            chunks: COMPACT_AFTER_CHUNKS,
+            persisted_heads: Vec::new(),
+            stored_bytes: 0,
+            used: Instant::now(),
+        }
+    }
+
     /// A document as stored: snapshot plus chunks, continuing as `actor`.
     pub(super) fn load(stored: StoredDoc, actor: &ActorId) -> Result<DocEntry, NodeError> {
         let bad = |e: automerge::AutomergeError| NodeError::Sync {
@@ -39,25 +63,67 @@ impl DocEntry {
         let _ = doc.save_incremental();
         Ok(DocEntry {
             persisted_heads: doc.get_heads(),
-            doc,
             last_synced_at: stored.last_synced_at,
             chunks: stored.chunks.len(),
             stored_bytes: stored.snapshot.len() + stored.chunks.iter().map(Vec::len).sum::<usize>(),
+            ..DocEntry::new(doc)
         })
     }
 
     /// A new document from the shared genesis change (not stored yet).
     pub(super) fn genesis(key: &str, actor: &ActorId) -> DocEntry {
-        DocEntry {
-            doc: match key == registry::KEY {
-                true => registry::genesis(actor),
-                false => model::genesis(key, actor),
-            },
-            last_synced_at: None,
-            chunks: COMPACT_AFTER_CHUNKS,
-            persisted_heads: Vec::new(),
-            stored_bytes: 0,
+        let doc = match key == registry::KEY {
+            true => registry::genesis(actor),
+            false => model::genesis(key, actor),
+        };
+        DocEntry::new(doc)
+    }
+
+    /// The Automerge document, loaded if it was saved away.
+    pub fn doc(&mut self) -> &mut AutoCommit {
+        self.used = Instant::now();
+        if let Resident::Saved { bytes, actor } = &self.doc {
+            let mut doc =
+                AutoCommit::load(bytes).expect("a document this node encoded itself decodes again");
+            doc.set_actor(actor.clone());
+            // All of it is stored already.
+            let _ = doc.save_incremental();
+            self.doc = Resident::Loaded(Box::new(doc));
         }
+        match &mut self.doc {
+            Resident::Loaded(doc) => doc,
+            Resident::Saved { .. } => unreachable!("loaded just above"),
+        }
+    }
+
+    /// The document's heads, without loading it.
+    pub fn heads(&mut self) -> Vec<automerge::ChangeHash> {
+        match &mut self.doc {
+            Resident::Loaded(doc) => doc.get_heads(),
+            Resident::Saved { .. } => self.persisted_heads.clone(),
+        }
+    }
+
+    /// When it was last lent out, if it is loaded.
+    pub(super) fn loaded_since(&self) -> Option<Instant> {
+        matches!(self.doc, Resident::Loaded(_)).then_some(self.used)
+    }
+
+    /// Saves the document away, if it is loaded and all of it is stored (an edit not stored
+    /// yet stays in memory); returns whether it did.
+    pub(super) fn unload(&mut self) -> bool {
+        let Resident::Loaded(doc) = &mut self.doc else {
+            return false;
+        };
+        if doc.get_heads() != self.persisted_heads {
+            return false;
+        }
+        let actor = doc.get_actor().clone();
+        self.doc = Resident::Saved {
+            bytes: doc.save(),
+            actor,
+        };
+        true
     }
 }
 
@@ -78,18 +144,25 @@ pub(super) fn stage(
     sync_states: Vec<(String, Vec<u8>)>,
     synced: bool,
 ) -> Option<(DocSave, Staged)> {
-    let heads = entry.doc.get_heads();
+    let heads = entry.heads();
     let changed = heads != entry.persisted_heads;
     let synced_at = synced.then(now);
     if !changed && sync_states.is_empty() && synced_at.is_none() {
         return None;
     }
-    let (write, chunks, stored_bytes) = if entry.chunks >= COMPACT_AFTER_CHUNKS {
-        let snapshot = entry.doc.save();
+    let (write, chunks, stored_bytes) = if !changed {
+        // Only sync states or the sync time: the document needs no write (nor loading).
+        (
+            DocWrite::Chunk(Vec::new()),
+            entry.chunks,
+            entry.stored_bytes,
+        )
+    } else if entry.chunks >= COMPACT_AFTER_CHUNKS {
+        let snapshot = entry.doc().save();
         let bytes = snapshot.len();
         (DocWrite::Snapshot(snapshot), 0, bytes)
     } else {
-        let chunk = entry.doc.save_incremental();
+        let chunk = entry.doc().save_incremental();
         let stored = entry.chunks + usize::from(!chunk.is_empty());
         let bytes = entry.stored_bytes + chunk.len();
         (DocWrite::Chunk(chunk), stored, bytes)
@@ -123,7 +196,7 @@ pub(super) fn check_history(
     if entry.stored_bytes < COUNT_FROM {
         return Ok(());
     }
-    let changes = entry.doc.get_changes(&[]);
+    let changes = entry.doc().get_changes(&[]);
     let history: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
     if history <= limit {
         return Ok(());
@@ -160,8 +233,8 @@ mod tests {
                     char::from_digit((x % 16) as u32, 16).unwrap()
                 })
                 .collect();
-            entry.doc.put(ROOT, "blob", text).unwrap();
-            entry.doc.commit();
+            entry.doc().put(ROOT, "blob", text).unwrap();
+            entry.doc().commit();
         }
         // A document that stores little is not counted.
         assert!(check_history("default/e1", &mut entry, 1 << 20).is_ok());
