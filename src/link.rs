@@ -272,7 +272,7 @@ async fn handle_incoming(
                 .then_some(version),
             };
             let result = run_session(node, peer.clone(), address, recv, send, shutdown).await;
-            log_end(&peer, &result);
+            log_end(&peer, &result, conn.close_reason());
             conn.close(0u32.into(), b"bye");
             Ok(())
         }
@@ -429,7 +429,7 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
             };
             let result =
                 run_session(node.clone(), peer.clone(), address, recv, send, shutdown).await;
-            log_end(&peer, &result);
+            log_end(&peer, &result, conn.close_reason());
         }
         Err(e) => warn!(error = %e, "could not open a sync stream"),
     }

@@ -319,12 +319,21 @@ impl Link {
 }
 
 /// Logs the end of a session: a broken link is routine (info), a misbehaving peer is not (warn).
-pub fn log_end(peer: &Identity, result: &Result<(), SessionError>) {
+/// `link_lost` is why the connection under it ended, if it did (timed out, reset by peer...):
+/// said instead of the stream's bare "connection lost".
+pub fn log_end(
+    peer: &Identity,
+    result: &Result<(), SessionError>,
+    link_lost: Option<impl std::fmt::Display>,
+) {
     match result {
         Ok(()) => info!(peer = %peer.name, role = %peer.role, "peer disconnected"),
-        Err(SessionError::Wire(WireError::Io(e))) => {
-            info!(peer = %peer.name, role = %peer.role, reason = %e, "peer disconnected")
-        }
+        Err(SessionError::Wire(WireError::Io(e))) => match link_lost {
+            Some(why) => {
+                info!(peer = %peer.name, role = %peer.role, reason = %why, "peer disconnected")
+            }
+            None => info!(peer = %peer.name, role = %peer.role, reason = %e, "peer disconnected"),
+        },
         Err(e) => warn!(peer = %peer.name, role = %peer.role, error = %e, "peer session ended"),
     }
 }
