@@ -328,12 +328,10 @@ pub fn log_end(
 ) {
     match result {
         Ok(()) => info!(peer = %peer.name, role = %peer.role, "peer disconnected"),
-        Err(SessionError::Wire(WireError::Io(e))) => match link_lost {
-            Some(why) => {
-                info!(peer = %peer.name, role = %peer.role, reason = %why, "peer disconnected")
-            }
-            None => info!(peer = %peer.name, role = %peer.role, reason = %e, "peer disconnected"),
-        },
+        Err(SessionError::Wire(WireError::Io(e))) => {
+            let reason = link_lost.map_or_else(|| e.to_string(), |why| why.to_string());
+            info!(peer = %peer.name, role = %peer.role, %reason, "peer disconnected")
+        }
         Err(e) => warn!(peer = %peer.name, role = %peer.role, error = %e, "peer session ended"),
     }
 }

@@ -195,7 +195,8 @@ impl Docs {
     }
 
     /// How many EdgeNode documents are loaded now (not counting those in use this instant).
-    pub fn loaded(&self) -> usize {
+    #[cfg(test)]
+    fn loaded(&self) -> usize {
         let entries = self.edgenode_entries();
         let loaded = |entry: &Arc<tokio::sync::Mutex<DocEntry>>| {
             entry.try_lock().is_ok_and(|e| e.loaded_since().is_some())
