@@ -362,47 +362,83 @@ fn fleet_address(i: usize) -> std::net::IpAddr {
     std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8).into()
 }
 
-/// Times at which each of `edges` edges (manifest dirs `dir/e{i}/manifests`) was first seen
-/// with `image` in its pod's manifest, from `start`; waits for all. Reads only manifests
-/// replaced since last read (a write renames a new file into place), so polling takes little
-/// from the edges.
-async fn delivered(
-    dir: &Path,
-    edges: std::ops::Range<usize>,
-    image: &str,
-    start: Instant,
-) -> Vec<f64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut missing: Vec<(PathBuf, u64)> = edges
-        .map(|i| (dir.join(format!("e{i}/manifests")), 0))
-        .collect();
-    let mut times = Vec::new();
-    while !missing.is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "timed out: {} edges without {image}, such as {}",
-            missing.len(),
-            missing[0].0.display()
-        );
-        let pass = Instant::now();
-        missing.retain_mut(|(dir, seen)| {
-            let file = dir.join("edgesync_default_pod0.json");
-            let inode = std::fs::metadata(&file).map_or(0, |m| m.ino());
-            if inode == *seen {
-                return true;
-            }
-            *seen = inode;
-            let done = manifest_has(dir, "default", "pod0", image);
-            if done {
-                times.push(start.elapsed().as_secs_f64());
-            }
-            !done
-        });
-        // A pass over thousands of files takes a while: at most a third of a core for it.
-        tokio::time::sleep(Duration::from_millis(2).max(pass.elapsed() * 2)).await;
+/// The manifest of pod0 of each of a range of edges, watched with inotify: an edge writes one
+/// by renaming a new file into place, so waiting for thousands to change costs no polling.
+/// Watch before the change is applied.
+struct Deliveries {
+    inotify: rustix::fd::OwnedFd,
+    dirs: std::collections::HashMap<i32, PathBuf>,
+}
+
+impl Deliveries {
+    const FILE: &str = "edgesync_default_pod0.json";
+
+    fn watch(dir: &Path, edges: std::ops::Range<usize>) -> Deliveries {
+        use rustix::fs::inotify::{CreateFlags, WatchFlags, add_watch, init};
+        let inotify = init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC).unwrap();
+        let dirs = edges
+            .map(|i| {
+                let dir = dir.join(format!("e{i}/manifests"));
+                (
+                    add_watch(&inotify, &dir, WatchFlags::MOVED_TO).unwrap(),
+                    dir,
+                )
+            })
+            .collect();
+        Deliveries { inotify, dirs }
     }
-    times.sort_by(f64::total_cmp);
-    times
+
+    /// Waits until every watched manifest has `image`; returns the seconds from `start` each
+    /// took, sorted.
+    async fn wait(mut self, image: &str, start: Instant) -> Vec<f64> {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let mut times = Vec::new();
+        let mut look = |dirs: &mut std::collections::HashMap<i32, PathBuf>, wd: i32| {
+            if dirs
+                .get(&wd)
+                .is_some_and(|dir| manifest_has(dir, "default", "pod0", image))
+            {
+                times.push(start.elapsed().as_secs_f64());
+                dirs.remove(&wd);
+            }
+        };
+        let mut all: Vec<i32> = self.dirs.keys().copied().collect();
+        let mut buf = vec![std::mem::MaybeUninit::uninit(); 64 << 10];
+        while !self.dirs.is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "timed out: {} edges without {image}, such as {}",
+                self.dirs.len(),
+                self.dirs.values().next().unwrap().display()
+            );
+            for wd in all.drain(..) {
+                look(&mut self.dirs, wd);
+            }
+            let mut reader = Reader::new(&self.inotify, &mut buf);
+            loop {
+                match reader.next() {
+                    // Events were lost: look at all.
+                    Ok(e) if e.events().contains(ReadFlags::QUEUE_OVERFLOW) => {
+                        all.extend(self.dirs.keys())
+                    }
+                    Ok(e)
+                        if e.file_name()
+                            .is_some_and(|f| f.to_bytes() == Self::FILE.as_bytes()) =>
+                    {
+                        all.push(e.wd())
+                    }
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::AGAIN) => break,
+                    Err(e) => panic!("inotify: {e}"),
+                }
+            }
+            if all.is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        times
+    }
 }
 
 /// Raises this process's open-file limit to its hard limit: each in-process edge holds a
@@ -606,28 +642,33 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
             .map(|i| edgenode("default", &format!("edge{i}"), 1, image))
             .collect()
     };
+    let watch = Deliveries::watch(path, 0..edges);
     let started = Instant::now();
     apply_all(&head, &docs("nginx:1", edges)).await;
-    delivered(path, 0..edges, "nginx:1", started).await;
+    watch.wait("nginx:1", started).await;
     eprintln!(
         "fleet: first sync of all in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    // Idle: presence written, status reports in, nothing moving.
+    // Idle: presence written, status reports in, nothing moving. Memory is read at the end of
+    // the window, when the head has saved away the documents nothing uses.
     head.quiet().await;
     let pid = head.child.id();
-    let per_edge = (rss_bytes(pid) - before) / edges as f64 / 1024.0;
-    // EDGESYNC_BENCH_IDLE_SECONDS lengthens the window, for a profiler to attach meanwhile.
-    let idle_window = Duration::from_secs(
-        std::env::var("EDGESYNC_BENCH_IDLE_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(if edges > 1000 { 10 } else { 3 }),
-    );
+    // Two keep-alive intervals: edges that went idle together send their keep-alives in bursts.
+    // EDGESYNC_BENCH_IDLE_SECONDS sets another window, for a profiler to attach meanwhile.
+    let idle_window = std::env::var("EDGESYNC_BENCH_IDLE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(match edges > 1000 {
+            true => 2 * edgesync::transport::KEEP_ALIVE,
+            false => Duration::from_secs(10),
+        });
     eprintln!("fleet: idle for {} s", idle_window.as_secs());
     let cpu0 = cpu_seconds(pid);
     tokio::time::sleep(idle_window).await;
     let idle_cpu = (cpu_seconds(pid) - cpu0) / idle_window.as_secs_f64() * 100.0;
+    let per_edge = (rss_bytes(pid) - before) / edges as f64 / 1024.0;
 
     // Fan-out, to the first `first` EdgeNodes and then to all; the head's CPU per update
     // apart from the edges' own.
@@ -635,12 +676,10 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     let mut fan_out = Vec::new();
     for (count, image) in [(first, "nginx:2"), (edges, "nginx:3")] {
         let cpu = (cpu_seconds(pid), hosts_cpu(&hosts));
+        let watch = Deliveries::watch(path, 0..count);
         let started = Instant::now();
         apply_all(&head, &docs(image, count)).await;
-        let last = *delivered(path, 0..count, image, started)
-            .await
-            .last()
-            .unwrap();
+        let last = *watch.wait(image, started).await.last().unwrap();
         let head_cpu = cpu_seconds(pid) - cpu.0;
         eprintln!(
             "fleet: fan-out to {count}: {last:.2} s; CPU meanwhile: head {head_cpu:.2} s, edges {:.2} s",
@@ -652,6 +691,7 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     // The storm: the head restarts (every edge drops at once), a change for every edge is
     // applied as soon as it is back, and every edge reconnects and receives it.
     ask_all(&mut hosts, "mark").await;
+    let watch = Deliveries::watch(path, 0..edges);
     let addr = head.addr;
     head.stop();
     let started = Instant::now();
@@ -669,7 +709,7 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     };
     let cpu = cpu_seconds(pid);
     apply_all(&head, &docs("nginx:4", edges)).await;
-    let resynced = delivered(path, 0..edges, "nginx:4", started).await;
+    let resynced = watch.wait("nginx:4", started).await;
     let mut bytes = sum_all(&mut hosts, "since").await;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;

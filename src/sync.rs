@@ -68,13 +68,13 @@ where
     let (frames_tx, mut frames) = mpsc::channel(READ_AHEAD);
     let reader = tokio::spawn(read_frames(recv, frames_tx));
     let result = async {
-        link.start().await?;
+        Box::pin(link.start()).await?;
         loop {
             let retry = link.session.next_retry().map(Instant::from_std);
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
-                    link.retry_due().await?;
+                    Box::pin(link.retry_due()).await?;
                 }
                 _ = removed.cancelled() => {
                     return Err(SessionError::Protocol("the node was removed on the head".into()));
@@ -86,11 +86,13 @@ where
                 frame = frames.recv() => match frame.map(|read| *read) {
                     None => return Ok(()),
                     Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(frame)) => link.on_frame(frame).await?,
+                    // Boxed, like the other steps below: the session's task then keeps only
+                    // what waits between frames, not the largest step, for its whole life.
+                    Some(Ok(frame)) => Box::pin(link.on_frame(frame)).await?,
                 },
                 keys = changes.next() => {
                     for key in keys {
-                        link.push(&key).await?;
+                        Box::pin(link.push(&key)).await?;
                     }
                 }
             }

@@ -221,7 +221,7 @@ async fn with_a_cluster_fresh_heads_rewrite_no_record_and_removal_deletes_it() {
         let b = HeadProc::start_named(&dir.path().join("b"), "head-b", addr, &args).await;
         wait_for(
             "the edge back through the fresh head",
-            Duration::from_secs(40),
+            Duration::from_secs(60),
             || {
                 edge_object()
                     .filter(|o| o["status"]["head"] == "head-b" && o["status"]["online"] == true)

@@ -96,6 +96,19 @@ impl DocEntry {
         }
     }
 
+    /// Reads the document with `f`. One saved away is loaded for this read only and stays
+    /// saved: a look at every EdgeNode (a presence storm, a list) must not load them all.
+    pub fn read<R>(&mut self, f: impl FnOnce(&AutoCommit) -> R) -> R {
+        match &self.doc {
+            Resident::Loaded(doc) => {
+                self.used = Instant::now();
+                f(doc)
+            }
+            Resident::Saved { bytes, .. } => f(&AutoCommit::load(bytes)
+                .expect("a document this node encoded itself decodes again")),
+        }
+    }
+
     /// The document's heads, without loading it.
     pub fn heads(&mut self) -> Vec<automerge::ChangeHash> {
         match &mut self.doc {
