@@ -302,8 +302,7 @@ impl Node {
         let Some((view, last_synced_at)) = self.0.docs.view(key).await? else {
             return Ok(None);
         };
-        let waiting = deleting && view.observed_generation != Some(view.generation);
-        if (view.deleted && !waiting) || view.generation == 0 {
+        if !shown(&view, deleting) {
             return Ok(None);
         }
         let online = self.online(&view.name).await;
@@ -312,6 +311,24 @@ impl Node {
             self.stamp_transitions(key, &mut status.conditions);
         }
         Ok(Some(object))
+    }
+
+    /// The conditions of EdgeNode `key` (or of one being deleted that its edge has not let go
+    /// yet), as [`Node::edgenode_or_deleting`] shows them, read without the pods' specs.
+    pub async fn conditions_or_deleting(
+        &self,
+        key: &str,
+    ) -> Result<Option<Vec<crate::crd::Condition>>, NodeError> {
+        let Some((view, last_synced_at)) = self.0.docs.view_status(key).await? else {
+            return Ok(None);
+        };
+        if !shown(&view, true) {
+            return Ok(None);
+        }
+        let online = self.online(&view.name).await;
+        let mut status = derive_status(&view, last_synced_at, online);
+        self.stamp_transitions(key, &mut status.conditions);
+        Ok(Some(status.conditions))
     }
 
     /// Sets each condition's `lastTransitionTime` of EdgeNode `key`: kept while its status
@@ -336,6 +353,13 @@ impl Node {
 /// Locks `m`; a panic elsewhere while holding it leaves data still worth using.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether an EdgeNode read out is shown: created, and not deleted, unless `deleting` asks
+/// also for one whose edge has not applied its last generation (its deletion) yet.
+fn shown(view: &model::DocView, deleting: bool) -> bool {
+    let waiting = deleting && view.observed_generation != Some(view.generation);
+    (!view.deleted || waiting) && view.generation != 0
 }
 
 #[cfg(test)]

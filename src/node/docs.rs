@@ -563,11 +563,28 @@ impl Docs {
 
     /// The document `key` read out, with its last sync time.
     pub async fn view(&self, key: &str) -> Result<Option<(DocView, Option<String>)>, NodeError> {
+        self.view_by(key, model::read).await
+    }
+
+    /// What the status of document `key` is derived from ([`model::read_status`]), with its
+    /// last sync time.
+    pub async fn view_status(
+        &self,
+        key: &str,
+    ) -> Result<Option<(DocView, Option<String>)>, NodeError> {
+        self.view_by(key, model::read_status).await
+    }
+
+    async fn view_by(
+        &self,
+        key: &str,
+        read: fn(&AutoCommit, &str) -> Result<DocView, model::ModelError>,
+    ) -> Result<Option<(DocView, Option<String>)>, NodeError> {
         let Some(entry) = self.entry(key) else {
             return Ok(None);
         };
         let mut entry = entry.lock().await;
-        let view = entry.read(|doc| model::read(doc, key))?;
+        let view = entry.read(|doc| read(doc, key))?;
         Ok(Some((view, entry.last_synced_at.clone())))
     }
 

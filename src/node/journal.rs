@@ -150,8 +150,8 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
         all = false;
         let pass = tokio::time::Instant::now();
         for key in keys.iter().filter(|k| !crate::key::is_internal(k)) {
-            let conditions = match node.edgenode_or_deleting(key).await {
-                Ok(Some(object)) => object.status.unwrap_or_default().conditions,
+            let conditions = match node.conditions_or_deleting(key).await {
+                Ok(Some(conditions)) => conditions,
                 Ok(None) => {
                     seen.remove(key);
                     continue;
