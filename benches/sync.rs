@@ -613,7 +613,7 @@ async fn host_edges(args: &[String]) {
 /// fan-out of one pod update to `first` EdgeNodes and then to all; a reconnect storm after the
 /// head restarts, with a change for every edge pending.
 async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
-    // Kept after a run for a look at the logs (head/head.log, edges.log), until the next.
+    // Its logs (head.log, edges.log) are kept after a run, until the next.
     let path = &Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-fleet");
     let _ = std::fs::remove_dir_all(path);
     std::fs::create_dir_all(path).unwrap();
@@ -650,9 +650,9 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
         "fleet: first sync of all in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    // Idle: presence written, status reports in, nothing moving. Memory is read at the end of
-    // the window, when the head has saved away the documents nothing uses.
+    // Idle: presence written, status reports in, nothing moving, and the documents saved away.
     head.quiet().await;
+    tokio::time::sleep(edgesync::node::docs::UNLOAD_AFTER + Duration::from_secs(2)).await;
     let pid = head.child.id();
     // Two keep-alive intervals: edges that went idle together send their keep-alives in bursts.
     // EDGESYNC_BENCH_IDLE_SECONDS sets another window, for a profiler to attach meanwhile.
@@ -732,7 +732,13 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     );
     futures_util::future::join_all(hosts.iter_mut().map(|h| h.ask("stop"))).await;
     drop(head);
-    let _ = std::fs::remove_dir_all(path);
+    // The files of the edges and the head go; the logs stay for a look, until the next run.
+    let _ = std::fs::rename(path.join("head/head.log"), path.join("head.log"));
+    for entry in std::fs::read_dir(path).unwrap().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     let mut figures = vec![
         Figure {
             name: format!("head_memory_per_edge_of_{edges}"),
