@@ -299,13 +299,9 @@ impl Node {
     }
 
     async fn object(&self, key: &str, deleting: bool) -> Result<Option<EdgeNode>, NodeError> {
-        let Some((view, last_synced_at)) = self.0.docs.view(key).await? else {
+        let Some((view, last_synced_at, online)) = self.shown(key, deleting, false).await? else {
             return Ok(None);
         };
-        if !shown(&view, deleting) {
-            return Ok(None);
-        }
-        let online = self.online(&view.name).await;
         let mut object = to_edgenode(&view, last_synced_at, online);
         if let Some(status) = object.status.as_mut() {
             self.stamp_transitions(key, &mut status.conditions);
@@ -319,16 +315,36 @@ impl Node {
         &self,
         key: &str,
     ) -> Result<Option<Vec<crate::crd::Condition>>, NodeError> {
-        let Some((view, last_synced_at)) = self.0.docs.view_status(key).await? else {
+        let Some((view, last_synced_at, online)) = self.shown(key, true, true).await? else {
             return Ok(None);
         };
-        if !shown(&view, true) {
-            return Ok(None);
-        }
-        let online = self.online(&view.name).await;
         let mut status = derive_status(&view, last_synced_at, online);
         self.stamp_transitions(key, &mut status.conditions);
         Ok(Some(status.conditions))
+    }
+
+    /// EdgeNode `key` read out (only what its status needs, if `status_only`), its last sync
+    /// time and whether its edge is online; None unless it was created and is not deleted, or
+    /// `deleting` asks also for one whose edge has not applied its deletion yet.
+    async fn shown(
+        &self,
+        key: &str,
+        deleting: bool,
+        status_only: bool,
+    ) -> Result<Option<(model::DocView, Option<String>, bool)>, NodeError> {
+        let read = match status_only {
+            true => self.0.docs.view_status(key).await?,
+            false => self.0.docs.view(key).await?,
+        };
+        let Some((view, last_synced_at)) = read else {
+            return Ok(None);
+        };
+        let waiting = deleting && view.observed_generation != Some(view.generation);
+        if (view.deleted && !waiting) || view.generation == 0 {
+            return Ok(None);
+        }
+        let online = self.online(&view.name).await;
+        Ok(Some((view, last_synced_at, online)))
     }
 
     /// Sets each condition's `lastTransitionTime` of EdgeNode `key`: kept while its status
@@ -353,13 +369,6 @@ impl Node {
 /// Locks `m`; a panic elsewhere while holding it leaves data still worth using.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Whether an EdgeNode read out is shown: created, and not deleted, unless `deleting` asks
-/// also for one whose edge has not applied its last generation (its deletion) yet.
-fn shown(view: &model::DocView, deleting: bool) -> bool {
-    let waiting = deleting && view.observed_generation != Some(view.generation);
-    (!view.deleted || waiting) && view.generation != 0
 }
 
 #[cfg(test)]
