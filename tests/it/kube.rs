@@ -632,7 +632,7 @@ pub(crate) fn lease_holder(cluster: &Cluster) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_writer_head_dies_another_takes_the_lease_and_the_edge_follows() {
-    within(120, async {
+    within(180, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path()).await;
         let (addr_a, addr_b) = (free_udp_addr(), free_udp_addr());
@@ -707,9 +707,10 @@ async fn when_the_writer_head_dies_another_takes_the_lease_and_the_edge_follows(
             ),
         );
         ok(edge.cli(&["apply", "-f", &edit]));
+        // The edge sees the dead head gone within a keep-alive and the idle timeout (50 s).
         wait_for(
             "the edge's edit written back by the new writer",
-            Duration::from_secs(30),
+            Duration::from_secs(75),
             || {
                 cluster
                     .object("default", "edge01")
