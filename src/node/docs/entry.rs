@@ -83,8 +83,7 @@ impl DocEntry {
     pub fn doc(&mut self) -> &mut AutoCommit {
         self.used = Instant::now();
         if let Resident::Saved { bytes, actor } = &self.doc {
-            let mut doc =
-                AutoCommit::load(bytes).expect("a document this node encoded itself decodes again");
+            let mut doc = decode(bytes);
             doc.set_actor(actor.clone());
             // All of it is stored already.
             let _ = doc.save_incremental();
@@ -104,8 +103,7 @@ impl DocEntry {
                 self.used = Instant::now();
                 f(doc)
             }
-            Resident::Saved { bytes, .. } => f(&AutoCommit::load(bytes)
-                .expect("a document this node encoded itself decodes again")),
+            Resident::Saved { bytes, .. } => f(&decode(bytes)),
         }
     }
 
@@ -138,6 +136,11 @@ impl DocEntry {
         };
         true
     }
+}
+
+/// A document saved away, loaded again.
+fn decode(bytes: &[u8]) -> AutoCommit {
+    AutoCommit::load(bytes).expect("a document this node encoded itself decodes again")
 }
 
 /// A document write on its way to the store, and what the entry becomes once it is stored.
