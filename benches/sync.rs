@@ -240,6 +240,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// 1: spec change on the head → manifest written on a connected edge.
+/// Time left between two changes of the latency phase (`EDGESYNC_BENCH_SETTLE_MS`, 0 for
+/// back to back).
+fn settle() -> Duration {
+    let ms = std::env::var("EDGESYNC_BENCH_SETTLE_MS").ok();
+    Duration::from_millis(ms.and_then(|m| m.parse().ok()).unwrap_or(10))
+}
+
 async fn latency(changes: usize) -> Vec<Figure> {
     let dir = tempfile::tempdir().unwrap();
     let head = HeadProcess::start(dir.path()).await;
@@ -272,8 +279,20 @@ async fn latency(changes: usize) -> Vec<Figure> {
         if i > 0 {
             samples.push(started.elapsed().as_secs_f64() * 1000.0);
         }
+        // The edge's status report for this change, and the head's answer, take a few
+        // milliseconds more: each change is measured on its own, not queued behind them.
+        if !settle().is_zero() {
+            tokio::time::sleep(settle()).await;
+        }
     }
     edge.shutdown().await;
+    if std::env::var_os("EDGESYNC_BENCH_SERIES").is_some() {
+        for (i, w) in samples.chunks(100).enumerate() {
+            let mut w = w.to_vec();
+            w.sort_by(f64::total_cmp);
+            eprintln!("latency: changes {}..: p50 {:.2} ms", i * 100, percentile(&w, 0.5));
+        }
+    }
     samples.sort_by(f64::total_cmp);
     let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
     // The floor, on the same disk in the same run: what one durable write of a manifest

@@ -383,14 +383,16 @@ pub fn reconcile(
     prop: Prop,
     value: &Value,
 ) -> Result<bool, automerge::AutomergeError> {
-    let current = match doc.get(obj, prop.clone())? {
+    // One lookup: the value shown is the last of the conflicting ones.
+    let mut values = doc.get_all(obj, prop.clone())?;
+    let conflicted = values.len() > 1;
+    let current = match values.pop() {
         None => Current::Absent,
         Some((AmValue::Object(ObjType::Map), id)) => Current::Map(id),
         Some((AmValue::Object(ObjType::List), id)) => Current::List(id),
         Some((AmValue::Scalar(s), _)) => Current::Scalar(s.into_owned()),
         Some(_) => Current::Other,
     };
-    let conflicted = doc.get_all(obj, prop.clone())?.len() > 1;
     match value {
         Value::Object(map) => {
             let (id, mut changed) = match current {

@@ -695,8 +695,7 @@ impl Docs {
             return Ok(());
         }
         let before = entry.persisted_heads.clone();
-        let after = entry.heads();
-        let moved = moved(key, entry.doc(), &before, &after);
+        let moved = moved(key, entry.doc(), &before);
         let states = state.map(|s| (peer.to_string(), s)).into_iter().collect();
         let origin = Origin::Peer(peer.to_string());
         self.persist(key, entry, states, origin, moved).await
