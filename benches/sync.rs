@@ -152,9 +152,16 @@ impl HeadProcess {
     }
 
     /// Applies EdgeNodes of `text` (one or more YAML documents).
+    /// Applies EdgeNode text as `edgesync apply` sends it.
     async fn apply(&self, yaml: String) {
+        self.apply_wire(edgesync::input::for_the_wire(&yaml).unwrap())
+            .await
+    }
+
+    /// Applies text already in the form `edgesync apply` sends ([`edgesync::input::for_the_wire`]).
+    async fn apply_wire(&self, body: String) {
         let (status, body) = Client::new(&self.socket())
-            .request(Method::POST, "/v1/apply", Some(yaml.into_bytes()))
+            .request(Method::POST, "/v1/apply", Some(body.into_bytes()))
             .await
             .unwrap();
         assert!(status.is_success(), "{}", String::from_utf8_lossy(&body));
@@ -240,13 +247,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// 1: spec change on the head → manifest written on a connected edge.
-/// Time left between two changes of the latency phase (`EDGESYNC_BENCH_SETTLE_MS`, 0 for
-/// back to back).
-fn settle() -> Duration {
-    let ms = std::env::var("EDGESYNC_BENCH_SETTLE_MS").ok();
-    Duration::from_millis(ms.and_then(|m| m.parse().ok()).unwrap_or(10))
-}
-
 async fn latency(changes: usize) -> Vec<Figure> {
     let dir = tempfile::tempdir().unwrap();
     let head = HeadProcess::start(dir.path()).await;
@@ -279,18 +279,17 @@ async fn latency(changes: usize) -> Vec<Figure> {
         if i > 0 {
             samples.push(started.elapsed().as_secs_f64() * 1000.0);
         }
-        // The edge's status report for this change, and the head's answer, take a few
-        // milliseconds more: each change is measured on its own, not queued behind them.
-        if !settle().is_zero() {
-            tokio::time::sleep(settle()).await;
-        }
     }
     edge.shutdown().await;
     if std::env::var_os("EDGESYNC_BENCH_SERIES").is_some() {
         for (i, w) in samples.chunks(100).enumerate() {
             let mut w = w.to_vec();
             w.sort_by(f64::total_cmp);
-            eprintln!("latency: changes {}..: p50 {:.2} ms", i * 100, percentile(&w, 0.5));
+            eprintln!(
+                "latency: changes {}..: p50 {:.2} ms",
+                i * 100,
+                percentile(&w, 0.5)
+            );
         }
     }
     samples.sort_by(f64::total_cmp);
@@ -986,22 +985,30 @@ async fn ingest(updates: usize) -> Vec<Figure> {
         head.apply(batch(client, 0)).await;
     }
     let rounds = updates / docs / clients;
+    // Made ready as the CLI makes them before the clock starts: the head's work is measured.
+    let bodies: Vec<Vec<String>> = (0..clients)
+        .map(|client| {
+            (1..=rounds)
+                .map(|round| edgesync::input::for_the_wire(&batch(client, round)).unwrap())
+                .collect()
+        })
+        .collect();
     let started = Instant::now();
-    let client = |client: usize| {
+    let client = |bodies: Vec<String>| {
         let head = &head;
         async move {
-            for round in 1..=rounds {
-                head.apply(batch(client, round)).await;
+            for body in bodies {
+                head.apply_wire(body).await;
             }
         }
     };
-    futures_util::future::join_all((0..clients).map(client)).await;
+    futures_util::future::join_all(bodies.into_iter().map(client)).await;
     let rate = (rounds * docs * clients) as f64 / started.elapsed().as_secs_f64();
     vec![Figure {
         name: "head_ingest".into(),
         value: rate,
         unit: "updates/s",
-        target: 5000.0,
+        target: 10_000.0,
         at_most: false,
     }]
 }
@@ -1101,7 +1108,7 @@ async fn main() {
         phase("idle", idle(if quick { 5 } else { 30 }).await);
     }
     if wanted("ingest") {
-        phase("ingest", ingest(if quick { 2000 } else { 10000 }).await);
+        phase("ingest", ingest(if quick { 2000 } else { 40_000 }).await);
     }
     if wanted("cold-start") {
         phase("cold-start", cold_start().await);

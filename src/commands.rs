@@ -154,9 +154,12 @@ pub async fn apply(args: &ApplyArgs) -> Result<(), CommandError> {
         }
         return Ok(());
     }
+    // Sent as JSON, which the head reads without a YAML parser; refused here as it would be.
+    let body = crate::input::for_the_wire(&text)
+        .map_err(|e| CommandError::Usage(format!("{name}: {e}")))?;
     let server = args.dry_run == Some(DryRun::Server);
     let uri = format!("/v1/apply?namespace={}&dryRun={server}", args.namespace);
-    let result = call(&args.socket, Method::POST, &uri, Some(text.into_bytes())).await;
+    let result = call(&args.socket, Method::POST, &uri, Some(body.into_bytes())).await;
     let outcomes: Vec<ApplyOutcome> = match result {
         Ok(v) => serde_json::from_value(v).map_err(|e| CommandError::Runtime(e.to_string()))?,
         Err(CommandError::Usage(message)) => {

@@ -102,9 +102,9 @@ pub fn edgenode_names(
     Ok(names)
 }
 
-/// The objects of a YAML or JSON text (the items of a `List` each on its own), labelled
-/// `document N` (`item M`), after the size and structure budgets.
-fn parse_objects(text: &str) -> Result<Vec<(String, Value)>, InvalidInput> {
+/// The documents of a YAML or JSON text, after the size and structure budgets. JSON objects
+/// one per `---` (what the CLI sends) are read without the YAML parser.
+fn parse_documents(text: &str) -> Result<Vec<Value>, InvalidInput> {
     if text.len() > MAX_INPUT_BYTES {
         return Err(invalid(
             "input",
@@ -115,15 +115,32 @@ fn parse_objects(text: &str) -> Result<Vec<(String, Value)>, InvalidInput> {
             ),
         ));
     }
+    if let Some(docs) = limits::json_documents(text) {
+        return Ok(docs);
+    }
     check_budget(text)?;
-    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, parse_options())
-        .map_err(|e| {
-            invalid(
-                "input",
-                "(syntax)",
-                &format!("not valid YAML or JSON: {}", one_line(&e.to_string())),
-            )
-        })?;
+    serde_saphyr::from_multiple_with_options(text, parse_options()).map_err(|e| {
+        invalid(
+            "input",
+            "(syntax)",
+            &format!("not valid YAML or JSON: {}", one_line(&e.to_string())),
+        )
+    })
+}
+
+/// `text` as the CLI sends it to a head: each of its documents as compact JSON, one per `---`,
+/// which the head reads without a YAML parser (as kubectl sends JSON to an API server).
+/// Refused here as the head would refuse it.
+pub fn for_the_wire(text: &str) -> Result<String, InvalidInput> {
+    let docs = parse_documents(text)?;
+    let docs: Vec<String> = docs.iter().map(Value::to_string).collect();
+    Ok(docs.join("\n---\n"))
+}
+
+/// The objects of a YAML or JSON text (the items of a `List` each on its own), labelled
+/// `document N` (`item M`), after the size and structure budgets.
+fn parse_objects(text: &str) -> Result<Vec<(String, Value)>, InvalidInput> {
+    let docs = parse_documents(text)?;
     let mut objects = Vec::new();
     for (i, mut doc) in docs.into_iter().enumerate() {
         let label = format!("document {}", i + 1);
@@ -554,6 +571,39 @@ mod tests {
         assert_eq!(parse(&text).unwrap().len(), 2);
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [serde_saphyr::from_str::<Value>(EXAMPLE).unwrap()]});
         assert_eq!(parse(&list.to_string()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn what_the_cli_sends_reads_as_the_yaml_it_came_from() {
+        let text = format!(
+            "{EXAMPLE}---\n{}",
+            EXAMPLE.replace("namespace: default", "namespace: team-a")
+        );
+        let wire = for_the_wire(&text).unwrap();
+        assert!(limits::json_documents(&wire).is_some(), "{wire}");
+        assert_eq!(parse_objects(&wire).unwrap(), parse_objects(&text).unwrap());
+        // A refusal reads the same whichever form carries the text.
+        let bad = with_pods("    - kind: Pod\n      metadata:\n        name: Web\n");
+        let wire = for_the_wire(&bad).unwrap();
+        assert!(limits::json_documents(&wire).is_some(), "{wire}");
+        assert_eq!(refusal(&wire), refusal(&bad));
+        // What the YAML path would refuse is left to it, to say why.
+        assert_eq!(
+            for_the_wire("kind: [").unwrap_err().to_string(),
+            refusal("kind: [")
+        );
+        let duplicate =
+            r#"{"apiVersion": "edgesync.io/v1alpha1", "kind": "EdgeNode", "kind": "x"}"#;
+        assert!(limits::json_documents(duplicate).is_none());
+        let deep = format!("{{\"a\": {}1{}}}", "[".repeat(60), "]".repeat(60));
+        assert!(limits::json_documents(&deep).is_none());
+        assert!(
+            refusal(&deep).contains("nested deeper than 48 levels"),
+            "{}",
+            refusal(&deep)
+        );
+        let big = format!("{{\"a\": \"{}\"}}", "x".repeat(MAX_EDGENODE_BYTES + 1));
+        assert!(limits::json_documents(&big).is_none());
     }
 
     #[test]

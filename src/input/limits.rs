@@ -125,6 +125,115 @@ pub fn check_budget(text: &str) -> Result<(), InvalidInput> {
     Ok(())
 }
 
+/// The documents of `text` when it is JSON objects, one per `---` line (what the CLI sends),
+/// within the budgets: read without the YAML parser. None for anything else, a duplicate key
+/// or a budget exceeded included: the YAML path then reads it, and says what is wrong.
+pub fn json_documents(text: &str) -> Option<Vec<Value>> {
+    let mut docs = Vec::new();
+    for piece in text.split("\n---\n") {
+        let piece = piece.trim();
+        if !piece.starts_with('{') || docs.len() == MAX_DOCUMENTS {
+            return None;
+        }
+        // serde_json's own recursion limit (128) ends deeper nesting first.
+        let Strict(doc) = serde_json::from_str(piece).ok()?;
+        docs.push(doc);
+    }
+    let mut nodes = 0;
+    docs.iter()
+        .all(|doc| within_budget(doc, 1, &mut nodes))
+        .then_some(docs)
+}
+
+/// Whether `value`, at nesting level `depth`, keeps within the budgets [`check_budget`]
+/// enforces on YAML; `nodes` counts as it goes (a key is a node, as in YAML).
+fn within_budget(value: &Value, depth: usize, nodes: &mut usize) -> bool {
+    *nodes += 1;
+    if *nodes > MAX_NODES {
+        return false;
+    }
+    match value {
+        Value::Object(map) => {
+            depth <= MAX_DEPTH
+                && map.iter().all(|(key, v)| {
+                    *nodes += 1;
+                    key.len() <= MAX_EDGENODE_BYTES && within_budget(v, depth + 1, nodes)
+                })
+        }
+        Value::Array(items) => {
+            depth <= MAX_DEPTH && items.iter().all(|v| within_budget(v, depth + 1, nodes))
+        }
+        Value::String(s) => s.len() <= MAX_EDGENODE_BYTES,
+        _ => true,
+    }
+}
+
+/// A JSON value that refuses duplicate keys, as the YAML path does.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Strict, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Strict(value) = map.next_value()?;
+            if out.insert(key, value).is_some() {
+                return Err(serde::de::Error::custom("duplicate key"));
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// A syntax error of the YAML parser, as one line; the parser's own nesting limit (hit in flow
 /// collections such as `[[[`) reads as the depth budget.
 fn scan_error(e: serde_saphyr::granit_parser::ScanError) -> InvalidInput {
