@@ -151,8 +151,7 @@ impl HeadProcess {
         eprintln!("the head was still busy after five minutes");
     }
 
-    /// Applies EdgeNodes of `text` (one or more YAML documents).
-    /// Applies EdgeNode text as `edgesync apply` sends it.
+    /// Applies EdgeNodes of `yaml` (one or more documents) as `edgesync apply` sends them.
     async fn apply(&self, yaml: String) {
         self.apply_wire(edgesync::input::for_the_wire(&yaml).unwrap())
             .await
