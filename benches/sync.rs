@@ -724,7 +724,7 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
             }
         })
     };
-    let cpu = cpu_seconds(pid);
+    let cpu = (cpu_seconds(pid), hosts_cpu(&hosts));
     apply_all(&head, &docs("nginx:4", edges)).await;
     let resynced = watch.wait("nginx:4", started).await;
     let mut bytes = sum_all(&mut hosts, "since").await;
@@ -737,12 +737,13 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
         bytes = now;
     }
     sampler.abort();
-    let storm_cpu = cpu_seconds(pid) - cpu;
+    let storm_cpu = cpu_seconds(pid) - cpu.0;
+    let storm_edges_cpu = hosts_cpu(&hosts) - cpu.1;
     // What the missed changes need: every change either side did not have yet, as stored.
     let (wire, needed) = (bytes[0], bytes[1]);
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64;
     eprintln!(
-        "fleet: storm: {:.0} KiB on the wire for {:.0} KiB of changes; head CPU {storm_cpu:.2} s, peak RSS {:.0} MiB",
+        "fleet: storm: {:.0} KiB on the wire for {:.0} KiB of changes; CPU: head {storm_cpu:.2} s, edges {storm_edges_cpu:.2} s; head peak RSS {:.0} MiB",
         wire / 1024.0,
         needed / 1024.0,
         peak / 1048576.0

@@ -10,7 +10,7 @@ pub mod wire;
 
 use crate::clock::now;
 use crate::node::{Node, PeerAddress};
-use crate::transport::tls::Identity;
+use crate::transport::tls::{Identity, Role};
 use session::{Event, Incoming, Session, Transmit};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -189,8 +189,11 @@ impl Link {
     }
 
     async fn on_frame(&mut self, frame: Frame) -> Result<(), SessionError> {
-        if let Some((doc, len)) = frame.sync_part() {
-            self.count_in(doc, len);
+        if matches!(
+            frame,
+            Frame::Sync { .. } | Frame::SyncChunk { .. } | Frame::Summary { .. }
+        ) {
+            self.count_in(frame.wire_len());
         }
         match self.session.on_frame(frame, now_std())? {
             None => Ok(()),
@@ -225,21 +228,26 @@ impl Link {
         }
         let (state, shared) = (self.session.state(&key), self.session.shared_heads(&key));
         let peer = self.peer().name.clone();
-        if let Err(e) = self
+        let brought = match self
             .node
             .docs()
             .synced(&peer, &key, &mut entry, state, shared)
             .await
         {
-            return self.session.fail(&key, e.to_string(), now_std());
-        }
+            Ok(brought) => brought,
+            Err(e) => return self.session.fail(&key, e.to_string(), now_std()),
+        };
         debug!(peer = %peer, doc = %key, "sync received");
         let role = crate::metrics::RoleLabels {
             role: self.peer().role.as_str().into(),
         };
         self.node.metrics().sync_rounds.get_or_create(&role).inc();
-        self.session.push(&key, entry.doc(), now_std())?;
-        Ok(())
+        // An edge answers a head's change with the status its reconciler writes next, and
+        // acknowledges the change in the same message.
+        match brought && self.node.role() == Role::Edge {
+            true => self.session.answer(&key, entry.doc(), now_std()),
+            false => self.session.push(&key, entry.doc(), now_std()),
+        }
     }
 
     /// Queues the next sync message for `key`, if there is one.
@@ -251,8 +259,12 @@ impl Link {
         Ok(())
     }
 
-    /// Tries again the failed documents whose wait is over.
+    /// Tries again the failed documents whose wait is over, and sends the held-back answers
+    /// that are due.
     async fn retry_due(&mut self) -> Result<(), SessionError> {
+        for key in self.session.answers_due(now_std()) {
+            self.push(&key).await?;
+        }
         for key in self.session.due(now_std()) {
             debug!(peer = %self.peer().name, doc = %key, "trying the document again");
             match self.node.docs().sync_doc(&key) {
@@ -308,8 +320,9 @@ impl Link {
         Ok(())
     }
 
-    fn count_in(&self, key: &str, len: usize) {
-        let size = len as u64 + key.len() as u64;
+    /// Counts a frame of `len` bytes (header included, as counted going out) from the peer.
+    fn count_in(&self, len: usize) {
+        let size = len as u64;
         self.node
             .metrics()
             .traffic(self.peer().role.as_str(), "in", size);

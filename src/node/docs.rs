@@ -677,8 +677,9 @@ impl Docs {
     }
 
     /// After a sync message from `peer` was applied to `entry` (document `key`): stores what
-    /// it brought with the session's sync `state`, then announces it. Nothing is announced
-    /// before it is stored; if the write fails, the entry goes back to what is stored.
+    /// it brought with the session's sync `state`, then announces it; true if it brought
+    /// changes. Nothing is announced before it is stored; if the write fails, the entry goes
+    /// back to what is stored.
     pub async fn synced(
         &self,
         peer: &str,
@@ -686,19 +687,20 @@ impl Docs {
         entry: &mut DocEntry,
         state: Option<Vec<u8>>,
         shared_heads: Vec<automerge::ChangeHash>,
-    ) -> Result<(), NodeError> {
+    ) -> Result<bool, NodeError> {
         lock(&self.shared).insert((peer.to_string(), key.to_string()), shared_heads);
         if entry.heads() == entry.persisted_heads {
             // Nothing new (an acknowledgement): the session keeps the sync state and stores
             // it when it ends; a state stored stale only costs a little resending.
             entry.last_synced_at = Some(now());
-            return Ok(());
+            return Ok(false);
         }
         let before = entry.persisted_heads.clone();
         let moved = moved(key, entry.doc(), &before);
         let states = state.map(|s| (peer.to_string(), s)).into_iter().collect();
         let origin = Origin::Peer(peer.to_string());
-        self.persist(key, entry, states, origin, moved).await
+        self.persist(key, entry, states, origin, moved).await?;
+        Ok(true)
     }
 
     /// The heads of every document `peer` may see (what a sync session with it offers).

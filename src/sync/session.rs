@@ -23,6 +23,10 @@ pub const RETRY_FIRST: Duration = Duration::from_secs(1);
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Documents that may be failing at once in one session; more ends the session.
 pub const MAX_FAILING: usize = 1024;
+/// Longest an answer that only acknowledges what was received waits for a change of this
+/// side's own to the same document, to go out in one message with it (an edge answers a spec
+/// change with the status its reconciler writes moments later): see [`Session::answer`].
+pub const ANSWER_DELAY: Duration = Duration::from_millis(200);
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +106,8 @@ pub struct Session {
     states: HashMap<String, sync::State>,
     reassembly: Reassembly,
     failing: HashMap<String, Failing>,
+    /// Documents whose acknowledgement is held back: until when, and their heads then.
+    held: HashMap<String, (Instant, Vec<ChangeHash>)>,
     transmit: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -119,6 +125,7 @@ impl Session {
             states,
             reassembly: Reassembly::default(),
             failing: HashMap::new(),
+            held: HashMap::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -275,8 +282,38 @@ impl Session {
 
     /// Queues the next sync message for `doc` (document `key`), if the peer may see it, it is
     /// not waiting to be tried again, and there is one. A message too large to send is
-    /// reported and not sent; the document then waits for the peer.
+    /// reported and not sent; the document then waits for the peer. An answer held back (see
+    /// [`Session::answer`]) goes with it, unless the document is still as it was received.
     pub fn push(
+        &mut self,
+        key: &str,
+        doc: &mut AutoCommit,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        if let Some((_, heads)) = self.held.get(key) {
+            if *heads == doc.get_heads() {
+                // Only the notice of what was received: its answer waits on.
+                return Ok(());
+            }
+            self.held.remove(key);
+        }
+        if !self.peer.may_access(key) || self.waits_for_retry(key, now) {
+            return Ok(());
+        }
+        let state = self.states.entry(key.to_string()).or_default();
+        let Some(message) = doc.sync().generate_sync_message(state) else {
+            return Ok(());
+        };
+        self.queue(key, message)
+    }
+
+    /// Like [`Session::push`], for the answer to a message that brought `doc` changes, except
+    /// that an answer that only acknowledges them (it carries no changes, asks for none and
+    /// resets nothing) is held back for up to [`ANSWER_DELAY`]: a change of this side's own
+    /// pushed meanwhile carries the acknowledgement with it, and [`Session::answers_due`] names
+    /// the documents whose wait is over. The peer learns a little later that the changes
+    /// arrived; nothing waits on that but its own bookkeeping.
+    pub fn answer(
         &mut self,
         key: &str,
         doc: &mut AutoCommit,
@@ -286,9 +323,51 @@ impl Session {
             return Ok(());
         }
         let state = self.states.entry(key.to_string()).or_default();
+        let resets = state.needs_reset;
+        let before = (
+            state.last_sent_heads.clone(),
+            state.have_responded,
+            state.in_flight,
+        );
         let Some(message) = doc.sync().generate_sync_message(state) else {
             return Ok(());
         };
+        let acknowledges_only = !resets
+            && message.changes.is_empty()
+            && message.need.is_empty()
+            && message
+                .have
+                .first()
+                .is_some_and(|h| !h.last_sync.is_empty());
+        if acknowledges_only {
+            // As if it had not been generated: nothing else of the state moved.
+            (state.last_sent_heads, state.have_responded, state.in_flight) = before;
+            let heads = doc.get_heads();
+            let held = self.held.entry(key.to_string());
+            held.or_insert((now + ANSWER_DELAY, Vec::new())).1 = heads;
+            return Ok(());
+        }
+        self.held.remove(key);
+        self.queue(key, message)
+    }
+
+    /// The documents whose held-back answer is due: the caller pushes each.
+    pub fn answers_due(&mut self, now: Instant) -> Vec<String> {
+        let mut due: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &due {
+            self.held.remove(key);
+        }
+        due.sort();
+        due
+    }
+
+    /// Queues `message` for document `key`, or reports it if it is too large to send.
+    fn queue(&mut self, key: &str, message: sync::Message) -> Result<(), SessionError> {
         match wire::sync_frames(key, message.encode()) {
             Ok(frames) => {
                 self.transmit.push_back(Transmit {
@@ -299,7 +378,9 @@ impl Session {
             }
             Err(e) => {
                 // Nothing of it went out: let a later message carry those changes again.
-                state.sent_hashes.clear();
+                if let Some(state) = self.states.get_mut(key) {
+                    state.sent_hashes.clear();
+                }
                 let reason = e.to_string();
                 self.send(&Frame::error(format!(
                     "document {key} was not sent: {reason}"
@@ -356,9 +437,10 @@ impl Session {
         Ok(())
     }
 
-    /// When the next failed document is to be tried again.
+    /// When the next failed document is to be tried again or held-back answer is due.
     pub fn next_retry(&self) -> Option<Instant> {
-        self.failing.values().filter_map(|f| f.retry_at).min()
+        let retries = self.failing.values().filter_map(|f| f.retry_at);
+        retries.chain(self.held.values().map(|(at, _)| *at)).min()
     }
 
     /// The failed documents whose wait is over, now tried again: the caller pushes each it
@@ -598,8 +680,15 @@ mod tests {
                         .docs
                         .entry(key.clone())
                         .or_insert_with(|| model::genesis(&key, &actor));
+                    let before = doc.get_heads();
                     if self.session.receive(&key, doc, message, now).unwrap() {
-                        self.session.push(&key, doc, now).unwrap();
+                        // As the link answers: an edge holds back a bare acknowledgement.
+                        let brought = doc.get_heads() != before;
+                        if brought && self.session.peer().role == Role::Head {
+                            self.session.answer(&key, doc, now).unwrap();
+                        } else {
+                            self.session.push(&key, doc, now).unwrap();
+                        }
                     }
                 }
             }
@@ -639,7 +728,19 @@ mod tests {
                 None => true,
             };
             if a.outgoing.is_empty() && b.outgoing.is_empty() {
-                return bytes;
+                // Held-back answers go out when their wait is over.
+                let mut held = false;
+                for side in [&mut *a, &mut *b] {
+                    for key in side.session.answers_due(now + ANSWER_DELAY) {
+                        held = true;
+                        side.push(&key, now);
+                        side.collect();
+                    }
+                }
+                if !held {
+                    return bytes;
+                }
+                continue;
             }
             if (a_first || b.outgoing.is_empty()) && !a.outgoing.is_empty() {
                 bytes += carry(a, b, rng.as_deref_mut(), now);
@@ -830,6 +931,53 @@ mod tests {
         assert!(head.session.due(now).is_empty());
         assert_eq!(head.session.due(now + RETRY_FIRST), ["bad/edge01"]);
         assert_eq!(head.session.next_retry(), None);
+    }
+
+    #[test]
+    fn an_edge_acknowledges_a_change_with_its_own_next_change_or_after_a_while() {
+        let now = Instant::now();
+        let key = "default/edge01";
+        let (mut head, mut edge) = pair();
+        head.edit(key, "nginx:1", now);
+        head.start(now);
+        edge.start(now);
+        settle(&mut head, &mut edge, None, now);
+
+        // The head's change arrives; the bare acknowledgement is held back, and the edge's own
+        // change to the document (its status) carries it: one message, then the head's answer.
+        head.edit(key, "nginx:2", now);
+        carry(&mut head, &mut edge, None, now);
+        edge.push(key, now); // the notice of the change received
+        edge.collect();
+        assert!(edge.outgoing.is_empty(), "the acknowledgement went alone");
+        assert_eq!(edge.session.next_retry(), Some(now + ANSWER_DELAY));
+        edge.edit(key, "status", now);
+        assert_eq!(edge.outgoing.len(), 1);
+        assert!(edge.session.answers_due(now + ANSWER_DELAY).is_empty());
+        carry(&mut edge, &mut head, None, now);
+        assert_eq!(
+            head.outgoing.len(),
+            1,
+            "the head acknowledges the edge's change"
+        );
+        carry(&mut head, &mut edge, None, now);
+        assert!(head.outgoing.is_empty() && edge.outgoing.is_empty());
+        assert_equal(&mut head, &mut edge);
+
+        // With no change of its own, the acknowledgement goes when its wait is over.
+        head.edit(key, "nginx:3", now);
+        carry(&mut head, &mut edge, None, now);
+        assert!(edge.outgoing.is_empty());
+        assert!(edge.session.answers_due(now).is_empty());
+        assert_eq!(edge.session.answers_due(now + ANSWER_DELAY), [key]);
+        edge.push(key, now);
+        edge.collect();
+        assert_eq!(edge.outgoing.len(), 1);
+        settle(&mut head, &mut edge, None, now);
+        assert_equal(&mut head, &mut edge);
+        // The head knows the edge has its change: nothing is left to resend.
+        let edge_heads = edge.heads();
+        assert_eq!(head.session.shared_heads(key), edge_heads[0].1);
     }
 
     /// The byte costs the design names, measured on a 5-pod EdgeNode.

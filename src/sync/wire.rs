@@ -156,12 +156,45 @@ impl Frame {
         }
     }
 
-    /// The document a sync frame (whole or a part) concerns, and the message bytes it carries.
-    pub fn sync_part(&self) -> Option<(&str, usize)> {
-        match self {
-            Frame::Sync { doc, message } => Some((doc, message.len())),
-            Frame::SyncChunk { doc, data, .. } => Some((doc, data.len())),
-            _ => None,
+    /// The frame's length on the wire, header included (what [`Frame::encode`] makes of it),
+    /// without encoding it.
+    pub fn wire_len(&self) -> usize {
+        let fields = |lens: &[usize]| lens.iter().map(|len| 4 + len).sum::<usize>();
+        6 + match self {
+            Frame::Hello {
+                name,
+                advertise,
+                version,
+            } => {
+                let version = if version.is_empty() {
+                    0
+                } else {
+                    4 + version.len()
+                };
+                fields(&[name.len(), advertise.len()]) + version
+            }
+            Frame::Sync { doc, message } => fields(&[doc.len(), message.len()]),
+            Frame::SyncChunk { doc, data, .. } => fields(&[doc.len(), 4, 4, data.len()]),
+            Frame::JoinRequest {
+                node,
+                token_id,
+                secret,
+                csr,
+                advertise,
+            } => fields(&[
+                node.len(),
+                token_id.len(),
+                secret.len(),
+                csr.len(),
+                advertise.len(),
+            ]),
+            Frame::Renew { csr } => fields(&[csr.len()]),
+            Frame::JoinAccepted { cert_pem, ca_pem } => fields(&[cert_pem.len(), ca_pem.len()]),
+            Frame::Error { message } => fields(&[message.len()]),
+            Frame::Summary { entries } => entries
+                .iter()
+                .map(|(key, digest)| fields(&[key.len(), digest.len()]))
+                .sum(),
         }
     }
 
@@ -637,6 +670,7 @@ mod tests {
             }
             let mut reader = &buf[..];
             for frame in all_frames() {
+                assert_eq!(frame.wire_len(), frame.encode().unwrap().len(), "{frame:?}");
                 assert_eq!(
                     read_frame(&mut reader, MAX_FRAME).await.unwrap(),
                     Some(frame)
