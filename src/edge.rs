@@ -90,11 +90,24 @@ impl Edge {
         targets.extend(config.peers.iter().cloned());
         let state = config.state_dir.clone();
         let metrics_node = node.clone();
+        // Built again only when a renewal replaced the files: an edge that comes back to a
+        // busy head may dial many times, and each build parses the key and the CA.
+        let built = std::sync::Mutex::new(None);
         let client: link::TlsSource = Arc::new(move || {
+            let stamp = tls::node_cert_stamp(&state);
+            let mut built = crate::node::lock(&built);
+            if let Some((at, config)) = &*built
+                && stamp.is_some()
+                && *at == stamp
+            {
+                return Ok(rustls::ClientConfig::clone(config));
+            }
             let (cert, ca) = tls::load_node_cert(&state)?
                 .ok_or_else(|| link::LinkError::NoCertificate { dir: state.clone() })?;
             metrics_node.metrics().cert_expires("node", &cert.chain[0]);
-            Ok(tls::client_config(&ca, &cert)?)
+            let config = tls::client_config(&ca, &cert)?;
+            *built = Some((stamp, config.clone()));
+            Ok(config)
         });
         tasks.spawn(link::dial(
             node.clone(),

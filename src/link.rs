@@ -11,6 +11,7 @@ use crate::sync::{log_end, run_session};
 use crate::transport::tls::{Identity, TlsError};
 use crate::transport::{self, Backoff};
 use admission::{Admission, Decision, Ticket};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -111,7 +112,8 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Accepts connections on `endpoint` until `shutdown`: certified peers the gate admits get a
 /// sync session, others may only join (if there is a gate). Attempts that have proven nothing
 /// yet are bounded per source and in total (see [`admission`]); a certified peer stops counting
-/// once its handshake completes.
+/// once its handshake completes. When every place is taken, attempts from proven addresses
+/// wait in order for one, up to [`admission::MAX_WAIT`].
 pub async fn serve(
     endpoint: quinn::Endpoint,
     node: Node,
@@ -119,35 +121,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let admission = Admission::new();
+    let mut waiting: VecDeque<(tokio::time::Instant, quinn::Incoming)> = VecDeque::new();
     let mut last_logged: Option<tokio::time::Instant> = None;
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
-        let remote = incoming.remote_address();
-        let ticket = match admission.decide(remote.ip(), incoming.remote_address_validated()) {
-            Decision::Admit(ticket) => ticket,
-            Decision::Retry => {
-                if let Err(e) = incoming.retry() {
-                    e.into_incoming().refuse();
-                }
-                continue;
-            }
-            Decision::Refuse => {
-                incoming.refuse();
-                refused(&node, "busy");
-                if last_logged.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL) {
-                    last_logged = Some(tokio::time::Instant::now());
-                    warn!(peer = %remote, pending = admission.pending(), "too many connections being set up from this address; refusing its new ones");
-                }
-                continue;
-            }
-        };
+    let start = |incoming: quinn::Incoming, ticket: Ticket| {
         let (node, gate, shutdown) = (node.clone(), gate.clone(), shutdown.child_token());
+        let remote = incoming.remote_address();
         tokio::spawn(
             async move {
                 if let Err(e) = handle_incoming(incoming, node, gate, ticket, shutdown).await {
@@ -156,6 +134,58 @@ pub async fn serve(
             }
             .instrument(tracing::info_span!("conn", peer = %remote)),
         );
+    };
+    loop {
+        let expires = waiting
+            .front()
+            .map(|(since, _)| *since + admission::MAX_WAIT);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let remote = incoming.remote_address();
+                match admission.decide(remote.ip(), incoming.remote_address_validated()) {
+                    Decision::Admit(ticket) => start(incoming, ticket),
+                    Decision::Wait => waiting.push_back((tokio::time::Instant::now(), incoming)),
+                    Decision::Retry => {
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().refuse();
+                        }
+                    }
+                    Decision::Refuse => {
+                        incoming.refuse();
+                        refused(&node, "busy");
+                        if last_logged.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                            last_logged = Some(tokio::time::Instant::now());
+                            warn!(peer = %remote, pending = admission.pending(), waiting = admission.waiting(), "too many connections being set up; refusing new ones");
+                        }
+                    }
+                }
+            }
+            _ = admission.freed(), if !waiting.is_empty() => {}
+            _ = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {}
+        }
+        // The waiting room, oldest first: a place for each while there are places; refused
+        // once it waited too long (its peer is about to give up).
+        while let Some((since, incoming)) = waiting.pop_front() {
+            let ip = incoming.remote_address().ip();
+            if since.elapsed() >= admission::MAX_WAIT {
+                admission.leave(ip);
+                incoming.refuse();
+                refused(&node, "busy");
+                continue;
+            }
+            match admission.admit_waiting(ip) {
+                Some(ticket) => start(incoming, ticket),
+                None => {
+                    waiting.push_front((since, incoming));
+                    break;
+                }
+            }
+        }
+    }
+    for (_, incoming) in waiting.drain(..) {
+        incoming.refuse();
     }
     endpoint.close(0u32.into(), b"shutting down");
     let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;

@@ -162,6 +162,10 @@ pub fn client(
     quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })
 }
 
+/// How long a dial may take to complete its handshake: room for a moment in a busy head's
+/// waiting room ([`crate::link::admission::MAX_WAIT`]) and the handshake after it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Dials `addr` with `tls`, asking for the head's server name.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
@@ -178,7 +182,7 @@ pub async fn connect(
     let connecting = endpoint
         .connect_with(config, addr, tls::HEAD_SERVER_NAME)
         .map_err(|e| err(e.to_string()))?;
-    match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(err(e.to_string())),
         Err(_) => Err(err("timed out".into())),

@@ -581,6 +581,18 @@ pub fn load_node_cert(
     )))
 }
 
+/// What tells whether the files [`load_node_cert`] reads were replaced since: their inode
+/// numbers and modification times (a renewal renames new files into place). None when either
+/// is missing.
+pub fn node_cert_stamp(dir: &Path) -> Option<[(u64, std::time::SystemTime); 2]> {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |name: &str| {
+        let meta = std::fs::metadata(dir.join(name)).ok()?;
+        Some((meta.ino(), meta.modified().ok()?))
+    };
+    Some([stamp("node.pem")?, stamp("ca.crt")?])
+}
+
 /// Stores a node's key and certificate together in `node.pem` (mode 0600, one atomic rename, so
 /// a renewal can never leave a certificate beside the wrong key) and the CA in `ca.crt`.
 pub fn save_node_cert(
