@@ -13,7 +13,7 @@ use super::wire::{self, Frame, Reassembly, WireError};
 use crate::transport::tls::Identity;
 use automerge::sync::{self, SyncDoc};
 use automerge::{AutoCommit, ChangeHash};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How long a document whose sync failed waits before it is tried again; doubles with each
@@ -108,6 +108,12 @@ pub struct Session {
     failing: HashMap<String, Failing>,
     /// Documents whose acknowledgement is held back: until when, and their heads then.
     held: HashMap<String, (Instant, Vec<ChangeHash>)>,
+    /// Until the summary goes out: the documents a message went out for before it (the
+    /// resumed ones), which it leaves out.
+    pushed_early: Option<HashSet<String>>,
+    /// Until the peer's summary is read: the documents it sent a message for, which are being
+    /// exchanged already whatever its summary says.
+    heard: Option<HashSet<String>>,
     transmit: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -126,6 +132,8 @@ impl Session {
             reassembly: Reassembly::default(),
             failing: HashMap::new(),
             held: HashMap::new(),
+            pushed_early: Some(HashSet::new()),
+            heard: Some(HashSet::new()),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -160,27 +168,32 @@ impl Session {
         changed
     }
 
-    /// Queues the summary: a digest of the heads of every document of `mine` the peer may see.
+    /// Queues the summary: a digest of the heads of every document of `mine` the peer may see,
+    /// but those a message already went out for: the peer reads that message first, and
+    /// leaves them to the exchange it started (see [`Session::on_summary`]).
     pub fn summary(&mut self, mine: &[(String, Vec<ChangeHash>)]) -> Result<(), SessionError> {
+        let pushed = self.pushed_early.take().unwrap_or_default();
         let entries = mine
             .iter()
-            .filter(|(key, _)| self.peer.may_access(key))
+            .filter(|(key, _)| self.peer.may_access(key) && !pushed.contains(key))
             .map(|(key, heads)| (key.clone(), wire::heads_digest(heads)))
             .collect();
         self.send(&Frame::Summary { entries })
     }
 
     /// Of `mine`, the documents whose heads differ from the peer's summary `theirs` (or that it
-    /// lacks): the caller pushes each.
+    /// lacks): the caller pushes each. Those the peer already sent a message for are left out:
+    /// that exchange is under way (and the peer leaves them out of its summary).
     pub fn on_summary(
         &mut self,
         theirs: Vec<(String, Vec<u8>)>,
         mine: &[(String, Vec<ChangeHash>)],
     ) -> Vec<String> {
         let theirs: HashMap<String, Vec<u8>> = theirs.into_iter().collect();
+        let heard = self.heard.take().unwrap_or_default();
         let mut differ = Vec::new();
         for (key, heads) in mine {
-            if !self.peer.may_access(key) {
+            if !self.peer.may_access(key) || heard.contains(key) {
                 continue;
             }
             if let Some(digest) = theirs.get(key) {
@@ -244,6 +257,9 @@ impl Session {
         if !self.peer.may_access(&doc) {
             self.refuse(&doc)?;
             return Ok(None);
+        }
+        if let Some(heard) = &mut self.heard {
+            heard.insert(doc.clone());
         }
         if self.waits_for_retry(&doc, now) {
             return Ok(None);
@@ -370,6 +386,9 @@ impl Session {
     fn queue(&mut self, key: &str, message: sync::Message) -> Result<(), SessionError> {
         match wire::sync_frames(key, message.encode()) {
             Ok(frames) => {
+                if let Some(pushed) = &mut self.pushed_early {
+                    pushed.insert(key.to_string());
+                }
                 self.transmit.push_back(Transmit {
                     doc: Some(key.to_string()),
                     frames,
@@ -978,6 +997,43 @@ mod tests {
         // The head knows the edge has its change: nothing is left to resend.
         let edge_heads = edge.heads();
         assert_eq!(head.session.shared_heads(key), edge_heads[0].1);
+    }
+
+    #[test]
+    fn a_resumed_document_is_left_out_of_the_summary_and_to_the_exchange_it_started() {
+        let now = Instant::now();
+        let key = "default/edge01";
+        let (mut head, mut edge) = pair();
+        head.edit(key, "nginx:1", now);
+        head.start(now);
+        edge.start(now);
+        settle(&mut head, &mut edge, None, now);
+        let stored = (head.session.states(), edge.session.states());
+
+        // The head changed the document while the link was down: on reconnect it pushes the
+        // change at once, and its summary names nothing more.
+        head.edit(key, "nginx:2", now);
+        head.outgoing.clear();
+        head.restart(stored.0, now);
+        edge.restart(stored.1, now);
+        assert_eq!(head.outgoing.len(), 2);
+        assert_eq!(head.outgoing[0].doc.as_deref(), Some(key));
+        let summary = &head.outgoing[1].frames[0];
+        let summary = Frame::decode(summary[1], &summary[6..]).unwrap();
+        assert_eq!(summary, Frame::Summary { entries: vec![] });
+
+        // The edge reads the change, then the summary that leaves the document out: it pushes
+        // nothing for it beside the exchange under way (its answer waits for its status).
+        assert_eq!(edge.outgoing.len(), 1, "only the edge's own summary");
+        carry(&mut head, &mut edge, None, now);
+        carry(&mut head, &mut edge, None, now);
+        assert_eq!(
+            edge.outgoing.len(),
+            1,
+            "the edge pushed beside the exchange"
+        );
+        settle(&mut head, &mut edge, None, now);
+        assert_equal(&mut head, &mut edge);
     }
 
     /// The byte costs the design names, measured on a 5-pod EdgeNode.
