@@ -188,7 +188,7 @@ impl Admission {
             }
             state.total -= 1;
         }
-        self.admit(&mut state, source)
+        Decision::Admit(self.admit(&mut state, source))
     }
 
     /// A place for the attempt from `ip` that waits longest, if one is free now (then it no
@@ -200,10 +200,7 @@ impl Admission {
             return None;
         }
         state.unwait(source);
-        match self.admit(&mut state, source) {
-            Decision::Admit(ticket) => Some(ticket),
-            _ => None,
-        }
+        Some(self.admit(&mut state, source))
     }
 
     /// A waiting attempt from `ip` leaves without a place (refused after [`MAX_WAIT`]).
@@ -216,7 +213,7 @@ impl Admission {
         self.freed.notified().await
     }
 
-    fn admit(self: &Arc<Self>, state: &mut State, source: IpAddr) -> Decision {
+    fn admit(self: &Arc<Self>, state: &mut State, source: IpAddr) -> Ticket {
         state.next_id += 1;
         let id = state.next_id;
         let cut = CancellationToken::new();
@@ -226,12 +223,12 @@ impl Admission {
         };
         state.sources.entry(source).or_default().push_back(slot);
         state.total += 1;
-        Decision::Admit(Ticket {
+        Ticket {
             admission: self.clone(),
             source,
             id,
             cut,
-        })
+        }
     }
 
     /// Attempts pending now.

@@ -804,6 +804,16 @@ mod tests {
         (head, edge)
     }
 
+    /// A head and an edge that synced document `key` on one session.
+    fn in_sync(key: &str, now: Instant) -> (Side, Side) {
+        let (mut head, mut edge) = pair();
+        head.edit(key, "nginx:1", now);
+        head.start(now);
+        edge.start(now);
+        settle(&mut head, &mut edge, None, now);
+        (head, edge)
+    }
+
     #[test]
     fn sessions_converge_whatever_the_interleaving() {
         let now = Instant::now();
@@ -954,13 +964,8 @@ mod tests {
 
     #[test]
     fn an_edge_acknowledges_a_change_with_its_own_next_change_or_after_a_while() {
-        let now = Instant::now();
-        let key = "default/edge01";
-        let (mut head, mut edge) = pair();
-        head.edit(key, "nginx:1", now);
-        head.start(now);
-        edge.start(now);
-        settle(&mut head, &mut edge, None, now);
+        let (now, key) = (Instant::now(), "default/edge01");
+        let (mut head, mut edge) = in_sync(key, now);
 
         // The head's change arrives; the bare acknowledgement is held back, and the edge's own
         // change to the document (its status) carries it: one message, then the head's answer.
@@ -1001,13 +1006,8 @@ mod tests {
 
     #[test]
     fn a_resumed_document_is_left_out_of_the_summary_and_to_the_exchange_it_started() {
-        let now = Instant::now();
-        let key = "default/edge01";
-        let (mut head, mut edge) = pair();
-        head.edit(key, "nginx:1", now);
-        head.start(now);
-        edge.start(now);
-        settle(&mut head, &mut edge, None, now);
+        let (now, key) = (Instant::now(), "default/edge01");
+        let (mut head, mut edge) = in_sync(key, now);
         let stored = (head.session.states(), edge.session.states());
 
         // The head changed the document while the link was down: on reconnect it pushes the
