@@ -159,43 +159,9 @@ impl Frame {
     /// The frame's length on the wire, header included (what [`Frame::encode`] makes of it),
     /// without encoding it.
     pub fn wire_len(&self) -> usize {
-        let fields = |lens: &[usize]| lens.iter().map(|len| 4 + len).sum::<usize>();
-        6 + match self {
-            Frame::Hello {
-                name,
-                advertise,
-                version,
-            } => {
-                let version = if version.is_empty() {
-                    0
-                } else {
-                    4 + version.len()
-                };
-                fields(&[name.len(), advertise.len()]) + version
-            }
-            Frame::Sync { doc, message } => fields(&[doc.len(), message.len()]),
-            Frame::SyncChunk { doc, data, .. } => fields(&[doc.len(), 4, 4, data.len()]),
-            Frame::JoinRequest {
-                node,
-                token_id,
-                secret,
-                csr,
-                advertise,
-            } => fields(&[
-                node.len(),
-                token_id.len(),
-                secret.len(),
-                csr.len(),
-                advertise.len(),
-            ]),
-            Frame::Renew { csr } => fields(&[csr.len()]),
-            Frame::JoinAccepted { cert_pem, ca_pem } => fields(&[cert_pem.len(), ca_pem.len()]),
-            Frame::Error { message } => fields(&[message.len()]),
-            Frame::Summary { entries } => entries
-                .iter()
-                .map(|(key, digest)| fields(&[key.len(), digest.len()]))
-                .sum(),
-        }
+        let mut len = 6;
+        self.each_field(|field| len += 4 + field.len());
+        len
     }
 
     /// An error frame; the text is cut to what the peer accepts.
@@ -215,67 +181,10 @@ impl Frame {
     /// Encodes the frame, header included.
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         let mut payload = Vec::new();
-        let mut put = |field: &[u8]| {
+        self.each_field(|field| {
             payload.extend_from_slice(&(field.len() as u32).to_be_bytes());
             payload.extend_from_slice(field);
-        };
-        match self {
-            Frame::Hello {
-                name,
-                advertise,
-                version,
-            } => {
-                put(name.as_bytes());
-                put(advertise.as_bytes());
-                if !version.is_empty() {
-                    put(version.as_bytes());
-                }
-            }
-            Frame::Sync { doc, message } => {
-                put(doc.as_bytes());
-                put(message);
-            }
-            Frame::JoinRequest {
-                node,
-                token_id,
-                secret,
-                csr,
-                advertise,
-            } => {
-                for field in [
-                    node.as_bytes(),
-                    token_id.as_bytes(),
-                    secret.as_bytes(),
-                    csr,
-                    advertise.as_bytes(),
-                ] {
-                    put(field);
-                }
-            }
-            Frame::JoinAccepted { cert_pem, ca_pem } => {
-                put(cert_pem.as_bytes());
-                put(ca_pem.as_bytes());
-            }
-            Frame::SyncChunk {
-                doc,
-                total,
-                offset,
-                data,
-            } => {
-                put(doc.as_bytes());
-                put(&total.to_be_bytes());
-                put(&offset.to_be_bytes());
-                put(data);
-            }
-            Frame::Error { message } => put(message.as_bytes()),
-            Frame::Renew { csr } => put(csr),
-            Frame::Summary { entries } => {
-                for (key, digest) in entries {
-                    put(key.as_bytes());
-                    put(digest);
-                }
-            }
-        }
+        });
         if payload.len() > MAX_FRAME {
             return Err(WireError::TooLarge(payload.len()));
         }
@@ -285,6 +194,64 @@ impl Frame {
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         out.extend_from_slice(&payload);
         Ok(out)
+    }
+
+    /// Calls `field` with each payload field in order: each goes on the wire as a `u32`
+    /// length and its bytes.
+    fn each_field(&self, mut field: impl FnMut(&[u8])) {
+        match self {
+            Frame::Hello {
+                name,
+                advertise,
+                version,
+            } => {
+                field(name.as_bytes());
+                field(advertise.as_bytes());
+                if !version.is_empty() {
+                    field(version.as_bytes());
+                }
+            }
+            Frame::Sync { doc, message } => {
+                field(doc.as_bytes());
+                field(message);
+            }
+            Frame::JoinRequest {
+                node,
+                token_id,
+                secret,
+                csr,
+                advertise,
+            } => {
+                field(node.as_bytes());
+                field(token_id.as_bytes());
+                field(secret.as_bytes());
+                field(csr);
+                field(advertise.as_bytes());
+            }
+            Frame::JoinAccepted { cert_pem, ca_pem } => {
+                field(cert_pem.as_bytes());
+                field(ca_pem.as_bytes());
+            }
+            Frame::SyncChunk {
+                doc,
+                total,
+                offset,
+                data,
+            } => {
+                field(doc.as_bytes());
+                field(&total.to_be_bytes());
+                field(&offset.to_be_bytes());
+                field(data);
+            }
+            Frame::Error { message } => field(message.as_bytes()),
+            Frame::Renew { csr } => field(csr),
+            Frame::Summary { entries } => {
+                for (key, digest) in entries {
+                    field(key.as_bytes());
+                    field(digest);
+                }
+            }
+        }
     }
 
     /// Decodes a payload of the given kind.
