@@ -301,7 +301,9 @@ async fn handle_incoming(
                         .all(|c| c.is_ascii_alphanumeric() || ".+-_".contains(c)))
                 .then_some(version),
             };
-            let result = run_session(node, peer.clone(), address, recv, send, shutdown).await;
+            let compact = transport::Dialect::of(&conn).compact;
+            let result =
+                run_session(node, peer.clone(), address, recv, send, compact, shutdown).await;
             log_end(&peer, &result, conn.close_reason());
             conn.close(0u32.into(), b"bye");
             Ok(())
@@ -428,11 +430,7 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
         return;
     };
     // A peer that negotiated the older protocol refuses a Hello with a version.
-    let says_version = conn
-        .handshake_data()
-        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|d| d.protocol)
-        .is_some_and(|p| p == crate::transport::tls::ALPN_HELLO_VERSION);
+    let dialect = transport::Dialect::of(&conn);
     let opened = async {
         let (mut send, recv) = conn.open_bi().await?;
         write_frame(
@@ -440,7 +438,7 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
             &Frame::Hello {
                 name: node.name().to_string(),
                 advertise: node.advertise().map(|a| a.to_string()).unwrap_or_default(),
-                version: match says_version {
+                version: match dialect.hello_version {
                     true => crate::version::short(),
                     false => String::new(),
                 },
@@ -457,8 +455,16 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
                 reachable: remote.ip(),
                 version: None,
             };
-            let result =
-                run_session(node.clone(), peer.clone(), address, recv, send, shutdown).await;
+            let result = run_session(
+                node.clone(),
+                peer.clone(),
+                address,
+                recv,
+                send,
+                dialect.compact,
+                shutdown,
+            )
+            .await;
             log_end(&peer, &result, conn.close_reason());
         }
         Err(e) => warn!(error = %e, "could not open a sync stream"),

@@ -4,6 +4,7 @@
 //! stored before it is announced or answered, sync states are stored so a reconnect sends
 //! only what is missing, and traffic, failures and presence are counted.
 
+pub mod compact;
 pub mod outbox;
 pub mod session;
 pub mod wire;
@@ -31,7 +32,8 @@ type Read = Box<Result<Frame, WireError>>;
 
 /// Runs the sync protocol with `peer` over one stream until it closes, the peer misbehaves or
 /// `shutdown` fires. The first frame (Hello) is already consumed by the caller on the accepting
-/// side; the dialing side sends its own Hello before calling this.
+/// side; the dialing side sends its own Hello before calling this. `compact`: the connection
+/// negotiated the compact encoding of sync messages.
 ///
 /// Reading, deciding and writing are separate tasks joined by queues: the session never blocks
 /// on a write, so two peers pushing many documents at each other cannot deadlock. The outgoing
@@ -42,6 +44,7 @@ pub async fn run_session<R, W>(
     address: PeerAddress,
     recv: R,
     send: W,
+    compact: bool,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError>
 where
@@ -60,9 +63,13 @@ where
             Vec::new()
         }
     };
+    let session = Session::new(peer.clone(), stored);
     let mut link = Link {
         node: node.clone(),
-        session: Session::new(peer.clone(), stored),
+        session: match compact {
+            true => session.compact(),
+            false => session,
+        },
         out,
     };
     let (frames_tx, mut frames) = mpsc::channel(READ_AHEAD);
@@ -191,7 +198,10 @@ impl Link {
     async fn on_frame(&mut self, frame: Frame) -> Result<(), SessionError> {
         if matches!(
             frame,
-            Frame::Sync { .. } | Frame::SyncChunk { .. } | Frame::Summary { .. }
+            Frame::Sync { .. }
+                | Frame::SyncCompact { .. }
+                | Frame::SyncChunk { .. }
+                | Frame::Summary { .. }
         ) {
             self.count_in(frame.wire_len());
         }
@@ -213,7 +223,7 @@ impl Link {
     async fn receive(
         &mut self,
         key: String,
-        message: automerge::sync::Message,
+        message: session::Received,
     ) -> Result<(), SessionError> {
         let entry = match self.node.docs().sync_entry(&key) {
             Ok(entry) => entry,
@@ -412,6 +422,7 @@ mod tests {
                 address,
                 recv,
                 send,
+                false,
                 shutdown.clone(),
             ));
             let (mut rx, mut tx) = tokio::io::split(theirs);

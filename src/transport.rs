@@ -216,6 +216,31 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<Identity> {
     tls::identity(certs.first()?).ok()
 }
 
+/// What a connection's peers agreed to speak (its ALPN protocol), which decides the frames
+/// they may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dialect {
+    /// The dialer's Hello says its version.
+    pub hello_version: bool,
+    /// Sync messages may go in the compact encoding.
+    pub compact: bool,
+}
+
+impl Dialect {
+    /// The dialect `conn` negotiated.
+    pub fn of(conn: &quinn::Connection) -> Dialect {
+        let protocol = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol);
+        let compact = protocol.as_deref() == Some(tls::ALPN_COMPACT);
+        Dialect {
+            hello_version: compact || protocol.as_deref() == Some(tls::ALPN_HELLO_VERSION),
+            compact,
+        }
+    }
+}
+
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -318,7 +343,7 @@ mod alpn_tests {
 
     #[tokio::test]
     async fn a_peer_of_the_first_release_gets_the_hello_it_knows() {
-        // This build offers both and prefers the Hello with a version.
+        // This build offers all three and prefers the compact encoding.
         let ours = tls::client_config(
             &tls::Ca::generate().unwrap().cert,
             &tls::Ca::generate().unwrap().issue_head("x").unwrap(),
@@ -327,6 +352,18 @@ mod alpn_tests {
         .alpn_protocols;
         assert_eq!(
             negotiated(ours.clone(), None).await.as_deref(),
+            Some(tls::ALPN_COMPACT)
+        );
+        // Builds before the compact encoding offer and accept the Hello with a version.
+        let hello_version = vec![tls::ALPN_HELLO_VERSION.to_vec(), tls::ALPN.to_vec()];
+        assert_eq!(
+            negotiated(hello_version.clone(), None).await.as_deref(),
+            Some(tls::ALPN_HELLO_VERSION)
+        );
+        assert_eq!(
+            negotiated(ours.clone(), Some(hello_version))
+                .await
+                .as_deref(),
             Some(tls::ALPN_HELLO_VERSION)
         );
         // A dialer of the first release offers only edgesync/1, and gets it.

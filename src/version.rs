@@ -42,11 +42,10 @@ pub fn build_info() -> BuildInfo {
         commit: COMMIT,
         build_date: COMMIT_DATE,
         wire_version: crate::sync::wire::VERSION,
-        alpn: [
-            crate::transport::tls::ALPN_HELLO_VERSION,
-            crate::transport::tls::ALPN,
-        ]
-        .map(String::from_utf8_lossy)
-        .join(", "),
+        alpn: crate::transport::tls::alpn_protocols()
+            .iter()
+            .map(|p| String::from_utf8_lossy(p))
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }

@@ -28,7 +28,7 @@ fn now<F: Future>(future: F) -> F::Output {
 
 /// The wire decoder: `data` as a payload of any kind, and as a stream of frames read as a
 /// connection's first frame and as a session's frames, whose sync message parts go through the
-/// session's reassembly. Every decoded frame encodes back to bytes that decode to the same
+/// session's reassembly, and as a compact sync message. Every decoded frame encodes back to bytes that decode to the same
 /// frame; reassembly stays within its budget and yields only whole messages.
 pub fn wire_frame(data: &[u8]) {
     if let Some((&kind, payload)) = data.split_first()
@@ -36,6 +36,8 @@ pub fn wire_frame(data: &[u8]) {
     {
         round_trip(&frame);
     }
+    // The compact sync message inside a frame: read with every count and length checked.
+    let _ = edgesync::sync::compact::decode(data);
     for limit in [MAX_FIRST_FRAME, MAX_FRAME] {
         let mut stream = data;
         let mut reassembly = wire::Reassembly::default();

@@ -99,6 +99,17 @@ pub enum Frame {
         /// What went wrong.
         message: String,
     },
+    /// A sync message in the compact encoding ([`super::compact`]), sent only on a connection
+    /// that negotiated [`crate::transport::tls::ALPN_COMPACT`]. Its document goes by a number
+    /// the sender gave it in this session, named with the first frame of that number.
+    SyncCompact {
+        /// The sender's number for the document.
+        number: u32,
+        /// The document's key `namespace/name`, sent with the first frame of its number.
+        key: Option<String>,
+        /// The compact message.
+        message: Vec<u8>,
+    },
     /// Sent by both sides when a session starts: a short digest of the heads of every document
     /// the other side may see, so only documents that differ start a sync.
     Summary {
@@ -153,6 +164,7 @@ impl Frame {
             Frame::Renew { .. } => 6,
             Frame::Summary { .. } => 7,
             Frame::SyncChunk { .. } => 8,
+            Frame::SyncCompact { .. } => 9,
         }
     }
 
@@ -160,7 +172,7 @@ impl Frame {
     /// without encoding it.
     pub fn wire_len(&self) -> usize {
         let mut len = 6;
-        self.each_field(|field| len += 4 + field.len());
+        self.each_field(|field| len += field.len());
         len
     }
 
@@ -181,10 +193,7 @@ impl Frame {
     /// Encodes the frame, header included.
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         let mut payload = Vec::new();
-        self.each_field(|field| {
-            payload.extend_from_slice(&(field.len() as u32).to_be_bytes());
-            payload.extend_from_slice(field);
-        });
+        self.each_field(|field| payload.extend_from_slice(field));
         if payload.len() > MAX_FRAME {
             return Err(WireError::TooLarge(payload.len()));
         }
@@ -196,10 +205,31 @@ impl Frame {
         Ok(out)
     }
 
-    /// Calls `field` with each payload field in order: each goes on the wire as a `u32`
-    /// length and its bytes.
-    fn each_field(&self, mut field: impl FnMut(&[u8])) {
+    /// Calls `out` with the payload's bytes in order, in pieces.
+    fn each_field(&self, mut out: impl FnMut(&[u8])) {
+        // Most fields go as a `u32` length and their bytes.
+        let mut field = |bytes: &[u8]| {
+            out(&(bytes.len() as u32).to_be_bytes());
+            out(bytes);
+        };
         match self {
+            Frame::SyncCompact {
+                number,
+                key,
+                message,
+            } => {
+                // LEB128 lengths: the number (shifted, its low bit telling whether the key
+                // follows), the key's length and the key; the message is the rest.
+                let mut head = Vec::with_capacity(8);
+                let tagged = (u64::from(*number) << 1) | u64::from(key.is_some());
+                leb128::write::unsigned(&mut head, tagged).expect("writing to a Vec");
+                if let Some(key) = key {
+                    leb128::write::unsigned(&mut head, key.len() as u64).expect("writing to a Vec");
+                    head.extend_from_slice(key.as_bytes());
+                }
+                out(&head);
+                out(message);
+            }
             Frame::Hello {
                 name,
                 advertise,
@@ -308,6 +338,36 @@ impl Frame {
                     total,
                     offset,
                     data,
+                }
+            }
+            9 => {
+                let mut rest = payload;
+                let uint = |rest: &mut &[u8]| {
+                    leb128::read::unsigned(rest).map_err(|_| WireError::Malformed("bad integer"))
+                };
+                let tagged = uint(&mut rest)?;
+                let number = u32::try_from(tagged >> 1)
+                    .map_err(|_| WireError::Malformed("document number out of range"))?;
+                let key = match tagged & 1 {
+                    1 => {
+                        let len = uint(&mut rest)? as usize;
+                        if len > MAX_DOC_KEY || len > rest.len() {
+                            return Err(WireError::Malformed("field length out of bounds"));
+                        }
+                        let (key, tail) = rest.split_at(len);
+                        rest = tail;
+                        Some(
+                            String::from_utf8(key.to_vec())
+                                .map_err(|_| WireError::Malformed("text is not UTF-8"))?,
+                        )
+                    }
+                    _ => None,
+                };
+                fields = Fields(&[]);
+                Frame::SyncCompact {
+                    number,
+                    key,
+                    message: rest.to_vec(),
                 }
             }
             _ => return Err(WireError::Malformed("unknown frame kind")),
@@ -618,6 +678,16 @@ mod tests {
                 offset: 4,
                 data: vec![5; 6],
             },
+            Frame::SyncCompact {
+                number: 300,
+                key: Some("default/edge01".into()),
+                message: vec![6; 9],
+            },
+            Frame::SyncCompact {
+                number: 1,
+                key: None,
+                message: Vec::new(),
+            },
         ]
     }
 
@@ -682,6 +752,13 @@ mod tests {
                 read_frame(&mut &unknown_kind[..], MAX_FRAME).await,
                 Err(WireError::Malformed(_))
             ));
+            // A compact frame whose key runs past the frame, or whose number is too large.
+            for payload in [&[0x03, 0x05, b'a'][..], &[0x80, 0x80, 0x80, 0x80, 0x40]] {
+                assert!(matches!(
+                    Frame::decode(9, payload),
+                    Err(WireError::Malformed(_))
+                ));
+            }
             for frame in all_frames() {
                 let bytes = frame.encode().unwrap();
                 let truncated = &bytes[..bytes.len() - 1];

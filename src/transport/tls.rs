@@ -22,10 +22,17 @@ pub const ALPN: &[u8] = b"edgesync/1";
 /// The same protocol, where the dialer's Hello also says its edgesync version. Both are
 /// offered; one that knows only [`ALPN`] negotiates that, and gets the Hello it knows.
 pub const ALPN_HELLO_VERSION: &[u8] = b"edgesync/1.1";
+/// The protocol of [`ALPN_HELLO_VERSION`], where sync messages may also go in the compact
+/// encoding ([`crate::sync::compact`]).
+pub const ALPN_COMPACT: &[u8] = b"edgesync/1.2";
 
 /// The protocols offered and accepted, the preferred first.
-fn alpn_protocols() -> Vec<Vec<u8>> {
-    vec![ALPN_HELLO_VERSION.to_vec(), ALPN.to_vec()]
+pub fn alpn_protocols() -> Vec<Vec<u8>> {
+    vec![
+        ALPN_COMPACT.to_vec(),
+        ALPN_HELLO_VERSION.to_vec(),
+        ALPN.to_vec(),
+    ]
 }
 /// Server name every head certificate carries and every client asks for.
 pub const HEAD_SERVER_NAME: &str = "edgesync-head";

@@ -42,6 +42,8 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
 
         // One-field edit on a live link.
         let quiet = wait_quiet(head.node(), "edge01").await;
+        let head_name = head.node().name().to_string();
+        let edge_quiet = wait_quiet(edge.node(), &head_name).await;
         let web = "nginx:1.27";
         let edited: Vec<(&str, &str)> = pods.iter().map(|&(n, i)| if n == "web" { (n, web) } else { (n, i) }).collect();
         head.node().docs().apply_text(&edgenode("ns0", "edge01", &edited), "default").await.unwrap();
@@ -49,6 +51,13 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
         wait_reported(head.node(), "ns0/edge01").await;
         let after = wait_quiet(head.node(), "edge01").await;
         let one_field = (after.0 - quiet.0) + (after.1 - quiet.1);
+        // Each side counts what the other counts, whichever frames carried it.
+        let edge_after = wait_quiet(edge.node(), &head_name).await;
+        assert_eq!(
+            (edge_after.1 - edge_quiet.1, edge_after.0 - edge_quiet.0),
+            (after.0 - quiet.0, after.1 - quiet.1),
+            "bytes the head counted out and in, against the edge's in and out"
+        );
         assert!(one_field < 1200, "a one-field edit cost {one_field} bytes both ways");
 
         // Outage: the edge stops, one document changes, the edge comes back.
