@@ -108,6 +108,35 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// Refusals under load are logged at most this often (each is counted in the metrics).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Application close code of the links of a node that stops: its reason is a time in
+/// milliseconds (ASCII digits) over which its peers spread their return, each dialing again at
+/// a random moment within it, so a restart does not bring them all back at once.
+pub const CLOSE_RETURN_WITHIN: u32 = 2;
+/// How many peers a second a stopping node plans to take back when it is up again: its peers
+/// spread their return over one second per this many of them.
+pub const RETURN_RATE: usize = 250;
+/// The longest a peer spreads its return over, whatever its peer asks.
+pub const MAX_RETURN_WITHIN: Duration = Duration::from_secs(300);
+
+/// Over how long the `peers` of a stopping node spread their return.
+fn return_within(peers: usize) -> Duration {
+    Duration::from_millis((peers * 1000 / RETURN_RATE) as u64).min(MAX_RETURN_WITHIN)
+}
+
+/// When to dial again after a link closed with `reason`: at a random moment within the time
+/// a stopping peer asked its peers to spread their return over, if it did.
+fn return_delay(reason: Option<&quinn::ConnectionError>) -> Option<Duration> {
+    let Some(quinn::ConnectionError::ApplicationClosed(close)) = reason else {
+        return None;
+    };
+    if close.error_code != quinn::VarInt::from_u32(CLOSE_RETURN_WITHIN) {
+        return None;
+    }
+    let millis: u64 = std::str::from_utf8(&close.reason).ok()?.parse().ok()?;
+    let within = Duration::from_millis(millis).min(MAX_RETURN_WITHIN);
+    let [a, b, c, d] = crate::transport::tls::random_bytes::<4>();
+    Some(within.mul_f64(f64::from(u32::from_le_bytes([a, b, c, d])) / f64::from(u32::MAX)))
+}
 
 /// Accepts connections on `endpoint` until `shutdown`: certified peers the gate admits get a
 /// sync session, others may only join (if there is a gate). Attempts that have proven nothing
@@ -187,7 +216,12 @@ pub async fn serve(
     for (_, incoming) in waiting.drain(..) {
         incoming.refuse();
     }
-    endpoint.close(0u32.into(), b"shutting down");
+    // Every link at once, each peer told to spread its return.
+    let within = return_within(endpoint.open_connections());
+    endpoint.close(
+        CLOSE_RETURN_WITHIN.into(),
+        within.as_millis().to_string().as_bytes(),
+    );
     let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
 }
 
@@ -302,10 +336,14 @@ async fn handle_incoming(
                 .then_some(version),
             };
             let compact = transport::Dialect::of(&conn).compact;
+            let stopping = shutdown.clone();
             let result =
                 run_session(node, peer.clone(), address, recv, send, compact, shutdown).await;
             log_end(&peer, &result, conn.close_reason());
-            conn.close(0u32.into(), b"bye");
+            // A stopping node closes every link at once, with when to come back.
+            if !stopping.is_cancelled() {
+                conn.close(0u32.into(), b"bye");
+            }
             Ok(())
         }
         (Some(request @ (Frame::JoinRequest { .. } | Frame::Renew { .. })), identity)
@@ -363,11 +401,22 @@ pub async fn dial(
         if let Some(conn) = attempt {
             let span = tracing::info_span!("link", peer = %conn.remote_address());
             let started = std::time::Instant::now();
-            run_link(&node, conn, shutdown.child_token())
+            let closed = run_link(&node, conn, shutdown.child_token())
                 .instrument(span)
                 .await;
             if started.elapsed() >= STABLE_SESSION {
                 backoff.reset();
+            }
+            if let Some(delay) = return_delay(closed.as_ref()) {
+                info!(
+                    ?delay,
+                    "the peer is stopping; dialing again after a random part of the time it asked for"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
             }
         }
         tokio::select! {
@@ -422,12 +471,18 @@ fn endpoint_for(
     Ok(endpoint)
 }
 
-async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationToken) {
+/// Runs a sync session on a dialed connection; returns why the connection closed, if the
+/// peer or the network closed it.
+async fn run_link(
+    node: &Node,
+    conn: quinn::Connection,
+    shutdown: CancellationToken,
+) -> Option<quinn::ConnectionError> {
     let remote = conn.remote_address();
     let Some(peer) = transport::peer_identity(&conn) else {
         warn!("peer certificate carries no edgesync identity; disconnecting");
         conn.close(0u32.into(), b"no identity");
-        return;
+        return None;
     };
     // A peer that negotiated the older protocol refuses a Hello with a version.
     let dialect = transport::Dialect::of(&conn);
@@ -469,5 +524,75 @@ async fn run_link(node: &Node, conn: quinn::Connection, shutdown: CancellationTo
         }
         Err(e) => warn!(error = %e, "could not open a sync stream"),
     }
+    let closed = conn.close_reason();
     conn.close(0u32.into(), b"bye");
+    closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::tls;
+
+    #[test]
+    fn peers_spread_their_return_over_a_second_per_rate_of_them() {
+        assert_eq!(return_within(0), Duration::ZERO);
+        assert_eq!(return_within(RETURN_RATE), Duration::from_secs(1));
+        assert_eq!(return_within(10_000), Duration::from_secs(40));
+        assert_eq!(return_within(usize::MAX / 1000), MAX_RETURN_WITHIN);
+    }
+
+    /// A server that stops closes a client's connection as [`serve`] does; what the client
+    /// makes of it.
+    #[tokio::test]
+    async fn a_stopping_peer_says_over_how_long_to_come_back() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = tls::Ca::generate().unwrap();
+        let head = ca.issue_head("head").unwrap();
+        let server_tls = tls::server_config(&ca.cert, &head).unwrap();
+        let server = transport::server("127.0.0.1:0".parse().unwrap(), server_tls, [0; 32]);
+        let server = server.unwrap();
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            (conn, server)
+        });
+        let client_tls = tls::client_config(&ca.cert, &ca.issue_head("edge").unwrap()).unwrap();
+        let client = transport::client(addr, None).unwrap();
+        let conn = transport::connect(&client, addr, client_tls).await.unwrap();
+        let (_server_conn, server) = accept.await.unwrap();
+        server.close(CLOSE_RETURN_WITHIN.into(), b"4000");
+        let closed = conn.closed().await;
+        let delays: Vec<Duration> = (0..50)
+            .map(|_| return_delay(Some(&closed)).expect("a return delay"))
+            .collect();
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(4)),
+            "{delays:?}"
+        );
+        assert!(
+            delays.iter().any(|d| *d > Duration::from_secs(2)),
+            "{delays:?}"
+        );
+        assert!(
+            delays.iter().any(|d| *d < Duration::from_secs(2)),
+            "{delays:?}"
+        );
+
+        // Any other close, or a reason that is no time, is no request to wait.
+        let close = |code: u32, reason: &'static [u8]| {
+            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: code.into(),
+                reason: reason.into(),
+            })
+        };
+        assert_eq!(return_delay(Some(&close(0, b"bye"))), None);
+        assert_eq!(
+            return_delay(Some(&close(CLOSE_RETURN_WITHIN, b"soon"))),
+            None
+        );
+        assert_eq!(return_delay(None), None);
+        let far = close(CLOSE_RETURN_WITHIN, b"99999999999");
+        assert!(return_delay(Some(&far)).unwrap() <= MAX_RETURN_WITHIN);
+    }
 }

@@ -97,6 +97,38 @@ struct Numbers {
     theirs: HashMap<u32, String>,
 }
 
+impl Numbers {
+    /// The document the peer numbered `number`, which `key` names anew if given.
+    fn theirs(&mut self, number: u32, key: Option<String>) -> Result<String, SessionError> {
+        let Some(key) = key else {
+            return self.theirs.get(&number).cloned().ok_or_else(|| {
+                SessionError::Protocol(format!("document number {number} was never named"))
+            });
+        };
+        if self.theirs.len() >= MAX_NUMBERED && !self.theirs.contains_key(&number) {
+            return Err(SessionError::Protocol(format!(
+                "more than {MAX_NUMBERED} documents numbered"
+            )));
+        }
+        self.theirs.insert(number, key.clone());
+        Ok(key)
+    }
+
+    /// This side's number for `key`, and whether it is new (the frame then names it); None
+    /// once [`MAX_NUMBERED`] are given.
+    fn mine(&mut self, key: &str) -> Option<(u32, bool)> {
+        if let Some(number) = self.mine.get(key) {
+            return Some((*number, false));
+        }
+        if self.mine.len() >= MAX_NUMBERED {
+            return None;
+        }
+        let number = self.mine.len() as u32 + 1;
+        self.mine.insert(key.to_string(), number);
+        Some((number, true))
+    }
+}
+
 /// What a frame asks of the caller, which holds the documents.
 #[derive(Debug)]
 pub enum Incoming {
@@ -264,27 +296,7 @@ impl Session {
                         "compact sync frame on a connection that did not negotiate it".into(),
                     ));
                 };
-                let doc = match key {
-                    Some(key) => {
-                        if numbers.theirs.len() >= MAX_NUMBERED
-                            && !numbers.theirs.contains_key(&number)
-                        {
-                            return Err(SessionError::Protocol(format!(
-                                "more than {MAX_NUMBERED} documents numbered"
-                            )));
-                        }
-                        numbers.theirs.insert(number, key.clone());
-                        key
-                    }
-                    None => match numbers.theirs.get(&number) {
-                        Some(key) => key.clone(),
-                        None => {
-                            return Err(SessionError::Protocol(format!(
-                                "document number {number} was never named"
-                            )));
-                        }
-                    },
-                };
+                let doc = numbers.theirs(number, key)?;
                 if !self.admit(&doc, now)? {
                     return Ok(None);
                 }
@@ -532,18 +544,10 @@ impl Session {
         if message.len() + 16 + key.len() > wire::MAX_FRAME {
             return None;
         }
-        let (number, key) = match numbers.mine.get(key) {
-            Some(number) => (*number, None),
-            None if numbers.mine.len() < MAX_NUMBERED => {
-                let number = numbers.mine.len() as u32 + 1;
-                numbers.mine.insert(key.to_string(), number);
-                (number, Some(key.to_string()))
-            }
-            None => return None,
-        };
+        let (number, new) = numbers.mine(key)?;
         Some(Frame::SyncCompact {
             number,
-            key,
+            key: new.then(|| key.to_string()),
             message,
         })
     }
@@ -1190,6 +1194,31 @@ mod tests {
         );
         settle(&mut head, &mut edge, None, now);
         assert_equal(&mut head, &mut edge);
+    }
+
+    #[test]
+    fn compact_frames_need_the_negotiation_and_a_named_number() {
+        let now = Instant::now();
+        let frame = |number, key: Option<&str>| Frame::SyncCompact {
+            number,
+            key: key.map(str::to_string),
+            // An empty message: no changes, heads, needs or haves.
+            message: vec![0; 5],
+        };
+        let head = || identity(Role::Head, "head");
+        let mut plain = Session::new(head(), Vec::new());
+        let named = frame(1, Some("default/edge01"));
+        let err = plain.on_frame(named.clone(), now).unwrap_err();
+        assert!(err.to_string().contains("did not negotiate"), "{err}");
+        let mut compact = Session::new(head(), Vec::new()).compact();
+        let err = compact.on_frame(frame(2, None), now).unwrap_err();
+        assert!(err.to_string().contains("never named"), "{err}");
+        for frame in [named, frame(1, None)] {
+            assert!(matches!(
+                compact.on_frame(frame, now).unwrap(),
+                Some(Incoming::Message { doc, .. }) if doc == "default/edge01"
+            ));
+        }
     }
 
     /// The byte costs the design names, measured on a 5-pod EdgeNode, in both encodings; the
