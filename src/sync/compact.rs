@@ -373,6 +373,8 @@ impl Lookup {
         if let Some(hash) = unique(known.iter(), prefix)? {
             return Ok(hash);
         }
+        #[cfg(test)]
+        tests::SLOW_LOOKUPS.with(|n| n.set(n.get() + 1));
         let all = self.all.get_or_insert_with(|| {
             doc.get_changes_meta(&[])
                 .into_iter()
@@ -408,6 +410,28 @@ mod tests {
     use super::*;
     use automerge::transaction::Transactable;
     use automerge::{ActorId, ROOT, sync::SyncDoc};
+
+    thread_local! {
+        /// Lookups of a prefix in a document's whole history, on this test's thread.
+        pub(super) static SLOW_LOOKUPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn a_change_answered_with_a_status_resolves_its_prefixes_without_the_history() {
+        let (mut head, mut edge) = (doc("head"), doc("edge"));
+        let (mut sh, mut se) = (sync::State::new(), sync::State::new());
+        edit(&mut head, "spec", "0");
+        exchange(&mut head, &mut sh, &mut edge, &mut se);
+        let before = SLOW_LOOKUPS.get();
+        for i in 1..30 {
+            edit(&mut head, "spec", &i.to_string());
+            send((&mut head, &mut sh), (&mut edge, &mut se)).unwrap();
+            edit(&mut edge, "status", &i.to_string());
+            send((&mut edge, &mut se), (&mut head, &mut sh)).unwrap();
+            send((&mut head, &mut sh), (&mut edge, &mut se)).unwrap();
+        }
+        assert_eq!(SLOW_LOOKUPS.get(), before, "lookups in the whole history");
+    }
 
     fn doc(actor: &str) -> AutoCommit {
         AutoCommit::new().with_actor(ActorId::from(actor.as_bytes()))
