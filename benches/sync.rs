@@ -829,11 +829,14 @@ async fn resync(docs: usize) -> Vec<Figure> {
     let edge_dir = dir.path().join("edge");
     let config = edge_config(&edge_dir, "edge01", relay.local_addr(), &head.token());
     let manifests = edge_dir.join("manifests");
-    let all: String = (0..docs)
-        .map(|d| edgenode(&format!("ns{d}"), "edge01", 1, "nginx:1"))
-        .collect();
     let edge = Edge::start(config.clone()).await.unwrap();
-    head.apply(all).await;
+    // In applies of a few hundred, as a file may hold at most 500 documents.
+    for first in (0..docs).step_by(250) {
+        let some: String = (first..docs.min(first + 250))
+            .map(|d| edgenode(&format!("ns{d}"), "edge01", 1, "nginx:1"))
+            .collect();
+        head.apply(some).await;
+    }
     wait(Duration::from_secs(120), || {
         (0..docs).all(|d| manifest_has(&manifests, &format!("ns{d}"), "pod0", "nginx:1"))
     })
