@@ -284,8 +284,9 @@ impl Session {
         frame: Frame,
         now: Instant,
     ) -> Result<Option<Incoming>, SessionError> {
-        let (doc, message) = match frame {
-            Frame::Sync { doc, message } => (doc, message),
+        // The document, the message's bytes, and whether they are in the compact encoding.
+        let (doc, message, compact) = match frame {
+            Frame::Sync { doc, message } => (doc, message, false),
             Frame::SyncCompact {
                 number,
                 key,
@@ -296,20 +297,7 @@ impl Session {
                         "compact sync frame on a connection that did not negotiate it".into(),
                     ));
                 };
-                let doc = numbers.theirs(number, key)?;
-                if !self.admit(&doc, now)? {
-                    return Ok(None);
-                }
-                return match compact::decode(&message) {
-                    Ok(message) => Ok(Some(Incoming::Message {
-                        doc,
-                        message: Received::Compact(message),
-                    })),
-                    Err(e) => {
-                        self.fail(&doc, format!("undecodable sync message: {e}"), now)?;
-                        Ok(None)
-                    }
-                };
+                (numbers.theirs(number, key)?, message, true)
             }
             Frame::SyncChunk {
                 doc,
@@ -324,7 +312,7 @@ impl Session {
                     return Ok(None);
                 }
                 match self.reassembly.push(&doc, total, offset, data) {
-                    Ok(Some(message)) => (doc, message),
+                    Ok(Some(message)) => (doc, message, false),
                     Ok(None) => return Ok(None),
                     Err(e) => {
                         self.fail(&doc, e.to_string(), now)?;
@@ -347,11 +335,14 @@ impl Session {
         if !self.admit(&doc, now)? {
             return Ok(None);
         }
-        match sync::Message::decode(&message) {
-            Ok(message) => Ok(Some(Incoming::Message {
-                doc,
-                message: Received::Plain(message),
-            })),
+        let decoded = match compact {
+            true => compact::decode(&message).map(Received::Compact),
+            false => sync::Message::decode(&message)
+                .map(Received::Plain)
+                .map_err(|e| e.to_string()),
+        };
+        match decoded {
+            Ok(message) => Ok(Some(Incoming::Message { doc, message })),
             Err(e) => {
                 self.fail(&doc, format!("undecodable sync message: {e}"), now)?;
                 Ok(None)
