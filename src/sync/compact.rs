@@ -109,7 +109,7 @@ impl RefWriter<'_> {
         let out = &mut self.out;
         let changes = self.changes.iter().enumerate();
         let found = changes.filter_map(|(i, c)| Some((i, c.as_ref()?)));
-        if let Some(i) = found.clone().position(|(_, c)| c.hash() == *hash) {
+        if let Some((i, _)) = found.clone().find(|(_, c)| c.hash() == *hash) {
             out.push(CHANGE);
             uint(out, i);
         } else if let Some((i, j)) = found
@@ -543,6 +543,20 @@ mod tests {
                 let _ = m.resolve(&mut b, &sb);
             }
         }
+        // A change after a chunk that is none (a whole document, say) is referred to by its
+        // own place in the message.
+        let change = a.get_changes(&[]).pop().unwrap();
+        let mut message = a
+            .sync()
+            .generate_sync_message(&mut sync::State::new())
+            .unwrap();
+        message.heads = vec![change.hash()];
+        message.changes = vec![vec![0x85; 8], change.raw_bytes().to_vec()].into();
+        let compact = encode(&message, &[]);
+        assert_eq!(
+            decode(&compact).unwrap().resolve(&mut b, &sb).unwrap(),
+            message
+        );
         // The fuzz corpus's seed: a head given by prefix, and a have with an empty filter.
         let seed = std::fs::read("fuzz/corpus/wire_frame/compact-message-prefix").unwrap();
         let read = decode(&seed).unwrap();
