@@ -63,13 +63,9 @@ where
             Vec::new()
         }
     };
-    let session = Session::new(peer.clone(), stored);
     let mut link = Link {
         node: node.clone(),
-        session: match compact {
-            true => session.compact(),
-            false => session,
-        },
+        session: Session::new(peer.clone(), stored).compact(compact),
         out,
     };
     let (frames_tx, mut frames) = mpsc::channel(READ_AHEAD);

@@ -197,10 +197,10 @@ impl Session {
         }
     }
 
-    /// The session, sending its sync messages in the compact encoding ([`Frame::SyncCompact`]),
-    /// which the peer reads: both negotiated it.
-    pub fn compact(mut self) -> Session {
-        self.numbers = Some(Numbers::default());
+    /// The session, sending its sync messages in the compact encoding ([`Frame::SyncCompact`])
+    /// if `compact`: both sides negotiated it.
+    pub fn compact(mut self, compact: bool) -> Session {
+        self.numbers = compact.then(Numbers::default);
         self
     }
 
@@ -480,17 +480,11 @@ impl Session {
 
     /// Queues `message` for document `key`, or reports it if it is too large to send.
     fn queue(&mut self, key: &str, message: sync::Message) -> Result<(), SessionError> {
-        if let Some(frame) = self.compact_frame(key, &message) {
-            self.transmit.push_back(Transmit {
-                doc: Some(key.to_string()),
-                frames: vec![frame.encode()?],
-            });
-            if let Some(pushed) = &mut self.pushed_early {
-                pushed.insert(key.to_string());
-            }
-            return Ok(());
-        }
-        match wire::sync_frames(key, message.encode()) {
+        let frames = match self.compact_frame(key, &message) {
+            Some(frame) => frame.encode().map(|frame| vec![frame]),
+            None => wire::sync_frames(key, message.encode()),
+        };
+        match frames {
             Ok(frames) => {
                 if let Some(pushed) = &mut self.pushed_early {
                     pushed.insert(key.to_string());
@@ -763,7 +757,7 @@ mod tests {
                 // filters (whose false positives cost an exchange a round), on every run.
                 actor: ActorId::from(name.as_bytes()),
                 docs: BTreeMap::new(),
-                session: session(peer, Vec::new(), compact),
+                session: Session::new(peer, Vec::new()).compact(compact),
                 compact,
                 outgoing: Vec::new(),
             }
@@ -790,7 +784,7 @@ mod tests {
         /// A new session after a broken connection, from the states it had stored.
         fn restart(&mut self, stored: Vec<(String, Vec<u8>)>, now: Instant) {
             let peer = self.session.peer().clone();
-            self.session = session(peer, stored, self.compact);
+            self.session = Session::new(peer, stored).compact(self.compact);
             self.outgoing.clear();
             self.start(now);
         }
@@ -851,14 +845,6 @@ mod tests {
                 }
             }
             self.collect();
-        }
-    }
-
-    fn session(peer: Identity, stored: Vec<(String, Vec<u8>)>, compact: bool) -> Session {
-        let session = Session::new(peer, stored);
-        match compact {
-            true => session.compact(),
-            false => session,
         }
     }
 
@@ -1201,7 +1187,7 @@ mod tests {
         let named = frame(1, Some("default/edge01"));
         let err = plain.on_frame(named.clone(), now).unwrap_err();
         assert!(err.to_string().contains("did not negotiate"), "{err}");
-        let mut compact = Session::new(head(), Vec::new()).compact();
+        let mut compact = Session::new(head(), Vec::new()).compact(true);
         let err = compact.on_frame(frame(2, None), now).unwrap_err();
         assert!(err.to_string().contains("never named"), "{err}");
         for frame in [named, frame(1, None)] {

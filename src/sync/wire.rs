@@ -218,16 +218,19 @@ impl Frame {
                 key,
                 message,
             } => {
-                // LEB128 lengths: the number (shifted, its low bit telling whether the key
-                // follows), the key's length and the key; the message is the rest.
-                let mut head = Vec::with_capacity(8);
-                let tagged = (u64::from(*number) << 1) | u64::from(key.is_some());
-                leb128::write::unsigned(&mut head, tagged).expect("writing to a Vec");
+                // LEB128: the number (shifted, its low bit telling whether the key follows),
+                // the key's length and the key; the message is the rest.
+                let mut uint = |n: u64| {
+                    let mut buf = [0u8; 10];
+                    let len = leb128::write::unsigned(&mut &mut buf[..], n)
+                        .expect("a u64 fits 10 bytes of LEB128");
+                    out(&buf[..len]);
+                };
+                uint((u64::from(*number) << 1) | u64::from(key.is_some()));
                 if let Some(key) = key {
-                    leb128::write::unsigned(&mut head, key.len() as u64).expect("writing to a Vec");
-                    head.extend_from_slice(key.as_bytes());
+                    uint(key.len() as u64);
+                    out(key.as_bytes());
                 }
-                out(&head);
                 out(message);
             }
             Frame::Hello {
