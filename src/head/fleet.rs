@@ -43,7 +43,7 @@ pub struct EdgeInfo {
 /// Every registered edge, online or not, by name.
 pub async fn list(node: &Node, edges: &Edges) -> Vec<EdgeInfo> {
     let view = edges.dns_view().await;
-    let peers = node.peers().list();
+    let peers = peers_by_name(node);
     let now = Timestamp::now();
     let mut counts: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
     for key in node.docs().keys() {
@@ -95,7 +95,7 @@ pub async fn list(node: &Node, edges: &Edges) -> Vec<EdgeInfo> {
 pub async fn update_metrics(node: &Node, edges: &Edges) {
     let view = edges.dns_view().await;
     let registered = &view.nodes;
-    let peers = node.peers().list();
+    let peers = peers_by_name(node);
     let now = Timestamp::now();
     let m = node.metrics();
     m.edge_up.clear();
@@ -117,14 +117,19 @@ pub async fn update_metrics(node: &Node, edges: &Edges) {
 
 /// When edge `name` was last heard from: `now` while it is `online` (QUIC keep-alives hold
 /// the link), else when its last session here ended, if it had one since this head started.
-fn last_heard(peers: &[PeerInfo], name: &str, online: bool, now: Timestamp) -> Option<Timestamp> {
+fn last_heard(peers: &Peers, name: &str, online: bool, now: Timestamp) -> Option<Timestamp> {
     match online {
         true => Some(now),
-        false => peers
-            .iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.last_seen.as_deref()?.parse().ok()),
+        false => peers.get(name)?.last_seen.as_deref()?.parse().ok(),
     }
+}
+
+/// The peers of this head by name (a fleet's listing looks each registered edge up).
+type Peers = HashMap<String, PeerInfo>;
+
+fn peers_by_name(node: &Node) -> Peers {
+    let peers = node.peers().list().into_iter();
+    peers.map(|p| (p.name.clone(), p)).collect()
 }
 
 /// Keeps `edgesync_pods_refused` and `edgesync_pods_not_written` on a head: the pods the

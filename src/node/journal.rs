@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::CancellationToken;
 
 /// Events kept, over all EdgeNodes; the oldest go first.
@@ -96,58 +95,16 @@ impl Journal {
 /// Keeps the journal of a node no cluster bridge tells: looks at each EdgeNode whose
 /// document or presence changed, at most once per [`PASS_INTERVAL`], and records what its
 /// conditions tell. The look at start only learns the conditions; an EdgeNode made later is
-/// told against none, so trouble it starts with is told.
+/// told against none, so trouble it starts with is told. The changed keys come coalesced:
+/// however far behind this falls, it owes one look per EdgeNode that changed, never a look at
+/// every one.
 pub async fn follow(node: Node, shutdown: CancellationToken) {
-    let mut changes = node.docs().subscribe();
+    let changes = node.docs().watch_all();
     let mut seen: HashMap<String, Vec<Condition>> = HashMap::new();
     let mut registry = node.docs().registry().await;
-    let mut all = true;
+    let mut keys: BTreeSet<String> = node.docs().keys().into_iter().collect();
     let mut start = true;
     loop {
-        let keys: BTreeSet<String> = match all {
-            true => node.docs().keys().into_iter().collect(),
-            false => {
-                let first = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    first = changes.recv() => first,
-                };
-                let mut keys = BTreeSet::new();
-                let mut registry_moved = false;
-                let mut take = |change: Result<crate::node::Change, ()>| match change {
-                    Ok(c) if crate::key::is_internal(&c.key) => registry_moved = true,
-                    Ok(c) => {
-                        keys.insert(c.key);
-                    }
-                    Err(()) => all = true,
-                };
-                match first {
-                    Ok(c) => take(Ok(c)),
-                    Err(RecvError::Lagged(_)) => take(Err(())),
-                    Err(RecvError::Closed) => return,
-                }
-                loop {
-                    match changes.try_recv() {
-                        Ok(c) => take(Ok(c)),
-                        Err(TryRecvError::Lagged(_)) => take(Err(())),
-                        Err(_) => break,
-                    }
-                }
-                // Presence is in the registry: the EdgeNodes of the edges whose presence or
-                // registration moved may have a new Online.
-                if registry_moved {
-                    let now = node.docs().registry().await;
-                    for edge in moved_edges(&registry, &now) {
-                        keys.extend(node.docs().keys_of_edge(&edge));
-                    }
-                    registry = now;
-                }
-                match all {
-                    true => node.docs().keys().into_iter().collect(),
-                    false => keys,
-                }
-            }
-        };
-        all = false;
         let pass = tokio::time::Instant::now();
         for key in keys.iter().filter(|k| !crate::key::is_internal(k)) {
             let conditions = match node.conditions_or_deleting(key).await {
@@ -165,9 +122,21 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
             seen.insert(key.clone(), conditions);
         }
         start = false;
-        tokio::select! {
+        keys = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(pass + PASS_INTERVAL) => {}
+            _ = tokio::time::sleep_until(pass + PASS_INTERVAL) => tokio::select! {
+                _ = shutdown.cancelled() => return,
+                keys = changes.next() => keys,
+            },
+        };
+        // Presence is in the registry: the EdgeNodes of the edges whose presence or
+        // registration moved may have a new Online.
+        if keys.iter().any(|k| crate::key::is_internal(k)) {
+            let now = node.docs().registry().await;
+            for edge in moved_edges(&registry, &now) {
+                keys.extend(node.docs().keys_of_edge(&edge));
+            }
+            registry = now;
         }
     }
 }
