@@ -323,19 +323,23 @@ impl Bridge {
     }
 
     /// Sends each document that changed to be reconciled with its resource, or, when it has
-    /// none, to the orphan checks; and tells the status writer.
+    /// none, to the orphan checks; and tells the status writer. The changed keys come
+    /// coalesced, so falling behind never means looking at every document; a presence change
+    /// marks the EdgeNodes of the edges that moved.
     async fn route_changes(&self, scopes: &[Scope]) {
-        let mut changes = self.node.docs().subscribe();
+        let changes = self.node.docs().watch_all();
+        let mut registry = self.node.docs().registry().await;
         loop {
-            let keys = match changes.recv().await {
-                Ok(change) => vec![change.key],
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.node.docs().keys(),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            };
+            let mut keys = changes.next().await;
+            if keys.iter().any(|k| crate::registry::is_internal(k)) {
+                let now = self.node.docs().registry().await;
+                for edge in crate::node::journal::moved_edges(&registry, &now) {
+                    keys.extend(self.node.docs().keys_of_edge(&edge));
+                }
+                registry = now;
+            }
             for key in keys {
                 if crate::registry::is_internal(&key) {
-                    // Presence changed: any EdgeNode's Online condition may have.
-                    self.status.mark_all();
                     continue;
                 }
                 if !self.in_scope(&key) {

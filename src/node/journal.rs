@@ -142,7 +142,7 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
 }
 
 /// The edges whose presence or registration differs between two readings of the registry.
-fn moved_edges(before: &Registry, after: &Registry) -> BTreeSet<String> {
+pub(crate) fn moved_edges(before: &Registry, after: &Registry) -> BTreeSet<String> {
     let names = before.presence.keys().chain(after.presence.keys());
     let names = names.chain(before.nodes.keys()).chain(after.nodes.keys());
     names
