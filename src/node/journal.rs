@@ -107,6 +107,8 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
     loop {
         let pass = tokio::time::Instant::now();
         for key in keys.iter().filter(|k| !crate::key::is_internal(k)) {
+            #[cfg(test)]
+            tests::LOOKS.with(|n| n.set(n.get() + 1));
             let conditions = match node.conditions_or_deleting(key).await {
                 Ok(Some(conditions)) => conditions,
                 Ok(None) => {
@@ -157,6 +159,54 @@ pub(crate) fn moved_edges(before: &Registry, after: &Registry) -> BTreeSet<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// EdgeNodes the journal looked at (a `#[tokio::test]` runs its tasks on its thread).
+        pub(super) static LOOKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn edgenodes(range: std::ops::Range<usize>, image: &str) -> String {
+        let one = |i| {
+            format!(
+                "---\napiVersion: edgesync.io/v1alpha1\nkind: EdgeNode\nmetadata:\n  name: edge{i}\nspec:\n  pods:\n    - apiVersion: v1\n      kind: Pod\n      metadata:\n        name: web\n      spec:\n        containers:\n          - name: main\n            image: {image}\n"
+            )
+        };
+        range.map(one).collect()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_changes_is_looked_at_once_per_changed_edgenode_never_every_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let rules = crate::input::Rules::new("default");
+        let node = Node::open(crate::transport::tls::Role::Head, "head", store, rules)
+            .await
+            .unwrap();
+        let apply = |count: usize, image: &'static str| {
+            let node = node.clone();
+            async move {
+                // An apply takes at most 500 documents.
+                for first in (0..count).step_by(500) {
+                    let text = edgenodes(first..count.min(first + 500), image);
+                    node.docs().apply_text(&text, "default").await.unwrap();
+                }
+            }
+        };
+        apply(1500, "nginx:1").await;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(follow(node.clone(), shutdown.clone()));
+        let looks = || LOOKS.with(|n| n.get());
+        while looks() < 1500 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // More changes at once than the broadcast of changes holds: a journal that read them
+        // from it fell behind and looked at all 1,500 EdgeNodes again.
+        LOOKS.with(|n| n.set(0));
+        apply(1100, "nginx:2").await;
+        tokio::time::sleep(PASS_INTERVAL * 3).await;
+        assert_eq!(looks(), 1100);
+        shutdown.cancel();
+    }
 
     fn notice(reason: &str) -> Notice {
         Notice {
