@@ -669,7 +669,7 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     );
     // Idle: presence written, status reports in, nothing moving, and the documents saved away.
     head.quiet().await;
-    tokio::time::sleep(edgesync::node::docs::UNLOAD_AFTER + Duration::from_secs(2)).await;
+    tokio::time::sleep(2 * edgesync::node::docs::UNLOAD_AFTER + Duration::from_secs(2)).await;
     let pid = head.child.id();
     // Two keep-alive intervals: edges that went idle together send their keep-alives in bursts.
     // EDGESYNC_BENCH_IDLE_SECONDS sets another window, for a profiler to attach meanwhile.
