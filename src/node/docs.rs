@@ -97,6 +97,26 @@ pub struct Docs {
 /// was a tenth of an idle head's CPU).
 pub const UNLOAD_AFTER: Duration = Duration::from_secs(5);
 
+/// Documents looked over (and perhaps saved away) between two yields to the runtime.
+const UNLOAD_AT_ONCE: usize = 256;
+
+/// Saves away those of `entries` loaded and unused for `idle`, leaving alone those in use now;
+/// returns how many it saved away.
+fn unload_idle(entries: &[Arc<tokio::sync::Mutex<DocEntry>>], idle: Duration) -> usize {
+    let mut unloaded = 0;
+    for entry in entries {
+        if let Ok(mut entry) = entry.try_lock()
+            && entry
+                .loaded_since()
+                .is_some_and(|used| used.elapsed() >= idle)
+            && entry.unload()
+        {
+            unloaded += 1;
+        }
+    }
+    unloaded
+}
+
 /// One node's documents by key, and the keys of each edge's (what its sync sessions offer, so a
 /// session start never walks a fleet's documents).
 #[derive(Default)]
@@ -177,26 +197,18 @@ impl Docs {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(UNLOAD_AFTER) => {}
             }
-            self.unload(UNLOAD_AFTER);
+            // A few at a time: saving thousands away at once would hold a runtime thread.
+            for entries in self.edgenode_entries().chunks(UNLOAD_AT_ONCE) {
+                unload_idle(entries, UNLOAD_AFTER);
+                tokio::task::yield_now().await;
+            }
         }
     }
 
     /// Saves away the loaded EdgeNode documents unused for `idle`, leaving alone those in use
     /// now; returns how many it saved away.
     pub fn unload(&self, idle: Duration) -> usize {
-        let entries = self.edgenode_entries();
-        let mut unloaded = 0;
-        for entry in entries {
-            if let Ok(mut entry) = entry.try_lock()
-                && entry
-                    .loaded_since()
-                    .is_some_and(|used| used.elapsed() >= idle)
-                && entry.unload()
-            {
-                unloaded += 1;
-            }
-        }
-        unloaded
+        unload_idle(&self.edgenode_entries(), idle)
     }
 
     /// How many EdgeNode documents are loaded now (not counting those in use this instant).
