@@ -18,7 +18,7 @@ use automerge::{ActorId, AutoCommit, ObjId, ObjType, ROOT, ReadDoc, Value as AmV
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use crate::key::{REGISTRY as KEY, is_internal};
 
@@ -50,6 +50,21 @@ pub struct Registry {
     pub dns: BTreeMap<String, std::net::IpAddr>,
     /// The edgesync version each edge last said it runs.
     pub versions: BTreeMap<String, String>,
+}
+
+impl Registry {
+    /// The edges whose presence or registration differs in `before`, an earlier reading.
+    pub fn moved_since(&self, before: &Registry) -> BTreeSet<String> {
+        let names = before.presence.keys().chain(self.presence.keys());
+        let names = names.chain(before.nodes.keys()).chain(self.nodes.keys());
+        names
+            .filter(|name| {
+                before.presence.get(*name) != self.presence.get(*name)
+                    || before.nodes.get(*name) != self.nodes.get(*name)
+            })
+            .cloned()
+            .collect()
+    }
 }
 
 /// Records the edgesync version registered edge `name` says it runs (kept in its registration,
@@ -240,6 +255,22 @@ fn ips(entries: Vec<(String, Value)>) -> BTreeMap<String, std::net::IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_edges_whose_presence_or_registration_moved_are_looked_at_again() {
+        let mut before = Registry::default();
+        for edge in ["edge01", "edge02", "edge03"] {
+            before.presence.insert(edge.into(), "head-1".into());
+        }
+        let mut after = before.clone();
+        after.presence.remove("edge01");
+        after.presence.insert("edge02".into(), "head-2".into());
+        after.presence.insert("edge04".into(), "head-1".into());
+        after.versions.insert("edge03".into(), "1.2.0".into());
+        let moved: Vec<String> = after.moved_since(&before).into_iter().collect();
+        assert_eq!(moved, ["edge01", "edge02", "edge04"]);
+        assert!(after.moved_since(&after).is_empty());
+    }
 
     fn registration(key: &str) -> Registration {
         Registration {

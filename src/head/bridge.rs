@@ -333,7 +333,7 @@ impl Bridge {
             let mut keys = changes.next().await;
             if keys.iter().any(|k| crate::registry::is_internal(k)) {
                 let now = self.node.docs().registry().await;
-                for edge in crate::node::journal::moved_edges(&registry, &now) {
+                for edge in now.moved_since(&registry) {
                     keys.extend(self.node.docs().keys_of_edge(&edge));
                 }
                 registry = now;

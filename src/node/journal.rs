@@ -5,7 +5,6 @@
 use super::status::{Notice, notices};
 use super::{Node, lock};
 use crate::crd::Condition;
-use crate::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -135,25 +134,12 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
         // registration moved may have a new Online.
         if keys.iter().any(|k| crate::key::is_internal(k)) {
             let now = node.docs().registry().await;
-            for edge in moved_edges(&registry, &now) {
+            for edge in now.moved_since(&registry) {
                 keys.extend(node.docs().keys_of_edge(&edge));
             }
             registry = now;
         }
     }
-}
-
-/// The edges whose presence or registration differs between two readings of the registry.
-pub(crate) fn moved_edges(before: &Registry, after: &Registry) -> BTreeSet<String> {
-    let names = before.presence.keys().chain(after.presence.keys());
-    let names = names.chain(before.nodes.keys()).chain(after.nodes.keys());
-    names
-        .filter(|name| {
-            before.presence.get(*name) != after.presence.get(*name)
-                || before.nodes.get(*name) != after.nodes.get(*name)
-        })
-        .cloned()
-        .collect()
 }
 
 #[cfg(test)]
@@ -214,22 +200,6 @@ mod tests {
             reason: reason.into(),
             message: "m".into(),
         }
-    }
-
-    #[test]
-    fn only_edges_whose_presence_or_registration_moved_are_looked_at_again() {
-        let mut before = Registry::default();
-        for edge in ["edge01", "edge02", "edge03"] {
-            before.presence.insert(edge.into(), "head-1".into());
-        }
-        let mut after = before.clone();
-        after.presence.remove("edge01");
-        after.presence.insert("edge02".into(), "head-2".into());
-        after.presence.insert("edge04".into(), "head-1".into());
-        after.versions.insert("edge03".into(), "1.2.0".into());
-        let moved: Vec<String> = moved_edges(&before, &after).into_iter().collect();
-        assert_eq!(moved, ["edge01", "edge02", "edge04"]);
-        assert!(moved_edges(&after, &after).is_empty());
     }
 
     #[test]
