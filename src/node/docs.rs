@@ -92,8 +92,8 @@ pub struct Docs {
 /// Long enough that a change's few uses (the apply, the sync rounds, the edge's report, all
 /// within a second or so of each other) find it loaded; short enough that a fan-out to
 /// thousands never has them all loaded at once. Loading one again takes about 0.1 ms. The
-/// documents are looked over once per this time, so one is saved away between one and two
-/// of it after its last use (a look goes over every EdgeNode: at 10,000 edges, one a second
+/// documents are looked over once per this time, so one is saved away one to two times it
+/// after its last use (a look goes over every EdgeNode: at 10,000 edges, a look every second
 /// was a tenth of an idle head's CPU).
 pub const UNLOAD_AFTER: Duration = Duration::from_secs(5);
 
