@@ -331,13 +331,10 @@ impl Bridge {
         let mut registry = self.node.docs().registry().await;
         loop {
             let mut keys = changes.next().await;
-            if keys.iter().any(|k| crate::registry::is_internal(k)) {
-                let now = self.node.docs().registry().await;
-                for edge in now.moved_since(&registry) {
-                    keys.extend(self.node.docs().keys_of_edge(&edge));
-                }
-                registry = now;
-            }
+            self.node
+                .docs()
+                .add_moved_edges(&mut keys, &mut registry)
+                .await;
             for key in keys {
                 if crate::registry::is_internal(&key) {
                     continue;

@@ -207,7 +207,8 @@ impl Docs {
 
     /// Saves away the loaded EdgeNode documents unused for `idle`, leaving alone those in use
     /// now; returns how many it saved away.
-    pub fn unload(&self, idle: Duration) -> usize {
+    #[cfg(test)]
+    fn unload(&self, idle: Duration) -> usize {
         unload_idle(&self.edgenode_entries(), idle)
     }
 
@@ -262,6 +263,20 @@ impl Docs {
         keys.filter(|k| !registry::is_internal(k))
             .cloned()
             .collect()
+    }
+
+    /// When `changed` (keys from [`Docs::watch_all`]) holds the registry: adds the EdgeNodes
+    /// of the edges whose presence or registration moved since `seen`, an earlier reading of
+    /// it (their Online may have changed), and makes `seen` the reading now.
+    pub async fn add_moved_edges(&self, changed: &mut BTreeSet<String>, seen: &mut Arc<Registry>) {
+        if !changed.iter().any(|k| registry::is_internal(k)) {
+            return;
+        }
+        let now = self.registry().await;
+        for edge in now.moved_since(seen) {
+            changed.extend(self.keys_of_edge(&edge));
+        }
+        *seen = now;
     }
 
     /// The keys of documents as they change (each once until taken), for a watcher that must

@@ -130,15 +130,7 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
                 keys = changes.next() => keys,
             },
         };
-        // Presence is in the registry: the EdgeNodes of the edges whose presence or
-        // registration moved may have a new Online.
-        if keys.iter().any(|k| crate::key::is_internal(k)) {
-            let now = node.docs().registry().await;
-            for edge in now.moved_since(&registry) {
-                keys.extend(node.docs().keys_of_edge(&edge));
-            }
-            registry = now;
-        }
+        node.docs().add_moved_edges(&mut keys, &mut registry).await;
     }
 }
 
