@@ -33,6 +33,9 @@ const MIGRATIONS: &[&str] = &[
          action TEXT NOT NULL, subject TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');",
     // 3: when each user last signed out of the portal (sessions issued before end)
     "ALTER TABLE users ADD COLUMN signed_out_at INTEGER;",
+    // 4: an owned manifest's digest was never read (what is on disk is compared with what is
+    // wanted); keeping it cost a commit after every manifest write
+    "ALTER TABLE manifests DROP COLUMN sha256;",
 ];
 
 /// Errors from the database.
@@ -133,8 +136,6 @@ pub struct OwnedFile {
     pub key: String,
     /// Pod name.
     pub pod: String,
-    /// SHA-256 (hex) of the content written.
-    pub sha256: String,
 }
 
 /// A node that joined this head.
@@ -335,13 +336,12 @@ impl Store {
     pub async fn owned_files(&self) -> Result<Vec<OwnedFile>, StoreError> {
         self.call(|t| {
             let mut stmt =
-                t.prepare("SELECT file, key, pod, sha256 FROM manifests ORDER BY file")?;
+                t.prepare("SELECT file, key, pod FROM manifests ORDER BY file")?;
             let rows = stmt.query_map([], |r| {
                 Ok(OwnedFile {
                     file: r.get(0)?,
                     key: r.get(1)?,
                     pod: r.get(2)?,
-                    sha256: r.get(3)?,
                 })
             })?;
             rows.collect()
@@ -353,9 +353,9 @@ impl Store {
     pub async fn own_file(&self, file: OwnedFile) -> Result<(), StoreError> {
         self.call(move |t| {
             t.execute(
-                "INSERT INTO manifests (file, key, pod, sha256) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (file) DO UPDATE SET key = excluded.key, pod = excluded.pod, sha256 = excluded.sha256",
-                params![file.file, file.key, file.pod, file.sha256],
+                "INSERT INTO manifests (file, key, pod) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (file) DO UPDATE SET key = excluded.key, pod = excluded.pod",
+                params![file.file, file.key, file.pod],
             )
             .map(drop)
         })
@@ -607,5 +607,49 @@ fn sqlite_err(path: &Path, source: rusqlite::Error) -> StoreError {
     StoreError::Sqlite {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_older_database_is_migrated_and_keeps_what_it_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgesync.db");
+        {
+            // A database as a build knowing three migrations left it.
+            let conn = Connection::open(&path).unwrap();
+            for migration in &MIGRATIONS[..3] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.execute_batch(
+                "PRAGMA user_version = 3;
+                 INSERT INTO manifests (file, key, pod, sha256)
+                 VALUES ('edgesync_default_web.json', 'default/edge01', 'web', 'ab12');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let web = OwnedFile {
+            file: "edgesync_default_web.json".into(),
+            key: "default/edge01".into(),
+            pod: "web".into(),
+        };
+        assert_eq!(store.owned_files().await.unwrap(), [web.clone()]);
+        let db = OwnedFile {
+            file: "edgesync_default_db.json".into(),
+            pod: "db".into(),
+            ..web.clone()
+        };
+        store.own_file(db.clone()).await.unwrap();
+        assert_eq!(store.owned_files().await.unwrap(), [db, web]);
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 }

@@ -284,7 +284,6 @@ mod tests {
             file: d.file.clone(),
             key: d.key.clone(),
             pod: d.pod.clone(),
-            sha256: d.sha256(),
         }
     }
 
@@ -321,7 +320,6 @@ mod tests {
             file: "edgesync_default_old.json".into(),
             key: "default/edge01".into(),
             pod: "old".into(),
-            sha256: "x".into(),
         };
         let a_sha = a.sha256();
         let plan_ = plan(

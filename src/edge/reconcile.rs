@@ -311,29 +311,20 @@ impl Reconciler {
             .collect();
         for want in plan.write {
             let previous = owned.iter().any(|o| o.file == want.file);
-            let record = OwnedFile {
-                file: want.file.clone(),
-                key: want.key.clone(),
-                pod: want.pod.clone(),
-                sha256: want.sha256(),
-            };
-            // A new file is recorded before it is written, so a crash never orphans it. A file
-            // already owned for the same pod gets its new digest after the write: nothing is
-            // decided on that digest, and the change's path to its manifest keeps one commit
-            // fewer.
+            // A new file is recorded before it is written, so a crash never orphans it.
             let owned_as_is = owned
                 .iter()
-                .any(|o| o.file == record.file && o.key == record.key && o.pod == record.pod);
+                .any(|o| o.file == want.file && o.key == want.key && o.pod == want.pod);
             if !owned_as_is {
-                store.own_file(record.clone()).await?;
+                let record = OwnedFile {
+                    file: want.file.clone(),
+                    key: want.key.clone(),
+                    pod: want.pod.clone(),
+                };
+                store.own_file(record).await?;
             }
             match manifests::write(&self.dir, &want) {
-                Ok(()) => {
-                    info!(file = %want.file, doc = %want.key, "manifest written");
-                    if owned_as_is {
-                        store.own_file(record).await?;
-                    }
-                }
+                Ok(()) => info!(file = %want.file, doc = %want.key, "manifest written"),
                 Err(e) => {
                     if !previous {
                         store.disown_file(want.file.clone()).await?;
