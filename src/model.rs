@@ -226,17 +226,20 @@ fn scalar_text(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Result<Option<Strin
 }
 
 /// Reads what an EdgeNode's status is derived from: a [`DocView`] whose pods are only named
-/// (their specs are `Null`), without labels or creation time. Reads those fields alone, not
-/// the whole document, several times faster than [`read`]: for looks at the conditions of
-/// many EdgeNodes.
+/// (their specs are `Null`), without labels or creation time. Reads those fields and the
+/// spec (for its conflicts), not the whole document: for looks at the conditions of many
+/// EdgeNodes.
 pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
     let parsed = DocKey::parse(key).map_err(|e| malformed(key, &e.reason))?;
     let (Some(namespace), Some(name)) = (parsed.namespace(), parsed.name()) else {
         return Err(malformed(key, "not an EdgeNode"));
     };
     let spec = map_at_read(doc, &ROOT, "spec").ok_or_else(|| malformed(key, "spec missing"))?;
-    let pods = match map_at_read(doc, &spec, "pods") {
-        Some(pods) => doc.keys(&pods).map(|name| (name, Value::Null)).collect(),
+    // The spec's conflicts are found in a pass over all of it.
+    let mut conflicts = Vec::new();
+    let spec = to_json(doc, &spec, ObjType::Map, &mut "spec".into(), Some(&mut conflicts))?;
+    let pods = match spec["pods"].as_object() {
+        Some(pods) => pods.keys().map(|name| (name.clone(), Value::Null)).collect(),
         None => BTreeMap::new(),
     };
     let status = map_at_read(doc, &ROOT, "status");
@@ -259,8 +262,6 @@ pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
         Some(status) => scalar_int(doc, status, "observedGeneration")?,
         None => None,
     };
-    let mut conflicts = Vec::new();
-    collect_conflicts(doc, &spec, "spec", &mut conflicts)?;
     Ok(DocView {
         namespace: namespace.to_string(),
         name: name.to_string(),
@@ -303,10 +304,13 @@ pub fn reported_pod_states(doc: &AutoCommit) -> Result<Option<Vec<(String, Strin
     Ok(Some(states))
 }
 
-/// Reads a document into a [`DocView`].
+/// Reads a document into a [`DocView`], in one pass over its objects.
 pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
-    let json = serde_json::to_value(automerge::AutoSerde::from(doc))
-        .map_err(|e| malformed(key, &e.to_string()))?;
+    let mut conflicts = Vec::new();
+    let json = read_json(doc, &mut conflicts)?;
+    if !json["spec"].is_object() {
+        return Err(malformed(key, "spec missing"));
+    }
     let meta = &json["meta"];
     let text = |v: &Value| v.as_str().map(str::to_string);
     // Identity comes from the (validated) key, never from fields a peer could rewrite.
@@ -335,9 +339,6 @@ pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
                 .collect()
         })
         .unwrap_or_default();
-    let mut conflicts = Vec::new();
-    let spec = map_at_read(doc, &ROOT, "spec").ok_or_else(|| malformed(key, "spec missing"))?;
-    collect_conflicts(doc, &spec, "spec", &mut conflicts)?;
     Ok(DocView {
         namespace,
         name,
@@ -351,6 +352,99 @@ pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
         pod_states,
         conflicts,
     })
+}
+
+/// The whole document as JSON (as automerge's serde form has it), and a line in `conflicts`
+/// for every property under `spec` that holds concurrent values.
+fn read_json(doc: &AutoCommit, conflicts: &mut Vec<String>) -> Result<Value, ModelError> {
+    let mut root = Map::new();
+    for item in doc.map_range(&ROOT, ..) {
+        let value = match item.value {
+            ValueRef::Object(kind) => {
+                let mut path = item.key.to_string();
+                let spec = (item.key == "spec").then_some(&mut *conflicts);
+                to_json(doc, &item.id(), kind, &mut path, spec)?
+            }
+            ValueRef::Scalar(scalar) => scalar_json(&scalar),
+        };
+        root.insert(item.key.into_owned(), value);
+    }
+    Ok(Value::Object(root))
+}
+
+/// Object `obj` (of `kind`) as JSON, one pass over its winning values; with `conflicts`,
+/// appends a line for every property under it holding concurrent values (each named from
+/// `path`, the object's own, which it leaves as it found it).
+fn to_json(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    kind: ObjType,
+    path: &mut String,
+    mut conflicts: Option<&mut Vec<String>>,
+) -> Result<Value, automerge::AutomergeError> {
+    use std::fmt::Write;
+    let mut child = |prop: Prop, value: ValueRef<'_>, id: ObjId, conflict: bool| {
+        let len = path.len();
+        if let Some(out) = conflicts.as_deref_mut() {
+            let _ = match &prop {
+                Prop::Map(key) => write!(path, ".{key}"),
+                Prop::Seq(i) => write!(path, "[{i}]"),
+            };
+            if conflict {
+                out.push(conflict_line(doc, obj, prop, path)?);
+            }
+        }
+        let value = match value {
+            ValueRef::Object(kind) => to_json(doc, &id, kind, path, conflicts.as_deref_mut())?,
+            ValueRef::Scalar(scalar) => scalar_json(&scalar),
+        };
+        path.truncate(len);
+        Ok::<_, automerge::AutomergeError>(value)
+    };
+    Ok(match kind {
+        ObjType::Map | ObjType::Table => {
+            let mut map = Map::new();
+            for item in doc.map_range(obj, ..) {
+                let id = match item.value {
+                    ValueRef::Object(_) => item.id(),
+                    ValueRef::Scalar(_) => ROOT,
+                };
+                let key = item.key.into_owned();
+                let value = child(Prop::Map(key.clone()), item.value, id, item.conflict)?;
+                map.insert(key, value);
+            }
+            Value::Object(map)
+        }
+        ObjType::List => {
+            let mut list = Vec::new();
+            for item in doc.list_range(obj, ..) {
+                let id = match item.value {
+                    ValueRef::Object(_) => item.id(),
+                    ValueRef::Scalar(_) => ROOT,
+                };
+                list.push(child(Prop::Seq(item.index), item.value, id, item.conflict)?);
+            }
+            Value::Array(list)
+        }
+        ObjType::Text => Value::String(doc.text(obj)?),
+    })
+}
+
+/// A scalar as JSON, as automerge's serde form has it.
+fn scalar_json(scalar: &automerge::ScalarValueRef<'_>) -> Value {
+    use automerge::ScalarValueRef as S;
+    match scalar {
+        S::Str(text) => Value::String(text.to_string()),
+        S::Int(i) | S::Counter(i) | S::Timestamp(i) => Value::from(*i),
+        S::Uint(u) => Value::from(*u),
+        S::F64(f) => Value::from(*f),
+        S::Boolean(b) => Value::Bool(*b),
+        S::Bytes(bytes) => Value::from(bytes.to_vec()),
+        S::Unknown { type_code, bytes } => {
+            serde_json::json!({ "type_code": type_code, "bytes": bytes.to_vec() })
+        }
+        S::Null => Value::Null,
+    }
 }
 
 fn malformed(key: &str, what: &str) -> ModelError {
@@ -537,58 +631,24 @@ fn to_scalar(value: &Value) -> ScalarValue {
     }
 }
 
-/// Appends a line for every property under `obj` that holds concurrent values. One pass over
-/// each object's winning values, which carry a conflict flag; only a flagged property is read
-/// whole.
-fn collect_conflicts(
+/// The line telling that property `prop` of `obj` (at `path`) holds concurrent values.
+fn conflict_line(
     doc: &AutoCommit,
     obj: &ObjId,
+    prop: Prop,
     path: &str,
-    out: &mut Vec<String>,
-) -> Result<(), automerge::AutomergeError> {
-    // (property, whether it holds concurrent values, the winning value's object if any)
-    let props: Vec<(Prop, bool, Option<ObjId>)> = match doc.object_type(obj)? {
-        ObjType::Map | ObjType::Table => doc
-            .map_range(obj, ..)
-            .map(|item| {
-                let child = matches!(item.value, ValueRef::Object(_)).then(|| item.id());
-                (Prop::Map(item.key.into_owned()), item.conflict, child)
-            })
-            .collect(),
-        _ => doc
-            .list_range(obj, ..)
-            .map(|item| {
-                let child = matches!(item.value, ValueRef::Object(_)).then(|| item.id());
-                (Prop::Seq(item.index), item.conflict, child)
-            })
-            .collect(),
-    };
-    for (prop, conflict, child) in props {
-        let child_path = match &prop {
-            Prop::Map(key) => format!("{path}.{key}"),
-            Prop::Seq(i) => format!("{path}[{i}]"),
-        };
-        if conflict {
-            let all = doc.get_all(obj, prop.clone())?;
-            let kept = doc
-                .get(obj, prop)?
-                .map(|(v, _)| describe(&v))
-                .unwrap_or_default();
-            let lost: Vec<String> = all
-                .iter()
-                .map(|(v, _)| describe(v))
-                .filter(|v| *v != kept)
-                .collect();
-            out.push(format!(
-                "{child_path}: kept {kept}, lost {}",
-                lost.join(", ")
-            ));
-        }
-        if let Some(id) = child {
-            collect_conflicts(doc, &id, &child_path, out)?;
-        }
-    }
-    Ok(())
+) -> Result<String, automerge::AutomergeError> {
+    let all = doc.get_all(obj, prop.clone())?;
+    let kept = doc
+        .get(obj, prop)?
+        .map(|(v, _)| describe(&v))
+        .unwrap_or_default();
+    let lost: Vec<String> = all
+        .iter()
+        .map(|(v, _)| describe(v))
+        .filter(|v| *v != kept)
+        .collect();
+    Ok(format!("{path}: kept {kept}, lost {}", lost.join(", ")))
 }
 
 fn describe(value: &AmValue<'_>) -> String {
@@ -737,6 +797,50 @@ mod tests {
         set_spec(&mut head, &desired("nginx:final"), "t").unwrap();
         merge(&mut head, &mut edge);
         assert!(read(&edge, "default/edge01").unwrap().conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_read_sees_every_kind_of_value_as_automerge_shows_it() {
+        let mut doc = genesis("default/edge01", &ActorId::random());
+        set_spec(&mut doc, &desired("nginx"), "t").unwrap();
+        let (_, spec) = doc.get(ROOT, "spec").unwrap().unwrap();
+        let odd = doc.put_object(&spec, "odd", ObjType::Map).unwrap();
+        let values = [
+            ScalarValue::Bytes(vec![1, 2]),
+            ScalarValue::Uint(u64::MAX),
+            ScalarValue::F64(1.5),
+            ScalarValue::F64(f64::NAN),
+            ScalarValue::counter(3),
+            ScalarValue::Timestamp(-4),
+            ScalarValue::Null,
+            ScalarValue::Unknown {
+                type_code: 20,
+                bytes: vec![9],
+            },
+        ];
+        for (i, value) in values.into_iter().enumerate() {
+            doc.put(&odd, format!("v{i}"), value).unwrap();
+        }
+        let text = doc.put_object(&odd, "text", ObjType::Text).unwrap();
+        doc.splice_text(&text, 0, 0, "hello").unwrap();
+        let list = doc.put_object(&odd, "list", ObjType::List).unwrap();
+        doc.insert(&list, 0, true).unwrap();
+        doc.insert_object(&list, 1, ObjType::Map).unwrap();
+        doc.commit();
+        // And a conflict, in a list.
+        let mut other = doc.fork().with_actor(ActorId::random());
+        doc.put(&list, 0, "ours").unwrap();
+        other.put(&list, 0, "theirs").unwrap();
+        doc.merge(&mut other).unwrap();
+        let mut conflicts = Vec::new();
+        let json = read_json(&doc, &mut conflicts).unwrap();
+        let serde = serde_json::to_value(automerge::AutoSerde::from(&doc)).unwrap();
+        assert_eq!(json, serde);
+        assert_eq!(json["spec"]["odd"]["text"], "hello");
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert!(conflicts[0].starts_with("spec.odd.list[0]: kept"), "{conflicts:?}");
+        assert_eq!(read(&doc, "default/edge01").unwrap().conflicts, conflicts);
+        status_read_agrees(&doc, "default/edge01");
     }
 
     #[test]

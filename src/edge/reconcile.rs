@@ -27,6 +27,9 @@ pub struct Reconciler {
     applied: BTreeMap<String, Vec<AppliedPod>>,
     /// Per document and file, why its pod is stuck, as last logged.
     warned: HashMap<(String, String), String>,
+    /// The manifests this edge owns, by file, as the database has them: read by a full pass
+    /// (or the first pass after a failure), then changed with each write to the database.
+    owned: Option<BTreeMap<String, OwnedFile>>,
 }
 
 /// What one document asks of this edge.
@@ -68,6 +71,7 @@ impl Reconciler {
             done: HashMap::new(),
             applied: BTreeMap::new(),
             warned: HashMap::new(),
+            owned: None,
         }
     }
 
@@ -112,6 +116,7 @@ impl Reconciler {
             warn!(error = %e, "reconcile failed; will retry");
             // Whatever failed is done again by the next pass.
             self.done.clear();
+            self.owned = None;
         }
         let count = |state: &str| {
             let pods = self.applied.values().flatten();
@@ -135,42 +140,64 @@ impl Reconciler {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut owned = None;
         if only.is_none() {
-            // Files of documents that are gone.
             let files = self.node.store().owned_files().await?;
-            keys.extend(files.iter().map(|o| o.key.clone()));
-            owned = Some(files);
+            let owned = self.owned.insert(BTreeMap::new());
+            owned.extend(files.into_iter().map(|o| (o.file.clone(), o)));
+            // Files of documents that are gone.
+            keys.extend(owned.values().map(|o| o.key.clone()));
         }
         for key in keys {
-            if let Err(e) = self.reconcile_doc(&key, only.is_some(), &mut owned).await {
+            if let Err(e) = self.reconcile_doc(&key, only.is_some()).await {
                 self.node.metrics().reconcile_failures.inc();
                 warn!(doc = %key, error = %e, "reconcile of this document failed; will retry");
                 self.done.remove(&key);
+                self.owned = None;
             }
         }
         Ok(())
     }
 
-    /// Reconciles document `key`; with `changed_only`, only if what it asks changed. `owned`
-    /// caches the owned files of this pass.
-    async fn reconcile_doc(
-        &mut self,
-        key: &str,
-        changed_only: bool,
-        owned: &mut Option<Vec<OwnedFile>>,
-    ) -> Result<(), DaemonError> {
+    /// The files document `key` owns.
+    async fn owned_by(&mut self, key: &str) -> Result<Vec<OwnedFile>, DaemonError> {
+        let owned = match &mut self.owned {
+            Some(owned) => owned,
+            None => {
+                let files = self.node.store().owned_files().await?;
+                self.owned
+                    .insert(files.into_iter().map(|o| (o.file.clone(), o)).collect())
+            }
+        };
+        Ok(owned.values().filter(|o| o.key == key).cloned().collect())
+    }
+
+    /// Records that this edge owns `file`.
+    async fn own(&mut self, file: OwnedFile) -> Result<(), DaemonError> {
+        self.node.store().own_file(file.clone()).await?;
+        if let Some(owned) = &mut self.owned {
+            owned.insert(file.file.clone(), file);
+        }
+        Ok(())
+    }
+
+    /// Forgets that this edge owns `file`.
+    async fn disown(&mut self, file: &str) -> Result<(), DaemonError> {
+        self.node.store().disown_file(file.to_string()).await?;
+        if let Some(owned) = &mut self.owned {
+            owned.remove(file);
+        }
+        Ok(())
+    }
+
+    /// Reconciles document `key`; with `changed_only`, only if what it asks changed.
+    async fn reconcile_doc(&mut self, key: &str, changed_only: bool) -> Result<(), DaemonError> {
         let wanted = self.wanted(key).await?;
         let digest = wanted.as_ref().map(Wanted::digest);
         if changed_only && digest.is_some() && self.done.get(key) == digest.as_ref() {
             // Changed, but not in what it asks of this edge (its labels, say).
             return Ok(());
         }
-        let all = match owned {
-            Some(files) => files,
-            None => owned.insert(self.node.store().owned_files().await?),
-        };
-        let owned: Vec<OwnedFile> = all.iter().filter(|o| o.key == key).cloned().collect();
+        let owned = self.owned_by(key).await?;
         match (wanted, digest) {
             (Some(wanted), Some(digest)) => {
                 self.apply(key, wanted, &owned).await?;
@@ -294,7 +321,6 @@ impl Reconciler {
         wanted: &Wanted,
         owned: &[OwnedFile],
     ) -> Result<Vec<Stuck>, DaemonError> {
-        let store = self.node.store().clone();
         let plan = manifests::plan(&wanted.desired, owned, &wanted.refused_files, |f| {
             manifests::inspect(&self.dir, f)
         });
@@ -321,13 +347,13 @@ impl Reconciler {
                     key: want.key.clone(),
                     pod: want.pod.clone(),
                 };
-                store.own_file(record).await?;
+                self.own(record).await?;
             }
             match manifests::write(&self.dir, &want) {
                 Ok(()) => info!(file = %want.file, doc = %want.key, "manifest written"),
                 Err(e) => {
                     if !previous {
-                        store.disown_file(want.file.clone()).await?;
+                        self.disown(&want.file).await?;
                     }
                     stuck.push(Stuck {
                         cause: Cause::of(&e),
@@ -345,7 +371,7 @@ impl Reconciler {
                     if removed {
                         info!(file = %gone.file, doc = %key, "manifest removed");
                     }
-                    store.disown_file(gone.file.clone()).await?;
+                    self.disown(&gone.file).await?;
                 }
                 Err(e) => {
                     warn!(file = %gone.file, doc = %key, error = %e, "cannot remove this manifest; will retry")
@@ -354,7 +380,7 @@ impl Reconciler {
         }
         for (replaced, why) in &plan.forget {
             warn!(file = %replaced.file, doc = %key, "{why}; edgesync forgets this manifest");
-            store.disown_file(replaced.file.clone()).await?;
+            self.disown(&replaced.file).await?;
         }
         // Each pod's trouble is logged when it starts or changes, not on every pass.
         self.warned
