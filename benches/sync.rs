@@ -117,13 +117,6 @@ impl HeadProcess {
             .to_string()
     }
 
-    /// Stops the head as an operator does (SIGTERM): it closes every connection and exits.
-    fn stop(mut self) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let _ = self.child.wait();
-    }
-
     /// Waits until no sync traffic has moved for a second (the edges' reports after a sync all
     /// in), for at most five minutes.
     async fn quiet(&self) {
@@ -168,7 +161,15 @@ impl HeadProcess {
 }
 
 impl Drop for HeadProcess {
+    /// Stops the head as an operator does (SIGTERM): it closes every connection and exits
+    /// (and a profiler running it writes its profile). Killed if still there after 10 s.
     fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -710,7 +711,7 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     ask_all(&mut hosts, "mark").await;
     let watch = Deliveries::watch(path, 0..edges);
     let addr = head.addr;
-    head.stop();
+    drop(head);
     let started = Instant::now();
     let head = HeadProcess::start_at(&path.join("head"), addr).await;
     let pid = head.child.id();

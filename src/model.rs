@@ -237,9 +237,18 @@ pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
     let spec = map_at_read(doc, &ROOT, "spec").ok_or_else(|| malformed(key, "spec missing"))?;
     // The spec's conflicts are found in a pass over all of it.
     let mut conflicts = Vec::new();
-    let spec = to_json(doc, &spec, ObjType::Map, &mut "spec".into(), Some(&mut conflicts))?;
+    let spec = to_json(
+        doc,
+        &spec,
+        ObjType::Map,
+        &mut "spec".into(),
+        Some(&mut conflicts),
+    )?;
     let pods = match spec["pods"].as_object() {
-        Some(pods) => pods.keys().map(|name| (name.clone(), Value::Null)).collect(),
+        Some(pods) => pods
+            .keys()
+            .map(|name| (name.clone(), Value::Null))
+            .collect(),
         None => BTreeMap::new(),
     };
     let status = map_at_read(doc, &ROOT, "status");
@@ -838,7 +847,10 @@ mod tests {
         assert_eq!(json, serde);
         assert_eq!(json["spec"]["odd"]["text"], "hello");
         assert_eq!(conflicts.len(), 1, "{conflicts:?}");
-        assert!(conflicts[0].starts_with("spec.odd.list[0]: kept"), "{conflicts:?}");
+        assert!(
+            conflicts[0].starts_with("spec.odd.list[0]: kept"),
+            "{conflicts:?}"
+        );
         assert_eq!(read(&doc, "default/edge01").unwrap().conflicts, conflicts);
         status_read_agrees(&doc, "default/edge01");
     }

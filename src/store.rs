@@ -335,8 +335,7 @@ impl Store {
     /// whatever their content (but never a link or directory found in their place).
     pub async fn owned_files(&self) -> Result<Vec<OwnedFile>, StoreError> {
         self.call(|t| {
-            let mut stmt =
-                t.prepare("SELECT file, key, pod FROM manifests ORDER BY file")?;
+            let mut stmt = t.prepare("SELECT file, key, pod FROM manifests ORDER BY file")?;
             let rows = stmt.query_map([], |r| {
                 Ok(OwnedFile {
                     file: r.get(0)?,
@@ -637,7 +636,10 @@ mod tests {
             key: "default/edge01".into(),
             pod: "web".into(),
         };
-        assert_eq!(store.owned_files().await.unwrap(), [web.clone()]);
+        assert_eq!(
+            store.owned_files().await.unwrap(),
+            std::slice::from_ref(&web)
+        );
         let db = OwnedFile {
             file: "edgesync_default_db.json".into(),
             pod: "db".into(),

@@ -9,6 +9,7 @@ use crate::node::{Node, PeerInfo};
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// One registered edge as `edgesync node list` shows it.
@@ -134,13 +135,15 @@ fn peers_by_name(node: &Node) -> Peers {
 
 /// Keeps `edgesync_pods_refused` and `edgesync_pods_not_written` on a head: the pods the
 /// edges report refused or not written, summed over every EdgeNode, each counted again after
-/// its document changes. The changed keys come coalesced: however far behind this falls, it
-/// owes at most one look per EdgeNode (a broadcast would lag, and then every one be read).
+/// its document changes, at most once per [`COUNT_INTERVAL`]. The changed keys come
+/// coalesced: however far behind this falls, it owes at most one look per EdgeNode (a
+/// broadcast would lag, and then every one be read).
 pub async fn count_refused(node: Node, shutdown: CancellationToken) {
     let changed = node.docs().watch_all();
     let mut troubled: HashMap<String, Troubled> = HashMap::new();
     let mut keys: BTreeSet<String> = node.docs().keys().into_iter().collect();
     loop {
+        let pass = tokio::time::Instant::now();
         for key in keys.iter().filter(|k| !crate::key::is_internal(k)) {
             match troubled_in(&node, key).await {
                 none if none == Troubled::default() => troubled.remove(key),
@@ -154,10 +157,17 @@ pub async fn count_refused(node: Node, shutdown: CancellationToken) {
             .set(total(|t| t.not_written));
         keys = tokio::select! {
             _ = shutdown.cancelled() => return,
-            keys = changed.next() => keys,
+            _ = tokio::time::sleep_until(pass + COUNT_INTERVAL) => tokio::select! {
+                _ = shutdown.cancelled() => return,
+                keys = changed.next() => keys,
+            },
         };
     }
 }
+
+/// The least time between two counts: a change is counted twice (when applied, and when its
+/// edge reports), both within this of each other, so a burst costs one look per EdgeNode.
+const COUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Pods of one EdgeNode its edge reports refused, and not written.
 #[derive(Default, PartialEq)]
