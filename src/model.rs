@@ -414,6 +414,7 @@ fn to_json(
         ObjType::Map | ObjType::Table => {
             let mut map = Map::new();
             for item in doc.map_range(obj, ..) {
+                // Only an object's id is used (and made): a scalar's stands in as ROOT.
                 let id = match item.value {
                     ValueRef::Object(_) => item.id(),
                     ValueRef::Scalar(_) => ROOT,

@@ -141,11 +141,9 @@ impl Reconciler {
             return Ok(());
         }
         if only.is_none() {
-            let files = self.node.store().owned_files().await?;
-            let owned = self.owned.insert(BTreeMap::new());
-            owned.extend(files.into_iter().map(|o| (o.file.clone(), o)));
-            // Files of documents that are gone.
-            keys.extend(owned.values().map(|o| o.key.clone()));
+            // Read again, and with them the files of documents that are gone.
+            self.owned = None;
+            keys.extend(self.owned().await?.values().map(|o| o.key.clone()));
         }
         for key in keys {
             if let Err(e) = self.reconcile_doc(&key, only.is_some()).await {
@@ -158,17 +156,19 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The manifests this edge owns, by file.
+    async fn owned(&mut self) -> Result<&BTreeMap<String, OwnedFile>, DaemonError> {
+        if self.owned.is_none() {
+            let files = self.node.store().owned_files().await?;
+            self.owned = Some(files.into_iter().map(|o| (o.file.clone(), o)).collect());
+        }
+        Ok(self.owned.get_or_insert_default())
+    }
+
     /// The files document `key` owns.
     async fn owned_by(&mut self, key: &str) -> Result<Vec<OwnedFile>, DaemonError> {
-        let owned = match &mut self.owned {
-            Some(owned) => owned,
-            None => {
-                let files = self.node.store().owned_files().await?;
-                self.owned
-                    .insert(files.into_iter().map(|o| (o.file.clone(), o)).collect())
-            }
-        };
-        Ok(owned.values().filter(|o| o.key == key).cloned().collect())
+        let owned = self.owned().await?.values();
+        Ok(owned.filter(|o| o.key == key).cloned().collect())
     }
 
     /// Records that this edge owns `file`.
