@@ -157,10 +157,7 @@ pub async fn count_refused(node: Node, shutdown: CancellationToken) {
             .set(total(|t| t.not_written));
         keys = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(pass + COUNT_INTERVAL) => tokio::select! {
-                _ = shutdown.cancelled() => return,
-                keys = changed.next() => keys,
-            },
+            keys = changed.next_after(pass + COUNT_INTERVAL) => keys,
         };
     }
 }

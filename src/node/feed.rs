@@ -28,6 +28,13 @@ impl Feed {
         }
     }
 
+    /// As [`Feed::next`], but takes nothing before `at`: a watcher that looks at most once
+    /// per interval gets a burst's changes in one go. Cancel-safe too.
+    pub async fn next_after(&self, at: tokio::time::Instant) -> BTreeSet<String> {
+        tokio::time::sleep_until(at).await;
+        self.next().await
+    }
+
     /// Notes that `key` changed.
     pub fn add(&self, key: &str) {
         lock(&self.keys).insert(key.to_string());

@@ -125,10 +125,7 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
         start = false;
         keys = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(pass + PASS_INTERVAL) => tokio::select! {
-                _ = shutdown.cancelled() => return,
-                keys = changes.next() => keys,
-            },
+            keys = changes.next_after(pass + PASS_INTERVAL) => keys,
         };
         node.docs().add_moved_edges(&mut keys, &mut registry).await;
     }
