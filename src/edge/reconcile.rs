@@ -158,11 +158,14 @@ impl Reconciler {
 
     /// The manifests this edge owns, by file.
     async fn owned(&mut self) -> Result<&BTreeMap<String, OwnedFile>, DaemonError> {
-        if self.owned.is_none() {
-            let files = self.node.store().owned_files().await?;
-            self.owned = Some(files.into_iter().map(|o| (o.file.clone(), o)).collect());
-        }
-        Ok(self.owned.get_or_insert_default())
+        let owned = match self.owned.take() {
+            Some(owned) => owned,
+            None => {
+                let files = self.node.store().owned_files().await?;
+                files.into_iter().map(|o| (o.file.clone(), o)).collect()
+            }
+        };
+        Ok(self.owned.insert(owned))
     }
 
     /// The files document `key` owns.
