@@ -65,16 +65,19 @@ impl Rules {
 /// documents), so a hostile text costs little memory or time.
 pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, InvalidInput> {
     let objects = parse_objects(text)?;
-    let mut nodes: Vec<DesiredNode> = Vec::new();
+    let mut nodes: Vec<DesiredNode> = Vec::with_capacity(objects.len());
+    let mut keys = std::collections::HashSet::with_capacity(objects.len());
     for (label, object) in &objects {
         let node = parse_edgenode(object, label, rules)?;
-        if nodes.iter().any(|n| n.key() == node.key()) {
+        let key = node.key();
+        if keys.contains(&key) {
             return Err(invalid(
-                &format!("EdgeNode {}", node.key()),
+                &format!("EdgeNode {key}"),
                 "metadata.name",
                 "appears twice in the input",
             ));
         }
+        keys.insert(key);
         nodes.push(node);
     }
     Ok(nodes)
@@ -571,6 +574,18 @@ mod tests {
         assert_eq!(parse(&text).unwrap().len(), 2);
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [serde_saphyr::from_str::<Value>(EXAMPLE).unwrap()]});
         assert_eq!(parse(&list.to_string()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_edgenode_named_twice_refuses_the_text() {
+        let other = EXAMPLE.replace("namespace: default", "namespace: team-a");
+        let text = format!("{EXAMPLE}---\n{other}---\n{EXAMPLE}");
+        let refused = parse(&text).unwrap_err();
+        assert_eq!(
+            (refused.object.as_str(), refused.field.as_str()),
+            ("EdgeNode default/edge01", "metadata.name")
+        );
+        assert!(refused.reason.contains("twice"), "{refused}");
     }
 
     #[test]
