@@ -157,7 +157,7 @@ pub async fn count_refused(node: Node, shutdown: CancellationToken) {
             .set(total(|t| t.not_written));
         keys = tokio::select! {
             _ = shutdown.cancelled() => return,
-            keys = changed.next_after(pass + COUNT_INTERVAL) => keys,
+            keys = changed.next_after(pass + COUNT_INTERVAL, crate::node::feed::SETTLE) => keys,
         };
     }
 }

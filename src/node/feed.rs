@@ -8,6 +8,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::Notify;
 
+/// How long a paced look ([`Feed::next_after`]) waits after a change that came when nothing
+/// was waiting, for what follows it at once (on an edge, its report right after a spec; on a
+/// head, that report after the apply): one look at the document instead of two.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Names (of documents, or of peers) changed since the one watcher last looked, each once.
 #[derive(Default)]
 pub struct Feed {
@@ -29,9 +34,22 @@ impl Feed {
     }
 
     /// As [`Feed::next`], but takes nothing before `at`: a watcher that looks at most once
-    /// per interval gets a burst's changes in one go. Cancel-safe too.
-    pub async fn next_after(&self, at: tokio::time::Instant) -> BTreeSet<String> {
+    /// per interval gets a burst's changes in one go. A change that comes after `at`, when
+    /// nothing was waiting, is taken `settle` later, with those that follow it at once (an
+    /// edge writes its report right after it applies a spec: one look sees both).
+    /// Cancel-safe too.
+    pub async fn next_after(
+        &self,
+        at: tokio::time::Instant,
+        settle: std::time::Duration,
+    ) -> BTreeSet<String> {
         tokio::time::sleep_until(at).await;
+        if lock(&self.keys).is_empty() {
+            while lock(&self.keys).is_empty() {
+                self.wake.notified().await;
+            }
+            tokio::time::sleep(settle).await;
+        }
         self.next().await
     }
 
@@ -117,6 +135,38 @@ mod tests {
             name: name.into(),
             key: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_paced_look_takes_a_burst_and_what_follows_a_change_at_once() {
+        use tokio::time::{Duration, Instant};
+        let feed = Arc::new(Feed::default());
+        let keys = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let settle = Duration::from_millis(500);
+        // Changes made before the time to look are taken at that time, without settling.
+        let start = Instant::now();
+        feed.add("a");
+        let at = start + Duration::from_millis(100);
+        assert_eq!(feed.next_after(at, settle).await, keys(&["a"]));
+        assert!(start.elapsed() < settle, "{:?}", start.elapsed());
+        // A change after an idle while: taken `settle` after it, with the one that followed.
+        let later = {
+            let feed = feed.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                feed.add("b");
+                feed.add("c");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                feed.add("d");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                feed.add("e");
+            })
+        };
+        let start = Instant::now();
+        assert_eq!(feed.next_after(start, settle).await, keys(&["b", "c", "d"]));
+        assert!(start.elapsed() >= Duration::from_millis(200) + settle);
+        later.await.unwrap();
+        assert_eq!(feed.next().await, keys(&["e"]));
     }
 
     #[tokio::test]

@@ -125,7 +125,7 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
         start = false;
         keys = tokio::select! {
             _ = shutdown.cancelled() => return,
-            keys = changes.next_after(pass + PASS_INTERVAL) => keys,
+            keys = changes.next_after(pass + PASS_INTERVAL, super::feed::SETTLE) => keys,
         };
         node.docs().add_moved_edges(&mut keys, &mut registry).await;
     }
