@@ -158,7 +158,7 @@ mod tests {
                 feed.add("c");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 feed.add("d");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
                 feed.add("e");
             })
         };
