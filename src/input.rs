@@ -65,8 +65,9 @@ impl Rules {
 /// documents), so a hostile text costs little memory or time.
 pub fn parse_edgenodes(text: &str, rules: &Rules) -> Result<Vec<DesiredNode>, InvalidInput> {
     let objects = parse_objects(text)?;
-    let mut nodes: Vec<DesiredNode> = Vec::with_capacity(objects.len());
-    let mut keys = std::collections::HashSet::with_capacity(objects.len());
+    // Grown as objects pass, not sized for the text: most of a hostile one's fail at once.
+    let mut nodes: Vec<DesiredNode> = Vec::new();
+    let mut keys = std::collections::HashSet::new();
     for (label, object) in &objects {
         let node = parse_edgenode(object, label, rules)?;
         let key = node.key();

@@ -347,9 +347,12 @@ async fn refused_inputs_leave_the_heads_memory_near_its_baseline() {
         }
         let after = rss_kib(dir.path());
         eprintln!("head RSS: {baseline} KiB at baseline, {first} KiB after one round of refusals, {after} KiB after eleven");
+        // What a hostile text would cost if it were expanded or kept is hundreds of MB (the
+        // alias bomb alone 9^9 nodes). Below that, glibc keeps some MB freed in the arena of
+        // whichever thread parsed: 4-9 MB over eleven rounds in repeated runs of one build.
         for rss in [first, after] {
             let grown = rss.saturating_sub(baseline);
-            assert!(grown < 8 << 10, "resident memory grew by {grown} KiB");
+            assert!(grown < 12 << 10, "resident memory grew by {grown} KiB");
         }
     })
     .await;
