@@ -30,7 +30,7 @@ mod entry;
 use change::moved;
 pub use change::{Change, Moved, Origin};
 pub use entry::DocEntry;
-use entry::{Staged, check_history, stage};
+use entry::{Loads, Staged, check_history, stage};
 
 /// Which documents a node serves, and what it decides in them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +85,7 @@ pub struct Docs {
     shared: Mutex<HashMap<(String, String), Vec<ChangeHash>>>,
     /// The registry as last read, and the heads it was read at.
     registry_read: Mutex<Option<(Vec<ChangeHash>, Arc<Registry>)>>,
+    loads: Arc<Loads>,
 }
 
 /// How long a head keeps an EdgeNode document loaded that nothing uses (about 20 KiB for a
@@ -97,8 +98,34 @@ pub struct Docs {
 /// was a tenth of an idle head's CPU).
 pub const UNLOAD_AFTER: Duration = Duration::from_secs(5);
 
+/// How many EdgeNode documents a head keeps loaded at most (about 40 MiB at some 20 KiB each).
+/// An apply of thousands, a first sync, a fan-out or a reconnect storm loads each document
+/// within seconds, and saving away after [`UNLOAD_AFTER`] alone let all of a fleet's be loaded
+/// at once (200 MB at 10,000 edges). Each time a quarter of this many more were loaded, those
+/// least recently used beyond it are saved away (so at most a quarter more are loaded between
+/// two looks, and those in use are left alone).
+const LOADED_AT_MOST: usize = 2048;
+
 /// Documents looked over (and perhaps saved away) between two yields to the runtime.
 const UNLOAD_AT_ONCE: usize = 256;
+
+/// Of `entries`, the loaded documents beyond the `at_most` most recently used and a quarter
+/// of `at_most` more (room for the loads until the next look), least recently used first.
+fn beyond(
+    entries: &[Arc<tokio::sync::Mutex<DocEntry>>],
+    at_most: usize,
+) -> Vec<Arc<tokio::sync::Mutex<DocEntry>>> {
+    let mut loaded: Vec<_> = entries
+        .iter()
+        .filter_map(|entry| Some((entry.try_lock().ok()?.loaded_since()?, entry)))
+        .collect();
+    if loaded.len() <= at_most {
+        return Vec::new();
+    }
+    loaded.sort_unstable_by_key(|(used, _)| *used);
+    loaded.truncate(loaded.len() - (at_most - at_most / 4));
+    loaded.into_iter().map(|(_, entry)| entry.clone()).collect()
+}
 
 /// Saves away those of `entries` loaded and unused for `idle`, leaving alone those in use now;
 /// returns how many it saved away.
@@ -151,6 +178,16 @@ impl Table {
 impl Docs {
     /// Loads every stored document, continuing as this node's actor.
     pub async fn open(scope: Scope, store: Store, rules: Rules) -> Result<Docs, NodeError> {
+        Docs::open_loading_at_most(scope, store, rules, LOADED_AT_MOST).await
+    }
+
+    async fn open_loading_at_most(
+        scope: Scope,
+        store: Store,
+        rules: Rules,
+        at_most: usize,
+    ) -> Result<Docs, NodeError> {
+        let loads = Loads::new(at_most);
         let actor = store
             .meta_or_init(
                 "actor",
@@ -161,7 +198,7 @@ impl Docs {
         let mut docs = Table::default();
         for stored in store.load_docs().await? {
             let key = stored.key.clone();
-            let mut entry = DocEntry::load(stored, &actor)?;
+            let mut entry = DocEntry::load(stored, &actor, &loads)?;
             // A head loads a document when it is used (see `unload_forever`).
             if scope == Scope::All && !registry::is_internal(&key) {
                 entry.unload();
@@ -185,21 +222,36 @@ impl Docs {
             feeds: Feeds::default(),
             shared: Mutex::new(shared),
             registry_read: Mutex::new(None),
+            loads,
         })
     }
 
     /// On a head: saves away the EdgeNode documents nothing used for [`UNLOAD_AFTER`] (looking
-    /// once per that time), until `shutdown`. A document saved away is loaded again when it
-    /// is next used.
+    /// once per that time), and those least recently used beyond [`LOADED_AT_MOST`], until
+    /// `shutdown`. A document saved away is loaded again when it is next used.
     pub async fn unload_forever(&self, shutdown: CancellationToken) {
+        let mut look = tokio::time::interval(UNLOAD_AFTER);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let idle = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(UNLOAD_AFTER) => {}
-            }
+                _ = look.tick() => true,
+                _ = self.loads.wake.notified() => false,
+            };
             // A few at a time: saving thousands away at once would hold a runtime thread.
-            for entries in self.edgenode_entries().chunks(UNLOAD_AT_ONCE) {
-                unload_idle(entries, UNLOAD_AFTER);
+            let entries = self.edgenode_entries();
+            if idle {
+                for entries in entries.chunks(UNLOAD_AT_ONCE) {
+                    unload_idle(entries, UNLOAD_AFTER);
+                    tokio::task::yield_now().await;
+                }
+            }
+            for entries in beyond(&entries, self.loads.at_most).chunks(UNLOAD_AT_ONCE / 8) {
+                for entry in entries {
+                    if let Ok(mut entry) = entry.try_lock() {
+                        entry.unload();
+                    }
+                }
                 tokio::task::yield_now().await;
             }
         }
@@ -346,7 +398,8 @@ impl Docs {
         if let Some(entry) = docs.entries.get(key) {
             return entry.clone();
         }
-        let entry = Arc::new(tokio::sync::Mutex::new(DocEntry::genesis(key, &self.actor)));
+        let entry = DocEntry::genesis(key, &self.actor, &self.loads);
+        let entry = Arc::new(tokio::sync::Mutex::new(entry));
         docs.insert(key.to_string(), entry.clone());
         entry
     }
@@ -407,8 +460,8 @@ impl Docs {
     /// Puts `entry` back to what is stored, dropping edits not stored.
     async fn revert(&self, key: &str, entry: &mut DocEntry) {
         let stored = match self.store.load_doc(key.to_string()).await {
-            Ok(Some(stored)) => DocEntry::load(stored, &self.actor),
-            Ok(None) => Ok(DocEntry::genesis(key, &self.actor)),
+            Ok(Some(stored)) => DocEntry::load(stored, &self.actor, &self.loads),
+            Ok(None) => Ok(DocEntry::genesis(key, &self.actor, &self.loads)),
             Err(e) => Err(e.into()),
         };
         match stored {
@@ -444,7 +497,9 @@ impl Docs {
             let key = desired.key().to_string();
             let mut doc = match self.entry(&key) {
                 Some(entry) => entry.lock().await.doc().fork(),
-                None => DocEntry::genesis(&key, &self.actor).doc().fork(),
+                None => DocEntry::genesis(&key, &self.actor, &self.loads)
+                    .doc()
+                    .fork(),
             };
             let live = model::is_live(&doc)?;
             let before = live.then(|| model::read(&doc, &key)).transpose()?;
@@ -848,6 +903,44 @@ mod tests {
             .await
             .unwrap();
         assert!(changes.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_head_keeps_only_the_documents_used_last_loaded() {
+        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let docs = Docs::open_loading_at_most(Scope::All, store, Rules::new("default"), 8)
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let name = |i: usize| format!("edge{i:02}");
+        let loaded = |i: usize| {
+            let entry = docs.entry(&format!("default/{}", name(i))).unwrap();
+            entry.try_lock().unwrap().loaded_since().is_some()
+        };
+        let applies = async {
+            for i in 0..40 {
+                docs.apply_text(&EXAMPLE.replace("edge01", &name(i)), "default")
+                    .await
+                    .unwrap();
+                // The saving away runs beside the applies, as on a head.
+                tokio::task::yield_now().await;
+            }
+            // A last look, long before the 5 s after which any unused one goes.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            shutdown.cancel();
+        };
+        tokio::join!(docs.unload_forever(shutdown.clone()), applies);
+        // At most 8, and the loads until the next look (a quarter of 8).
+        assert!(docs.loaded() <= 10, "{} loaded", docs.loaded());
+        assert!(loaded(39) && !loaded(0), "the least recently used go first");
+        // Nothing is lost: each reads back as applied.
+        for i in [0, 20, 39] {
+            let key = format!("default/{}", name(i));
+            let (view, _) = docs.view(&key).await.unwrap().unwrap();
+            assert_eq!(view.name, name(i));
+        }
     }
 
     #[tokio::test]

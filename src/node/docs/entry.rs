@@ -8,7 +8,36 @@ use crate::node::NodeError;
 use crate::registry;
 use crate::store::{COMPACT_AFTER_CHUNKS, DocSave, DocWrite, StoredDoc};
 use automerge::{ActorId, AutoCommit};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+use tokio::sync::Notify;
+
+/// Counts the documents a node loads, and wakes a head's saving away (`Docs::unload_forever`)
+/// each time a quarter of `at_most` more were loaded.
+pub(super) struct Loads {
+    /// How many EdgeNode documents a head keeps loaded at most.
+    pub(super) at_most: usize,
+    count: AtomicUsize,
+    pub(super) wake: Notify,
+}
+
+impl Loads {
+    pub(super) fn new(at_most: usize) -> Arc<Loads> {
+        Arc::new(Loads {
+            at_most,
+            count: AtomicUsize::new(0),
+            wake: Notify::new(),
+        })
+    }
+
+    fn one(&self) {
+        let every = (self.at_most / 4).max(1);
+        if (self.count.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(every) {
+            self.wake.notify_one();
+        }
+    }
+}
 
 /// One document and what the node knows about it.
 pub struct DocEntry {
@@ -23,6 +52,7 @@ pub struct DocEntry {
     pub(super) stored_bytes: usize,
     /// When it was last lent out.
     used: Instant,
+    loads: Arc<Loads>,
 }
 
 /// A document in memory: loaded, to be read, edited and synced, or saved while nothing uses
@@ -37,7 +67,8 @@ enum Resident {
 }
 
 impl DocEntry {
-    fn new(doc: AutoCommit) -> DocEntry {
+    fn new(doc: AutoCommit, loads: &Arc<Loads>) -> DocEntry {
+        loads.one();
         DocEntry {
             doc: Resident::Loaded(Box::new(doc)),
             last_synced_at: None,
@@ -45,11 +76,16 @@ impl DocEntry {
             persisted_heads: Vec::new(),
             stored_bytes: 0,
             used: Instant::now(),
+            loads: loads.clone(),
         }
     }
 
     /// A document as stored: snapshot plus chunks, continuing as `actor`.
-    pub(super) fn load(stored: StoredDoc, actor: &ActorId) -> Result<DocEntry, NodeError> {
+    pub(super) fn load(
+        stored: StoredDoc,
+        actor: &ActorId,
+        loads: &Arc<Loads>,
+    ) -> Result<DocEntry, NodeError> {
         let bad = |e: automerge::AutomergeError| NodeError::Sync {
             key: stored.key.clone(),
             reason: format!("stored document does not load: {e}"),
@@ -66,17 +102,17 @@ impl DocEntry {
             last_synced_at: stored.last_synced_at,
             chunks: stored.chunks.len(),
             stored_bytes: stored.snapshot.len() + stored.chunks.iter().map(Vec::len).sum::<usize>(),
-            ..DocEntry::new(doc)
+            ..DocEntry::new(doc, loads)
         })
     }
 
     /// A new document from the shared genesis change (not stored yet).
-    pub(super) fn genesis(key: &str, actor: &ActorId) -> DocEntry {
+    pub(super) fn genesis(key: &str, actor: &ActorId, loads: &Arc<Loads>) -> DocEntry {
         let doc = match key == registry::KEY {
             true => registry::genesis(actor),
             false => model::genesis(key, actor),
         };
-        DocEntry::new(doc)
+        DocEntry::new(doc, loads)
     }
 
     /// The Automerge document, loaded if it was saved away.
@@ -88,6 +124,7 @@ impl DocEntry {
             // All of it is stored already.
             let _ = doc.save_incremental();
             self.doc = Resident::Loaded(Box::new(doc));
+            self.loads.one();
         }
         match &mut self.doc {
             Resident::Loaded(doc) => doc,
@@ -237,7 +274,7 @@ mod tests {
     fn an_edit_past_the_history_an_edge_can_receive_is_refused() {
         use automerge::{ROOT, transaction::Transactable};
         let actor = ActorId::random();
-        let mut entry = DocEntry::genesis("default/e1", &actor);
+        let mut entry = DocEntry::genesis("default/e1", &actor, &Loads::new(1));
         // Three changes of 600 KiB that do not compress (an xorshift stream as hex).
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..3 {
