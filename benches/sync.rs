@@ -714,6 +714,10 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     drop(head);
     let started = Instant::now();
     let head = HeadProcess::start_at(&path.join("head"), addr).await;
+    eprintln!(
+        "fleet: storm: the head answers again after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let pid = head.child.id();
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = {

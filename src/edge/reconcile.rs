@@ -30,7 +30,16 @@ pub struct Reconciler {
     /// The manifests this edge owns, by file, as the database has them: read by a full pass
     /// (or the first pass after a failure), then changed with each write to the database.
     owned: Option<BTreeMap<String, OwnedFile>>,
+    /// Per document, the generation reconciled and its pods' states, not reported yet.
+    unreported: BTreeMap<String, (i64, Vec<PodState>)>,
 }
+
+/// How long after a change's manifests are written the edge reports its pods' states (into
+/// its document, stored and sent to the head). Changes that come meanwhile are reported with
+/// it: each report is a commit here and on the head, and back to back with the next changes
+/// they took a quarter of their time. An edge's report still reaches its head well within the
+/// 200 ms a sync session holds a bare acknowledgement for it.
+const REPORT_AFTER: Duration = Duration::from_millis(50);
 
 /// What one document asks of this edge.
 #[derive(Clone, Default)]
@@ -72,18 +81,35 @@ impl Reconciler {
             applied: BTreeMap::new(),
             warned: HashMap::new(),
             owned: None,
+            unreported: BTreeMap::new(),
         }
     }
 
-    /// Reconciles the documents that change, and all of them every `drift_interval`.
+    /// Reconciles the documents that change, and all of them every `drift_interval`; reports
+    /// what it did [`REPORT_AFTER`] later.
     pub async fn run(mut self, drift_interval: Duration, shutdown: CancellationToken) {
         let mut changes = self.node.docs().subscribe();
         let mut tick = tokio::time::interval(drift_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
+        let mut report_at = None;
         loop {
+            let report = async {
+                match report_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let only = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    self.report().await;
+                    return;
+                }
+                _ = report => {
+                    self.report().await;
+                    report_at = None;
+                    continue;
+                }
                 first = changes.recv() => {
                     let mut keys = BTreeSet::new();
                     let mut lagged = first.is_err();
@@ -103,13 +129,42 @@ impl Reconciler {
                 }
                 _ = tick.tick() => None,
             };
-            self.run_once(only.as_ref()).await;
+            self.pass(only.as_ref()).await;
+            if !self.unreported.is_empty() {
+                report_at.get_or_insert(tokio::time::Instant::now() + REPORT_AFTER);
+            }
         }
     }
 
-    /// Reconciles the documents in `only` (if their wishes changed), or every document.
-    /// A document that fails is tried again later and holds back no other.
+    /// Reconciles the documents in `only` (if their wishes changed), or every document, and
+    /// reports at once. A document that fails is tried again later and holds back no other.
     pub async fn run_once(&mut self, only: Option<&BTreeSet<String>>) {
+        self.pass(only).await;
+        self.report().await;
+    }
+
+    /// Reports the pods' states of the documents reconciled since the last report (all at
+    /// once: the database commits them together).
+    async fn report(&mut self) {
+        let unreported = std::mem::take(&mut self.unreported);
+        let docs = self.node.docs();
+        let reports = unreported
+            .iter()
+            .map(|(key, (generation, pods))| async move {
+                (key, docs.report_status(key, *generation, pods).await)
+            });
+        for (key, reported) in futures_util::future::join_all(reports).await {
+            if let Err(e) = reported {
+                self.node.metrics().reconcile_failures.inc();
+                warn!(doc = %key, error = %e, "cannot report this document's pods; will retry");
+                // The next pass reconciles it again, and so reports it.
+                self.done.remove(key);
+            }
+        }
+    }
+
+    /// Reconciles, as [`Reconciler::run_once`], leaving the report for later.
+    async fn pass(&mut self, only: Option<&BTreeSet<String>>) {
         self.node.metrics().reconcile_runs.inc();
         if let Err(e) = self.reconcile(only).await {
             self.node.metrics().reconcile_failures.inc();
@@ -210,6 +265,7 @@ impl Reconciler {
                 self.write(key, &Wanted::default(), &owned).await?;
                 self.done.remove(key);
                 self.applied.remove(key);
+                self.unreported.remove(key);
             }
         }
         Ok(())
@@ -271,7 +327,7 @@ impl Reconciler {
         Ok(Some(wanted))
     }
 
-    /// Writes and removes the files of document `key`, then reports its pods' states.
+    /// Writes and removes the files of document `key`, and keeps its pods' states to report.
     async fn apply(
         &mut self,
         key: &str,
@@ -289,10 +345,8 @@ impl Reconciler {
                 p.reason = Some(s.reason.clone());
             }
         }
-        self.node
-            .docs()
-            .report_status(key, wanted.generation, &wanted.pods)
-            .await?;
+        let report = (wanted.generation, wanted.pods.clone());
+        self.unreported.insert(key.to_string(), report);
         let parsed = crate::key::DocKey::parse(key).ok();
         let namespace = parsed.as_ref().and_then(|k| k.namespace()).unwrap_or("");
         let applied = wanted.pods.into_iter().map(|p| {
@@ -414,6 +468,7 @@ struct Stuck {
 mod tests {
     use super::*;
     use crate::input::{DesiredNode, Rules};
+    use crate::node::Origin;
     use crate::store::Store;
     use crate::transport::tls::Role;
     use std::path::Path;
@@ -449,20 +504,7 @@ mod tests {
         /// Writes the spec of EdgeNode `namespace/edge01` as given, unchecked (as an older head
         /// or a direct document edit might), then reconciles as a change notice would.
         async fn apply(&mut self, namespace: &str, pods: &[(&str, &str)]) {
-            let desired = DesiredNode {
-                namespace: namespace.into(),
-                name: "edge01".into(),
-                labels: Default::default(),
-                pods: pods
-                    .iter()
-                    .map(|(name, image)| {
-                        let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
-                            "metadata": {"name": name},
-                            "spec": {"containers": [{"name": "main", "image": image}]}});
-                        (name.to_string(), pod)
-                    })
-                    .collect(),
-            };
+            let desired = desired(namespace, pods);
             self.node.docs().apply_node(&desired).await.unwrap();
             let key = BTreeSet::from([desired.key().to_string()]);
             self.reconciler.run_once(Some(&key)).await;
@@ -495,6 +537,65 @@ mod tests {
                 state.reason.clone().unwrap_or_default(),
             )
         }
+    }
+
+    /// EdgeNode `namespace/edge01` with `pods` (name and image).
+    fn desired(namespace: &str, pods: &[(&str, &str)]) -> DesiredNode {
+        DesiredNode {
+            namespace: namespace.into(),
+            name: "edge01".into(),
+            labels: Default::default(),
+            pods: pods
+                .iter()
+                .map(|(name, image)| {
+                    let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": name},
+                        "spec": {"containers": [{"name": "main", "image": image}]}});
+                    (name.to_string(), pod)
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_back_to_back_are_reported_together() {
+        within(async {
+            let edge = Edge::new().await;
+            let node = edge.node.clone();
+            let mut changes = node.docs().subscribe();
+            let shutdown = CancellationToken::new();
+            let hour = Duration::from_secs(3600);
+            let running = tokio::spawn(edge.reconciler.run(hour, shutdown.clone()));
+            let file = edge
+                .manifests
+                .path()
+                .join(manifests::file_name("default", "web"));
+            for i in 0..10 {
+                let image = format!("nginx:{i}");
+                let spec = desired("default", &[("web", &image)]);
+                node.docs().apply_node(&spec).await.unwrap();
+                // Each written before the next comes.
+                while !std::fs::read_to_string(&file).is_ok_and(|m| m.contains(&image)) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            // The last change is reported, without a change after it to bring the report.
+            let mut reports = 0;
+            loop {
+                let change = changes.recv().await.unwrap();
+                reports += usize::from(change.origin == Origin::Local && change.moved.status);
+                let (view, _) = node.docs().view("default/edge01").await.unwrap().unwrap();
+                if view.observed_generation == Some(view.generation) {
+                    assert_eq!(view.pod_states[0].state, POD_APPLIED);
+                    break;
+                }
+            }
+            // Ten changes within a few milliseconds: one report or two, not ten.
+            assert!(reports <= 5, "{reports} reports");
+            shutdown.cancel();
+            running.await.unwrap();
+        })
+        .await;
     }
 
     async fn within<F: std::future::Future<Output = ()>>(body: F) {
