@@ -247,11 +247,7 @@ impl Docs {
                 }
             }
             for entries in beyond(&entries, self.loads.at_most).chunks(UNLOAD_AT_ONCE / 8) {
-                for entry in entries {
-                    if let Ok(mut entry) = entry.try_lock() {
-                        entry.unload();
-                    }
-                }
+                unload_idle(entries, Duration::ZERO);
                 tokio::task::yield_now().await;
             }
         }

@@ -24,11 +24,13 @@ impl Feed {
     /// Waits for changes and takes them all, each key once.
     /// Cancel-safe: keys not yet taken stay for the next call.
     pub async fn next(&self) -> BTreeSet<String> {
-        loop {
-            let keys = std::mem::take(&mut *lock(&self.keys));
-            if !keys.is_empty() {
-                return keys;
-            }
+        self.changed().await;
+        std::mem::take(&mut *lock(&self.keys))
+    }
+
+    /// Waits until a change is here, taking nothing (the one watcher takes it next).
+    async fn changed(&self) {
+        while lock(&self.keys).is_empty() {
             self.wake.notified().await;
         }
     }
@@ -45,9 +47,7 @@ impl Feed {
     ) -> BTreeSet<String> {
         tokio::time::sleep_until(at).await;
         if lock(&self.keys).is_empty() {
-            while lock(&self.keys).is_empty() {
-                self.wake.notified().await;
-            }
+            self.changed().await;
             tokio::time::sleep(settle).await;
         }
         self.next().await
