@@ -82,6 +82,8 @@ pub struct Head {
     local_addr: SocketAddr,
     ca_hash: String,
     tasks: Tasks,
+    /// Stopped after `tasks` closed the connections it drives.
+    _quic: transport::QuicThread,
     /// Held until the head stops.
     _lock: crate::daemon::StateLock,
 }
@@ -139,10 +141,13 @@ impl Head {
             info!(file = %token_file.display(), "wrote a join token valid for 24h");
         }
         let cert = ca.issue_head(&config.name)?;
+        let quic = transport::QuicThread::start()
+            .map_err(|e| DaemonError::Config(format!("the QUIC thread did not start: {e}")))?;
         let endpoint = transport::server(
             config.listen,
             tls::server_config(&ca.cert, &cert)?,
             ca.derive_key("edgesync stateless reset v1"),
+            quic.runtime(),
         )?;
         let local_addr = endpoint
             .local_addr()
@@ -295,6 +300,7 @@ impl Head {
             local_addr,
             ca_hash: ca.hash(),
             tasks,
+            _quic: quic,
             _lock: lock,
         })
     }

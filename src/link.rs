@@ -550,7 +550,12 @@ mod tests {
         let ca = tls::Ca::generate().unwrap();
         let head = ca.issue_head("head").unwrap();
         let server_tls = tls::server_config(&ca.cert, &head).unwrap();
-        let server = transport::server("127.0.0.1:0".parse().unwrap(), server_tls, [0; 32]);
+        let server = transport::server(
+            "127.0.0.1:0".parse().unwrap(),
+            server_tls,
+            [0; 32],
+            Arc::new(quinn::TokioRuntime),
+        );
         let server = server.unwrap();
         let addr = server.local_addr().unwrap();
         let accept = tokio::spawn(async move {

@@ -216,3 +216,44 @@ async fn unusable_state_is_a_clear_error_never_a_silent_reset() {
     })
     .await;
 }
+
+/// The names of `pid`'s threads (as the kernel keeps them: at most 15 bytes).
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_string())
+        .collect()
+}
+
+/// A head drives its QUIC endpoint on a thread of its own, where an idle edge's keep-alive
+/// wakes nothing else, and its edges' sessions work through it; an edge has no such thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_drives_its_quic_endpoint_on_a_thread_of_its_own() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (head, dirs, edge) = head_and_edge(dir.path()).await;
+        let names = thread_names(head.daemon.pid());
+        assert_eq!(
+            names.iter().filter(|n| *n == "edgesync-quic").count(),
+            1,
+            "{names:?}"
+        );
+        let names = thread_names(edge.pid());
+        assert!(!names.iter().any(|n| n == "edgesync-quic"), "{names:?}");
+        // The edge's session works through it: an apply reaches the edge's manifests.
+        let file = write(
+            dir.path(),
+            "node.yaml",
+            &edgenode("default", "edge01", &[("web", "nginx:9")]),
+        );
+        ok(head.daemon.cli(&["apply", "-f", &file]));
+        wait_for("the manifest", SOON, || {
+            dirs.manifest("default", "web")
+                .filter(|m| image(m) == "nginx:9")
+        })
+        .await;
+    })
+    .await;
+}

@@ -216,6 +216,11 @@ impl Daemon {
         }
     }
 
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Runs a CLI command against this daemon's socket.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut all: Vec<&str> = args.to_vec();
