@@ -129,7 +129,7 @@ impl QuicThread {
         })
     }
 
-    /// What an endpoint runs on to run on this thread.
+    /// The runtime to give an endpoint that is to run on this thread.
     pub fn runtime(&self) -> Arc<dyn quinn::Runtime> {
         Arc::new(OnThread(self.handle.clone()))
     }
@@ -170,10 +170,11 @@ impl quinn::Runtime for OnThread {
     }
 }
 
-/// A QUIC server endpoint on `addr` presenting `tls`, its work done on `runtime`. `secret` signs its stateless resets:
-/// heads that share it (derived from their CA) answer a packet of a connection they do not
-/// know, such as one to a head that restarted on this address, with a reset its peer can
-/// verify, so the peer drops the dead link at once instead of after [`IDLE_TIMEOUT`].
+/// A QUIC server endpoint on `addr` presenting `tls`, driven on `runtime` (a head's: a
+/// [`QuicThread`]). `secret` signs its stateless resets: heads that share it (derived from their
+/// CA) answer a packet of a connection they do not know, such as one to a head that restarted
+/// on this address, with a reset its peer can verify, so the peer drops the dead link at once
+/// instead of after [`IDLE_TIMEOUT`].
 pub fn server(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
