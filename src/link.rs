@@ -272,36 +272,19 @@ async fn handle_incoming(
     ticket: Ticket,
     shutdown: CancellationToken,
 ) -> Result<(), LinkError> {
-    let mut ticket = Some(ticket);
-    let handshake = std::future::IntoFuture::into_future(incoming);
-    let Some(conn) = unproven(&node, ticket.as_ref(), HANDSHAKE_TIMEOUT, handshake).await else {
+    // Boxed: the handshake's futures are most of this task's size, and the task of a peer
+    // that stays connected would keep their room for the link's whole life (3 KiB per edge).
+    let Some(opened) = Box::pin(open(incoming, &node, ticket)).await? else {
         return Ok(());
     };
-    let conn = match conn {
-        Ok(conn) => conn,
-        Err(e) => {
-            debug!(error = %e, "handshake failed");
-            refused(&node, "handshake");
-            return Ok(());
-        }
-    };
+    let Opened {
+        conn,
+        identity,
+        send,
+        recv,
+        frame,
+    } = opened;
     let remote = conn.remote_address();
-    let identity = transport::peer_identity(&conn);
-    if identity.is_some() {
-        // A certificate of this CA: no longer an unproven attempt.
-        ticket = None;
-    }
-    let first = async {
-        let (send, mut recv) = conn.accept_bi().await?;
-        let frame = read_frame(&mut recv, MAX_FIRST_FRAME).await?;
-        Ok::<_, LinkError>((send, recv, frame))
-    };
-    let Some(first) = unproven(&node, ticket.as_ref(), FIRST_FRAME_TIMEOUT, first).await else {
-        conn.close(1u32.into(), b"no request in time");
-        return Ok(());
-    };
-    let (send, recv, frame) = first?;
-    drop(ticket);
     match (frame, identity) {
         (
             Some(Frame::Hello {
@@ -366,6 +349,61 @@ async fn handle_incoming(
             Err(refused)
         }
     }
+}
+
+/// A connection attempt with its handshake done and its first frame read.
+struct Opened {
+    conn: quinn::Connection,
+    /// The peer's certificate of this CA, if it presented one.
+    identity: Option<Identity>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    frame: Option<Frame>,
+}
+
+/// Completes the handshake of `incoming` and reads its first frame, each step in its time
+/// and while the attempt keeps its place (`ticket`) if the peer presented no certificate;
+/// None (counted and logged) if either did not finish.
+async fn open(
+    incoming: quinn::Incoming,
+    node: &Node,
+    ticket: Ticket,
+) -> Result<Option<Opened>, LinkError> {
+    let mut ticket = Some(ticket);
+    let handshake = std::future::IntoFuture::into_future(incoming);
+    let Some(conn) = unproven(node, ticket.as_ref(), HANDSHAKE_TIMEOUT, handshake).await else {
+        return Ok(None);
+    };
+    let conn = match conn {
+        Ok(conn) => conn,
+        Err(e) => {
+            debug!(error = %e, "handshake failed");
+            refused(node, "handshake");
+            return Ok(None);
+        }
+    };
+    let identity = transport::peer_identity(&conn);
+    if identity.is_some() {
+        // A certificate of this CA: no longer an unproven attempt.
+        ticket = None;
+    }
+    let first = async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let frame = read_frame(&mut recv, MAX_FIRST_FRAME).await?;
+        Ok::<_, LinkError>((send, recv, frame))
+    };
+    let Some(first) = unproven(node, ticket.as_ref(), FIRST_FRAME_TIMEOUT, first).await else {
+        conn.close(1u32.into(), b"no request in time");
+        return Ok(None);
+    };
+    let (send, recv, frame) = first?;
+    Ok(Some(Opened {
+        conn,
+        identity,
+        send,
+        recv,
+        frame,
+    }))
 }
 
 /// Sends the one answer of a short exchange and gives the peer a moment to read it and close.

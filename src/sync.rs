@@ -56,7 +56,9 @@ where
     let (out, out_rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(write_frames(send, out_rx, node.clone()));
     node.peers().connected(&peer, &address);
-    let stored = match node.store().sync_states(&peer.name).await {
+    // The steps before and after the loop are boxed, like the loop's own: a session's task
+    // then keeps room for what waits in the loop only, for the session's whole life.
+    let stored = match Box::pin(node.store().sync_states(&peer.name)).await {
         Ok(stored) => stored,
         Err(e) => {
             warn!(peer = %peer.name, error = %e, "stored sync state unreadable; starting fresh");
@@ -106,16 +108,26 @@ where
     reader.abort();
     let states = link.session.states();
     drop(link);
+    Box::pin(end(&node, &peer, states, writer)).await;
+    result
+}
+
+/// A session's end: its sync states stored, its queued frames out (a clean end, but never a
+/// long wait for a stuck peer), the peer no longer connected.
+async fn end(
+    node: &Node,
+    peer: &Identity,
+    states: Vec<(String, Vec<u8>)>,
+    mut writer: tokio::task::JoinHandle<Result<(), WireError>>,
+) {
     if let Err(e) = node.store().save_sync_states(&peer.name, states).await {
         warn!(peer = %peer.name, error = %e, "cannot store the sync states");
     }
-    // Let queued frames go out (a clean end), but never wait long for a stuck peer.
     if !writer.is_finished() {
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
         writer.abort();
     }
-    node.peers().disconnected(&peer);
-    result
+    node.peers().disconnected(peer);
 }
 
 async fn read_frames<R: AsyncRead + Unpin>(mut recv: R, out: mpsc::Sender<Read>) {
