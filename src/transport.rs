@@ -528,4 +528,36 @@ mod alpn_tests {
         // Another key: the reset cannot be verified, and the link waits for its idle timeout.
         assert_eq!(after_head_vanishes(false).await, None);
     }
+
+    /// An edge finds a larger path MTU for what it sends; a head stays at QUIC's least, which
+    /// keeps its send buffer per connection one such datagram.
+    #[tokio::test]
+    async fn only_the_dialing_side_searches_for_a_larger_mtu() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = tls::Ca::generate().unwrap();
+        let head_tls = tls::server_config(&ca.cert, &ca.issue_head("head").unwrap()).unwrap();
+        let head = server(
+            "127.0.0.1:0".parse().unwrap(),
+            head_tls,
+            [0; 32],
+            on_tokio(),
+        )
+        .unwrap();
+        let addr = head.local_addr().unwrap();
+        let accepted = tokio::spawn(async move { head.accept().await.unwrap().await.unwrap() });
+        let edge_tls = tls::client_config(&ca.cert, &ca.issue_head("edge").unwrap()).unwrap();
+        let edge = connect(&client(addr, None).unwrap(), addr, edge_tls)
+            .await
+            .unwrap();
+        let head = accepted.await.unwrap();
+        for _ in 0..100 {
+            if edge.stats().path.current_mtu > 1200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(edge.stats().path.current_mtu > 1200);
+        assert_eq!(head.stats().path.current_mtu, 1200);
+        assert_eq!(head.stats().path.sent_plpmtud_probes, 0);
+    }
 }
