@@ -476,6 +476,23 @@ mod alpn_tests {
     /// closing anything, as a crash leaves it), when its next packet reaches `successor` on the
     /// head's address (with the head's reset key or another): how the connection ended within
     /// 3 s, if it did.
+    /// An edge's connection (a certificate of `ca`) to `head`, and the head's end of it.
+    async fn connect_edge(
+        head: &quinn::Endpoint,
+        ca: &tls::Ca,
+    ) -> (quinn::Connection, quinn::Connection) {
+        let addr = head.local_addr().unwrap();
+        let accepted = tokio::spawn({
+            let head = head.clone();
+            async move { head.accept().await.unwrap().await.unwrap() }
+        });
+        let edge_tls = tls::client_config(&ca.cert, &ca.issue_head("edge").unwrap()).unwrap();
+        let edge = connect(&client(addr, None).unwrap(), addr, edge_tls)
+            .await
+            .unwrap();
+        (edge, accepted.await.unwrap())
+    }
+
     async fn after_head_vanishes(same_key: bool) -> Option<quinn::ConnectionError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca = tls::Ca::generate().unwrap();
@@ -483,15 +500,7 @@ mod alpn_tests {
         let head_tls = || tls::server_config(&ca.cert, &ca.issue_head("head").unwrap()).unwrap();
         let head = server("127.0.0.1:0".parse().unwrap(), head_tls(), key, on_tokio()).unwrap();
         let addr = head.local_addr().unwrap();
-        let accepted = tokio::spawn({
-            let head = head.clone();
-            async move { head.accept().await.unwrap().await.unwrap() }
-        });
-        let edge_tls = tls::client_config(&ca.cert, &ca.issue_head("edge").unwrap()).unwrap();
-        let conn = connect(&client(addr, None).unwrap(), addr, edge_tls)
-            .await
-            .unwrap();
-        let _kept = accepted.await.unwrap();
+        let (conn, _kept) = connect_edge(&head, &ca).await;
         // Twice: an endpoint keeps listening on the socket it left until traffic reaches the
         // new one.
         for _ in 0..2 {
@@ -536,20 +545,14 @@ mod alpn_tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca = tls::Ca::generate().unwrap();
         let head_tls = tls::server_config(&ca.cert, &ca.issue_head("head").unwrap()).unwrap();
-        let head = server(
+        let endpoint = server(
             "127.0.0.1:0".parse().unwrap(),
             head_tls,
             [0; 32],
             on_tokio(),
         )
         .unwrap();
-        let addr = head.local_addr().unwrap();
-        let accepted = tokio::spawn(async move { head.accept().await.unwrap().await.unwrap() });
-        let edge_tls = tls::client_config(&ca.cert, &ca.issue_head("edge").unwrap()).unwrap();
-        let edge = connect(&client(addr, None).unwrap(), addr, edge_tls)
-            .await
-            .unwrap();
-        let head = accepted.await.unwrap();
+        let (edge, head) = connect_edge(&endpoint, &ca).await;
         for _ in 0..100 {
             if edge.stats().path.current_mtu > 1200 {
                 break;
