@@ -8,7 +8,7 @@ use edgesync::config::ConfigError;
 use edgesync::{crd, dev, edge, head, runtime};
 
 /// jemalloc: it gives freed pages back to the system, where glibc's allocator kept most of what
-/// a head's documents and handshakes had used, pinned between the blocks still live (a fifth
+/// a head's documents and handshakes had used, pinned between the blocks still live (a third
 /// of a head's memory per edge). See [`tune_allocator`].
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
