@@ -235,20 +235,11 @@ pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
         return Err(malformed(key, "not an EdgeNode"));
     };
     let spec = map_at_read(doc, &ROOT, "spec").ok_or_else(|| malformed(key, "spec missing"))?;
-    // The spec's conflicts are found in a pass over all of it.
+    // The spec's conflicts are found in a pass over all of it, reading no value but theirs.
     let mut conflicts = Vec::new();
-    let spec = to_json(
-        doc,
-        &spec,
-        ObjType::Map,
-        &mut "spec".into(),
-        Some(&mut conflicts),
-    )?;
-    let pods = match spec["pods"].as_object() {
-        Some(pods) => pods
-            .keys()
-            .map(|name| (name.clone(), Value::Null))
-            .collect(),
+    find_conflicts(doc, &spec, ObjType::Map, &mut "spec".into(), &mut conflicts)?;
+    let pods = match map_at_read(doc, &spec, "pods") {
+        Some(pods) => doc.keys(&pods).map(|name| (name, Value::Null)).collect(),
         None => BTreeMap::new(),
     };
     let status = map_at_read(doc, &ROOT, "status");
@@ -414,11 +405,7 @@ fn to_json(
         ObjType::Map | ObjType::Table => {
             let mut map = Map::new();
             for item in doc.map_range(obj, ..) {
-                // Only an object's id is used (and made): a scalar's stands in as ROOT.
-                let id = match item.value {
-                    ValueRef::Object(_) => item.id(),
-                    ValueRef::Scalar(_) => ROOT,
-                };
+                let id = object_id(&item.value, || item.id());
                 let key = item.key.into_owned();
                 let value = child(Prop::Map(key.clone()), item.value, id, item.conflict)?;
                 map.insert(key, value);
@@ -428,16 +415,70 @@ fn to_json(
         ObjType::List => {
             let mut list = Vec::new();
             for item in doc.list_range(obj, ..) {
-                let id = match item.value {
-                    ValueRef::Object(_) => item.id(),
-                    ValueRef::Scalar(_) => ROOT,
-                };
+                let id = object_id(&item.value, || item.id());
                 list.push(child(Prop::Seq(item.index), item.value, id, item.conflict)?);
             }
             Value::Array(list)
         }
         ObjType::Text => Value::String(doc.text(obj)?),
     })
+}
+
+/// Appends to `conflicts` a line for every property under `obj` (of `kind`) holding concurrent
+/// values, as [`to_json`] does, without reading the values that are not in conflict.
+fn find_conflicts(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    kind: ObjType,
+    path: &mut String,
+    conflicts: &mut Vec<String>,
+) -> Result<(), automerge::AutomergeError> {
+    use std::fmt::Write;
+    let mut child = |prop: Prop, value: ValueRef<'_>, id: ObjId, conflict: bool| {
+        let len = path.len();
+        let _ = match &prop {
+            Prop::Map(key) => write!(path, ".{key}"),
+            Prop::Seq(i) => write!(path, "[{i}]"),
+        };
+        if conflict {
+            conflicts.push(conflict_line(doc, obj, prop, path)?);
+        }
+        if let ValueRef::Object(kind) = value {
+            find_conflicts(doc, &id, kind, path, conflicts)?;
+        }
+        path.truncate(len);
+        Ok::<_, automerge::AutomergeError>(())
+    };
+    match kind {
+        ObjType::Map | ObjType::Table => {
+            for item in doc.map_range(obj, ..) {
+                let id = object_id(&item.value, || item.id());
+                child(
+                    Prop::Map(item.key.to_string()),
+                    item.value,
+                    id,
+                    item.conflict,
+                )?;
+            }
+        }
+        ObjType::List => {
+            for item in doc.list_range(obj, ..) {
+                let id = object_id(&item.value, || item.id());
+                child(Prop::Seq(item.index), item.value, id, item.conflict)?;
+            }
+        }
+        ObjType::Text => {}
+    }
+    Ok(())
+}
+
+/// The id of a value that is an object, made only then: ROOT stands in for a scalar's, which
+/// is never used.
+fn object_id(value: &ValueRef<'_>, id: impl FnOnce() -> ObjId) -> ObjId {
+    match value {
+        ValueRef::Object(_) => id(),
+        ValueRef::Scalar(_) => ROOT,
+    }
 }
 
 /// A scalar as JSON, as automerge's serde form has it.
