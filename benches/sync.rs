@@ -709,8 +709,8 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     let hosts_cpu = |hosts: &[EdgeHost]| hosts.iter().map(EdgeHost::cpu).sum::<f64>();
     let mut fan_out = Vec::new();
     for (count, image) in [(first, "nginx:2"), (edges, "nginx:3")] {
-        let cpu = (cpu_seconds(pid), hosts_cpu(&hosts));
         let bodies = docs(image, count);
+        let cpu = (cpu_seconds(pid), hosts_cpu(&hosts));
         let watch = Deliveries::watch(path, 0..count);
         let started = Instant::now();
         apply_all(&head, bodies).await;
