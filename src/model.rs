@@ -382,18 +382,8 @@ fn to_json(
     path: &mut String,
     mut conflicts: Option<&mut Vec<String>>,
 ) -> Result<Value, automerge::AutomergeError> {
-    use std::fmt::Write;
     let mut child = |prop: Prop, value: ValueRef<'_>, id: ObjId, conflict: bool| {
-        let len = path.len();
-        if let Some(out) = conflicts.as_deref_mut() {
-            let _ = match &prop {
-                Prop::Map(key) => write!(path, ".{key}"),
-                Prop::Seq(i) => write!(path, "[{i}]"),
-            };
-            if conflict {
-                out.push(conflict_line(doc, obj, prop, path)?);
-            }
-        }
+        let len = enter(doc, obj, prop, conflict, path, conflicts.as_deref_mut())?;
         let value = match value {
             ValueRef::Object(kind) => to_json(doc, &id, kind, path, conflicts.as_deref_mut())?,
             ValueRef::Scalar(scalar) => scalar_json(&scalar),
@@ -433,16 +423,8 @@ fn find_conflicts(
     path: &mut String,
     conflicts: &mut Vec<String>,
 ) -> Result<(), automerge::AutomergeError> {
-    use std::fmt::Write;
     let mut child = |prop: Prop, value: ValueRef<'_>, id: ObjId, conflict: bool| {
-        let len = path.len();
-        let _ = match &prop {
-            Prop::Map(key) => write!(path, ".{key}"),
-            Prop::Seq(i) => write!(path, "[{i}]"),
-        };
-        if conflict {
-            conflicts.push(conflict_line(doc, obj, prop, path)?);
-        }
+        let len = enter(doc, obj, prop, conflict, path, Some(&mut *conflicts))?;
         if let ValueRef::Object(kind) = value {
             find_conflicts(doc, &id, kind, path, conflicts)?;
         }
@@ -470,6 +452,31 @@ fn find_conflicts(
         ObjType::Text => {}
     }
     Ok(())
+}
+
+/// With `conflicts`, a step of a walk into property `prop` of `obj`: extends `path` with it and,
+/// if it holds concurrent values (`conflict`), appends its line. Returns the length `path` goes
+/// back to after the step.
+fn enter(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    prop: Prop,
+    conflict: bool,
+    path: &mut String,
+    conflicts: Option<&mut Vec<String>>,
+) -> Result<usize, automerge::AutomergeError> {
+    use std::fmt::Write;
+    let len = path.len();
+    if let Some(out) = conflicts {
+        let _ = match &prop {
+            Prop::Map(key) => write!(path, ".{key}"),
+            Prop::Seq(i) => write!(path, "[{i}]"),
+        };
+        if conflict {
+            out.push(conflict_line(doc, obj, prop, path)?);
+        }
+    }
+    Ok(len)
 }
 
 /// The id of a value that is an object, made only then: ROOT stands in for a scalar's, which
