@@ -88,23 +88,25 @@ pub struct Docs {
     loads: Arc<Loads>,
 }
 
-/// How long a head keeps an EdgeNode document loaded that nothing uses (about 20 KiB for a
+/// How long a head keeps an EdgeNode document loaded that nothing uses (about 15 KiB for a
 /// small one); then it waits in its compact encoding (about half a KiB) until next used.
-/// Long enough that a change's few uses (the apply, the sync rounds, the edge's report, all
-/// within a second or so of each other) find it loaded; short enough that a fan-out to
-/// thousands never has them all loaded at once. Loading one again takes about 0.1 ms. The
-/// documents are looked over once per this time, so one is saved away one to two times it
-/// after its last use (a look goes over every EdgeNode: at 10,000 edges, a look every second
-/// was a tenth of an idle head's CPU).
-pub const UNLOAD_AFTER: Duration = Duration::from_secs(5);
+/// Long enough that a change's few uses (the apply, the sync rounds, the edge's report, the
+/// looks at its status) find it loaded even when a fan-out to 10,000 edges takes its 15 s:
+/// loading one again takes some 55 µs, and with 5 s, half of such a fan-out's documents were
+/// saved away before their edge's turn and loaded again for it. The documents are looked over
+/// once per this time, so one is saved away one to two times it after its last use (a look
+/// goes over every EdgeNode: at 10,000 edges, a look every second was a tenth of an idle
+/// head's CPU).
+pub const UNLOAD_AFTER: Duration = Duration::from_secs(10);
 
-/// How many EdgeNode documents a head keeps loaded at most (about 40 MiB at some 20 KiB each).
-/// An apply of thousands, a first sync, a fan-out or a reconnect storm loads each document
-/// within seconds, and saving away after [`UNLOAD_AFTER`] alone let all of a fleet's be loaded
-/// at once (200 MB at 10,000 edges). Each time a quarter of this many more were loaded, those
+/// How many EdgeNode documents a head keeps loaded at most (about 180 MiB at some 15 KiB
+/// each): enough for a change to every EdgeNode of a fleet of 10,000 to keep them loaded while
+/// it reaches the edges. With 2,048, each document of such a fan-out was loaded up to four
+/// times (for the apply, the looks at its status, its push and the edge's report), which cost
+/// the head a quarter of its CPU. Each time a quarter of this many more were loaded, those
 /// least recently used beyond it are saved away (so at most a quarter more are loaded between
 /// two looks, and those in use are left alone).
-const LOADED_AT_MOST: usize = 2048;
+const LOADED_AT_MOST: usize = 12_288;
 
 /// Documents looked over (and perhaps saved away) between two yields to the runtime.
 const UNLOAD_AT_ONCE: usize = 256;
