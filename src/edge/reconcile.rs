@@ -31,7 +31,22 @@ pub struct Reconciler {
     /// (or the first pass after a failure), then changed with each write to the database.
     owned: Option<BTreeMap<String, OwnedFile>>,
     /// Per document, the generation reconciled and its pods' states, not reported yet.
-    unreported: BTreeMap<String, (i64, Vec<PodState>)>,
+    unreported: BTreeMap<String, Report>,
+    /// Per document, what it asked for at the heads it was last read at, and what was last
+    /// reported of it: a drift pass over a document that did not move reads it no more, and
+    /// reports nothing unless a file's trouble changed what it would report.
+    read: HashMap<String, Read>,
+}
+
+/// A document's generation reconciled and its pods' states.
+type Report = (i64, Vec<PodState>);
+
+/// What a document asked for when last read (see [`Reconciler::read`]).
+struct Read {
+    heads: Vec<automerge::ChangeHash>,
+    wanted: Wanted,
+    /// The report last stored in the document, if it was stored on these heads.
+    reported: Option<Report>,
 }
 
 /// How long after a change's manifests are written the edge reports its pods' states (into
@@ -82,6 +97,7 @@ impl Reconciler {
             warned: HashMap::new(),
             owned: None,
             unreported: BTreeMap::new(),
+            read: HashMap::new(),
         }
     }
 
@@ -154,11 +170,24 @@ impl Reconciler {
                 (key, docs.report_status(key, *generation, pods).await)
             });
         for (key, reported) in futures_util::future::join_all(reports).await {
-            if let Err(e) = reported {
-                self.node.metrics().reconcile_failures.inc();
-                warn!(doc = %key, error = %e, "cannot report this document's pods; will retry");
-                // The next pass reconciles it again, and so reports it.
-                self.done.remove(key);
+            match reported {
+                Ok(Some((before, after))) => {
+                    // Only on the heads the document was read at: a change that came between
+                    // the read and the report was not read yet.
+                    if let Some(read) = self.read.get_mut(key)
+                        && read.heads == before
+                    {
+                        read.heads = after;
+                        read.reported = unreported.get(key).cloned();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.node.metrics().reconcile_failures.inc();
+                    warn!(doc = %key, error = %e, "cannot report this document's pods; will retry");
+                    // The next pass reconciles it again, and so reports it.
+                    self.done.remove(key);
+                }
             }
         }
     }
@@ -171,6 +200,7 @@ impl Reconciler {
             warn!(error = %e, "reconcile failed; will retry");
             // Whatever failed is done again by the next pass.
             self.done.clear();
+            self.read.clear();
             self.owned = None;
         }
         let count = |state: &str| {
@@ -249,7 +279,7 @@ impl Reconciler {
 
     /// Reconciles document `key`; with `changed_only`, only if what it asks changed.
     async fn reconcile_doc(&mut self, key: &str, changed_only: bool) -> Result<(), DaemonError> {
-        let wanted = self.wanted(key).await?;
+        let wanted = self.wanted_at_heads(key).await?;
         let digest = wanted.as_ref().map(Wanted::digest);
         if changed_only && digest.is_some() && self.done.get(key) == digest.as_ref() {
             // Changed, but not in what it asks of this edge (its labels, say).
@@ -266,15 +296,46 @@ impl Reconciler {
                 self.done.remove(key);
                 self.applied.remove(key);
                 self.unreported.remove(key);
+                self.read.remove(key);
             }
         }
         Ok(())
+    }
+
+    /// What document `key` asks for (see [`Reconciler::wanted`]), read again only if it moved
+    /// since it was last read.
+    async fn wanted_at_heads(&mut self, key: &str) -> Result<Option<Wanted>, DaemonError> {
+        // The heads first: a change that comes after them makes the next look read again.
+        let Some(heads) = self.node.docs().heads(key).await else {
+            self.read.remove(key);
+            return self.wanted(key).await;
+        };
+        if let Some(read) = self.read.get(key)
+            && read.heads == heads
+        {
+            return Ok(Some(read.wanted.clone()));
+        }
+        let wanted = self.wanted(key).await?;
+        match &wanted {
+            Some(wanted) => {
+                let read = Read {
+                    heads,
+                    wanted: wanted.clone(),
+                    reported: None,
+                };
+                self.read.insert(key.to_string(), read)
+            }
+            None => self.read.remove(key),
+        };
+        Ok(wanted)
     }
 
     /// What document `key` asks for, or None if there is no such document. A deleted one asks for no pod, even if it still holds some (added on
     /// one side while the other deleted it: a delete removes only the pods it saw): no one
     /// sees that EdgeNode any more.
     async fn wanted(&self, key: &str) -> Result<Option<Wanted>, DaemonError> {
+        #[cfg(test)]
+        tests::READS.with(|n| n.set(n.get() + 1));
         let Some((mut view, _)) = self.node.docs().view(key).await? else {
             return Ok(None);
         };
@@ -346,7 +407,10 @@ impl Reconciler {
             }
         }
         let report = (wanted.generation, wanted.pods.clone());
-        self.unreported.insert(key.to_string(), report);
+        let reported = self.read.get(key).and_then(|r| r.reported.as_ref());
+        if reported != Some(&report) {
+            self.unreported.insert(key.to_string(), report);
+        }
         let parsed = crate::key::DocKey::parse(key).ok();
         let namespace = parsed.as_ref().and_then(|k| k.namespace()).unwrap_or("");
         let applied = wanted.pods.into_iter().map(|p| {
@@ -472,6 +536,11 @@ mod tests {
     use crate::store::Store;
     use crate::transport::tls::Role;
     use std::path::Path;
+
+    thread_local! {
+        /// Documents the reconciler read (a `#[tokio::test]` runs its tasks on its thread).
+        pub(super) static READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
 
     struct Edge {
         node: Node,
@@ -682,6 +751,47 @@ mod tests {
             edge.apply("default", &[("db", "redis:2"), ("web", "nginx")])
                 .await;
             assert_eq!(edge.image("default", "web").as_deref(), Some("nginx"));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_drift_pass_reads_only_documents_that_moved_and_reports_only_news() {
+        within(async {
+            let mut edge = Edge::new().await;
+            let key = "default/edge01";
+            let reads = || READS.with(|n| n.get());
+            edge.apply("default", &[("web", "nginx")]).await;
+            let heads = edge.node.docs().heads(key).await.unwrap();
+            let read = reads();
+            edge.drift_pass().await;
+            edge.drift_pass().await;
+            assert_eq!(reads(), read, "the document did not move: not read again");
+            let now = edge.node.docs().heads(key).await.unwrap();
+            assert_eq!(now, heads, "nothing new to report");
+            // A hand edit is still repaired; what the edge reports stays as it was.
+            std::fs::write(edge.path("default", "web"), "not even JSON").unwrap();
+            edge.drift_pass().await;
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx"));
+            assert_eq!(edge.node.docs().heads(key).await.unwrap(), heads);
+            // A change is read (once), and reported.
+            edge.apply("default", &[("web", "nginx:2")]).await;
+            edge.drift_pass().await;
+            assert_eq!(reads(), read + 1);
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx:2"));
+            let (view, _) = edge.node.docs().view(key).await.unwrap().unwrap();
+            assert_eq!(view.observed_generation, Some(view.generation));
+            // A report that changes is made again on a drift pass: here a pod whose file
+            // became a directory cannot be written.
+            let file = edge.path("default", "web");
+            std::fs::remove_file(&file).unwrap();
+            std::fs::create_dir(&file).unwrap();
+            edge.drift_pass().await;
+            assert_eq!(edge.reported("default", "web").await.0, POD_NOT_WRITTEN);
+            std::fs::remove_dir(&file).unwrap();
+            edge.drift_pass().await;
+            assert_eq!(edge.reported("default", "web").await.0, POD_APPLIED);
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx:2"));
         })
         .await;
     }

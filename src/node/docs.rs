@@ -723,22 +723,24 @@ impl Docs {
         Ok(Some(model::read(&past, key)?))
     }
 
-    /// Writes the edge's report into document `key` if it differs.
+    /// Writes the edge's report into document `key` if it differs; returns the document's
+    /// heads before and after (None if there is no such document).
     pub async fn report_status(
         &self,
         key: &str,
         observed: i64,
         pods: &[PodState],
-    ) -> Result<(), NodeError> {
+    ) -> Result<Option<(Vec<ChangeHash>, Vec<ChangeHash>)>, NodeError> {
         let Some(entry) = self.entry(key) else {
-            return Ok(());
+            return Ok(None);
         };
         let mut entry = entry.lock().await;
+        let before = entry.heads();
         if model::set_status(entry.doc(), observed, pods)? {
             self.persist(key, &mut entry, Vec::new(), Origin::Local, Moved::STATUS)
                 .await?;
         }
-        Ok(())
+        Ok(Some((before, entry.heads())))
     }
 
     /// Document `key` for a sync session to apply a message to: created (from the shared
