@@ -27,8 +27,9 @@ pub struct Reconciler {
     applied: BTreeMap<String, Vec<AppliedPod>>,
     /// Per document and file, why its pod is stuck, as last logged.
     warned: HashMap<(String, String), String>,
-    /// The manifests this edge owns, by file, as the database has them: read by a full pass
-    /// (or the first pass after a failure), then changed with each write to the database.
+    /// The manifests this edge owns, by file, as the database has them: read by the first pass
+    /// (and the first after a failure), then changed with each write to the database (this
+    /// reconciler is its only writer).
     owned: Option<BTreeMap<String, OwnedFile>>,
     /// Per document, the generation reconciled and its pods' states, not reported yet.
     unreported: BTreeMap<String, Report>,
@@ -226,8 +227,7 @@ impl Reconciler {
             return Ok(());
         }
         if only.is_none() {
-            // Read again, and with them the files of documents that are gone.
-            self.owned = None;
+            // With them the files of documents that are gone.
             keys.extend(self.owned().await?.values().map(|o| o.key.clone()));
         }
         for key in keys {
