@@ -927,7 +927,7 @@ mod tests {
                 // The saving away runs beside the applies, as on a head.
                 tokio::task::yield_now().await;
             }
-            // A last look, long before the 5 s after which any unused one goes.
+            // A last look, long before `UNLOAD_AFTER`, after which any unused one goes.
             tokio::time::sleep(Duration::from_millis(50)).await;
             shutdown.cancel();
         };
