@@ -174,9 +174,14 @@ struct Troubled {
 }
 
 async fn troubled_in(node: &Node, key: &str) -> Troubled {
-    match node.docs().reported_pod_states(key).await {
-        Ok(Some(states)) => {
-            let count = |state: &str| states.iter().filter(|(_, s)| s == state).count();
+    match node.docs().view_status(key).await {
+        // The pods of a live EdgeNode's spec, as its edge reports them.
+        Ok(Some((view, _))) if view.generation > 0 && !view.deleted => {
+            let count = |state: &str| {
+                let states = view.pod_states.iter();
+                let of_spec = states.filter(|p| view.pods.contains_key(&p.name));
+                of_spec.filter(|p| p.state == state).count()
+            };
             Troubled {
                 refused: count(POD_REFUSED),
                 not_written: count(POD_NOT_WRITTEN),

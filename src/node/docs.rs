@@ -647,42 +647,26 @@ impl Docs {
 
     /// The document `key` read out, with its last sync time.
     pub async fn view(&self, key: &str) -> Result<Option<(DocView, Option<String>)>, NodeError> {
-        self.view_by(key, model::read).await
+        let Some(entry) = self.entry(key) else {
+            return Ok(None);
+        };
+        let mut entry = entry.lock().await;
+        let view = entry.read(|doc| model::read(doc, key))?;
+        Ok(Some((view, entry.last_synced_at.clone())))
     }
 
     /// What the status of document `key` is derived from ([`model::read_status`]), with its
-    /// last sync time.
+    /// last sync time; read again only if the document moved since the last such look.
     pub async fn view_status(
         &self,
         key: &str,
     ) -> Result<Option<(DocView, Option<String>)>, NodeError> {
-        self.view_by(key, model::read_status).await
-    }
-
-    async fn view_by(
-        &self,
-        key: &str,
-        read: fn(&AutoCommit, &str) -> Result<DocView, model::ModelError>,
-    ) -> Result<Option<(DocView, Option<String>)>, NodeError> {
         let Some(entry) = self.entry(key) else {
             return Ok(None);
         };
         let mut entry = entry.lock().await;
-        let view = entry.read(|doc| read(doc, key))?;
+        let view = entry.status_view(key)?;
         Ok(Some((view, entry.last_synced_at.clone())))
-    }
-
-    /// The states the edge reports for the pods of EdgeNode `key`'s spec, if it is live (see
-    /// [`model::reported_pod_states`]).
-    pub async fn reported_pod_states(
-        &self,
-        key: &str,
-    ) -> Result<Option<Vec<(String, String)>>, NodeError> {
-        let Some(entry) = self.entry(key) else {
-            return Ok(None);
-        };
-        let mut entry = entry.lock().await;
-        Ok(entry.read(model::reported_pod_states)?)
     }
 
     /// Document `key` as a view, with the heads it was read at.

@@ -55,11 +55,19 @@ pub struct DocEntry {
     loads: Arc<Loads>,
 }
 
+/// A status read of a document and the heads it was read at.
+struct StatusRead {
+    heads: Vec<automerge::ChangeHash>,
+    view: model::DocView,
+}
+
 /// A document in memory: loaded, to be read, edited and synced, or saved while nothing uses
 /// it: its compact encoding, some forty times smaller than the loaded document.
 enum Resident {
-    /// Boxed: a document is 4 KiB before it holds anything.
-    Loaded(Box<AutoCommit>),
+    /// Boxed: a document is 4 KiB before it holds anything. With it the last read of its
+    /// status, and the heads it was read at: the journal and a head's refused-pods count look at
+    /// each change in turn.
+    Loaded(Box<AutoCommit>, Option<Box<StatusRead>>),
     Saved {
         bytes: Vec<u8>,
         actor: ActorId,
@@ -70,7 +78,7 @@ impl DocEntry {
     fn new(doc: AutoCommit, loads: &Arc<Loads>) -> DocEntry {
         loads.one();
         DocEntry {
-            doc: Resident::Loaded(Box::new(doc)),
+            doc: Resident::Loaded(Box::new(doc), None),
             last_synced_at: None,
             chunks: COMPACT_AFTER_CHUNKS,
             persisted_heads: Vec::new(),
@@ -119,11 +127,11 @@ impl DocEntry {
         if let Resident::Saved { bytes, actor } = &self.doc {
             let mut doc = decode(bytes);
             doc.set_actor(actor.clone());
-            self.doc = Resident::Loaded(Box::new(doc));
+            self.doc = Resident::Loaded(Box::new(doc), None);
             self.loads.one();
         }
         match &mut self.doc {
-            Resident::Loaded(doc) => doc,
+            Resident::Loaded(doc, _) => doc,
             Resident::Saved { .. } => unreachable!("loaded just above"),
         }
     }
@@ -132,7 +140,7 @@ impl DocEntry {
     /// saved: a look at every EdgeNode (a presence storm, a list) must not load them all.
     pub fn read<R>(&mut self, f: impl FnOnce(&AutoCommit) -> R) -> R {
         match &self.doc {
-            Resident::Loaded(doc) => {
+            Resident::Loaded(doc, _) => {
                 self.used = Instant::now();
                 f(doc)
             }
@@ -143,20 +151,38 @@ impl DocEntry {
     /// The document's heads, without loading it.
     pub fn heads(&mut self) -> Vec<automerge::ChangeHash> {
         match &mut self.doc {
-            Resident::Loaded(doc) => doc.get_heads(),
+            Resident::Loaded(doc, _) => doc.get_heads(),
             Resident::Saved { .. } => self.persisted_heads.clone(),
         }
     }
 
+    /// What the document's status is derived from ([`model::read_status`]), read again only
+    /// if the document moved since the last such read (kept while it stays loaded).
+    pub fn status_view(&mut self, key: &str) -> Result<model::DocView, model::ModelError> {
+        let heads = self.heads();
+        if let Resident::Loaded(_, Some(last)) = &self.doc
+            && last.heads == heads
+        {
+            self.used = Instant::now();
+            return Ok(last.view.clone());
+        }
+        let view = self.read(|doc| model::read_status(doc, key))?;
+        if let Resident::Loaded(_, last) = &mut self.doc {
+            let view = view.clone();
+            *last = Some(Box::new(StatusRead { heads, view }));
+        }
+        Ok(view)
+    }
+
     /// When it was last lent out, if it is loaded.
     pub(super) fn loaded_since(&self) -> Option<Instant> {
-        matches!(self.doc, Resident::Loaded(_)).then_some(self.used)
+        matches!(self.doc, Resident::Loaded(..)).then_some(self.used)
     }
 
     /// Saves the document away, if it is loaded and all of it is stored (an edit not stored
     /// yet stays in memory); returns whether it did.
     pub(super) fn unload(&mut self) -> bool {
-        let Resident::Loaded(doc) = &mut self.doc else {
+        let Resident::Loaded(doc, _) = &mut self.doc else {
             return false;
         };
         if doc.get_heads() != self.persisted_heads {
