@@ -188,7 +188,8 @@ pub enum OnDisk {
     File {
         /// SHA-256 of its content, hex.
         sha256: String,
-        /// The EdgeNode key in its annotations, if it is marked as managed by edgesync.
+        /// The EdgeNode key in its annotations, if it is marked as managed by edgesync (and
+        /// they were read: see [`inspect`]).
         managed_by: Option<String>,
     },
     /// Something edgesync never writes through, replaces nor removes: a directory, a

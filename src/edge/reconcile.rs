@@ -443,7 +443,8 @@ impl Reconciler {
         owned: &[OwnedFile],
     ) -> Result<Vec<Stuck>, DaemonError> {
         let plan = manifests::plan(&wanted.desired, owned, &wanted.refused_files, |f| {
-            manifests::inspect(&self.dir, f)
+            let ours = owned.iter().any(|o| o.file == f);
+            manifests::inspect(&self.dir, f, !ours)
         });
         let mut stuck: Vec<Stuck> = plan
             .blocked

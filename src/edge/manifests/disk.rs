@@ -12,8 +12,9 @@ use std::path::Path;
 /// A file larger than this is hashed but not parsed for edgesync's annotations.
 const PARSE_LIMIT: usize = 8 << 20;
 
-/// Inspects a path in `dir` without following a link.
-pub fn inspect(dir: &Path, file: &str) -> OnDisk {
+/// Inspects a path in `dir` without following a link; a regular file's annotations are read
+/// only if `annotations` asks (a file edgesync owns is made to match whatever they say).
+pub fn inspect(dir: &Path, file: &str, annotations: bool) -> OnDisk {
     let Some(path) = path_in(dir, file) else {
         return OnDisk::Unreadable(format!("{file:?} is not a plain file name"));
     };
@@ -28,7 +29,10 @@ pub fn inspect(dir: &Path, file: &str) -> OnDisk {
     match read_regular(&path) {
         Ok((sha256, bytes)) => OnDisk::File {
             sha256,
-            managed_by: bytes.as_deref().and_then(managed_by),
+            managed_by: bytes
+                .filter(|_| annotations)
+                .as_deref()
+                .and_then(managed_by),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => OnDisk::Absent,
         Err(e) => OnDisk::Unreadable(e.to_string()),
@@ -51,36 +55,40 @@ fn not_a_file(meta: &std::fs::Metadata) -> Option<&'static str> {
 
 /// Opens `path` without following a link (nor blocking on a FIFO) and checks that it is a
 /// regular file.
-fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+fn open_regular(path: &Path) -> io::Result<(std::fs::File, std::fs::Metadata)> {
     use rustix::fs::OFlags;
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
         .open(path)?;
-    match not_a_file(&file.metadata()?) {
-        None => Ok(file),
+    let meta = file.metadata()?;
+    match not_a_file(&meta) {
+        None => Ok((file, meta)),
         Some(kind) => Err(io::Error::other(format!("it is a {kind}"))),
     }
 }
 
 /// The SHA-256 (hex) of a regular file, and its bytes if it is small enough to parse.
 fn read_regular(path: &Path) -> io::Result<(String, Option<Vec<u8>>)> {
-    let mut file = open_regular(path)?;
+    let (mut file, meta) = open_regular(path)?;
+    // A manifest is read whole in one go; what is beyond the limit is hashed, not kept.
+    let limit = PARSE_LIMIT as u64 + 1;
+    let mut bytes = Vec::with_capacity(meta.len().min(limit) as usize);
+    (&mut file).take(limit).read_to_end(&mut bytes)?;
     let mut hash = Sha256::new();
-    let mut bytes = Vec::new();
-    let mut buf = vec![0; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        if bytes.len() <= PARSE_LIMIT {
-            bytes.extend_from_slice(&buf[..n]);
+    hash.update(&bytes);
+    let small = bytes.len() <= PARSE_LIMIT;
+    if !small {
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
         }
     }
-    let small = bytes.len() <= PARSE_LIMIT;
     Ok((hex::encode(hash.finalize()), small.then_some(bytes)))
 }
 
@@ -168,6 +176,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_file_past_the_parse_limit_is_hashed_whole_and_not_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = serde_json::json!({"metadata": {"name": "web"}, "spec": {}});
+        let mut content = Desired::render("default", "edge01", "web", &pod).content;
+        content.resize(PARSE_LIMIT + 100_000, b' ');
+        std::fs::write(dir.path().join("big.json"), &content).unwrap();
+        assert_eq!(
+            inspect(dir.path(), "big.json", true),
+            OnDisk::File {
+                sha256: hex::encode(Sha256::digest(&content)),
+                managed_by: None,
+            }
+        );
+    }
+
+    #[test]
     fn inspect_sees_links_and_directories_without_following_them() {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
@@ -180,18 +204,28 @@ mod tests {
         let pod = serde_json::json!({"metadata": {"name": "web"}, "spec": {}});
         let a = Desired::render("default", "edge01", "web", &pod);
         std::fs::write(m.join("file.json"), &a.content).unwrap();
-        assert_eq!(inspect(m, "linked.json"), OnDisk::NotAFile("symbolic link"));
         assert_eq!(
-            inspect(m, "dangling.json"),
+            inspect(m, "linked.json", true),
             OnDisk::NotAFile("symbolic link")
         );
-        assert_eq!(inspect(m, "dir.json"), OnDisk::NotAFile("directory"));
-        assert_eq!(inspect(m, "absent.json"), OnDisk::Absent);
         assert_eq!(
-            inspect(m, "file.json"),
+            inspect(m, "dangling.json", true),
+            OnDisk::NotAFile("symbolic link")
+        );
+        assert_eq!(inspect(m, "dir.json", true), OnDisk::NotAFile("directory"));
+        assert_eq!(inspect(m, "absent.json", true), OnDisk::Absent);
+        assert_eq!(
+            inspect(m, "file.json", true),
             OnDisk::File {
                 sha256: a.sha256(),
                 managed_by: Some("default/edge01".into()),
+            }
+        );
+        assert_eq!(
+            inspect(m, "file.json", false),
+            OnDisk::File {
+                sha256: a.sha256(),
+                managed_by: None,
             }
         );
         // Neither writing nor removing goes through a link or into a directory.
