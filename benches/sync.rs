@@ -717,15 +717,19 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     let mut fan_out = Vec::new();
     for (count, image) in [(first, "nginx:2"), (edges, "nginx:3")] {
         let bodies = docs(image, count);
-        let cpu = (cpu_seconds(pid), hosts_cpu(&hosts));
+        let me = std::process::id();
+        let cpu = (cpu_seconds(pid), hosts_cpu(&hosts), cpu_seconds(me));
         let watch = Deliveries::watch(path, 0..count);
         let started = Instant::now();
         apply_all(&head, bodies).await;
-        let last = *watch.wait(image, started).await.last().unwrap();
+        let times = watch.wait(image, started).await;
+        let last = *times.last().unwrap();
         let head_cpu = cpu_seconds(pid) - cpu.0;
         eprintln!(
-            "fleet: fan-out to {count}: {last:.2} s; CPU meanwhile: head {head_cpu:.2} s, edges {:.2} s",
-            hosts_cpu(&hosts) - cpu.1
+            "fleet: fan-out to {count}: {last:.2} s (half of the edges by {:.2} s); CPU meanwhile: head {head_cpu:.2} s, edges {:.2} s, this bench {:.2} s",
+            percentile(&times, 0.5),
+            hosts_cpu(&hosts) - cpu.1,
+            cpu_seconds(me) - cpu.2
         );
         fan_out.push((count, last, head_cpu / count as f64 * 1e6));
     }
