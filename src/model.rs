@@ -216,10 +216,10 @@ fn scalar_bool(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Result<bool, ModelE
 }
 
 /// Reads what an EdgeNode's status is derived from: a [`DocView`] whose pods are only named
-/// (their specs are `Null`), without labels or creation time. Walks the spec (for its
-/// conflicts) and the status, each map once (a lookup of one property costs about as much as
-/// a pass over a small map), reading no value of the spec's but its conflicts': for looks at
-/// the conditions of many EdgeNodes.
+/// (their specs are `Null`), without labels or creation time. Walks the root, the spec (for
+/// its conflicts) and the status, each map once (a lookup of one property costs about as much
+/// as a pass over a small map), reading no value of the spec's but its conflicts': for looks
+/// at the conditions of many EdgeNodes.
 pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
     let parsed = DocKey::parse(key).map_err(|e| malformed(key, &e.reason))?;
     let (Some(namespace), Some(name)) = (parsed.namespace(), parsed.name()) else {
@@ -249,25 +249,16 @@ pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
         }
     }
     let spec = spec.ok_or_else(|| malformed(key, "spec missing"))?;
-    // The spec's conflicts are found in a pass over all of it, which names the pods on the way.
-    let mut path = String::from("spec");
-    for item in doc.map_range(&spec, ..) {
-        let id = object_id(&item.value, || item.id());
-        let len = enter(
-            doc,
-            &spec,
-            Prop::Map(item.key.to_string()),
-            item.conflict,
-            &mut path,
-            Some(&mut view.conflicts),
-        )?;
-        if let ValueRef::Object(kind) = item.value {
-            if item.key == "pods" && kind == ObjType::Map {
-                view.pods = doc.keys(&id).map(|name| (name, Value::Null)).collect();
-            }
-            find_conflicts(doc, &id, kind, &mut path, &mut view.conflicts)?;
-        }
-        path.truncate(len);
+    // The spec's conflicts are found in a pass over all of it, reading no value but theirs.
+    find_conflicts(
+        doc,
+        &spec,
+        ObjType::Map,
+        &mut "spec".into(),
+        &mut view.conflicts,
+    )?;
+    if let Some((AmValue::Object(ObjType::Map), pods)) = doc.get(&spec, "pods")? {
+        view.pods = doc.keys(&pods).map(|name| (name, Value::Null)).collect();
     }
     let Some(status) = status else {
         return Ok(view);
