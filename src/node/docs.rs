@@ -665,7 +665,8 @@ impl Docs {
             return Ok(None);
         };
         let mut entry = entry.lock().await;
-        let view = entry.status_view(key)?;
+        // Only a head has two looks at each change: its journal's and its refused-pods count's.
+        let view = entry.status_view(key, self.scope == Scope::All)?;
         Ok(Some((view, entry.last_synced_at.clone())))
     }
 

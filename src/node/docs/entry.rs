@@ -157,8 +157,13 @@ impl DocEntry {
     }
 
     /// What the document's status is derived from ([`model::read_status`]), read again only
-    /// if the document moved since the last such read (kept while it stays loaded).
-    pub fn status_view(&mut self, key: &str) -> Result<model::DocView, model::ModelError> {
+    /// if the document moved since the last such read; with `keep`, this read is kept for the
+    /// next while the document stays loaded.
+    pub fn status_view(
+        &mut self,
+        key: &str,
+        keep: bool,
+    ) -> Result<model::DocView, model::ModelError> {
         let heads = self.heads();
         if let Resident::Loaded(_, Some(last)) = &self.doc
             && last.heads == heads
@@ -167,7 +172,9 @@ impl DocEntry {
             return Ok(last.view.clone());
         }
         let view = self.read(|doc| model::read_status(doc, key))?;
-        if let Resident::Loaded(_, last) = &mut self.doc {
+        if let Resident::Loaded(_, last) = &mut self.doc
+            && keep
+        {
             let view = view.clone();
             *last = Some(Box::new(StatusRead { heads, view }));
         }
@@ -182,12 +189,14 @@ impl DocEntry {
     /// Saves the document away, if it is loaded and all of it is stored (an edit not stored
     /// yet stays in memory); returns whether it did.
     pub(super) fn unload(&mut self) -> bool {
-        let Resident::Loaded(doc, _) = &mut self.doc else {
+        let Resident::Loaded(doc, last_status) = &mut self.doc else {
             return false;
         };
         if doc.get_heads() != self.persisted_heads {
             return false;
         }
+        // Freed first, so that the saved bytes can take its place in memory.
+        *last_status = None;
         let actor = doc.get_actor().clone();
         self.doc = Resident::Saved {
             bytes: doc.save(),
