@@ -656,7 +656,7 @@ impl Docs {
     }
 
     /// What the status of document `key` is derived from ([`model::read_status`]), with its
-    /// last sync time; read again only if the document moved since the last such look.
+    /// last sync time; on a head, read again only if the document moved since the last look.
     pub async fn view_status(
         &self,
         key: &str,

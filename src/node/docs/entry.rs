@@ -156,14 +156,17 @@ impl DocEntry {
         }
     }
 
-    /// What the document's status is derived from ([`model::read_status`]), read again only
-    /// if the document moved since the last such read; with `keep`, this read is kept for the
-    /// next while the document stays loaded.
+    /// What the document's status is derived from ([`model::read_status`]). With `keep`, the
+    /// read is kept while the document stays loaded, and the next such look reads it again
+    /// only if the document moved.
     pub fn status_view(
         &mut self,
         key: &str,
         keep: bool,
     ) -> Result<model::DocView, model::ModelError> {
+        if !keep {
+            return self.read(|doc| model::read_status(doc, key));
+        }
         let heads = self.heads();
         if let Resident::Loaded(_, Some(last)) = &self.doc
             && last.heads == heads
@@ -172,9 +175,7 @@ impl DocEntry {
             return Ok(last.view.clone());
         }
         let view = self.read(|doc| model::read_status(doc, key))?;
-        if let Resident::Loaded(_, last) = &mut self.doc
-            && keep
-        {
+        if let Resident::Loaded(_, last) = &mut self.doc {
             let view = view.clone();
             *last = Some(Box::new(StatusRead { heads, view }));
         }
