@@ -891,6 +891,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_heads_kept_status_read_follows_every_change() {
+        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
+        let key = "default/edge01";
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let docs = Docs::open(Scope::All, store, Rules::new("default"))
+            .await
+            .unwrap();
+        let status = || async {
+            let (view, _) = docs.view_status(key).await.unwrap().unwrap();
+            let states = view.pod_states.into_iter().map(|p| p.state);
+            (view.generation, view.observed_generation, states.collect())
+        };
+        let report = |state: &str| {
+            vec![PodState {
+                name: "nginx".into(),
+                state: state.into(),
+                ..PodState::default()
+            }]
+        };
+        docs.apply_text(EXAMPLE, "default").await.unwrap();
+        assert_eq!(status().await, (1, None, Vec::<String>::new()));
+        assert_eq!(status().await, (1, None, vec![]), "read again: the same");
+        docs.report_status(key, 1, &report("Applied"))
+            .await
+            .unwrap();
+        assert_eq!(status().await, (1, Some(1), vec!["Applied".to_string()]));
+        let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
+        docs.apply_text(&edited, "default").await.unwrap();
+        assert_eq!(status().await, (2, Some(1), vec!["Applied".to_string()]));
+        // A peer's change.
+        let entry = docs.sync_doc(key).unwrap();
+        let mut entry = entry.lock().await;
+        let mut theirs = entry.doc().fork();
+        model::set_status(&mut theirs, 2, &report("Refused")).unwrap();
+        entry.doc().merge(&mut theirs).unwrap();
+        docs.synced("edge01", key, &mut entry, None, Vec::new())
+            .await
+            .unwrap();
+        drop(entry);
+        assert_eq!(status().await, (2, Some(2), vec!["Refused".to_string()]));
+    }
+
+    #[tokio::test]
     async fn a_head_keeps_only_the_documents_used_last_loaded() {
         const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let dir = tempfile::tempdir().unwrap();
