@@ -821,15 +821,29 @@ impl Docs {
 mod tests {
     use super::*;
 
+    /// A head's documents, stored in `dir`.
+    async fn head_docs(dir: &std::path::Path) -> Docs {
+        let store = Store::open(dir).unwrap();
+        Docs::open(Scope::All, store, Rules::new("default"))
+            .await
+            .unwrap()
+    }
+
+    /// An edge's report of the example's one pod.
+    fn nginx_report(state: &str) -> Vec<PodState> {
+        vec![PodState {
+            name: "nginx".into(),
+            state: state.into(),
+            ..PodState::default()
+        }]
+    }
+
     #[tokio::test]
     async fn each_stored_change_says_what_moved_and_where_it_came_from() {
         const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let key = "default/edge01";
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let docs = Docs::open(Scope::All, store, Rules::new("default"))
-            .await
-            .unwrap();
+        let docs = head_docs(dir.path()).await;
         let mut changes = docs.subscribe();
         let change = |moved: Moved, origin: Origin| Change {
             key: key.into(),
@@ -841,14 +855,7 @@ mod tests {
             changes.recv().await.unwrap(),
             change(Moved::SPEC, Origin::Local)
         );
-        let report = |state: &str| {
-            vec![PodState {
-                name: "nginx".into(),
-                state: state.into(),
-                ..PodState::default()
-            }]
-        };
-        docs.report_status(key, 1, &report("Applied"))
+        docs.report_status(key, 1, &nginx_report("Applied"))
             .await
             .unwrap();
         assert_eq!(
@@ -868,7 +875,7 @@ mod tests {
         let entry = docs.sync_doc(key).unwrap();
         let mut entry = entry.lock().await;
         let mut theirs = entry.doc().fork();
-        model::set_status(&mut theirs, 1, &report("Refused")).unwrap();
+        model::set_status(&mut theirs, 1, &nginx_report("Refused")).unwrap();
         entry.doc().merge(&mut theirs).unwrap();
         docs.synced("edge01", key, &mut entry, None, Vec::new())
             .await
@@ -895,26 +902,16 @@ mod tests {
         const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let key = "default/edge01";
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let docs = Docs::open(Scope::All, store, Rules::new("default"))
-            .await
-            .unwrap();
+        let docs = head_docs(dir.path()).await;
         let status = || async {
             let (view, _) = docs.view_status(key).await.unwrap().unwrap();
             let states = view.pod_states.into_iter().map(|p| p.state);
             (view.generation, view.observed_generation, states.collect())
         };
-        let report = |state: &str| {
-            vec![PodState {
-                name: "nginx".into(),
-                state: state.into(),
-                ..PodState::default()
-            }]
-        };
         docs.apply_text(EXAMPLE, "default").await.unwrap();
         assert_eq!(status().await, (1, None, Vec::<String>::new()));
         assert_eq!(status().await, (1, None, vec![]), "read again: the same");
-        docs.report_status(key, 1, &report("Applied"))
+        docs.report_status(key, 1, &nginx_report("Applied"))
             .await
             .unwrap();
         assert_eq!(status().await, (1, Some(1), vec!["Applied".to_string()]));
@@ -925,7 +922,7 @@ mod tests {
         let entry = docs.sync_doc(key).unwrap();
         let mut entry = entry.lock().await;
         let mut theirs = entry.doc().fork();
-        model::set_status(&mut theirs, 2, &report("Refused")).unwrap();
+        model::set_status(&mut theirs, 2, &nginx_report("Refused")).unwrap();
         entry.doc().merge(&mut theirs).unwrap();
         docs.synced("edge01", key, &mut entry, None, Vec::new())
             .await
