@@ -496,13 +496,15 @@ async fn join(
         return Err(HeadError::BadToken { token_id });
     }
     input::check_subdomain(&node).map_err(HeadError::NodeName)?;
-    // Refused before signing when the name is taken; checked again as the node is recorded.
-    edges::check_expected(
-        &node,
-        edges.registered(&node).await?.as_ref(),
-        &Expect::Fresh,
-    )?;
-    issue(edges, ca, &node, &csr, lifetime, Expect::Fresh).await
+    // Refused before signing when the name is taken by another key; checked again as the node
+    // is recorded.
+    let key = tls::request_key(&csr).map_err(|source| HeadError::Csr {
+        node: node.clone(),
+        source,
+    })?;
+    let expect = Expect::Join(key);
+    edges::check_expected(&node, edges.registered(&node).await?.as_ref(), &expect)?;
+    issue(edges, ca, &node, &csr, lifetime, expect).await
 }
 
 /// Signs `csr` for edge `node` and records the node with its new key (provided what is
@@ -537,4 +539,50 @@ async fn issue(
         },
         node.to_string(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_join_tried_again_with_its_key_is_let_in_and_another_key_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let node = Node::open(Role::Head, "head", store, Rules::new("default"))
+            .await
+            .unwrap();
+        let mut tasks = Tasks::default();
+        let edges = Edges::standalone(node, &mut tasks);
+        let ca = Ca::generate().unwrap();
+        let token = create_token(&edges, "", Duration::from_secs(600))
+            .await
+            .unwrap();
+        let request = |csr: &[u8]| Frame::JoinRequest {
+            node: "edge01".into(),
+            token_id: token.id.clone(),
+            secret: token.secret.clone(),
+            csr: csr.to_vec(),
+            advertise: String::new(),
+        };
+        let year = Duration::from_secs(365 * 86400);
+        let (_, csr) = tls::new_request("edge01").unwrap();
+        join(&edges, &ca, request(&csr), year).await.unwrap();
+        // Its answer was lost: the edge asks again with the same key.
+        join(&edges, &ca, request(&csr), year).await.unwrap();
+        let (_, other) = tls::new_request("edge01").unwrap();
+        let refused = join(&edges, &ca, request(&other), year).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("has already joined"),
+            "{refused}"
+        );
+        let garbage = join(&edges, &ca, request(b"garbage"), year)
+            .await
+            .unwrap_err();
+        assert!(
+            garbage.to_string().starts_with("certificate request"),
+            "{garbage}"
+        );
+        tasks.shutdown().await;
+    }
 }

@@ -177,8 +177,10 @@ pub struct Registered {
 
 /// What a join or renewal expects to find registered under the name.
 pub enum Expect {
-    /// Nothing, or a registration whose certificate has expired (a join with a token).
-    Fresh,
+    /// A join with a token, presenting the key with this SHA-256: nothing registered, a
+    /// registration whose certificate has expired, or this same key (the same join tried
+    /// again, its answer lost on the way).
+    Join(Vec<u8>),
     /// The key the renewing edge presented.
     Key(Vec<u8>),
 }
@@ -857,10 +859,10 @@ pub fn check_expected(
 ) -> Result<(), EdgesError> {
     let edge = name.to_string();
     match (expect, current) {
-        (Expect::Fresh, Some(r)) if r.not_after > unix_now() => {
+        (Expect::Join(key), Some(r)) if r.not_after > unix_now() && r.key_sha256 != *key => {
             Err(EdgesError::AlreadyJoined { edge })
         }
-        (Expect::Fresh, _) => Ok(()),
+        (Expect::Join(_), _) => Ok(()),
         (Expect::Key(key), Some(r)) if r.key_sha256 == *key => Ok(()),
         (Expect::Key(_), _) => Err(EdgesError::KeyNotRegistered { edge }),
     }
@@ -909,14 +911,17 @@ mod tests {
         );
         let valid = registered(1, unix_now() + 3600);
         assert_eq!(
-            check_expected("edge01", Some(&valid), &Expect::Fresh)
+            check_expected("edge01", Some(&valid), &Expect::Join(vec![2]))
                 .unwrap_err()
                 .to_string(),
             "node \"edge01\" has already joined and its certificate is valid; choose another \
              --node-name, or run `edgesync node remove edge01` on the head to let it join again"
         );
         let expired = registered(1, unix_now() - 1);
-        assert!(check_expected("edge01", Some(&expired), &Expect::Fresh).is_ok());
+        assert!(check_expected("edge01", Some(&expired), &Expect::Join(vec![2])).is_ok());
+        assert!(check_expected("edge01", None, &Expect::Join(vec![2])).is_ok());
+        // The same join again (its answer was lost): the key already let in.
+        assert!(check_expected("edge01", Some(&valid), &Expect::Join(vec![1])).is_ok());
         assert!(check_expected("edge01", Some(&valid), &Expect::Key(vec![1])).is_ok());
         assert_eq!(
             check_expected("edge01", Some(&valid), &Expect::Key(vec![2]))

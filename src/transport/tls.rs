@@ -290,6 +290,15 @@ pub fn new_request(name: &str) -> Result<(KeyPair, Vec<u8>), TlsError> {
     Ok((key, csr.der().to_vec()))
 }
 
+/// SHA-256 of the public key certificate request `csr_der` asks a certificate for (as
+/// [`identity`] hashes a certificate's).
+pub fn request_key(csr_der: &[u8]) -> Result<Vec<u8>, TlsError> {
+    use x509_parser::prelude::FromDer;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|_| rcgen::Error::CouldNotParseCertificationRequest)?;
+    Ok(Sha256::digest(csr.certification_request_info.subject_pki.raw).to_vec())
+}
+
 /// A join token: the CA hash to pin, a token id, and the secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinToken {
