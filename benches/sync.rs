@@ -480,9 +480,9 @@ fn raise_file_limit() {
 
 /// Edges one process hosts: six open files each, within the hard limit of 20,000 these
 /// machines set (which root cannot raise here: no CAP_SYS_RESOURCE).
-const EDGES_PER_HOST: usize = 2500;
+const EDGES_PER_HOST: usize = 1250;
 
-/// A process of this bench hosting edges `first..first + count` of a fleet (see
+/// A process of this bench hosting every `hosts`-th edge of a fleet from edge `host` on (see
 /// [`host_edges`]), driven by one-line commands.
 struct EdgeHost {
     child: tokio::process::Child,
@@ -491,10 +491,18 @@ struct EdgeHost {
 }
 
 impl EdgeHost {
-    fn spawn(first: usize, count: usize, head: SocketAddr, token: &str, dir: &Path) -> EdgeHost {
+    fn spawn(
+        host: usize,
+        hosts: usize,
+        edges: usize,
+        head: SocketAddr,
+        token: &str,
+        dir: &Path,
+    ) -> EdgeHost {
         let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
             .arg("--host-edges")
-            .args([first.to_string(), count.to_string(), head.to_string()])
+            .args([host, hosts, edges].map(|n| n.to_string()))
+            .arg(head.to_string())
             .arg(token)
             .arg(dir)
             .stdin(Stdio::piped())
@@ -566,21 +574,25 @@ async fn sum_all(hosts: &mut [EdgeHost], command: &str) -> Vec<f64> {
     sums
 }
 
-/// `sync --host-edges FIRST COUNT HEAD TOKEN DIR`: runs edges FIRST.. of a fleet in this
-/// process, each in `DIR/e{i}` dialing from its own loopback address, prints `ready` once all
+/// `sync --host-edges HOST HOSTS EDGES HEAD TOKEN DIR`: runs edges HOST, HOST + HOSTS, ... of a
+/// fleet of EDGES in this process, on one thread and with the allocator tuned as the `edgesync
+/// edge` binary runs its one edge, each in `DIR/e{i}` dialing from its own loopback address,
+/// prints `ready` once all
 /// are up, then answers commands on stdin: `mark` (remember each edge's document and bytes on
 /// the wire now), `since` (bytes to and from the head since the mark, and the bytes of the
 /// changes either side received since), `stop`.
 async fn host_edges(args: &[String]) {
     raise_file_limit();
-    let [first, count, head, token, dir] = args else {
-        panic!("usage: --host-edges FIRST COUNT HEAD TOKEN DIR");
+    edgesync::runtime::tune_edge_allocator().unwrap();
+    let [host, hosts, fleet, head, token, dir] = args else {
+        panic!("usage: --host-edges HOST HOSTS EDGES HEAD TOKEN DIR");
     };
-    let (first, count): (usize, usize) = (first.parse().unwrap(), count.parse().unwrap());
+    let [host, hosts, fleet] = [host, hosts, fleet].map(|n| n.parse::<usize>().unwrap());
     let head: SocketAddr = head.parse().unwrap();
     let dir = Path::new(dir);
-    let mut edges = Vec::with_capacity(count);
-    for chunk in (first..first + count).collect::<Vec<_>>().chunks(50) {
+    let mine: Vec<usize> = (host..fleet).step_by(hosts).collect();
+    let mut edges = Vec::with_capacity(mine.len());
+    for chunk in mine.chunks(50) {
         let starts = chunk.iter().map(|&i| {
             let config = EdgeConfig {
                 source_address: Some(fleet_address(i)),
@@ -606,10 +618,11 @@ async fn host_edges(args: &[String]) {
             .map(|e| traffic(e, "in") + traffic(e, "out"))
             .sum()
     };
-    let key = |i: usize| format!("default/edge{}", first + i);
+    let key = |i: usize| format!("default/edge{}", mine[i]);
     let (mut heads, mut bytes) = (Vec::new(), 0.0);
-    let mut lines = std::io::stdin().lines();
-    while let Some(Ok(command)) = lines.next() {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(command)) = lines.next_line().await {
         match command.as_str() {
             "mark" => {
                 heads.clear();
@@ -649,12 +662,10 @@ async fn fleet(edges: usize, first: usize) -> Vec<Figure> {
     let token = head.token();
     let before = rss_bytes(head.child.id());
     let joined = Instant::now();
-    let mut hosts: Vec<EdgeHost> = (0..edges)
-        .step_by(EDGES_PER_HOST)
-        .map(|first| {
-            let count = EDGES_PER_HOST.min(edges - first);
-            EdgeHost::spawn(first, count, head.addr, &token, path)
-        })
+    // Edge i on host i % hosts: a fan-out to the first EdgeNodes reaches every host.
+    let count = edges.div_ceil(EDGES_PER_HOST);
+    let mut hosts: Vec<EdgeHost> = (0..count)
+        .map(|host| EdgeHost::spawn(host, count, edges, head.addr, &token, path))
         .collect();
     for host in &mut hosts {
         assert_eq!(host.answer().await, "ready");
@@ -1103,15 +1114,34 @@ async fn cold_start() -> Vec<Figure> {
     }]
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    // `--quick`, and optionally the names of the parts to run (all by default).
+/// The allocator `edgesync` runs with, for the edges this bench hosts.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn main() {
     // EDGESYNC_LOG=edgesync=debug shows what the in-process edges do; silent by default.
     edgesync::runtime::init_tracing(edgesync::cli::LogFormat::Text, None, "off");
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().is_some_and(|a| a == "--host-edges") {
-        return host_edges(&args[1..]).await;
+    // A host of edges runs them on one thread, as `edgesync edge` runs its one.
+    let host = args.first().is_some_and(|a| a == "--host-edges");
+    let mut runtime = match host {
+        true => tokio::runtime::Builder::new_current_thread(),
+        false => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(2);
+            builder
+        }
+    };
+    let runtime = runtime.enable_all().build().unwrap();
+    match host {
+        true => runtime.block_on(host_edges(&args[1..])),
+        false => runtime.block_on(bench(&args)),
     }
+}
+
+/// Runs the parts of the bench `args` name: `--quick`, and optionally the names of the parts
+/// to run (all by default).
+async fn bench(args: &[String]) {
     let quick = args.iter().any(|a| a == "--quick");
     let only: Vec<&str> = args
         .iter()

@@ -19,14 +19,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// would otherwise keep a few megabytes it no longer uses, with no allocation to trigger
 /// their return.
 fn tune_allocator(command: &Command) {
-    use tikv_jemalloc_ctl::{Access, AsName};
     let tuned = match command {
         // One thread for all arenas (the default is one per arena in use).
         Command::Head(_) => tikv_jemalloc_ctl::max_background_threads::write(1)
             .and_then(|()| tikv_jemalloc_ctl::background_thread::write(true)),
-        Command::Edge(_) => ["arenas.dirty_decay_ms\0", "arena.0.dirty_decay_ms\0"]
-            .iter()
-            .try_for_each(|key| key.name().write(0isize)),
+        Command::Edge(_) => runtime::tune_edge_allocator(),
         _ => Ok(()),
     };
     if let Err(e) = tuned {

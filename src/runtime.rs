@@ -65,3 +65,12 @@ pub fn notify_stopping() {
 pub fn private_umask() {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
+
+/// Has jemalloc (when it is the global allocator) return an edge's freed pages as they come
+/// free (see the `edgesync` binary's `tune_allocator`).
+pub fn tune_edge_allocator() -> Result<(), tikv_jemalloc_ctl::Error> {
+    use tikv_jemalloc_ctl::{Access, AsName};
+    ["arenas.dirty_decay_ms\0", "arena.0.dirty_decay_ms\0"]
+        .iter()
+        .try_for_each(|key| key.name().write(0isize))
+}
