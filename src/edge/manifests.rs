@@ -1,7 +1,7 @@
 //! Static pod manifests: pure rendering and planning; the thin IO that carries a plan out
 //! is in `disk`.
 
-mod disk;
+pub(crate) mod disk;
 
 pub use disk::{inspect, remove, remove_temp_files, write};
 
@@ -186,8 +186,8 @@ pub enum OnDisk {
     Absent,
     /// A regular file.
     File {
-        /// SHA-256 of its content, hex.
-        sha256: String,
+        /// SHA-256 of its content, hex, if it was read (see [`Look`]).
+        sha256: Option<String>,
         /// The EdgeNode key in its annotations, if it is marked as managed by edgesync (and
         /// they were read: see [`inspect`]).
         managed_by: Option<String>,
@@ -197,6 +197,17 @@ pub enum OnDisk {
     NotAFile(&'static str),
     /// The path could not be looked at; the error.
     Unreadable(String),
+}
+
+/// How much [`inspect`] reads of a regular file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Only that it is one: a manifest edgesync owns, to be written whatever it holds.
+    Kind,
+    /// Its digest: a manifest edgesync owns, left alone if it holds what is wanted.
+    Content,
+    /// Its digest and edgesync's annotations: a file edgesync does not own.
+    Annotations,
 }
 
 /// Plans the changes. `on_disk` inspects a path. `keep` lists owned files to leave alone
@@ -231,7 +242,10 @@ pub fn plan(
         let file = &want.file;
         let blocked = match on_disk(file) {
             OnDisk::Absent => None,
-            OnDisk::File { sha256, .. } if ours && sha256 == want.sha256() => continue,
+            OnDisk::File {
+                sha256: Some(sha256),
+                ..
+            } if ours && *sha256 == want.sha256() => continue,
             OnDisk::File { .. } if ours => None,
             OnDisk::File { managed_by, .. } if managed_by.as_ref() == Some(&want.key) => None,
             OnDisk::File { .. } => Some((
@@ -304,7 +318,7 @@ mod tests {
 
     fn found(sha: &str, managed_by: Option<&str>) -> OnDisk {
         OnDisk::File {
-            sha256: sha.to_string(),
+            sha256: Some(sha.to_string()),
             managed_by: managed_by.map(str::to_string),
         }
     }

@@ -3,7 +3,7 @@
 //! changes, such as this edge's own reports, are not looked at); a periodic full pass catches
 //! files changed by hand and documents that vanished.
 
-use super::manifests::{self, Cause, Desired};
+use super::manifests::{self, Cause, Desired, Look};
 use crate::crd::{POD_APPLIED, POD_NOT_WRITTEN, POD_REFUSED, PodState};
 use crate::daemon::DaemonError;
 use crate::input;
@@ -37,6 +37,9 @@ pub struct Reconciler {
     /// reported of it: a drift pass over a document that did not move reads it no more, and
     /// reports nothing unless a file's trouble changed what it would report.
     read: HashMap<String, Read>,
+    /// Per owned file, the SHA-256 (hex) of what this reconciler last wrote into it: a change
+    /// that asks for something else writes it without reading what is there first.
+    written: HashMap<String, String>,
 }
 
 /// A document's generation reconciled and its pods' states.
@@ -99,6 +102,7 @@ impl Reconciler {
             owned: None,
             unreported: BTreeMap::new(),
             read: HashMap::new(),
+            written: HashMap::new(),
         }
     }
 
@@ -202,6 +206,7 @@ impl Reconciler {
             // Whatever failed is done again by the next pass.
             self.done.clear();
             self.read.clear();
+            self.written.clear();
             self.owned = None;
         }
         let count = |state: &str| {
@@ -444,7 +449,20 @@ impl Reconciler {
     ) -> Result<Vec<Stuck>, DaemonError> {
         let plan = manifests::plan(&wanted.desired, owned, &wanted.refused_files, |f| {
             let ours = owned.iter().any(|o| o.file == f);
-            manifests::inspect(&self.dir, f, !ours)
+            // What this edge last wrote there is not what is wanted now: it is written over,
+            // whatever it holds.
+            let stale = || {
+                let want = wanted.desired.iter().find(|d| d.file == f);
+                let last = self.written.get(f);
+                last.zip(want)
+                    .is_some_and(|(last, want)| *last != want.sha256())
+            };
+            let look = match ours {
+                false => Look::Annotations,
+                true if stale() => Look::Kind,
+                true => Look::Content,
+            };
+            manifests::inspect(&self.dir, f, look)
         });
         let mut stuck: Vec<Stuck> = plan
             .blocked
@@ -472,8 +490,12 @@ impl Reconciler {
                 self.own(record).await?;
             }
             match manifests::write(&self.dir, &want) {
-                Ok(()) => info!(file = %want.file, doc = %want.key, "manifest written"),
+                Ok(()) => {
+                    info!(file = %want.file, doc = %want.key, "manifest written");
+                    self.written.insert(want.file.clone(), want.sha256());
+                }
                 Err(e) => {
+                    self.written.remove(&want.file);
                     if !previous {
                         self.disown(&want.file).await?;
                     }
@@ -493,6 +515,7 @@ impl Reconciler {
                     if removed {
                         info!(file = %gone.file, doc = %key, "manifest removed");
                     }
+                    self.written.remove(&gone.file);
                     self.disown(&gone.file).await?;
                 }
                 Err(e) => {
@@ -502,6 +525,7 @@ impl Reconciler {
         }
         for (replaced, why) in &plan.forget {
             warn!(file = %replaced.file, doc = %key, "{why}; edgesync forgets this manifest");
+            self.written.remove(&replaced.file);
             self.disown(&replaced.file).await?;
         }
         // Each pod's trouble is logged when it starts or changes, not on every pass.
@@ -625,6 +649,32 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_change_writes_its_manifest_over_unread_and_a_drift_pass_still_finds_a_hand_edit() {
+        within(async {
+            let mut edge = Edge::new().await;
+            let reads = || manifests::disk::tests::CONTENT_READS.with(std::cell::Cell::get);
+            edge.apply("default", &[("web", "nginx:1")]).await;
+            let before = reads();
+            edge.apply("default", &[("web", "nginx:2")]).await;
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx:2"));
+            assert_eq!(reads(), before, "what it wrote over was read first");
+
+            // Unchanged, it is read: a hand edit is made right.
+            std::fs::write(edge.path("default", "web"), b"{}").unwrap();
+            edge.drift_pass().await;
+            assert_eq!(reads(), before + 1);
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx:2"));
+
+            // A reconciler that wrote nothing yet (a restart) reads before it writes.
+            edge.reconciler = Reconciler::new(edge.node.clone(), edge.dir().to_path_buf());
+            edge.apply("default", &[("web", "nginx:3")]).await;
+            assert_eq!(reads(), before + 2);
+            assert_eq!(edge.image("default", "web").as_deref(), Some("nginx:3"));
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -88,6 +88,21 @@ pub enum Received {
 /// sends [`Frame::Sync`], a receiver sent more ends the session.
 pub const MAX_NUMBERED: usize = 1 << 18;
 
+/// Automerge's next sync message for `doc` on `state`, if there is one.
+fn generate(doc: &mut AutoCommit, state: &mut sync::State) -> Option<sync::Message> {
+    #[cfg(test)]
+    tests::GENERATED.with(|n| n.set(n.get() + 1));
+    doc.sync().generate_sync_message(state)
+}
+
+/// Whether the peer, as `state` knows it, has exactly `heads` and asks for nothing and no
+/// reset is due: a message now carries no change and no need, so it could only acknowledge.
+fn level(state: &sync::State, heads: &[ChangeHash]) -> bool {
+    !state.needs_reset
+        && state.their_heads.as_deref() == Some(heads)
+        && state.their_need.as_ref().is_none_or(Vec::is_empty)
+}
+
 /// The documents' numbers of a session that speaks [`Frame::SyncCompact`].
 #[derive(Debug, Default)]
 struct Numbers {
@@ -417,7 +432,13 @@ impl Session {
             return Ok(());
         }
         let state = self.states.entry(key.to_string()).or_default();
-        let Some(message) = doc.sync().generate_sync_message(state) else {
+        let heads = doc.get_heads();
+        if level(state, &heads) && state.have_responded && state.last_sent_heads == heads {
+            // Said already, and the peer has it all: Automerge would generate nothing, after
+            // filtering what it has for the peer.
+            return Ok(());
+        }
+        let Some(message) = generate(doc, state) else {
             return Ok(());
         };
         self.queue(key, message)
@@ -439,13 +460,20 @@ impl Session {
             return Ok(());
         }
         let state = self.states.entry(key.to_string()).or_default();
+        let heads = doc.get_heads();
+        if level(state, &heads) && !state.shared_heads.is_empty() {
+            // An answer would only acknowledge: held without generating it.
+            let until = self.held.get(key).map_or(now + ANSWER_DELAY, |(at, _)| *at);
+            self.held.insert(key.to_string(), (until, heads));
+            return Ok(());
+        }
         let resets = state.needs_reset;
         let before = (
             state.last_sent_heads.clone(),
             state.have_responded,
             state.in_flight,
         );
-        let Some(message) = doc.sync().generate_sync_message(state) else {
+        let Some(message) = generate(doc, state) else {
             return Ok(());
         };
         let acknowledges_only = !resets
@@ -931,6 +959,11 @@ mod tests {
         assert_eq!(a.heads(), b.heads(), "{} and {} differ", a.name, b.name);
     }
 
+    thread_local! {
+        /// Sync messages Automerge generated on this thread (each test runs on its own).
+        pub(super) static GENERATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
     fn pair() -> (Side, Side) {
         pair_speaking(true)
     }
@@ -1103,14 +1136,17 @@ mod tests {
     fn an_edge_acknowledges_a_change_with_its_own_next_change_or_after_a_while() {
         let (now, key) = (Instant::now(), "default/edge01");
         let (mut head, mut edge) = in_sync(key, now);
+        let generated = || GENERATED.with(std::cell::Cell::get);
 
         // The head's change arrives; the bare acknowledgement is held back, and the edge's own
         // change to the document (its status) carries it: one message, then the head's answer.
         head.edit(key, "nginx:2", now);
+        let before = generated();
         carry(&mut head, &mut edge, None, now);
         edge.push(key, now); // the notice of the change received
         edge.collect();
         assert!(edge.outgoing.is_empty(), "the acknowledgement went alone");
+        assert_eq!(generated(), before, "a bare acknowledgement was generated");
         assert_eq!(edge.session.next_retry(), Some(now + ANSWER_DELAY));
         edge.edit(key, "status", now);
         assert_eq!(edge.outgoing.len(), 1);
@@ -1121,8 +1157,14 @@ mod tests {
             1,
             "the head acknowledges the edge's change"
         );
+        let before = generated();
         carry(&mut head, &mut edge, None, now);
         assert!(head.outgoing.is_empty() && edge.outgoing.is_empty());
+        assert_eq!(
+            generated(),
+            before,
+            "an answer to the acknowledgement was generated"
+        );
         assert_equal(&mut head, &mut edge);
 
         // With no change of its own, the acknowledgement goes when its wait is over.

@@ -1,7 +1,7 @@
 //! The manifest directory, seen and changed without following a link: inspect a path,
 //! write a manifest atomically, remove only regular files, clean up a crash's temp files.
 
-use super::{Desired, OnDisk, path_in};
+use super::{Desired, Look, OnDisk, path_in};
 use crate::crd::{MANAGED_ANNOTATION, SOURCE_ANNOTATION};
 use crate::fsutil::{self, TEMP_PREFIX, TEMP_SUFFIX};
 use serde_json::Value;
@@ -12,9 +12,9 @@ use std::path::Path;
 /// A file larger than this is hashed but not parsed for edgesync's annotations.
 const PARSE_LIMIT: usize = 8 << 20;
 
-/// Inspects a path in `dir` without following a link; a regular file's annotations are read
-/// only if `annotations` asks (a file edgesync owns is made to match whatever they say).
-pub fn inspect(dir: &Path, file: &str, annotations: bool) -> OnDisk {
+/// Inspects a path in `dir` without following a link, reading as much of a regular file as
+/// `look` asks.
+pub fn inspect(dir: &Path, file: &str, look: Look) -> OnDisk {
     let Some(path) = path_in(dir, file) else {
         return OnDisk::Unreadable(format!("{file:?} is not a plain file name"));
     };
@@ -26,11 +26,17 @@ pub fn inspect(dir: &Path, file: &str, annotations: bool) -> OnDisk {
     if let Some(kind) = not_a_file(&meta) {
         return OnDisk::NotAFile(kind);
     }
+    if look == Look::Kind {
+        return OnDisk::File {
+            sha256: None,
+            managed_by: None,
+        };
+    }
     match read_regular(&path) {
         Ok((sha256, bytes)) => OnDisk::File {
-            sha256,
+            sha256: Some(sha256),
             managed_by: bytes
-                .filter(|_| annotations)
+                .filter(|_| look == Look::Annotations)
                 .as_deref()
                 .and_then(managed_by),
         },
@@ -71,6 +77,8 @@ fn open_regular(path: &Path) -> io::Result<(std::fs::File, std::fs::Metadata)> {
 
 /// The SHA-256 (hex) of a regular file, and its bytes if it is small enough to parse.
 fn read_regular(path: &Path) -> io::Result<(String, Option<Vec<u8>>)> {
+    #[cfg(test)]
+    tests::CONTENT_READS.with(|n| n.set(n.get() + 1));
     let (mut file, meta) = open_regular(path)?;
     // A manifest is read whole in one go; what is beyond the limit is hashed, not kept.
     let limit = PARSE_LIMIT as u64 + 1;
@@ -172,8 +180,14 @@ pub fn remove_temp_files(dir: &Path) -> io::Result<Vec<String>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Regular files whose content was read (a `#[tokio::test]` runs its tasks on its
+        /// thread).
+        pub(crate) static CONTENT_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
 
     #[test]
     fn a_file_past_the_parse_limit_is_hashed_whole_and_not_parsed() {
@@ -183,9 +197,9 @@ mod tests {
         content.resize(PARSE_LIMIT + 100_000, b' ');
         std::fs::write(dir.path().join("big.json"), &content).unwrap();
         assert_eq!(
-            inspect(dir.path(), "big.json", true),
+            inspect(dir.path(), "big.json", Look::Annotations),
             OnDisk::File {
-                sha256: hex::encode(Sha256::digest(&content)),
+                sha256: Some(hex::encode(Sha256::digest(&content))),
                 managed_by: None,
             }
         );
@@ -205,26 +219,36 @@ mod tests {
         let a = Desired::render("default", "edge01", "web", &pod);
         std::fs::write(m.join("file.json"), &a.content).unwrap();
         assert_eq!(
-            inspect(m, "linked.json", true),
+            inspect(m, "linked.json", Look::Annotations),
             OnDisk::NotAFile("symbolic link")
         );
         assert_eq!(
-            inspect(m, "dangling.json", true),
+            inspect(m, "dangling.json", Look::Kind),
             OnDisk::NotAFile("symbolic link")
         );
-        assert_eq!(inspect(m, "dir.json", true), OnDisk::NotAFile("directory"));
-        assert_eq!(inspect(m, "absent.json", true), OnDisk::Absent);
         assert_eq!(
-            inspect(m, "file.json", true),
+            inspect(m, "dir.json", Look::Kind),
+            OnDisk::NotAFile("directory")
+        );
+        assert_eq!(inspect(m, "absent.json", Look::Content), OnDisk::Absent);
+        assert_eq!(
+            inspect(m, "file.json", Look::Annotations),
             OnDisk::File {
-                sha256: a.sha256(),
+                sha256: Some(a.sha256()),
                 managed_by: Some("default/edge01".into()),
             }
         );
         assert_eq!(
-            inspect(m, "file.json", false),
+            inspect(m, "file.json", Look::Content),
             OnDisk::File {
-                sha256: a.sha256(),
+                sha256: Some(a.sha256()),
+                managed_by: None,
+            }
+        );
+        assert_eq!(
+            inspect(m, "file.json", Look::Kind),
+            OnDisk::File {
+                sha256: None,
                 managed_by: None,
             }
         );
