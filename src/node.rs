@@ -107,8 +107,8 @@ struct Inner {
     name: String,
     docs: Docs,
     peers: Peers,
-    /// Per EdgeNode and condition type: its status and since when, as this node has seen.
-    transitions: Mutex<HashMap<(String, String), (String, String)>>,
+    /// Per EdgeNode, each condition type's status and since when, as this node has seen.
+    transitions: Mutex<HashMap<String, Vec<Transition>>>,
     journal: journal::Journal,
     applied: Mutex<Vec<AppliedPod>>,
     advertise: Mutex<Option<std::net::IpAddr>>,
@@ -350,20 +350,39 @@ impl Node {
     /// Sets each condition's `lastTransitionTime` of EdgeNode `key`: kept while its status
     /// stays, now when it changes (or was never seen here).
     pub fn stamp_transitions(&self, key: &str, conditions: &mut [crate::crd::Condition]) {
-        let mut seen = lock(&self.0.transitions);
+        let mut all = lock(&self.0.transitions);
+        let seen = match all.get_mut(key) {
+            Some(seen) => seen,
+            None => all.entry(key.to_string()).or_default(),
+        };
         for condition in conditions {
-            let id = (key.to_string(), condition.type_.clone());
-            let since = match seen.get(&id) {
-                Some((status, since)) if *status == condition.status => since.clone(),
-                _ => {
-                    let now = crate::clock::now();
-                    seen.insert(id, (condition.status.clone(), now.clone()));
-                    now
+            let since = match seen.iter_mut().find(|t| *t.type_ == condition.type_) {
+                Some(t) if *t.status == condition.status => t.since,
+                Some(t) => {
+                    (t.status, t.since) = (condition.status.as_str().into(), Timestamp::now());
+                    t.since
+                }
+                None => {
+                    let since = Timestamp::now();
+                    seen.push(Transition {
+                        type_: condition.type_.as_str().into(),
+                        status: condition.status.as_str().into(),
+                        since,
+                    });
+                    since
                 }
             };
-            condition.last_transition_time = Some(since);
+            condition.last_transition_time = Some(since.to_string());
         }
     }
+}
+
+/// A condition's status and since when: kept for every condition of every EdgeNode a head
+/// serves, so in few bytes (a timestamp, not its text).
+struct Transition {
+    type_: Box<str>,
+    status: Box<str>,
+    since: Timestamp,
 }
 
 /// Locks `m`; a panic elsewhere while holding it leaves data still worth using.

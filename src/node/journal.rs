@@ -108,7 +108,7 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
         for key in keys.iter().filter(|k| !crate::key::is_internal(k)) {
             #[cfg(test)]
             tests::LOOKS.with(|n| n.set(n.get() + 1));
-            let conditions = match node.conditions_or_deleting(key).await {
+            let mut conditions = match node.conditions_or_deleting(key).await {
                 Ok(Some(conditions)) => conditions,
                 Ok(None) => {
                     seen.remove(key);
@@ -119,6 +119,10 @@ pub async fn follow(node: Node, shutdown: CancellationToken) {
             if !start {
                 let before = seen.get(key).map_or(&[][..], Vec::as_slice);
                 node.journal().record(key, &notices(before, &conditions));
+            }
+            // Kept for every EdgeNode: without the transition times notices never look at.
+            for c in &mut conditions {
+                c.last_transition_time = None;
             }
             seen.insert(key.clone(), conditions);
         }
