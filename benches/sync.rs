@@ -478,8 +478,10 @@ fn raise_file_limit() {
     let _ = setrlimit(Resource::Nofile, limit);
 }
 
-/// Edges one process hosts: six open files each, within the hard limit of 20,000 these
-/// machines set (which root cannot raise here: no CAP_SYS_RESOURCE).
+/// Edges one process hosts, on its one thread: eight processes for 10,000 edges keep the two
+/// cores busy while some wait on an `fsync`. Each edge holds six open files, well within the
+/// hard limit of 20,000 these machines set (which root cannot raise here: no
+/// CAP_SYS_RESOURCE).
 const EDGES_PER_HOST: usize = 1250;
 
 /// A process of this bench hosting every `hosts`-th edge of a fleet from edge `host` on (see
@@ -577,10 +579,9 @@ async fn sum_all(hosts: &mut [EdgeHost], command: &str) -> Vec<f64> {
 /// `sync --host-edges HOST HOSTS EDGES HEAD TOKEN DIR`: runs edges HOST, HOST + HOSTS, ... of a
 /// fleet of EDGES in this process, on one thread and with the allocator tuned as the `edgesync
 /// edge` binary runs its one edge, each in `DIR/e{i}` dialing from its own loopback address,
-/// prints `ready` once all
-/// are up, then answers commands on stdin: `mark` (remember each edge's document and bytes on
-/// the wire now), `since` (bytes to and from the head since the mark, and the bytes of the
-/// changes either side received since), `stop`.
+/// prints `ready` once all are up, then answers commands on stdin: `mark` (remember each
+/// edge's document and bytes on the wire now), `since` (bytes to and from the head since the
+/// mark, and the bytes of the changes either side received since), `stop`.
 async fn host_edges(args: &[String]) {
     raise_file_limit();
     edgesync::runtime::tune_edge_allocator().unwrap();
@@ -1115,7 +1116,8 @@ async fn cold_start() -> Vec<Figure> {
     }]
 }
 
-/// The allocator `edgesync` runs with, for the edges this bench hosts.
+/// The allocator `edgesync` runs with, for the edges this bench runs (those of its fleet's
+/// hosts tuned as an edge's, see [`host_edges`]; the in-process ones of the other parts not).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -377,8 +377,8 @@ impl Node {
     }
 }
 
-/// A condition's status and since when: kept for every condition of every EdgeNode a head
-/// serves, so in few bytes (a timestamp, not its text).
+/// A condition's status and since when: kept for every condition of every EdgeNode this node
+/// has looked at, so in few bytes (a timestamp, not its text).
 struct Transition {
     type_: Box<str>,
     status: Box<str>,

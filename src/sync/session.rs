@@ -462,7 +462,7 @@ impl Session {
         let state = self.states.entry(key.to_string()).or_default();
         let heads = doc.get_heads();
         if level(state, &heads) && !state.shared_heads.is_empty() {
-            // An answer would only acknowledge: held without generating it.
+            // An answer would only acknowledge, or say nothing: held without generating it.
             let until = self.held.get(key).map_or(now + ANSWER_DELAY, |(at, _)| *at);
             self.held.insert(key.to_string(), (until, heads));
             return Ok(());

@@ -291,9 +291,12 @@ pub fn new_request(name: &str) -> Result<(KeyPair, Vec<u8>), TlsError> {
 }
 
 /// SHA-256 of the public key certificate request `csr_der` asks a certificate for (as
-/// [`identity`] hashes a certificate's).
+/// [`identity`] hashes a certificate's), once its signature shows the requester holds the key
+/// (so a forged request learns nothing of which keys are registered).
 pub fn request_key(csr_der: &[u8]) -> Result<Vec<u8>, TlsError> {
     use x509_parser::prelude::FromDer;
+    let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
+    CertificateSigningRequestParams::from_der(&der)?;
     let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
         .map_err(|_| rcgen::Error::CouldNotParseCertificationRequest)?;
     Ok(Sha256::digest(csr.certification_request_info.subject_pki.raw).to_vec())
