@@ -829,6 +829,14 @@ mod tests {
             .unwrap()
     }
 
+    /// Merges `theirs` into document `key` as a sync from edge01 brings it, and stores it.
+    async fn from_peer(docs: &Docs, key: &str, entry: &mut DocEntry, theirs: &mut AutoCommit) {
+        entry.doc().merge(theirs).unwrap();
+        docs.synced("edge01", key, entry, None, Vec::new())
+            .await
+            .unwrap();
+    }
+
     /// An edge's report of the example's one pod.
     fn nginx_report(state: &str) -> Vec<PodState> {
         vec![PodState {
@@ -876,19 +884,13 @@ mod tests {
         let mut entry = entry.lock().await;
         let mut theirs = entry.doc().fork();
         model::set_status(&mut theirs, 1, &nginx_report("Refused")).unwrap();
-        entry.doc().merge(&mut theirs).unwrap();
-        docs.synced("edge01", key, &mut entry, None, Vec::new())
-            .await
-            .unwrap();
+        from_peer(&docs, key, &mut entry, &mut theirs).await;
         let peer = || Origin::Peer("edge01".into());
         assert_eq!(changes.recv().await.unwrap(), change(Moved::STATUS, peer()));
         let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
         let desired = input::parse_edgenodes(&edited, &Rules::new("default")).unwrap();
         model::set_spec(&mut theirs, &desired[0], "t").unwrap();
-        entry.doc().merge(&mut theirs).unwrap();
-        docs.synced("edge01", key, &mut entry, None, Vec::new())
-            .await
-            .unwrap();
+        from_peer(&docs, key, &mut entry, &mut theirs).await;
         assert_eq!(changes.recv().await.unwrap(), change(Moved::SPEC, peer()));
         // Nothing new: nothing announced.
         docs.synced("edge01", key, &mut entry, None, Vec::new())
@@ -923,10 +925,7 @@ mod tests {
         let mut entry = entry.lock().await;
         let mut theirs = entry.doc().fork();
         model::set_status(&mut theirs, 2, &nginx_report("Refused")).unwrap();
-        entry.doc().merge(&mut theirs).unwrap();
-        docs.synced("edge01", key, &mut entry, None, Vec::new())
-            .await
-            .unwrap();
+        from_peer(&docs, key, &mut entry, &mut theirs).await;
         drop(entry);
         assert_eq!(status().await, (2, Some(2), vec!["Refused".to_string()]));
     }

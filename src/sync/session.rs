@@ -463,8 +463,7 @@ impl Session {
         let heads = doc.get_heads();
         if level(state, &heads) && !state.shared_heads.is_empty() {
             // An answer would only acknowledge, or say nothing: held without generating it.
-            let until = self.held.get(key).map_or(now + ANSWER_DELAY, |(at, _)| *at);
-            self.held.insert(key.to_string(), (until, heads));
+            self.hold(key, heads, now);
             return Ok(());
         }
         let resets = state.needs_reset;
@@ -486,13 +485,18 @@ impl Session {
         if acknowledges_only {
             // As if it had not been generated: nothing else of the state moved.
             (state.last_sent_heads, state.have_responded, state.in_flight) = before;
-            // Held again after more changes: the first deadline stands, the heads move on.
-            let until = self.held.get(key).map_or(now + ANSWER_DELAY, |(at, _)| *at);
-            self.held.insert(key.to_string(), (until, doc.get_heads()));
+            self.hold(key, heads, now);
             return Ok(());
         }
         self.held.remove(key);
         self.queue(key, message)
+    }
+
+    /// Holds back the answer for document `key`, at `heads`, for up to [`ANSWER_DELAY`]. Held
+    /// again after more changes, the first deadline stands and the heads move on.
+    fn hold(&mut self, key: &str, heads: Vec<ChangeHash>, now: Instant) {
+        let until = self.held.get(key).map_or(now + ANSWER_DELAY, |(at, _)| *at);
+        self.held.insert(key.to_string(), (until, heads));
     }
 
     /// The documents whose held-back answer is due: the caller pushes each.
