@@ -12,6 +12,8 @@ use crate::fsutil;
 use crate::input::{self, Rules};
 use crate::link;
 use crate::node::Node;
+use crate::node::journal::Recorder;
+use crate::node::looks::{self, Follower};
 use crate::store::Store;
 use crate::transport::tls::{self, Role};
 use reconcile::Reconciler;
@@ -85,7 +87,8 @@ impl Edge {
         let mut reconciler = Reconciler::new(node.clone(), config.manifest_dir.clone());
         reconciler.run_once(None).await;
         tasks.spawn(reconciler.run(config.drift_interval, tasks.token()));
-        tasks.spawn(crate::node::journal::follow(node.clone(), tasks.token()));
+        let journal: Box<dyn Follower> = Box::new(Recorder::default());
+        tasks.spawn(looks::follow(node.clone(), vec![journal], tasks.token()));
         let mut targets = config.heads.clone();
         targets.extend(config.peers.iter().cloned());
         let state = config.state_dir.clone();

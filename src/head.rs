@@ -25,6 +25,8 @@ use crate::fsutil;
 use crate::input::{self, NameError, Rules};
 use crate::link::{self, Gate, JoinHandler};
 use crate::node::Node;
+use crate::node::journal::Recorder;
+use crate::node::looks::{self, Follower};
 use crate::store::{JoinedNode, Store};
 use crate::sync::wire::Frame;
 use crate::transport::tls::{self, Ca, JoinToken, Role, TlsError};
@@ -121,18 +123,10 @@ impl Head {
             None => Edges::standalone(node.clone(), &mut tasks),
         };
         // With a cluster the writer's status pass tells the events, as Kubernetes Events;
-        // standalone this head keeps its own journal.
-        let events = match &cluster {
-            Some(c) => Some(events::ClusterEvents::start(
-                c.client.clone(),
-                &identity,
-                &mut tasks,
-            )),
-            None => {
-                tasks.spawn(crate::node::journal::follow(node.clone(), tasks.token()));
-                None
-            }
-        };
+        // standalone this head keeps its own journal (below).
+        let events = cluster
+            .as_ref()
+            .map(|c| events::ClusterEvents::start(c.client.clone(), &identity, &mut tasks));
         let token_file = dir.join("join-token");
         if !token_file.exists() {
             let token = create_token(&edges, &ca.hash(), DEFAULT_TOKEN_TTL).await?;
@@ -250,7 +244,11 @@ impl Head {
         {
             tasks.spawn(served);
         }
-        tasks.spawn(fleet::count_refused(node.clone(), tasks.token()));
+        let mut followers: Vec<Box<dyn Follower>> = vec![Box::new(fleet::RefusedCount::default())];
+        if events.is_none() {
+            followers.push(Box::new(Recorder::default()));
+        }
+        tasks.spawn(looks::follow(node.clone(), followers, tasks.token()));
         let (leading, leading_rx) = tokio::sync::watch::channel(cluster.is_none());
         // Standalone, this head writes; with a cluster, the bridge says while it holds the Lease.
         node.metrics().writer.set(i64::from(cluster.is_none()));

@@ -215,53 +215,74 @@ fn scalar_bool(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Result<bool, ModelE
     ))
 }
 
+/// The spec's side of what an EdgeNode's status is derived from: only a change that moves
+/// the spec (an operation on anything but the top-level `status`) moves it, so a look after
+/// a status report can take it from the look before ([`read_status_with`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecSide {
+    deleted: bool,
+    generation: i64,
+    conflicts: Vec<String>,
+    pods: Vec<String>,
+}
+
+impl SpecSide {
+    /// The spec's side of a whole read ([`read`]).
+    pub fn of(view: &DocView) -> SpecSide {
+        SpecSide {
+            deleted: view.deleted,
+            generation: view.generation,
+            conflicts: view.conflicts.clone(),
+            pods: view.pods.keys().cloned().collect(),
+        }
+    }
+}
+
 /// Reads what an EdgeNode's status is derived from: a [`DocView`] whose pods are only named
 /// (their specs are `Null`), without labels or creation time. Walks the root, the spec (for
 /// its conflicts) and the status, each map once (a lookup of one property costs about as much
 /// as a pass over a small map), reading no value of the spec's but its conflicts': for looks
 /// at the conditions of many EdgeNodes.
 pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
+    read_status_with(doc, key, None).map(|(view, _)| view)
+}
+
+/// [`read_status`], with the spec's side as read before if the spec has not moved since (its
+/// walk for conflicts is most of the read); returns the spec's side too.
+pub fn read_status_with(
+    doc: &AutoCommit,
+    key: &str,
+    spec_side: Option<SpecSide>,
+) -> Result<(DocView, SpecSide), ModelError> {
     let parsed = DocKey::parse(key).map_err(|e| malformed(key, &e.reason))?;
     let (Some(namespace), Some(name)) = (parsed.namespace(), parsed.name()) else {
         return Err(malformed(key, "not an EdgeNode"));
+    };
+    let (side, status) = match spec_side {
+        Some(side) => {
+            let status = match doc.get(&ROOT, "status")? {
+                Some((AmValue::Object(ObjType::Map), id)) => Some(id),
+                _ => None,
+            };
+            (side, status)
+        }
+        None => read_spec_side(doc, key)?,
     };
     let mut view = DocView {
         namespace: namespace.to_string(),
         name: name.to_string(),
         created_at: None,
         labels: BTreeMap::new(),
-        pods: BTreeMap::new(),
-        deleted: false,
-        generation: 0,
+        pods: side.pods.iter().map(|p| (p.clone(), Value::Null)).collect(),
+        deleted: side.deleted,
+        generation: side.generation,
         privileged: false,
         observed_generation: None,
         pod_states: Vec::new(),
-        conflicts: Vec::new(),
+        conflicts: side.conflicts.clone(),
     };
-    let (mut spec, mut status) = (None, None);
-    for item in doc.map_range(&ROOT, ..) {
-        match (&*item.key, &item.value) {
-            ("spec", ValueRef::Object(ObjType::Map)) => spec = Some(item.id()),
-            ("status", ValueRef::Object(ObjType::Map)) => status = Some(item.id()),
-            ("deleted", ValueRef::Scalar(s)) => view.deleted = is_true(s),
-            ("generation", ValueRef::Scalar(s)) => view.generation = int(s).unwrap_or(0),
-            _ => {}
-        }
-    }
-    let spec = spec.ok_or_else(|| malformed(key, "spec missing"))?;
-    // The spec's conflicts are found in a pass over all of it, reading no value but theirs.
-    find_conflicts(
-        doc,
-        &spec,
-        ObjType::Map,
-        &mut "spec".into(),
-        &mut view.conflicts,
-    )?;
-    if let Some((AmValue::Object(ObjType::Map), pods)) = doc.get(&spec, "pods")? {
-        view.pods = doc.keys(&pods).map(|name| (name, Value::Null)).collect();
-    }
     let Some(status) = status else {
-        return Ok(view);
+        return Ok((view, side));
     };
     let mut states = None;
     for item in doc.map_range(&status, ..) {
@@ -292,7 +313,42 @@ pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
         }
         view.pod_states.push(state);
     }
-    Ok(view)
+    Ok((view, side))
+}
+
+/// The spec's side of a status read, and the status object if there is one.
+fn read_spec_side(doc: &AutoCommit, key: &str) -> Result<(SpecSide, Option<ObjId>), ModelError> {
+    #[cfg(test)]
+    tests::SPEC_WALKS.with(|n| n.set(n.get() + 1));
+    let mut side = SpecSide {
+        deleted: false,
+        generation: 0,
+        conflicts: Vec::new(),
+        pods: Vec::new(),
+    };
+    let (mut spec, mut status) = (None, None);
+    for item in doc.map_range(&ROOT, ..) {
+        match (&*item.key, &item.value) {
+            ("spec", ValueRef::Object(ObjType::Map)) => spec = Some(item.id()),
+            ("status", ValueRef::Object(ObjType::Map)) => status = Some(item.id()),
+            ("deleted", ValueRef::Scalar(s)) => side.deleted = is_true(s),
+            ("generation", ValueRef::Scalar(s)) => side.generation = int(s).unwrap_or(0),
+            _ => {}
+        }
+    }
+    let spec = spec.ok_or_else(|| malformed(key, "spec missing"))?;
+    // The spec's conflicts are found in a pass over all of it, reading no value but theirs.
+    find_conflicts(
+        doc,
+        &spec,
+        ObjType::Map,
+        &mut "spec".into(),
+        &mut side.conflicts,
+    )?;
+    if let Some((AmValue::Object(ObjType::Map), pods)) = doc.get(&spec, "pods")? {
+        side.pods = doc.keys(&pods).collect();
+    }
+    Ok((side, status))
 }
 
 /// A whole number, as [`scalar_int`] reads one.
@@ -776,8 +832,13 @@ fn describe(value: &AmValue<'_>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Walks of a spec for a status read (a `#[tokio::test]` runs its tasks on its thread).
+        pub(crate) static SPEC_WALKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
     use crate::input::{Rules, parse_edgenodes};
     use automerge::sync::{self, SyncDoc};
 

@@ -7,6 +7,7 @@
 pub mod docs;
 pub mod feed;
 pub mod journal;
+pub mod looks;
 pub mod peers;
 pub mod status;
 
@@ -100,6 +101,14 @@ pub struct DocSummary {
     pub deleted: bool,
     /// Last sync with a peer.
     pub last_synced_at: Option<String>,
+}
+
+/// What a look at one EdgeNode reads: what its status is derived from ([`Node::look`]).
+pub struct Look {
+    /// Its document, read for its status.
+    pub view: model::DocView,
+    last_synced_at: Option<String>,
+    online: bool,
 }
 
 struct Inner {
@@ -309,18 +318,23 @@ impl Node {
         Ok(Some(object))
     }
 
-    /// The conditions of EdgeNode `key` (or of one being deleted that its edge has not let go
-    /// yet), as [`Node::edgenode_or_deleting`] shows them, read without the pods' specs.
-    pub async fn conditions_or_deleting(
-        &self,
-        key: &str,
-    ) -> Result<Option<Vec<crate::crd::Condition>>, NodeError> {
-        let Some((view, last_synced_at, online)) = self.shown(key, true, true).await? else {
-            return Ok(None);
-        };
-        let mut status = derive_status(&view, last_synced_at, online);
+    /// What a look at EdgeNode `key` after it changed reads: what its status is derived from
+    /// (without the pods' specs), as [`Node::edgenode_or_deleting`] shows it (so also one being
+    /// deleted that its edge has not let go yet).
+    pub async fn look(&self, key: &str) -> Result<Option<Look>, NodeError> {
+        let shown = self.shown(key, true, true).await?;
+        Ok(shown.map(|(view, last_synced_at, online)| Look {
+            view,
+            last_synced_at,
+            online,
+        }))
+    }
+
+    /// The conditions of EdgeNode `key` as `look` finds them.
+    pub fn conditions(&self, key: &str, look: &Look) -> Vec<crate::crd::Condition> {
+        let mut status = derive_status(&look.view, look.last_synced_at.clone(), look.online);
         self.stamp_transitions(key, &mut status.conditions);
-        Ok(Some(status.conditions))
+        status.conditions
     }
 
     /// EdgeNode `key` read out (only what its status needs, if `status_only`), its last sync

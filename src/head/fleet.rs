@@ -5,12 +5,12 @@
 use crate::crd::{POD_NOT_WRITTEN, POD_REFUSED};
 use crate::head::edges::Edges;
 use crate::metrics::EdgeLabels;
-use crate::node::{Node, PeerInfo};
+use crate::model::DocView;
+use crate::node::looks::Follower;
+use crate::node::{Look, Node, PeerInfo};
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
+use std::collections::{BTreeMap, HashMap};
 
 /// One registered edge as `edgesync node list` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -133,38 +133,34 @@ fn peers_by_name(node: &Node) -> Peers {
     peers.map(|p| (p.name.clone(), p)).collect()
 }
 
-/// Keeps `edgesync_pods_refused` and `edgesync_pods_not_written` on a head: the pods the
-/// edges report refused or not written, summed over every EdgeNode, each counted again after
-/// its document changes, at most once per [`COUNT_INTERVAL`]. The changed keys come
-/// coalesced: however far behind this falls, it owes at most one look per EdgeNode (a
-/// broadcast would lag, and then every one be read).
-pub async fn count_refused(node: Node, shutdown: CancellationToken) {
-    let changed = node.docs().watch_all();
-    let mut troubled: HashMap<String, Troubled> = HashMap::new();
-    let mut keys: BTreeSet<String> = node.docs().keys().into_iter().collect();
-    loop {
-        let pass = tokio::time::Instant::now();
-        for key in keys.iter().filter(|k| !crate::key::is_internal(k)) {
-            match troubled_in(&node, key).await {
-                none if none == Troubled::default() => troubled.remove(key),
-                some => troubled.insert(key.clone(), some),
-            };
-        }
-        let total = |of: fn(&Troubled) -> usize| troubled.values().map(of).sum::<usize>() as i64;
+/// Keeps `edgesync_pods_refused` and `edgesync_pods_not_written` on a head, from the passes
+/// over the EdgeNodes that changed ([`crate::node::looks`]): the pods the edges report
+/// refused or not written, summed over every EdgeNode.
+#[derive(Default)]
+pub struct RefusedCount {
+    /// The EdgeNodes with such pods.
+    troubled: HashMap<String, Troubled>,
+}
+
+impl Follower for RefusedCount {
+    fn saw(&mut self, _node: &Node, key: &str, look: Option<&Look>) {
+        match look.map(|l| Troubled::of(&l.view)) {
+            Some(some) if some != Troubled::default() => self.troubled.insert(key.into(), some),
+            _ => self.troubled.remove(key),
+        };
+    }
+
+    fn passed(&mut self, node: &Node) {
+        let total = |of: fn(&Troubled) -> usize| {
+            let sum: usize = self.troubled.values().map(of).sum();
+            sum as i64
+        };
         node.metrics().pods_refused.set(total(|t| t.refused));
         node.metrics()
             .pods_not_written
             .set(total(|t| t.not_written));
-        keys = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            keys = changed.next_after(pass + COUNT_INTERVAL, crate::node::feed::SETTLE) => keys,
-        };
     }
 }
-
-/// The least time between two counts: a change is counted twice (when applied, and when its
-/// edge reports), both within this of each other, so a burst costs one look per EdgeNode.
-const COUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Pods of one EdgeNode its edge reports refused, and not written.
 #[derive(Default, PartialEq)]
@@ -173,20 +169,20 @@ struct Troubled {
     not_written: usize,
 }
 
-async fn troubled_in(node: &Node, key: &str) -> Troubled {
-    match node.docs().view_status(key).await {
-        // The pods of a live EdgeNode's spec, as its edge reports them.
-        Ok(Some((view, _))) if view.generation > 0 && !view.deleted => {
-            let count = |state: &str| {
-                let states = view.pod_states.iter();
-                let of_spec = states.filter(|p| view.pods.contains_key(&p.name));
-                of_spec.filter(|p| p.state == state).count()
-            };
-            Troubled {
-                refused: count(POD_REFUSED),
-                not_written: count(POD_NOT_WRITTEN),
-            }
+impl Troubled {
+    /// The pods of a live EdgeNode's spec, as its edge reports them.
+    fn of(view: &DocView) -> Troubled {
+        if view.deleted {
+            return Troubled::default();
         }
-        _ => Troubled::default(),
+        let count = |state: &str| {
+            let states = view.pod_states.iter();
+            let of_spec = states.filter(|p| view.pods.contains_key(&p.name));
+            of_spec.filter(|p| p.state == state).count()
+        };
+        Troubled {
+            refused: count(POD_REFUSED),
+            not_written: count(POD_NOT_WRITTEN),
+        }
     }
 }

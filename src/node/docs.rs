@@ -652,11 +652,15 @@ impl Docs {
         };
         let mut entry = entry.lock().await;
         let view = entry.read(|doc| model::read(doc, key))?;
+        // A look at the status that follows (after the edge's report of a change it reads
+        // for) reads the status alone.
+        let heads = entry.heads();
+        entry.keep_spec_side(&heads, &view);
         Ok(Some((view, entry.last_synced_at.clone())))
     }
 
     /// What the status of document `key` is derived from ([`model::read_status`]), with its
-    /// last sync time; on a head, read again only if the document moved since the last look.
+    /// last sync time.
     pub async fn view_status(
         &self,
         key: &str,
@@ -665,8 +669,7 @@ impl Docs {
             return Ok(None);
         };
         let mut entry = entry.lock().await;
-        // Only a head has two looks at each change: its journal's and its refused-pods count's.
-        let view = entry.status_view(key, self.scope == Scope::All)?;
+        let view = entry.status_view(key)?;
         Ok(Some((view, entry.last_synced_at.clone())))
     }
 
@@ -722,6 +725,8 @@ impl Docs {
         let mut entry = entry.lock().await;
         let before = entry.heads();
         if model::set_status(entry.doc(), observed, pods)? {
+            let after = entry.heads();
+            entry.status_moved(&before, &after);
             self.persist(key, &mut entry, Vec::new(), Origin::Local, Moved::STATUS)
                 .await?;
         }
@@ -768,6 +773,10 @@ impl Docs {
         }
         let before = entry.persisted_heads.clone();
         let moved = moved(key, entry.doc(), &before);
+        if !moved.spec {
+            let after = entry.heads();
+            entry.status_moved(&before, &after);
+        }
         let states = state.map(|s| (peer.to_string(), s)).into_iter().collect();
         let origin = Origin::Peer(peer.to_string());
         self.persist(key, entry, states, origin, moved).await?;
@@ -900,34 +909,69 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_heads_kept_status_read_follows_every_change() {
+    async fn a_status_read_follows_every_change_and_walks_the_spec_only_when_it_moved() {
         const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let key = "default/edge01";
         let dir = tempfile::tempdir().unwrap();
         let docs = head_docs(dir.path()).await;
+        let walks = || model::tests::SPEC_WALKS.with(|n| n.get());
         let status = || async {
+            let before = walks();
             let (view, _) = docs.view_status(key).await.unwrap().unwrap();
             let states = view.pod_states.into_iter().map(|p| p.state);
-            (view.generation, view.observed_generation, states.collect())
+            let read = (view.generation, view.observed_generation, states.collect());
+            (read, view.pods.len(), view.conflicts.len(), walks() - before)
         };
+        let applied = || vec!["Applied".to_string()];
         docs.apply_text(EXAMPLE, "default").await.unwrap();
-        assert_eq!(status().await, (1, None, Vec::<String>::new()));
-        assert_eq!(status().await, (1, None, vec![]), "read again: the same");
+        assert_eq!(status().await, ((1, None, vec![]), 1, 0, 1));
+        assert_eq!(status().await, ((1, None, vec![]), 1, 0, 0), "read again");
         docs.report_status(key, 1, &nginx_report("Applied"))
             .await
             .unwrap();
-        assert_eq!(status().await, (1, Some(1), vec!["Applied".to_string()]));
+        assert_eq!(status().await, ((1, Some(1), applied()), 1, 0, 0));
         let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
         docs.apply_text(&edited, "default").await.unwrap();
-        assert_eq!(status().await, (2, Some(1), vec!["Applied".to_string()]));
-        // A peer's change.
+        assert_eq!(status().await, ((2, Some(1), applied()), 1, 0, 1));
+        // A whole read serves the look after the next report too.
+        docs.view(key).await.unwrap().unwrap();
+        docs.report_status(key, 2, &nginx_report("Applied"))
+            .await
+            .unwrap();
+        assert_eq!(status().await, ((2, Some(2), applied()), 1, 0, 0));
+        // A peer's changes: the status alone, then the spec, concurrently with this side's
+        // edit of the same field (a conflict), then a second pod.
         let entry = docs.sync_doc(key).unwrap();
         let mut entry = entry.lock().await;
         let mut theirs = entry.doc().fork();
         model::set_status(&mut theirs, 2, &nginx_report("Refused")).unwrap();
         from_peer(&docs, key, &mut entry, &mut theirs).await;
         drop(entry);
-        assert_eq!(status().await, (2, Some(2), vec!["Refused".to_string()]));
+        let refused = vec!["Refused".to_string()];
+        assert_eq!(status().await, ((2, Some(2), refused.clone()), 1, 0, 0));
+        let entry = docs.sync_doc(key).unwrap();
+        let mut entry = entry.lock().await;
+        let mut theirs = entry.doc().fork();
+        drop(entry);
+        let theirs_edit = EXAMPLE.replace("image: nginx", "image: nginx:1.28");
+        let desired = input::parse_edgenodes(&theirs_edit, &Rules::new("default")).unwrap();
+        model::set_spec(&mut theirs, &desired[0], "t").unwrap();
+        let ours = EXAMPLE.replace("image: nginx", "image: nginx:1.29");
+        docs.apply_text(&ours, "default").await.unwrap();
+        assert_eq!(status().await, ((3, Some(2), refused.clone()), 1, 0, 1));
+        let entry = docs.sync_doc(key).unwrap();
+        let mut entry = entry.lock().await;
+        from_peer(&docs, key, &mut entry, &mut theirs).await;
+        drop(entry);
+        let (read, pods, conflicts, walked) = status().await;
+        assert_eq!((pods, walked), (1, 1));
+        assert!(conflicts > 0 && read.2 == refused, "{read:?} {conflicts}");
+        let two = format!(
+            "{ours}    - apiVersion: v1\n      kind: Pod\n      metadata:\n        name: web\n      spec:\n        containers:\n          - name: web\n            image: nginx\n"
+        );
+        docs.apply_text(&two, "default").await.unwrap();
+        let (_, pods, conflicts, walked) = status().await;
+        assert_eq!((pods, conflicts, walked), (2, 0, 1));
     }
 
     #[tokio::test]

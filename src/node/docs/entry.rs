@@ -55,19 +55,18 @@ pub struct DocEntry {
     loads: Arc<Loads>,
 }
 
-/// A status read of a document and the heads it was read at.
-struct StatusRead {
+/// The spec's side of a status read, and the document's heads it holds at.
+struct SpecRead {
     heads: Vec<automerge::ChangeHash>,
-    view: model::DocView,
+    side: model::SpecSide,
 }
 
 /// A document in memory: loaded, to be read, edited and synced, or saved while nothing uses
 /// it: its compact encoding, some forty times smaller than the loaded document.
 enum Resident {
-    /// Boxed: a document is 4 KiB before it holds anything. With it the last read of its
-    /// status, and the heads it was read at: the journal and a head's refused-pods count look at
-    /// each change in turn.
-    Loaded(Box<AutoCommit>, Option<Box<StatusRead>>),
+    /// Boxed: a document is 4 KiB before it holds anything. With it the spec's side of its
+    /// last status read, if the spec has not moved since ([`DocEntry::status_view`]).
+    Loaded(Box<AutoCommit>, Option<Box<SpecRead>>),
     Saved {
         bytes: Vec<u8>,
         actor: ActorId,
@@ -156,30 +155,43 @@ impl DocEntry {
         }
     }
 
-    /// What the document's status is derived from ([`model::read_status`]). With `keep`, the
-    /// read is kept while the document stays loaded, and the next such look reads it again
-    /// only if the document moved.
-    pub fn status_view(
-        &mut self,
-        key: &str,
-        keep: bool,
-    ) -> Result<model::DocView, model::ModelError> {
-        if !keep {
+    /// What the document's status is derived from ([`model::read_status`]). A loaded one
+    /// keeps the spec's side of the read while the spec does not move (see
+    /// [`DocEntry::status_moved`]): a look after the edge's report reads the status alone.
+    pub fn status_view(&mut self, key: &str) -> Result<model::DocView, model::ModelError> {
+        let Resident::Loaded(doc, spec) = &mut self.doc else {
             return self.read(|doc| model::read_status(doc, key));
-        }
-        let heads = self.heads();
-        if let Resident::Loaded(_, Some(last)) = &self.doc
-            && last.heads == heads
-        {
-            self.used = Instant::now();
-            return Ok(last.view.clone());
-        }
-        let view = self.read(|doc| model::read_status(doc, key))?;
-        if let Resident::Loaded(_, last) = &mut self.doc {
-            let view = view.clone();
-            *last = Some(Box::new(StatusRead { heads, view }));
-        }
+        };
+        self.used = Instant::now();
+        let heads = doc.get_heads();
+        let kept = spec.take().filter(|s| s.heads == heads).map(|s| s.side);
+        let (view, side) = model::read_status_with(doc, key, kept)?;
+        *spec = Some(Box::new(SpecRead { heads, side }));
         Ok(view)
+    }
+
+    /// Keeps the spec's side of `view`, a whole read of the document at `heads`.
+    pub fn keep_spec_side(&mut self, heads: &[automerge::ChangeHash], view: &model::DocView) {
+        if let Resident::Loaded(_, spec) = &mut self.doc {
+            let heads = heads.to_vec();
+            let side = model::SpecSide::of(view);
+            *spec = Some(Box::new(SpecRead { heads, side }));
+        }
+    }
+
+    /// The document went from heads `before` to `after` by changes that moved its status
+    /// alone: the spec's side of the last status read, if it was read at `before`, holds at
+    /// `after` too.
+    pub(super) fn status_moved(
+        &mut self,
+        before: &[automerge::ChangeHash],
+        after: &[automerge::ChangeHash],
+    ) {
+        if let Resident::Loaded(_, Some(read)) = &mut self.doc
+            && read.heads == before
+        {
+            read.heads = after.to_vec();
+        }
     }
 
     /// When it was last lent out, if it is loaded.
@@ -190,14 +202,12 @@ impl DocEntry {
     /// Saves the document away, if it is loaded and all of it is stored (an edit not stored
     /// yet stays in memory); returns whether it did.
     pub(super) fn unload(&mut self) -> bool {
-        let Resident::Loaded(doc, last_status) = &mut self.doc else {
+        let Resident::Loaded(doc, _) = &mut self.doc else {
             return false;
         };
         if doc.get_heads() != self.persisted_heads {
             return false;
         }
-        // Freed first, so that the saved bytes can take its place in memory.
-        *last_status = None;
         let actor = doc.get_actor().clone();
         self.doc = Resident::Saved {
             bytes: doc.save(),
