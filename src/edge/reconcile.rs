@@ -54,11 +54,16 @@ struct Read {
 }
 
 /// How long after a change's manifests are written the edge reports its pods' states (into
-/// its document, stored and sent to the head). Changes that come meanwhile are reported with
-/// it: each report is a commit here and on the head, and back to back with the next changes
-/// they took a quarter of their time. An edge's report still reaches its head well within the
-/// 200 ms a sync session holds a bare acknowledgement for it.
-const REPORT_AFTER: Duration = Duration::from_millis(50);
+/// its document, stored and sent to the head): soon enough that the report goes out before
+/// QUIC's acknowledgement of the change is due (25 ms after it came) and carries it, where
+/// the acknowledgement was a datagram of its own. At most one report per [`REPORT_EVERY`].
+const REPORT_AFTER: Duration = Duration::from_millis(10);
+
+/// The least time between two reports: changes that come meanwhile are reported together.
+/// Each report is a commit here and on the head, and with changes back to back each its own
+/// report took a quarter of their time. An edge's report still reaches its head well within
+/// the 200 ms a sync session holds a bare acknowledgement for it.
+const REPORT_EVERY: Duration = Duration::from_millis(50);
 
 /// What one document asks of this edge.
 #[derive(Clone, Default)]
@@ -107,13 +112,14 @@ impl Reconciler {
     }
 
     /// Reconciles the documents that change, and all of them every `drift_interval`; reports
-    /// what it did [`REPORT_AFTER`] later.
+    /// what it did [`REPORT_AFTER`] later, at most once per [`REPORT_EVERY`].
     pub async fn run(mut self, drift_interval: Duration, shutdown: CancellationToken) {
         let mut changes = self.node.docs().subscribe();
         let mut tick = tokio::time::interval(drift_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         let mut report_at = None;
+        let mut reported_at = None;
         loop {
             let report = async {
                 match report_at {
@@ -129,6 +135,7 @@ impl Reconciler {
                 _ = report => {
                     self.report().await;
                     report_at = None;
+                    reported_at = Some(tokio::time::Instant::now());
                     continue;
                 }
                 first = changes.recv() => {
@@ -152,7 +159,10 @@ impl Reconciler {
             };
             self.pass(only.as_ref()).await;
             if !self.unreported.is_empty() {
-                report_at.get_or_insert(tokio::time::Instant::now() + REPORT_AFTER);
+                report_at.get_or_insert_with(|| {
+                    let soon = tokio::time::Instant::now() + REPORT_AFTER;
+                    reported_at.map_or(soon, |at| soon.max(at + REPORT_EVERY))
+                });
             }
         }
     }
@@ -714,9 +724,9 @@ mod tests {
             while let Ok(change) = changes.try_recv() {
                 reports += usize::from(change.origin == Origin::Local && change.moved.status);
             }
-            // One report per REPORT_AFTER at most (ten changes within a few milliseconds: one
+            // One report per REPORT_EVERY at most (ten changes within a few milliseconds: one
             // report or two, where each change's own report made ten).
-            let most = elapsed.as_millis() / REPORT_AFTER.as_millis() + 1;
+            let most = elapsed.as_millis() / REPORT_EVERY.as_millis() + 1;
             assert!(reports as u128 <= most, "{reports} reports in {elapsed:?}");
             shutdown.cancel();
             running.await.unwrap();
