@@ -11,7 +11,7 @@ use crate::input::{self, DesiredNode, InvalidInput, MAX_HISTORY_BYTES, Rules};
 use crate::key::DocKey;
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registry};
-use crate::store::{COMPACT_AFTER_CHUNKS, Store};
+use crate::store::{COMPACT_AFTER_CHUNKS, DocSave, Store};
 use crate::transport::tls::{Identity, Role};
 use automerge::{ActorId, AutoCommit, ChangeHash, sync};
 use serde::{Deserialize, Serialize};
@@ -414,9 +414,24 @@ impl Docs {
         moved: Moved,
     ) -> Result<(), NodeError> {
         let synced = matches!(origin, Origin::Peer(_));
-        let Some((save, staged)) = stage(key, entry, sync_states, synced) else {
+        let Some((save, staged)) = stage(key, entry, sync_states, synced, None) else {
             return Ok(());
         };
+        self.store_staged(key, entry, save, staged, origin, moved)
+            .await
+    }
+
+    /// Stores a staged write of `entry`, then tells subscribers; if the write fails, the
+    /// entry goes back to what is stored.
+    async fn store_staged(
+        &self,
+        key: &str,
+        entry: &mut DocEntry,
+        save: DocSave,
+        staged: Staged,
+        origin: Origin,
+        moved: Moved,
+    ) -> Result<(), NodeError> {
         match self.store.save_docs(vec![save]).await {
             Ok(()) => {
                 self.stored(key, entry, staged, origin, moved);
@@ -581,7 +596,7 @@ impl Docs {
                 }
             };
             outcomes.insert(key.clone(), result);
-            if let Some((save, done)) = stage(key, &mut locked[i], Vec::new(), false) {
+            if let Some((save, done)) = stage(key, &mut locked[i], Vec::new(), false, None) {
                 saves.push(save);
                 staged.push((i, done));
             }
@@ -772,14 +787,24 @@ impl Docs {
             return Ok(false);
         }
         let before = entry.persisted_heads.clone();
-        let moved = moved(key, entry.doc(), &before);
+        // The new changes, read once: what they moved, and the chunk that stores them.
+        let changes = entry.doc().get_changes(&before);
+        let moved = moved(key, entry.doc(), &changes);
         if !moved.spec {
             let after = entry.heads();
             entry.status_moved(&before, &after);
         }
+        let chunk = changes
+            .iter()
+            .flat_map(|c| c.raw_bytes())
+            .copied()
+            .collect();
         let states = state.map(|s| (peer.to_string(), s)).into_iter().collect();
         let origin = Origin::Peer(peer.to_string());
-        self.persist(key, entry, states, origin, moved).await?;
+        if let Some((save, staged)) = stage(key, entry, states, true, Some(chunk)) {
+            self.store_staged(key, entry, save, staged, origin, moved)
+                .await?;
+        }
         Ok(true)
     }
 
@@ -920,7 +945,12 @@ mod tests {
             let (view, _) = docs.view_status(key).await.unwrap().unwrap();
             let states = view.pod_states.into_iter().map(|p| p.state);
             let read = (view.generation, view.observed_generation, states.collect());
-            (read, view.pods.len(), view.conflicts.len(), walks() - before)
+            (
+                read,
+                view.pods.len(),
+                view.conflicts.len(),
+                walks() - before,
+            )
         };
         let applied = || vec!["Applied".to_string()];
         docs.apply_text(EXAMPLE, "default").await.unwrap();

@@ -232,12 +232,14 @@ pub(super) struct Staged {
 }
 
 /// Prepares the write of what changed in `entry` since its last save (None if nothing is to
-/// be stored): a chunk, or a whole snapshot after enough chunks.
+/// be stored): a chunk (`chunk`, if the caller has the changes' bytes already), or a whole
+/// snapshot after enough chunks.
 pub(super) fn stage(
     key: &str,
     entry: &mut DocEntry,
     sync_states: Vec<(String, Vec<u8>)>,
     synced: bool,
+    chunk: Option<Vec<u8>>,
 ) -> Option<(DocSave, Staged)> {
     let heads = entry.heads();
     let changed = heads != entry.persisted_heads;
@@ -261,7 +263,7 @@ pub(super) fn stage(
         // empty in a document just loaded, so that its first call encoded the whole history
         // again (up to a tenth of a head's CPU in a fan-out that loads documents saved away).
         let since = entry.persisted_heads.clone();
-        let chunk = entry.doc().save_after(&since);
+        let chunk = chunk.unwrap_or_else(|| entry.doc().save_after(&since));
         let stored = entry.chunks + usize::from(!chunk.is_empty());
         let bytes = entry.stored_bytes + chunk.len();
         (DocWrite::Chunk(chunk), stored, bytes)
