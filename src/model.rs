@@ -244,51 +244,112 @@ impl SpecSide {
 /// as a pass over a small map), reading no value of the spec's but its conflicts': for looks
 /// at the conditions of many EdgeNodes.
 pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
-    read_status_with(doc, key, None).map(|(view, _)| view)
+    read_status_with(doc, key, &mut StatusParts::default())
 }
 
-/// [`read_status`], with the spec's side as read before if the spec has not moved since (its
-/// walk for conflicts is most of the read); returns the spec's side too.
+/// The status's side of what an EdgeNode's status is derived from: what its edge last
+/// reported. Only that report moves it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusSide {
+    observed_generation: Option<i64>,
+    pod_states: Vec<PodState>,
+}
+
+impl StatusSide {
+    /// The status's side of a whole read ([`read`]).
+    pub fn of(view: &DocView) -> StatusSide {
+        StatusSide {
+            observed_generation: view.observed_generation,
+            pod_states: view.pod_states.clone(),
+        }
+    }
+
+    /// What a status read finds after [`set_status`] wrote this report.
+    pub fn written(observed_generation: i64, pods: &[PodState]) -> StatusSide {
+        let mut pod_states: Vec<PodState> = pods
+            .iter()
+            .map(|p| PodState {
+                phase: None,
+                ..p.clone()
+            })
+            .collect();
+        pod_states.sort_by(|a, b| a.name.cmp(&b.name));
+        StatusSide {
+            observed_generation: Some(observed_generation),
+            pod_states,
+        }
+    }
+}
+
+/// The two sides of a status read, each kept while it holds (see [`read_status_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct StatusParts {
+    /// The spec's side, if known.
+    pub spec: Option<SpecSide>,
+    /// The status's side, if known.
+    pub status: Option<StatusSide>,
+}
+
+/// [`read_status`], reading only the sides `parts` does not know yet (the spec's walk for
+/// conflicts is most of a read); `parts` then holds both.
 pub fn read_status_with(
     doc: &AutoCommit,
     key: &str,
-    spec_side: Option<SpecSide>,
-) -> Result<(DocView, SpecSide), ModelError> {
+    parts: &mut StatusParts,
+) -> Result<DocView, ModelError> {
     let parsed = DocKey::parse(key).map_err(|e| malformed(key, &e.reason))?;
     let (Some(namespace), Some(name)) = (parsed.namespace(), parsed.name()) else {
         return Err(malformed(key, "not an EdgeNode"));
     };
-    let (side, status) = match spec_side {
-        Some(side) => {
-            let status = match doc.get(&ROOT, "status")? {
-                Some((AmValue::Object(ObjType::Map), id)) => Some(id),
-                _ => None,
-            };
-            (side, status)
+    let status = match &parts.spec {
+        Some(_) if parts.status.is_some() => None,
+        Some(_) => match doc.get(&ROOT, "status")? {
+            Some((AmValue::Object(ObjType::Map), id)) => Some(id),
+            _ => None,
+        },
+        None => {
+            let (side, status) = read_spec_side(doc, key)?;
+            parts.spec = Some(side);
+            status
         }
-        None => read_spec_side(doc, key)?,
     };
-    let mut view = DocView {
+    if parts.status.is_none() {
+        parts.status = Some(read_status_side(doc, status.as_ref()));
+    }
+    let (Some(spec), Some(status)) = (&parts.spec, &parts.status) else {
+        unreachable!("both sides read just above");
+    };
+    Ok(DocView {
         namespace: namespace.to_string(),
         name: name.to_string(),
         created_at: None,
         labels: BTreeMap::new(),
-        pods: side.pods.iter().map(|p| (p.clone(), Value::Null)).collect(),
-        deleted: side.deleted,
-        generation: side.generation,
+        pods: spec.pods.iter().map(|p| (p.clone(), Value::Null)).collect(),
+        deleted: spec.deleted,
+        generation: spec.generation,
         privileged: false,
+        observed_generation: status.observed_generation,
+        pod_states: status.pod_states.clone(),
+        conflicts: spec.conflicts.clone(),
+    })
+}
+
+/// The status's side of a status read, from the status object if there is one.
+fn read_status_side(doc: &AutoCommit, status: Option<&ObjId>) -> StatusSide {
+    #[cfg(test)]
+    tests::STATUS_READS.with(|n| n.set(n.get() + 1));
+    let mut side = StatusSide {
         observed_generation: None,
         pod_states: Vec::new(),
-        conflicts: side.conflicts.clone(),
     };
     let Some(status) = status else {
-        return Ok((view, side));
+        return side;
     };
     let mut states = None;
-    for item in doc.map_range(&status, ..) {
+    for item in doc.map_range(status, ..) {
         match (&*item.key, &item.value) {
             ("pods", ValueRef::Object(ObjType::Map)) => states = Some(item.id()),
-            ("observedGeneration", ValueRef::Scalar(s)) => view.observed_generation = int(s),
+            ("observedGeneration", ValueRef::Scalar(s)) => side.observed_generation = int(s),
             _ => {}
         }
     }
@@ -311,9 +372,9 @@ pub fn read_status_with(
                 _ => {}
             }
         }
-        view.pod_states.push(state);
+        side.pod_states.push(state);
     }
-    Ok((view, side))
+    side
 }
 
 /// The spec's side of a status read, and the status object if there is one.
@@ -838,6 +899,8 @@ pub(crate) mod tests {
     thread_local! {
         /// Walks of a spec for a status read (a `#[tokio::test]` runs its tasks on its thread).
         pub(crate) static SPEC_WALKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        /// Reads of a status object for a status read.
+        pub(crate) static STATUS_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
     use crate::input::{Rules, parse_edgenodes};
     use automerge::sync::{self, SyncDoc};

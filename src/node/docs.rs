@@ -668,9 +668,9 @@ impl Docs {
         let mut entry = entry.lock().await;
         let view = entry.read(|doc| model::read(doc, key))?;
         // A look at the status that follows (after the edge's report of a change it reads
-        // for) reads the status alone.
+        // for) reads nothing.
         let heads = entry.heads();
-        entry.keep_spec_side(&heads, &view);
+        entry.keep_read(&heads, &view);
         Ok(Some((view, entry.last_synced_at.clone())))
     }
 
@@ -741,7 +741,8 @@ impl Docs {
         let before = entry.heads();
         if model::set_status(entry.doc(), observed, pods)? {
             let after = entry.heads();
-            entry.status_moved(&before, &after);
+            let written = model::StatusSide::written(observed, pods);
+            entry.status_moved(&before, &after, Some(written));
             self.persist(key, &mut entry, Vec::new(), Origin::Local, Moved::STATUS)
                 .await?;
         }
@@ -792,7 +793,7 @@ impl Docs {
         let moved = moved(key, entry.doc(), &changes);
         if !moved.spec {
             let after = entry.heads();
-            entry.status_moved(&before, &after);
+            entry.status_moved(&before, &after, None);
         }
         let chunk = changes
             .iter()
@@ -934,14 +935,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_status_read_follows_every_change_and_walks_the_spec_only_when_it_moved() {
+    async fn a_status_read_follows_every_change_and_reads_only_the_sides_that_moved() {
         const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let key = "default/edge01";
         let dir = tempfile::tempdir().unwrap();
         let docs = head_docs(dir.path()).await;
-        let walks = || model::tests::SPEC_WALKS.with(|n| n.get());
+        // Walks of the spec, and reads of the status object.
+        let reads = || {
+            let walks = model::tests::SPEC_WALKS.with(|n| n.get());
+            (walks, model::tests::STATUS_READS.with(|n| n.get()))
+        };
         let status = || async {
-            let before = walks();
+            let before = reads();
             let (view, _) = docs.view_status(key).await.unwrap().unwrap();
             let states = view.pod_states.into_iter().map(|p| p.state);
             let read = (view.generation, view.observed_generation, states.collect());
@@ -949,26 +954,30 @@ mod tests {
                 read,
                 view.pods.len(),
                 view.conflicts.len(),
-                walks() - before,
+                (reads().0 - before.0, reads().1 - before.1),
             )
         };
         let applied = || vec!["Applied".to_string()];
         docs.apply_text(EXAMPLE, "default").await.unwrap();
-        assert_eq!(status().await, ((1, None, vec![]), 1, 0, 1));
-        assert_eq!(status().await, ((1, None, vec![]), 1, 0, 0), "read again");
+        assert_eq!(status().await, ((1, None, vec![]), 1, 0, (1, 1)));
+        assert_eq!(
+            status().await,
+            ((1, None, vec![]), 1, 0, (0, 0)),
+            "read again"
+        );
         docs.report_status(key, 1, &nginx_report("Applied"))
             .await
             .unwrap();
-        assert_eq!(status().await, ((1, Some(1), applied()), 1, 0, 0));
+        assert_eq!(status().await, ((1, Some(1), applied()), 1, 0, (0, 0)));
         let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
         docs.apply_text(&edited, "default").await.unwrap();
-        assert_eq!(status().await, ((2, Some(1), applied()), 1, 0, 1));
-        // A whole read serves the look after the next report too.
+        assert_eq!(status().await, ((2, Some(1), applied()), 1, 0, (1, 1)));
+        // A whole read serves the look after the next report too (this node wrote it).
         docs.view(key).await.unwrap().unwrap();
         docs.report_status(key, 2, &nginx_report("Applied"))
             .await
             .unwrap();
-        assert_eq!(status().await, ((2, Some(2), applied()), 1, 0, 0));
+        assert_eq!(status().await, ((2, Some(2), applied()), 1, 0, (0, 0)));
         // A peer's changes: the status alone, then the spec, concurrently with this side's
         // edit of the same field (a conflict), then a second pod.
         let entry = docs.sync_doc(key).unwrap();
@@ -978,7 +987,10 @@ mod tests {
         from_peer(&docs, key, &mut entry, &mut theirs).await;
         drop(entry);
         let refused = vec!["Refused".to_string()];
-        assert_eq!(status().await, ((2, Some(2), refused.clone()), 1, 0, 0));
+        assert_eq!(
+            status().await,
+            ((2, Some(2), refused.clone()), 1, 0, (0, 1))
+        );
         let entry = docs.sync_doc(key).unwrap();
         let mut entry = entry.lock().await;
         let mut theirs = entry.doc().fork();
@@ -988,20 +1000,36 @@ mod tests {
         model::set_spec(&mut theirs, &desired[0], "t").unwrap();
         let ours = EXAMPLE.replace("image: nginx", "image: nginx:1.29");
         docs.apply_text(&ours, "default").await.unwrap();
-        assert_eq!(status().await, ((3, Some(2), refused.clone()), 1, 0, 1));
+        assert_eq!(
+            status().await,
+            ((3, Some(2), refused.clone()), 1, 0, (1, 1))
+        );
         let entry = docs.sync_doc(key).unwrap();
         let mut entry = entry.lock().await;
         from_peer(&docs, key, &mut entry, &mut theirs).await;
         drop(entry);
         let (read, pods, conflicts, walked) = status().await;
-        assert_eq!((pods, walked), (1, 1));
+        assert_eq!((pods, walked), (1, (1, 1)));
         assert!(conflicts > 0 && read.2 == refused, "{read:?} {conflicts}");
         let two = format!(
             "{ours}    - apiVersion: v1\n      kind: Pod\n      metadata:\n        name: web\n      spec:\n        containers:\n          - name: web\n            image: nginx\n"
         );
         docs.apply_text(&two, "default").await.unwrap();
         let (_, pods, conflicts, walked) = status().await;
-        assert_eq!((pods, conflicts, walked), (2, 0, 1));
+        assert_eq!((pods, conflicts, walked), (2, 0, (1, 1)));
+        // What this node wrote is what a read finds.
+        let report = vec![PodState {
+            name: "web".into(),
+            state: "NotWritten".into(),
+            reason: Some("writing it failed".into()),
+            cause: Some("DiskFull".into()),
+            phase: Some("Running".into()),
+        }];
+        docs.report_status(key, 4, &report).await.unwrap();
+        let (kept, _) = docs.view_status(key).await.unwrap().unwrap();
+        let entry = docs.sync_doc(key).unwrap();
+        let read = entry.lock().await.read(|d| model::read_status(d, key));
+        assert_eq!(kept, read.unwrap());
     }
 
     #[tokio::test]

@@ -55,18 +55,18 @@ pub struct DocEntry {
     loads: Arc<Loads>,
 }
 
-/// The spec's side of a status read, and the document's heads it holds at.
-struct SpecRead {
+/// The sides of a status read known at the document's `heads`.
+struct StatusRead {
     heads: Vec<automerge::ChangeHash>,
-    side: model::SpecSide,
+    parts: model::StatusParts,
 }
 
 /// A document in memory: loaded, to be read, edited and synced, or saved while nothing uses
 /// it: its compact encoding, some forty times smaller than the loaded document.
 enum Resident {
-    /// Boxed: a document is 4 KiB before it holds anything. With it the spec's side of its
-    /// last status read, if the spec has not moved since ([`DocEntry::status_view`]).
-    Loaded(Box<AutoCommit>, Option<Box<SpecRead>>),
+    /// Boxed: a document is 4 KiB before it holds anything. With it what is known of its
+    /// status read at its heads ([`DocEntry::status_view`]).
+    Loaded(Box<AutoCommit>, Option<Box<StatusRead>>),
     Saved {
         bytes: Vec<u8>,
         actor: ActorId,
@@ -156,41 +156,50 @@ impl DocEntry {
     }
 
     /// What the document's status is derived from ([`model::read_status`]). A loaded one
-    /// keeps the spec's side of the read while the spec does not move (see
-    /// [`DocEntry::status_moved`]): a look after the edge's report reads the status alone.
+    /// keeps what it knows of the read: the spec's side while the spec does not move, the
+    /// status's while it does not, or as this node wrote it (see [`DocEntry::status_moved`]);
+    /// so the look after an edge's report reads the status alone, or on the edge, nothing.
     pub fn status_view(&mut self, key: &str) -> Result<model::DocView, model::ModelError> {
-        let Resident::Loaded(doc, spec) = &mut self.doc else {
+        let Resident::Loaded(doc, kept) = &mut self.doc else {
             return self.read(|doc| model::read_status(doc, key));
         };
         self.used = Instant::now();
         let heads = doc.get_heads();
-        let kept = spec.take().filter(|s| s.heads == heads).map(|s| s.side);
-        let (view, side) = model::read_status_with(doc, key, kept)?;
-        *spec = Some(Box::new(SpecRead { heads, side }));
+        let mut parts = kept
+            .take()
+            .filter(|k| k.heads == heads)
+            .map_or_else(Default::default, |k| k.parts);
+        let view = model::read_status_with(doc, key, &mut parts)?;
+        *kept = Some(Box::new(StatusRead { heads, parts }));
         Ok(view)
     }
 
-    /// Keeps the spec's side of `view`, a whole read of the document at `heads`.
-    pub fn keep_spec_side(&mut self, heads: &[automerge::ChangeHash], view: &model::DocView) {
-        if let Resident::Loaded(_, spec) = &mut self.doc {
+    /// Keeps what `view`, a whole read of the document at `heads`, says its status read is.
+    pub fn keep_read(&mut self, heads: &[automerge::ChangeHash], view: &model::DocView) {
+        if let Resident::Loaded(_, kept) = &mut self.doc {
+            let parts = model::StatusParts {
+                spec: Some(model::SpecSide::of(view)),
+                status: Some(model::StatusSide::of(view)),
+            };
             let heads = heads.to_vec();
-            let side = model::SpecSide::of(view);
-            *spec = Some(Box::new(SpecRead { heads, side }));
+            *kept = Some(Box::new(StatusRead { heads, parts }));
         }
     }
 
     /// The document went from heads `before` to `after` by changes that moved its status
-    /// alone: the spec's side of the last status read, if it was read at `before`, holds at
-    /// `after` too.
+    /// alone: the spec's side of the status read known at `before` holds at `after` too, and
+    /// the status's is `written` if this node wrote it.
     pub(super) fn status_moved(
         &mut self,
         before: &[automerge::ChangeHash],
         after: &[automerge::ChangeHash],
+        written: Option<model::StatusSide>,
     ) {
-        if let Resident::Loaded(_, Some(read)) = &mut self.doc
-            && read.heads == before
+        if let Resident::Loaded(_, Some(kept)) = &mut self.doc
+            && kept.heads == before
         {
-            read.heads = after.to_vec();
+            kept.heads = after.to_vec();
+            kept.parts.status = written;
         }
     }
 
