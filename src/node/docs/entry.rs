@@ -211,12 +211,14 @@ impl DocEntry {
     /// Saves the document away, if it is loaded and all of it is stored (an edit not stored
     /// yet stays in memory); returns whether it did.
     pub(super) fn unload(&mut self) -> bool {
-        let Resident::Loaded(doc, _) = &mut self.doc else {
+        let Resident::Loaded(doc, kept) = &mut self.doc else {
             return false;
         };
         if doc.get_heads() != self.persisted_heads {
             return false;
         }
+        // Freed first, so that the saved bytes can take its place in memory.
+        *kept = None;
         let actor = doc.get_actor().clone();
         self.doc = Resident::Saved {
             bytes: doc.save(),
