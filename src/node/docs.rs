@@ -1017,19 +1017,21 @@ mod tests {
         docs.apply_text(&two, "default").await.unwrap();
         let (_, pods, conflicts, walked) = status().await;
         assert_eq!((pods, conflicts, walked), (2, 0, (1, 1)));
-        // What this node wrote is what a read finds.
-        let report = vec![PodState {
+        // What this node wrote is what a read finds (in the order a read finds it).
+        let mut report = vec![PodState {
             name: "web".into(),
             state: "NotWritten".into(),
             reason: Some("writing it failed".into()),
             cause: Some("DiskFull".into()),
             phase: Some("Running".into()),
         }];
+        report.extend(nginx_report("Applied"));
         docs.report_status(key, 4, &report).await.unwrap();
         let (kept, _) = docs.view_status(key).await.unwrap().unwrap();
         let entry = docs.sync_doc(key).unwrap();
         let read = entry.lock().await.read(|d| model::read_status(d, key));
         assert_eq!(kept, read.unwrap());
+        assert_eq!(kept.pod_states.len(), 2);
     }
 
     #[tokio::test]
