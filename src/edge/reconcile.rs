@@ -60,9 +60,9 @@ struct Read {
 const REPORT_AFTER: Duration = Duration::from_millis(10);
 
 /// The least time between two reports: changes that come meanwhile are reported together.
-/// Each report is a commit here and on the head, and with changes back to back each its own
-/// report took a quarter of their time. An edge's report still reaches its head well within
-/// the 200 ms a sync session holds a bare acknowledgement for it.
+/// Each report is a commit here and on the head; with changes back to back, a report for
+/// each took a quarter of their time. An edge's report still reaches its head well within the
+/// 200 ms a sync session holds a bare acknowledgement for it.
 const REPORT_EVERY: Duration = Duration::from_millis(50);
 
 /// What one document asks of this edge.
