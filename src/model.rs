@@ -218,7 +218,7 @@ fn scalar_bool(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Result<bool, ModelE
 /// The spec's side of what an EdgeNode's status is derived from: only a change that moves
 /// the spec (an operation on anything but the top-level `status`) moves it, so a look after
 /// a status report can take it from the look before ([`read_status_with`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SpecSide {
     deleted: bool,
     generation: i64,
@@ -249,7 +249,7 @@ pub fn read_status(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
 
 /// The status's side of what an EdgeNode's status is derived from: what its edge last
 /// reported. Only that report moves it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct StatusSide {
     observed_generation: Option<i64>,
     pod_states: Vec<PodState>,
@@ -338,10 +338,7 @@ pub fn read_status_with(
 fn read_status_side(doc: &AutoCommit, status: Option<&ObjId>) -> StatusSide {
     #[cfg(test)]
     tests::STATUS_READS.with(|n| n.set(n.get() + 1));
-    let mut side = StatusSide {
-        observed_generation: None,
-        pod_states: Vec::new(),
-    };
+    let mut side = StatusSide::default();
     let Some(status) = status else {
         return side;
     };
@@ -381,12 +378,7 @@ fn read_status_side(doc: &AutoCommit, status: Option<&ObjId>) -> StatusSide {
 fn read_spec_side(doc: &AutoCommit, key: &str) -> Result<(SpecSide, Option<ObjId>), ModelError> {
     #[cfg(test)]
     tests::SPEC_WALKS.with(|n| n.set(n.get() + 1));
-    let mut side = SpecSide {
-        deleted: false,
-        generation: 0,
-        conflicts: Vec::new(),
-        pods: Vec::new(),
-    };
+    let mut side = SpecSide::default();
     let (mut spec, mut status) = (None, None);
     for item in doc.map_range(&ROOT, ..) {
         match (&*item.key, &item.value) {
