@@ -473,15 +473,17 @@ mod tests {
         assert!(other[0].last_transition_time.is_some());
     }
 
-    fn chunk_sizes(dir: &std::path::Path) -> Vec<usize> {
-        let conn = rusqlite::Connection::open(dir.join("edgesync.db")).unwrap();
-        let mut stmt = conn
-            .prepare("SELECT length(data) FROM doc_chunks ORDER BY id")
-            .unwrap();
-        stmt.query_map([], |r| r.get::<_, i64>(0))
+    async fn chunk_sizes(node: &Node) -> Vec<usize> {
+        node.store()
+            .inspect(|conn| {
+                let mut stmt =
+                    conn.prepare("SELECT length(data) FROM doc_chunks ORDER BY key, seq")?;
+                stmt.query_map([], |r| r.get::<_, i64>(0))?
+                    .map(|n| n.map(|n| n as usize))
+                    .collect()
+            })
+            .await
             .unwrap()
-            .map(|n| n.unwrap() as usize)
-            .collect()
     }
 
     #[tokio::test]
@@ -492,7 +494,7 @@ mod tests {
             node.docs().apply_text(EXAMPLE, "default").await.unwrap();
             let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
             node.docs().apply_text(&edited, "default").await.unwrap();
-            let before = chunk_sizes(dir.path());
+            let before = chunk_sizes(&node).await;
             drop(node);
 
             let node = open(dir.path()).await;
@@ -503,7 +505,7 @@ mod tests {
             );
             let again = EXAMPLE.replace("image: nginx", "image: nginx:1.28");
             node.docs().apply_text(&again, "default").await.unwrap();
-            let after = chunk_sizes(dir.path());
+            let after = chunk_sizes(&node).await;
             assert_eq!(
                 after.len(),
                 before.len() + 1,

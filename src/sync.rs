@@ -238,13 +238,19 @@ impl Link {
             Err(e) => return self.session.fail(&key, e.to_string(), now_std()),
         };
         let mut entry = entry.lock().await;
+        // The sync state goes into the store with what a message brought only on the
+        // document's first exchange (a fresh state after a crash would cost its whole history
+        // again); after that, when the session ends. One stored earlier only costs the next
+        // session a larger summary of what it has.
+        let first = self.session.shared_heads(&key).is_empty();
         if !self
             .session
             .receive(&key, entry.doc(), message, now_std())?
         {
             return Ok(());
         }
-        let (state, shared) = (self.session.state(&key), self.session.shared_heads(&key));
+        let state = first.then(|| self.session.state(&key)).flatten();
+        let shared = self.session.shared_heads(&key);
         let peer = self.peer().name.clone();
         let brought = match self
             .node

@@ -769,9 +769,9 @@ impl Docs {
     }
 
     /// After a sync message from `peer` was applied to `entry` (document `key`): stores what
-    /// it brought with the session's sync `state`, then announces it; true if it brought
-    /// changes. Nothing is announced before it is stored; if the write fails, the entry goes
-    /// back to what is stored.
+    /// it brought (with the session's sync `state`, if given), then announces it; true if it
+    /// brought changes. Nothing is announced before it is stored; if the write fails, the
+    /// entry goes back to what is stored.
     pub async fn synced(
         &self,
         peer: &str,
