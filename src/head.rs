@@ -583,4 +583,61 @@ mod tests {
         );
         tasks.shutdown().await;
     }
+
+    /// A head that stops keeps, for each edge's documents, the sync state its session ended
+    /// with (a received change stores one only on its document's first exchange), before
+    /// `edgesync head` returns and its runtime drops whatever is still running.
+    #[test]
+    fn a_stopping_head_stores_the_sync_state_each_session_ends_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "default/edge01";
+        let runtime = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let heads = runtime().block_on(async {
+            let head = Head::start(HeadConfig::for_test(&dir.path().join("head")))
+                .await
+                .unwrap();
+            let token = std::fs::read_to_string(dir.path().join("head/state/join-token"));
+            let edge_config = crate::config::EdgeConfig::for_test(
+                &dir.path().join("edge"),
+                "edge01",
+                head.local_addr(),
+                Some(token.unwrap().trim().to_string()),
+            );
+            let _edge = crate::edge::Edge::start(edge_config).await.unwrap();
+            let node = head.node().clone();
+            let docs = node.docs();
+            for image in ["nginx", "nginx:1.27"] {
+                let text = crate::dev::EXAMPLE.replace("image: nginx", &format!("image: {image}"));
+                docs.apply_text(&text, "default").await.unwrap();
+                // Until the edge reported it: the head holds the edge's change too.
+                let generation = docs.view(key).await.unwrap().unwrap().0.generation;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while docs.view(key).await.unwrap().unwrap().0.observed_generation
+                    != Some(generation)
+                {
+                    assert!(tokio::time::Instant::now() < deadline, "no report");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            let heads = docs.heads(key).await.unwrap();
+            drop(node);
+            head.shutdown().await;
+            heads
+        });
+        let states = runtime().block_on(async {
+            let store = Store::open(&dir.path().join("head/state")).unwrap();
+            store.sync_states("edge01").await.unwrap()
+        });
+        let [(doc, state)] = &states[..] else {
+            panic!("one stored state: {states:?}");
+        };
+        let state = automerge::sync::State::decode(state).unwrap();
+        assert_eq!((doc.as_str(), state.shared_heads), (key, heads));
+    }
 }

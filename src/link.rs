@@ -99,6 +99,8 @@ pub enum LinkError {
 
 /// How long shutdown waits for close frames to reach peers.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long shutdown waits for the sessions to end and store their sync states.
+const SESSIONS_END_GRACE: Duration = Duration::from_secs(5);
 /// A session shorter than this does not reset the reconnect backoff, so a peer that accepts
 /// and then fails at once is not hammered.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
@@ -152,10 +154,11 @@ pub async fn serve(
     let admission = Admission::new();
     let mut waiting: VecDeque<(tokio::time::Instant, quinn::Incoming)> = VecDeque::new();
     let mut last_logged: Option<tokio::time::Instant> = None;
+    let sessions = tokio_util::task::TaskTracker::new();
     let start = |incoming: quinn::Incoming, ticket: Ticket| {
         let (node, gate, shutdown) = (node.clone(), gate.clone(), shutdown.child_token());
         let remote = incoming.remote_address();
-        tokio::spawn(
+        sessions.spawn(
             async move {
                 if let Err(e) = handle_incoming(incoming, node, gate, ticket, shutdown).await {
                     warn!(error = %e, "connection refused");
@@ -222,6 +225,10 @@ pub async fn serve(
         CLOSE_RETURN_WITHIN.into(),
         within.as_millis().to_string().as_bytes(),
     );
+    // Each session stores its sync states as it ends (a stuck peer's after its writer gives
+    // up, a second).
+    sessions.close();
+    let _ = tokio::time::timeout(SESSIONS_END_GRACE, sessions.wait()).await;
     let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
 }
 

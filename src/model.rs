@@ -288,6 +288,10 @@ pub struct StatusParts {
     pub spec: Option<SpecSide>,
     /// The status's side, if known.
     pub status: Option<StatusSide>,
+    /// The spec is known to hold no concurrent values: a read found none, and only this
+    /// node's edits (which leave one value wherever they write) and status changes came
+    /// since. Its side is then read without the walk for conflicts.
+    pub spec_clean: bool,
 }
 
 /// [`read_status`], reading only the sides `parts` does not know yet (the spec's walk for
@@ -308,7 +312,7 @@ pub fn read_status_with(
             _ => None,
         },
         None => {
-            let (side, status) = read_spec_side(doc, key)?;
+            let (side, status) = read_spec_side(doc, key, parts.spec_clean)?;
             parts.spec = Some(side);
             status
         }
@@ -375,9 +379,11 @@ fn read_status_side(doc: &AutoCommit, status: Option<&ObjId>) -> StatusSide {
 }
 
 /// The spec's side of a status read, and the status object if there is one.
-fn read_spec_side(doc: &AutoCommit, key: &str) -> Result<(SpecSide, Option<ObjId>), ModelError> {
-    #[cfg(test)]
-    tests::SPEC_WALKS.with(|n| n.set(n.get() + 1));
+fn read_spec_side(
+    doc: &AutoCommit,
+    key: &str,
+    clean: bool,
+) -> Result<(SpecSide, Option<ObjId>), ModelError> {
     let mut side = SpecSide::default();
     let (mut spec, mut status) = (None, None);
     for item in doc.map_range(&ROOT, ..) {
@@ -390,14 +396,18 @@ fn read_spec_side(doc: &AutoCommit, key: &str) -> Result<(SpecSide, Option<ObjId
         }
     }
     let spec = spec.ok_or_else(|| malformed(key, "spec missing"))?;
-    // The spec's conflicts are found in a pass over all of it, reading no value but theirs.
-    find_conflicts(
-        doc,
-        &spec,
-        ObjType::Map,
-        &mut "spec".into(),
-        &mut side.conflicts,
-    )?;
+    if !clean {
+        // The spec's conflicts are found in a pass over all of it, reading no value but theirs.
+        #[cfg(test)]
+        tests::SPEC_WALKS.with(|n| n.set(n.get() + 1));
+        find_conflicts(
+            doc,
+            &spec,
+            ObjType::Map,
+            &mut "spec".into(),
+            &mut side.conflicts,
+        )?;
+    }
     if let Some((AmValue::Object(ObjType::Map), pods)) = doc.get(&spec, "pods")? {
         side.pods = doc.keys(&pods).collect();
     }
@@ -889,7 +899,8 @@ pub(crate) mod tests {
     use super::*;
 
     thread_local! {
-        /// Walks of a spec for a status read (a `#[tokio::test]` runs its tasks on its thread).
+        /// Walks of a spec for its conflicts in a status read (a `#[tokio::test]` runs its tasks
+        /// on its thread).
         pub(crate) static SPEC_WALKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         /// Reads of a status object for a status read.
         pub(crate) static STATUS_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };

@@ -53,6 +53,9 @@ pub struct DocEntry {
     /// When it was last lent out.
     used: Instant,
     loads: Arc<Loads>,
+    /// Its spec is known to hold no concurrent values (see [`model::StatusParts`]); kept
+    /// while it is saved away, so that the look after an apply that loads it skips the walk.
+    spec_clean: bool,
 }
 
 /// The sides of a status read known at the document's `heads`.
@@ -84,6 +87,7 @@ impl DocEntry {
             stored_bytes: 0,
             used: Instant::now(),
             loads: loads.clone(),
+            spec_clean: false,
         }
     }
 
@@ -160,26 +164,35 @@ impl DocEntry {
     /// status's while it does not, or as this node wrote it (see [`DocEntry::status_moved`]);
     /// so the look after an edge's report reads the status alone, or on the edge, nothing.
     pub fn status_view(&mut self, key: &str) -> Result<model::DocView, model::ModelError> {
+        let mut unknown = model::StatusParts {
+            spec_clean: self.spec_clean,
+            ..Default::default()
+        };
         let Resident::Loaded(doc, kept) = &mut self.doc else {
-            return self.read(|doc| model::read_status(doc, key));
+            let view = self.read(|doc| model::read_status_with(doc, key, &mut unknown))?;
+            self.spec_clean = view.conflicts.is_empty();
+            return Ok(view);
         };
         self.used = Instant::now();
         let heads = doc.get_heads();
         let mut parts = kept
             .take()
             .filter(|k| k.heads == heads)
-            .map_or_else(Default::default, |k| k.parts);
+            .map_or(unknown, |k| k.parts);
         let view = model::read_status_with(doc, key, &mut parts)?;
         *kept = Some(Box::new(StatusRead { heads, parts }));
+        self.spec_clean = view.conflicts.is_empty();
         Ok(view)
     }
 
     /// Keeps what `view`, a whole read of the document at `heads`, says its status read is.
     pub fn keep_read(&mut self, heads: &[automerge::ChangeHash], view: &model::DocView) {
+        self.spec_clean = view.conflicts.is_empty();
         if let Resident::Loaded(_, kept) = &mut self.doc {
             let parts = model::StatusParts {
                 spec: Some(model::SpecSide::of(view)),
                 status: Some(model::StatusSide::of(view)),
+                spec_clean: self.spec_clean,
             };
             let heads = heads.to_vec();
             *kept = Some(Box::new(StatusRead { heads, parts }));
@@ -201,6 +214,11 @@ impl DocEntry {
             kept.heads = after.to_vec();
             kept.parts.status = written;
         }
+    }
+
+    /// A peer's change moved the spec: it may hold concurrent values now.
+    pub(super) fn spec_moved(&mut self) {
+        self.spec_clean = false;
     }
 
     /// When it was last lent out, if it is loaded.
