@@ -243,19 +243,19 @@ impl Link {
         // again); after that, when the session ends. One stored earlier only costs the next
         // session a larger summary of what it has.
         let first = self.session.shared_heads(&key).is_empty();
-        if !self
+        let Some(brought) = self
             .session
             .receive(&key, entry.doc(), message, now_std())?
-        {
+        else {
             return Ok(());
-        }
+        };
         let state = first.then(|| self.session.state(&key)).flatten();
         let shared = self.session.shared_heads(&key);
         let peer = self.peer().name.clone();
         let brought = match self
             .node
             .docs()
-            .synced(&peer, &key, &mut entry, state, shared)
+            .synced(&peer, &key, &mut entry, state, shared, brought)
             .await
         {
             Ok(brought) => brought,

@@ -12,6 +12,7 @@ use crate::key::DocKey;
 use crate::model::{self, DocView, ModelError};
 use crate::registry::{self, Registry};
 use crate::store::{COMPACT_AFTER_CHUNKS, DocSave, Store};
+use crate::sync::session::Brought;
 use crate::transport::tls::{Identity, Role};
 use automerge::{ActorId, AutoCommit, ChangeHash, sync};
 use serde::{Deserialize, Serialize};
@@ -779,6 +780,7 @@ impl Docs {
         entry: &mut DocEntry,
         state: Option<Vec<u8>>,
         shared_heads: Vec<automerge::ChangeHash>,
+        brought: Brought,
     ) -> Result<bool, NodeError> {
         lock(&self.shared).insert((peer.to_string(), key.to_string()), shared_heads);
         if entry.heads() == entry.persisted_heads {
@@ -788,8 +790,12 @@ impl Docs {
             return Ok(false);
         }
         let before = entry.persisted_heads.clone();
-        // The new changes, read once: what they moved, and the chunk that stores them.
-        let changes = entry.doc().get_changes(&before);
+        // The new changes, read once (from the message when it had them all): what they
+        // moved, and the chunk that stores them.
+        let changes = match brought {
+            Brought::Changes { since, changes } if since == before => changes,
+            _ => entry.doc().get_changes(&before),
+        };
         let moved = moved(key, entry.doc(), &changes);
         if moved.spec {
             entry.spec_moved();
@@ -866,10 +872,14 @@ mod tests {
             .unwrap()
     }
 
-    /// Merges `theirs` into document `key` as a sync from edge01 brings it, and stores it.
+    /// Merges `theirs` into document `key` as a sync from edge01 brings it (naming the changes
+    /// it brought), and stores it.
     async fn from_peer(docs: &Docs, key: &str, entry: &mut DocEntry, theirs: &mut AutoCommit) {
-        entry.doc().merge(theirs).unwrap();
-        docs.synced("edge01", key, entry, None, Vec::new())
+        let since = entry.doc().get_heads();
+        let changes = entry.doc().get_changes_added(theirs);
+        entry.doc().apply_changes(changes.clone()).unwrap();
+        let brought = Brought::Changes { since, changes };
+        docs.synced("edge01", key, entry, None, Vec::new(), brought)
             .await
             .unwrap();
     }
@@ -930,9 +940,16 @@ mod tests {
         from_peer(&docs, key, &mut entry, &mut theirs).await;
         assert_eq!(changes.recv().await.unwrap(), change(Moved::SPEC, peer()));
         // Nothing new: nothing announced.
-        docs.synced("edge01", key, &mut entry, None, Vec::new())
-            .await
-            .unwrap();
+        docs.synced(
+            "edge01",
+            key,
+            &mut entry,
+            None,
+            Vec::new(),
+            Brought::Unknown,
+        )
+        .await
+        .unwrap();
         assert!(changes.try_recv().is_err());
     }
 

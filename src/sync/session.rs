@@ -95,6 +95,57 @@ fn generate(doc: &mut AutoCommit, state: &mut sync::State) -> Option<sync::Messa
     doc.sync().generate_sync_message(state)
 }
 
+/// What a message [`Session::receive`] applied brought its document.
+#[derive(Debug)]
+pub enum Brought {
+    /// Exactly these changes after heads `since` (none if it brought nothing): each was new
+    /// to the document and was applied, and no change it held back for missing ones came
+    /// with them. The caller needs not read them out of the document again, which in
+    /// Automerge costs a walk of the whole document.
+    Changes {
+        /// The document's heads before.
+        since: Vec<ChangeHash>,
+        /// The changes, as the message carried them.
+        changes: Vec<automerge::Change>,
+    },
+    /// Not known from the message alone: read the document's new changes.
+    Unknown,
+}
+
+/// A message's changes as it arrives, if they are all new to the document and nothing waits
+/// in its queue of changes missing others.
+struct Arriving(Option<(Vec<ChangeHash>, Vec<automerge::Change>)>);
+
+impl Arriving {
+    fn of(doc: &mut AutoCommit, message: &sync::Message) -> Arriving {
+        let changes: Option<Vec<automerge::Change>> = message
+            .changes
+            .iter()
+            .map(|bytes| automerge::Change::from_bytes(bytes.to_vec()).ok())
+            .collect();
+        let known = changes.filter(|changes| {
+            let hashes: Vec<ChangeHash> = changes.iter().map(automerge::Change::hash).collect();
+            doc.get_missing_deps(&[]).is_empty()
+                && doc.get_missing_deps(&hashes).len() == hashes.len()
+        });
+        Arriving(known.map(|changes| (doc.get_heads(), changes)))
+    }
+
+    /// What the message brought, now that it is applied.
+    fn brought(self, doc: &mut AutoCommit) -> Brought {
+        match self.0 {
+            Some((since, changes))
+                if doc
+                    .get_missing_deps(&changes.iter().map(|c| c.hash()).collect::<Vec<_>>())
+                    .is_empty() =>
+            {
+                Brought::Changes { since, changes }
+            }
+            _ => Brought::Unknown,
+        }
+    }
+}
+
 /// Whether the peer, as `state` knows it, has exactly `heads` and asks for nothing and no
 /// reset is due: a message now carries no change and no need, so it could only acknowledge.
 fn level(state: &sync::State, heads: &[ChangeHash]) -> bool {
@@ -378,16 +429,16 @@ impl Session {
         Ok(!self.waits_for_retry(doc, now))
     }
 
-    /// Applies a sync message to `doc` (document `key`, lent by the caller); returns whether
-    /// it was applied. The caller then stores the document with [`Session::state`] if it
-    /// changed, and only then calls [`Session::push`] to answer.
+    /// Applies a sync message to `doc` (document `key`, lent by the caller); returns what it
+    /// brought, None if it was not applied. The caller then stores the document with
+    /// [`Session::state`] if it changed, and only then calls [`Session::push`] to answer.
     pub fn receive(
         &mut self,
         key: &str,
         doc: &mut AutoCommit,
         message: Received,
         now: Instant,
-    ) -> Result<bool, SessionError> {
+    ) -> Result<Option<Brought>, SessionError> {
         let state = self.states.entry(key.to_string()).or_default();
         let message = match message {
             Received::Plain(message) => message,
@@ -395,18 +446,20 @@ impl Session {
                 Ok(message) => message,
                 Err(e) => {
                     self.fail(key, format!("undecodable sync message: {e}"), now)?;
-                    return Ok(false);
+                    return Ok(None);
                 }
             },
         };
-        match doc.sync().receive_sync_message(state, message) {
+        let arriving = Arriving::of(doc, &message);
+        let applied = doc.sync().receive_sync_message(state, message);
+        match applied {
             Ok(()) => {
                 self.failing.remove(key);
-                Ok(true)
+                Ok(Some(arriving.brought(doc)))
             }
             Err(e) => {
                 self.fail(key, e.to_string(), now)?;
-                Ok(false)
+                Ok(None)
             }
         }
     }
@@ -743,6 +796,57 @@ mod tests {
             .remove(0)
     }
 
+    /// A message says which changes it brought when each is new to the document and was
+    /// applied; when it repeats one the document has, or waits for one it lacks, the caller
+    /// is told to read them from the document.
+    #[test]
+    fn a_message_names_the_changes_it_brought_only_when_they_are_all_that_is_new() {
+        let now = Instant::now();
+        let mut theirs = model::genesis("default/edge01", &ActorId::random());
+        let base = theirs.get_heads();
+        let change = |doc: &mut AutoCommit, image: &str| {
+            model::set_spec(doc, &edgenode("default", "edge01", image), "t").unwrap();
+            doc.get_last_local_change().unwrap()
+        };
+        let (first, second) = (change(&mut theirs, "a"), change(&mut theirs, "b"));
+        let heads = theirs.get_heads();
+        let message = |changes: &[&automerge::Change]| {
+            let bytes: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
+            Received::Plain(sync::Message {
+                heads: heads.clone(),
+                need: Vec::new(),
+                have: Vec::new(),
+                changes: bytes.into(),
+                flags: None,
+                version: sync::MessageVersion::V1,
+            })
+        };
+        let mut session = Session::new(identity(Role::Edge, "edge01"), Vec::new());
+        let mut ours = model::genesis("default/edge01", &ActorId::random());
+        ours.merge(&mut theirs.fork_at(&base).unwrap()).unwrap();
+        let since = ours.get_heads();
+        let receive = |session: &mut Session, doc: &mut AutoCommit, m| {
+            session
+                .receive("default/edge01", doc, m, now)
+                .unwrap()
+                .unwrap()
+        };
+        match receive(&mut session, &mut ours, message(&[&first])) {
+            Brought::Changes { since: s, changes } => {
+                assert_eq!((s, changes), (since, vec![first.clone()]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The first again, with the second: not all new.
+        let again = receive(&mut session, &mut ours, message(&[&first, &second]));
+        assert!(matches!(again, Brought::Unknown), "{again:?}");
+        // A change whose predecessor is missing waits in the document's queue.
+        let mut other = model::genesis("default/edge01", &ActorId::random());
+        other.merge(&mut theirs.fork_at(&base).unwrap()).unwrap();
+        let waits = receive(&mut session, &mut other, message(&[&second]));
+        assert!(matches!(waits, Brought::Unknown), "{waits:?}");
+    }
+
     fn identity(role: Role, name: &str) -> Identity {
         Identity {
             role,
@@ -865,7 +969,12 @@ mod tests {
                         .entry(key.clone())
                         .or_insert_with(|| model::genesis(&key, &actor));
                     let before = doc.get_heads();
-                    if self.session.receive(&key, doc, message, now).unwrap() {
+                    if self
+                        .session
+                        .receive(&key, doc, message, now)
+                        .unwrap()
+                        .is_some()
+                    {
                         // As the link answers: an edge holds back a bare acknowledgement.
                         let brought = doc.get_heads() != before;
                         if brought && self.session.peer().role == Role::Head {
