@@ -4,6 +4,7 @@
 pub mod users;
 
 use prometheus_client::metrics::histogram::Histogram;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
@@ -499,6 +500,11 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     // instead of a shared `-shm` file that every transaction locks and reads.
     conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE;")
         .map_err(err)?;
+    // A statement's plan is kept whatever values are bound to it: SQLite (built with STAT4)
+    // would otherwise prepare a cached statement again on every bind of a value its plan
+    // looked at, such as the document's key of a chunk's insert.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(err)?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
         .map_err(|e| StoreError::Corrupt {
@@ -600,16 +606,17 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> Result<(), rusqlite::Err
     outcome
 }
 
+/// A document's next chunk, after its others.
+const INSERT_CHUNK: &str = "INSERT INTO doc_chunks (key, seq, data) VALUES
+     (?1, (SELECT IFNULL(MAX(seq), 0) + 1 FROM doc_chunks WHERE key = ?1), ?2)";
+
 fn save_doc(t: &Connection, save: DocSave) -> Result<(), rusqlite::Error> {
     let key = save.key;
     match save.write {
         DocWrite::Chunk(chunk) if chunk.is_empty() => {}
         DocWrite::Chunk(chunk) => {
-            t.prepare_cached(
-                "INSERT INTO doc_chunks (key, seq, data) VALUES
-                 (?1, (SELECT IFNULL(MAX(seq), 0) + 1 FROM doc_chunks WHERE key = ?1), ?2)",
-            )?
-            .execute(params![key, chunk])?;
+            t.prepare_cached(INSERT_CHUNK)?
+                .execute(params![key, chunk])?;
         }
         DocWrite::Snapshot(snapshot) => {
             t.execute(
@@ -708,6 +715,22 @@ mod tests {
         };
         store.save_docs(vec![save]).await.unwrap();
         assert_eq!(chunks().await, [vec![2], vec![1], vec![3]]);
+        // Another document's chunk: the statement is not prepared again for its key.
+        let save = DocSave {
+            key: "default/other".into(),
+            write: DocWrite::Chunk(vec![8]),
+            sync_states: Vec::new(),
+            synced_at: None,
+        };
+        store.save_docs(vec![save]).await.unwrap();
+        let reprepared = store
+            .inspect(|conn| {
+                let stmt = conn.prepare_cached(INSERT_CHUNK)?;
+                Ok(stmt.get_status(rusqlite::StatementStatus::RePrepare))
+            })
+            .await
+            .unwrap();
+        assert_eq!(reprepared, 0);
         assert_eq!(
             store.sync_states("head").await.unwrap(),
             [("default/edge01".to_string(), vec![6])]
