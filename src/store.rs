@@ -38,8 +38,8 @@ const MIGRATIONS: &[&str] = &[
     // wanted); keeping it cost a commit after every manifest write
     "ALTER TABLE manifests DROP COLUMN sha256;",
     // 5: a document's chunks and the sync states each in one b-tree keyed as they are read
-    // (no rowid, no AUTOINCREMENT counter): a received change's commit writes two pages
-    // fewer of each
+    // (no rowid, no AUTOINCREMENT counter): writing either touches one b-tree instead of
+    // two (a chunk also updated the counter's)
     "CREATE TABLE doc_chunks_by_key (key TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
          PRIMARY KEY (key, seq)) WITHOUT ROWID;
      INSERT INTO doc_chunks_by_key (key, seq, data) SELECT key, id, data FROM doc_chunks;

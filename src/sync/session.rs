@@ -100,7 +100,7 @@ fn generate(doc: &mut AutoCommit, state: &mut sync::State) -> Option<sync::Messa
 pub enum Brought {
     /// Exactly these changes after heads `since` (none if it brought nothing): each was new
     /// to the document and was applied, and no change it held back for missing ones came
-    /// with them. The caller needs not read them out of the document again, which in
+    /// with them. The caller need not read them out of the document again, which in
     /// Automerge costs a walk of the whole document.
     Changes {
         /// The document's heads before.
