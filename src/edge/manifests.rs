@@ -3,7 +3,7 @@
 
 pub(crate) mod disk;
 
-pub use disk::{inspect, remove, remove_temp_files, write};
+pub use disk::{inspect, remove, remove_temp_files};
 
 use crate::crd::{MANAGED_ANNOTATION, MANAGED_LABEL, SOURCE_ANNOTATION};
 use crate::store::OwnedFile;
@@ -71,6 +71,19 @@ fn mark(meta: &mut serde_json::Map<String, Value>, field: &str, entries: &[(&str
 }
 
 pub use crate::input::manifest_file_name as file_name;
+
+/// Writes `want` into `dir` as [`disk::write`] does, on a thread of the runtime's blocking
+/// pool: the write's two fsyncs (milliseconds on an edge's flash, far more while it is busy)
+/// hold up no sync session, keep-alive or other document meanwhile.
+pub async fn write(dir: &Path, want: &Desired) -> std::io::Result<()> {
+    let (dir, file, content) = (dir.to_path_buf(), want.file.clone(), want.content.clone());
+    let written = tokio::task::spawn_blocking(move || disk::write(&dir, &file, &content)).await;
+    match written {
+        Ok(written) => written,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(std::io::Error::other("the daemon is stopping")),
+    }
+}
 
 /// SHA-256 of bytes, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -499,7 +499,7 @@ impl Reconciler {
                 };
                 self.own(record).await?;
             }
-            match manifests::write(&self.dir, &want) {
+            match manifests::write(&self.dir, &want).await {
                 Ok(()) => {
                     info!(file = %want.file, doc = %want.key, "manifest written");
                     self.written.insert(want.file.clone(), want.sha256());

@@ -1,7 +1,7 @@
 //! The manifest directory, seen and changed without following a link: inspect a path,
 //! write a manifest atomically, remove only regular files, clean up a crash's temp files.
 
-use super::{Desired, Look, OnDisk, path_in};
+use super::{Look, OnDisk, path_in};
 use crate::crd::{MANAGED_ANNOTATION, SOURCE_ANNOTATION};
 use crate::fsutil::{self, TEMP_PREFIX, TEMP_SUFFIX};
 use serde_json::Value;
@@ -124,13 +124,13 @@ fn regular_or_absent(path: &Path) -> io::Result<bool> {
     }
 }
 
-/// Writes `want` into `dir` atomically (temp file, fsync, rename), unless its path holds
-/// something that is not a regular file.
-pub fn write(dir: &Path, want: &Desired) -> io::Result<()> {
-    let path = path_in(dir, &want.file).ok_or_else(|| io::Error::other("not a plain file name"))?;
+/// Writes `content` into `file` in `dir` atomically (temp file, fsync, rename), unless its
+/// path holds something that is not a regular file.
+pub fn write(dir: &Path, file: &str, content: &[u8]) -> io::Result<()> {
+    let path = path_in(dir, file).ok_or_else(|| io::Error::other("not a plain file name"))?;
     regular_or_absent(&path)?;
     // A link planted after the check is replaced by the rename, never written through.
-    fsutil::write_atomic(&path, &want.content, 0o600)
+    fsutil::write_atomic(&path, content, 0o600)
 }
 
 /// Removes `file` from `dir` if it is a regular file; returns whether there was one.
@@ -182,6 +182,7 @@ pub fn remove_temp_files(dir: &Path) -> io::Result<Vec<String>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::edge::manifests::Desired;
 
     thread_local! {
         /// Regular files whose content was read (a `#[tokio::test]` runs its tasks on its
@@ -254,11 +255,7 @@ pub(crate) mod tests {
         );
         // Neither writing nor removing goes through a link or into a directory.
         for name in ["linked.json", "dangling.json", "dir.json"] {
-            let want = Desired {
-                file: name.into(),
-                ..a.clone()
-            };
-            assert!(write(m, &want).is_err(), "{name}");
+            assert!(write(m, name, &a.content).is_err(), "{name}");
             assert!(remove(m, name).is_err(), "{name}");
         }
         assert!(m.join("linked.json").is_symlink() && m.join("dangling.json").is_symlink());
