@@ -224,10 +224,13 @@ struct Failing {
 #[derive(Debug)]
 pub struct Session {
     peer: Identity,
-    states: HashMap<String, sync::State>,
+    /// Boxed: a map allocates room for more entries than it holds, and most sessions (an
+    /// edge's with its head) hold one, of some 180 bytes.
+    states: HashMap<String, Box<sync::State>>,
     reassembly: Reassembly,
     failing: HashMap<String, Failing>,
-    /// Documents whose acknowledgement is held back: until when, and their heads then.
+    /// Documents whose acknowledgement is held back: until when, and their heads then. It and
+    /// the queues below free their room once empty: a head keeps thousands of idle sessions.
     held: HashMap<String, (Instant, Vec<ChangeHash>)>,
     /// Until the summary goes out: the documents a message went out for before it (the
     /// resumed ones), which it leaves out.
@@ -247,7 +250,7 @@ impl Session {
     pub fn new(peer: Identity, stored: Vec<(String, Vec<u8>)>) -> Session {
         let states = stored
             .into_iter()
-            .filter_map(|(key, bytes)| Some((key, sync::State::decode(&bytes).ok()?)))
+            .filter_map(|(key, bytes)| Some((key, Box::new(sync::State::decode(&bytes).ok()?))))
             .collect();
         Session {
             peer,
@@ -479,7 +482,7 @@ impl Session {
                 // Only the notice of what was received: its answer waits on.
                 return Ok(());
             }
-            self.held.remove(key);
+            self.unhold(key);
         }
         if !self.peer.may_access(key) || self.waits_for_retry(key, now) {
             return Ok(());
@@ -541,7 +544,7 @@ impl Session {
             self.hold(key, heads, now);
             return Ok(());
         }
-        self.held.remove(key);
+        self.unhold(key);
         self.queue(key, message)
     }
 
@@ -552,6 +555,13 @@ impl Session {
         self.held.insert(key.to_string(), (until, heads));
     }
 
+    /// Drops the answer held back for document `key`, if any.
+    fn unhold(&mut self, key: &str) {
+        if self.held.remove(key).is_some() && self.held.is_empty() {
+            self.held.shrink_to_fit();
+        }
+    }
+
     /// The documents whose held-back answer is due: the caller pushes each.
     pub fn answers_due(&mut self, now: Instant) -> Vec<String> {
         let mut due: Vec<String> = self
@@ -559,6 +569,9 @@ impl Session {
             .extract_if(|_, (at, _)| *at <= now)
             .map(|(key, _)| key)
             .collect();
+        if self.held.is_empty() {
+            self.held.shrink_to_fit();
+        }
         due.sort();
         due
     }
@@ -686,17 +699,25 @@ impl Session {
 
     /// The next message to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmit.pop_front()
+        let next = self.transmit.pop_front();
+        if next.is_none() {
+            self.transmit = VecDeque::new();
+        }
+        next
     }
 
     /// The next thing to log or count.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let next = self.events.pop_front();
+        if next.is_none() {
+            self.events = VecDeque::new();
+        }
+        next
     }
 
     /// The encoded sync state of document `key`, to store with it.
     pub fn state(&self, key: &str) -> Option<Vec<u8>> {
-        self.states.get(key).map(sync::State::encode)
+        self.states.get(key).map(|state| state.encode())
     }
 
     /// The heads both sides had at the last exchange of document `key`.
