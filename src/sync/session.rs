@@ -1315,6 +1315,16 @@ mod tests {
         // The head knows the edge has its change: nothing is left to resend.
         let edge_heads = edge.heads();
         assert_eq!(head.session.shared_heads(key), edge_heads[0].1);
+        // Both idle again, neither keeps room for answers held or frames and events queued.
+        for side in [&head, &edge] {
+            let s = &side.session;
+            let room = (
+                s.held.capacity(),
+                s.transmit.capacity(),
+                s.events.capacity(),
+            );
+            assert_eq!(room, (0, 0, 0));
+        }
     }
 
     #[test]
