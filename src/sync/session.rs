@@ -557,7 +557,13 @@ impl Session {
 
     /// Drops the answer held back for document `key`, if any.
     fn unhold(&mut self, key: &str) {
-        if self.held.remove(key).is_some() && self.held.is_empty() {
+        self.held.remove(key);
+        self.free_held();
+    }
+
+    /// Frees the map of held answers' room once it holds none.
+    fn free_held(&mut self) {
+        if self.held.is_empty() {
             self.held.shrink_to_fit();
         }
     }
@@ -569,9 +575,7 @@ impl Session {
             .extract_if(|_, (at, _)| *at <= now)
             .map(|(key, _)| key)
             .collect();
-        if self.held.is_empty() {
-            self.held.shrink_to_fit();
-        }
+        self.free_held();
         due.sort();
         due
     }
