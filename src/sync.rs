@@ -252,13 +252,13 @@ impl Link {
         let state = first.then(|| self.session.state(&key)).flatten();
         let shared = self.session.shared_heads(&key);
         let peer = self.peer().name.clone();
-        let brought = match self
+        let changed = match self
             .node
             .docs()
             .synced(&peer, &key, &mut entry, state, shared, brought)
             .await
         {
-            Ok(brought) => brought,
+            Ok(changed) => changed,
             Err(e) => return self.session.fail(&key, e.to_string(), now_std()),
         };
         debug!(peer = %peer, doc = %key, "sync received");
@@ -268,7 +268,7 @@ impl Link {
         self.node.metrics().sync_rounds.get_or_create(&role).inc();
         // An edge answers a head's change with the status its reconciler writes next, and
         // acknowledges the change in the same message.
-        match brought && self.node.role() == Role::Edge {
+        match changed && self.node.role() == Role::Edge {
             true => self.session.answer(&key, entry.doc(), now_std()),
             false => self.session.push(&key, entry.doc(), now_std()),
         }
