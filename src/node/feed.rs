@@ -5,6 +5,7 @@
 use super::lock;
 use crate::transport::tls::{Identity, Role};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::Notify;
 
@@ -13,10 +14,16 @@ use tokio::sync::Notify;
 /// head, that report after the apply): one look at the document instead of two.
 pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// How long a paced look waits at most for a burst of changes to pause (see
+/// [`Feed::next_after`]).
+pub const SETTLE_AT_MOST: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Names (of documents, or of peers) changed since the one watcher last looked, each once.
 #[derive(Default)]
 pub struct Feed {
     keys: Mutex<BTreeSet<String>>,
+    /// Changes noted so far, for a paced look to tell whether a burst paused.
+    added: AtomicU64,
     wake: Notify,
 }
 
@@ -37,8 +44,10 @@ impl Feed {
 
     /// As [`Feed::next`], but takes nothing before `at`: a watcher that looks at most once
     /// per interval gets a burst's changes in one go. A change that comes after `at`, when
-    /// nothing was waiting, is taken `settle` later, with those that follow it at once (an
-    /// edge writes its report right after it applies a spec: one look sees both).
+    /// nothing was waiting, is taken once changes pause for `settle`, with those that follow
+    /// it (an edge writes its report right after it applies a spec: one look sees both; a
+    /// head's fan-out brings every edge's report after its apply: the look waits for the
+    /// burst to end instead of taking CPU from it), but at most [`SETTLE_AT_MOST`] after it.
     /// Cancel-safe too.
     pub async fn next_after(
         &self,
@@ -48,7 +57,16 @@ impl Feed {
         tokio::time::sleep_until(at).await;
         if lock(&self.keys).is_empty() {
             self.changed().await;
-            tokio::time::sleep(settle).await;
+            let latest = tokio::time::Instant::now() + SETTLE_AT_MOST;
+            loop {
+                let seen = self.added.load(Ordering::Relaxed);
+                tokio::time::sleep_until(latest.min(tokio::time::Instant::now() + settle)).await;
+                if self.added.load(Ordering::Relaxed) == seen
+                    || tokio::time::Instant::now() >= latest
+                {
+                    break;
+                }
+            }
         }
         self.next().await
     }
@@ -56,6 +74,7 @@ impl Feed {
     /// Notes that `key` changed.
     pub fn add(&self, key: &str) {
         lock(&self.keys).insert(key.to_string());
+        self.added.fetch_add(1, Ordering::Relaxed);
         self.wake.notify_one();
     }
 
@@ -167,6 +186,32 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(200) + settle);
         later.await.unwrap();
         assert_eq!(feed.next().await, keys(&["e"]));
+        // A burst: taken once it pauses, however long that is within SETTLE_AT_MOST.
+        let settle = Duration::from_millis(300);
+        let burst = |count: usize| {
+            let feed = feed.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                for i in 0..count {
+                    feed.add(&format!("k{i}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let start = Instant::now();
+        let ten = burst(10);
+        let taken = feed.next_after(start, settle).await;
+        assert_eq!(taken.len(), 10, "{taken:?}");
+        assert!(start.elapsed() >= Duration::from_millis(950) + settle);
+        ten.await.unwrap();
+        // One that does not pause is taken SETTLE_AT_MOST after it began, and all of it later.
+        let start = Instant::now();
+        let long = burst(40);
+        let taken = feed.next_after(start, settle).await;
+        assert!(start.elapsed() >= SETTLE_AT_MOST, "{:?}", start.elapsed());
+        assert!((10..40).contains(&taken.len()), "{}", taken.len());
+        long.await.unwrap();
+        assert_eq!(taken.len() + feed.next().await.len(), 40);
     }
 
     #[tokio::test]
