@@ -740,7 +740,10 @@ impl Docs {
         };
         let mut entry = entry.lock().await;
         let before = entry.heads();
-        if model::set_status(entry.doc(), observed, pods)? {
+        // The status as last read or written here, if nothing moved it since: a report that
+        // moves no pod's state writes the observed generation alone.
+        let known = entry.known_status(&before).cloned();
+        if model::set_status_known(entry.doc(), observed, pods, known.as_ref())? {
             let after = entry.heads();
             let written = model::StatusSide::written(observed, pods);
             entry.status_moved(&before, &after, Some(written));
@@ -951,6 +954,67 @@ mod tests {
         .await
         .unwrap();
         assert!(changes.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_report_that_moves_no_pod_writes_its_generation_alone() {
+        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
+        let key = "default/edge01";
+        let dir = tempfile::tempdir().unwrap();
+        let docs = head_docs(dir.path()).await;
+        let walks = || model::tests::POD_STATE_WRITES.with(|n| n.get());
+        // Reports the pod's state `state` at `generation`: whether it wrote, how many walks
+        // over the pods' states it took, and the status a read of the stored document finds.
+        let docs = &docs;
+        let report = move |generation: i64, state: &'static str| async move {
+            let before = walks();
+            let report = nginx_report(state);
+            let heads = docs.report_status(key, generation, &report).await;
+            let (old, new) = heads.unwrap().unwrap();
+            let stored = docs.store().load_doc(key.into()).await.unwrap().unwrap();
+            let mut doc = AutoCommit::load(&stored.snapshot).unwrap();
+            for chunk in &stored.chunks {
+                doc.load_incremental(chunk).unwrap();
+            }
+            let view = model::read(&doc, key).unwrap();
+            let states: Vec<String> = view.pod_states.into_iter().map(|p| p.state).collect();
+            (
+                old != new,
+                walks() - before,
+                view.observed_generation,
+                states,
+            )
+        };
+        let states = |state: &str| vec![state.to_string()];
+        docs.apply_text(EXAMPLE, "default").await.unwrap();
+        assert_eq!(
+            report(1, "Applied").await,
+            (true, 1, Some(1), states("Applied"))
+        );
+        // A new generation read here, whose pod stays applied: the generation alone.
+        let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.27");
+        docs.apply_text(&edited, "default").await.unwrap();
+        docs.view(key).await.unwrap().unwrap();
+        assert_eq!(
+            report(2, "Applied").await,
+            (true, 0, Some(2), states("Applied"))
+        );
+        // The same report again writes nothing; a pod's new state is walked and written.
+        assert_eq!(
+            report(2, "Applied").await,
+            (false, 0, Some(2), states("Applied"))
+        );
+        assert_eq!(
+            report(2, "Refused").await,
+            (true, 1, Some(2), states("Refused"))
+        );
+        // What the status holds is not known once the document moved since it was read.
+        let edited = EXAMPLE.replace("image: nginx", "image: nginx:1.28");
+        docs.apply_text(&edited, "default").await.unwrap();
+        assert_eq!(
+            report(3, "Refused").await,
+            (true, 1, Some(3), states("Refused"))
+        );
     }
 
     #[tokio::test]

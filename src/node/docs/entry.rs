@@ -216,6 +216,17 @@ impl DocEntry {
         }
     }
 
+    /// The status's side of the read kept at `heads`, if it is known there.
+    pub(super) fn known_status(
+        &self,
+        heads: &[automerge::ChangeHash],
+    ) -> Option<&model::StatusSide> {
+        match &self.doc {
+            Resident::Loaded(_, Some(kept)) if kept.heads == heads => kept.parts.status.as_ref(),
+            _ => None,
+        }
+    }
+
     /// A peer's change moved the spec: it may hold concurrent values now.
     pub(super) fn spec_moved(&mut self) {
         self.spec_clean = false;
