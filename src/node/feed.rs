@@ -9,13 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::Notify;
 
-/// How long a paced look ([`Feed::next_after`]) waits after a change that came when nothing
-/// was waiting, for what follows it at once (on an edge, its report right after a spec; on a
-/// head, that report after the apply): one look at the document instead of two.
+/// How long changes must pause before a paced look ([`Feed::next_after`]) takes them: what
+/// follows a change at once (on an edge, its report right after a spec; on a head, the
+/// edges' reports after an apply) is seen in the same look.
 pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// How long a paced look waits at most for a burst of changes to pause (see
-/// [`Feed::next_after`]).
+/// How long a paced look waits at most for changes to pause.
 pub const SETTLE_AT_MOST: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Names (of documents, or of peers) changed since the one watcher last looked, each once.
@@ -42,30 +41,25 @@ impl Feed {
         }
     }
 
-    /// As [`Feed::next`], but takes nothing before `at`: a watcher that looks at most once
-    /// per interval gets a burst's changes in one go. A change that comes after `at`, when
-    /// nothing was waiting, is taken once changes pause for `settle`, with those that follow
-    /// it (an edge writes its report right after it applies a spec: one look sees both; a
-    /// head's fan-out brings every edge's report after its apply: the look waits for the
-    /// burst to end instead of taking CPU from it), but at most [`SETTLE_AT_MOST`] after it.
-    /// Cancel-safe too.
+    /// As [`Feed::next`], but takes nothing before `at`, and then only once changes pause for
+    /// `settle` (at most [`SETTLE_AT_MOST`] after the first is waiting): a watcher that looks
+    /// at most once per interval gets a burst's changes in one go, after it, instead of taking
+    /// CPU from it (an edge writes its report right after it applies a spec: one look sees
+    /// both; a head's fan-out brings every edge's report after its apply: one look at each
+    /// EdgeNode, once the reports are in). Cancel-safe too.
     pub async fn next_after(
         &self,
         at: tokio::time::Instant,
         settle: std::time::Duration,
     ) -> BTreeSet<String> {
         tokio::time::sleep_until(at).await;
-        if lock(&self.keys).is_empty() {
-            self.changed().await;
-            let latest = tokio::time::Instant::now() + SETTLE_AT_MOST;
-            loop {
-                let seen = self.added.load(Ordering::Relaxed);
-                tokio::time::sleep_until(latest.min(tokio::time::Instant::now() + settle)).await;
-                if self.added.load(Ordering::Relaxed) == seen
-                    || tokio::time::Instant::now() >= latest
-                {
-                    break;
-                }
+        self.changed().await;
+        let latest = tokio::time::Instant::now() + SETTLE_AT_MOST;
+        loop {
+            let seen = self.added.load(Ordering::Relaxed);
+            tokio::time::sleep_until(latest.min(tokio::time::Instant::now() + settle)).await;
+            if self.added.load(Ordering::Relaxed) == seen || tokio::time::Instant::now() >= latest {
+                break;
             }
         }
         self.next().await
@@ -157,17 +151,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_paced_look_takes_a_burst_and_what_follows_a_change_at_once() {
+    async fn a_paced_look_takes_a_burst_once_it_pauses_and_what_follows_a_change_with_it() {
         use tokio::time::{Duration, Instant};
         let feed = Arc::new(Feed::default());
         let keys = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
         let settle = Duration::from_millis(500);
-        // Changes made before the time to look are taken at that time, without settling.
+        // Changes made before the time to look are taken once they pause after it.
         let start = Instant::now();
         feed.add("a");
         let at = start + Duration::from_millis(100);
         assert_eq!(feed.next_after(at, settle).await, keys(&["a"]));
-        assert!(start.elapsed() < settle, "{:?}", start.elapsed());
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(100) + settle,
+            "{elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_millis(100) + 2 * settle,
+            "{elapsed:?}"
+        );
         // A change after an idle while: taken `settle` after it, with the one that followed.
         let later = {
             let feed = feed.clone();
@@ -203,6 +205,14 @@ mod tests {
         let taken = feed.next_after(start, settle).await;
         assert_eq!(taken.len(), 10, "{taken:?}");
         assert!(start.elapsed() >= Duration::from_millis(950) + settle);
+        ten.await.unwrap();
+        // So is one that began before the time to look.
+        let start = Instant::now();
+        let ten = burst(10);
+        let taken = feed
+            .next_after(start + Duration::from_millis(300), settle)
+            .await;
+        assert_eq!(taken.len(), 10, "{taken:?}");
         ten.await.unwrap();
         // One that does not pause is taken SETTLE_AT_MOST after it began, and all of it later.
         let start = Instant::now();

@@ -1,6 +1,7 @@
 //! Passes over the EdgeNodes that changed: each is read once per pass for everything that
 //! follows them (the journal, a head's refused-pods count), at most once per
-//! [`PASS_INTERVAL`].
+//! [`PASS_INTERVAL`] and once changes pause (see [`super::feed::Feed::next_after`]), so that
+//! a burst such as a fan-out is looked at after it, once per EdgeNode.
 
 use super::{Look, Node};
 use std::collections::BTreeSet;
