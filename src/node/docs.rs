@@ -867,6 +867,8 @@ impl Docs {
 mod tests {
     use super::*;
 
+    const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
+
     /// A head's documents, stored in `dir`.
     async fn head_docs(dir: &std::path::Path) -> Docs {
         let store = Store::open(dir).unwrap();
@@ -898,7 +900,6 @@ mod tests {
 
     #[tokio::test]
     async fn each_stored_change_says_what_moved_and_where_it_came_from() {
-        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let key = "default/edge01";
         let dir = tempfile::tempdir().unwrap();
         let docs = head_docs(dir.path()).await;
@@ -958,7 +959,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_report_that_moves_no_pod_writes_its_generation_alone() {
-        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let key = "default/edge01";
         let dir = tempfile::tempdir().unwrap();
         let docs = head_docs(dir.path()).await;
@@ -1019,7 +1019,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_status_read_follows_every_change_and_reads_only_the_sides_that_moved() {
-        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let key = "default/edge01";
         let dir = tempfile::tempdir().unwrap();
         let docs = head_docs(dir.path()).await;
@@ -1129,7 +1128,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_keeps_only_the_documents_used_last_loaded() {
-        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let docs = Docs::open_loading_at_most(Scope::All, store, Rules::new("default"), 8)
@@ -1167,7 +1165,6 @@ mod tests {
 
     #[tokio::test]
     async fn documents_saved_away_load_again_when_used_and_lose_nothing() {
-        const EXAMPLE: &str = include_str!("../../example/edge01.yaml");
         let dir = tempfile::tempdir().unwrap();
         let open = || async {
             let store = Store::open(dir.path()).unwrap();
