@@ -164,32 +164,7 @@ pub fn set_status(
     observed_generation: i64,
     pods: &[PodState],
 ) -> Result<bool, ModelError> {
-    #[cfg(test)]
-    tests::POD_STATE_WRITES.with(|n| n.set(n.get() + 1));
-    let status = map_at(doc, &ROOT, "status")?;
-    let mut changed = reconcile(
-        doc,
-        &status,
-        "observedGeneration".into(),
-        &Value::from(observed_generation),
-    )?;
-    let pods = Value::Object(
-        pods.iter()
-            .map(|p| {
-                let mut state = Map::new();
-                state.insert("state".into(), Value::String(p.state.clone()));
-                for (field, value) in [("reason", &p.reason), ("cause", &p.cause)] {
-                    if let Some(value) = value {
-                        state.insert(field.into(), Value::String(value.clone()));
-                    }
-                }
-                (p.name.clone(), Value::Object(state))
-            })
-            .collect(),
-    );
-    changed |= reconcile(doc, &status, "pods".into(), &pods)?;
-    doc.commit();
-    Ok(changed)
+    write_status(doc, observed_generation, Some(pods))
 }
 
 /// Writes an edge's report whose pods' states the status holds already (`known`, read at the
@@ -206,14 +181,47 @@ pub fn set_status_known(
     match known {
         Some(known) if *known == written => Ok(false),
         Some(known) if known.pod_states == written.pod_states => {
-            let status = map_at(doc, &ROOT, "status")?;
-            let observed = Value::from(observed_generation);
-            let changed = reconcile(doc, &status, "observedGeneration".into(), &observed)?;
-            doc.commit();
-            Ok(changed)
+            write_status(doc, observed_generation, None)
         }
-        _ => set_status(doc, observed_generation, pods),
+        _ => write_status(doc, observed_generation, Some(pods)),
     }
+}
+
+/// Writes the observed generation and, if given, the pods' states (a walk over those held),
+/// in one commit. Returns whether anything changed.
+fn write_status(
+    doc: &mut AutoCommit,
+    observed_generation: i64,
+    pods: Option<&[PodState]>,
+) -> Result<bool, ModelError> {
+    let status = map_at(doc, &ROOT, "status")?;
+    let mut changed = reconcile(
+        doc,
+        &status,
+        "observedGeneration".into(),
+        &Value::from(observed_generation),
+    )?;
+    if let Some(pods) = pods {
+        #[cfg(test)]
+        tests::POD_STATE_WRITES.with(|n| n.set(n.get() + 1));
+        let pods = Value::Object(
+            pods.iter()
+                .map(|p| {
+                    let mut state = Map::new();
+                    state.insert("state".into(), Value::String(p.state.clone()));
+                    for (field, value) in [("reason", &p.reason), ("cause", &p.cause)] {
+                        if let Some(value) = value {
+                            state.insert(field.into(), Value::String(value.clone()));
+                        }
+                    }
+                    (p.name.clone(), Value::Object(state))
+                })
+                .collect(),
+        );
+        changed |= reconcile(doc, &status, "pods".into(), &pods)?;
+    }
+    doc.commit();
+    Ok(changed)
 }
 
 /// Whether the document holds a live EdgeNode: it was created (generation above 0) and is not

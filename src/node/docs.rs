@@ -972,11 +972,8 @@ mod tests {
             let heads = docs.report_status(key, generation, &report).await;
             let (old, new) = heads.unwrap().unwrap();
             let stored = docs.store().load_doc(key.into()).await.unwrap().unwrap();
-            let mut doc = AutoCommit::load(&stored.snapshot).unwrap();
-            for chunk in &stored.chunks {
-                doc.load_incremental(chunk).unwrap();
-            }
-            let view = model::read(&doc, key).unwrap();
+            let mut stored = DocEntry::load(stored, &ActorId::random(), &Loads::new(1)).unwrap();
+            let view = stored.read(|doc| model::read(doc, key)).unwrap();
             let states: Vec<String> = view.pod_states.into_iter().map(|p| p.state).collect();
             (
                 old != new,
