@@ -171,20 +171,22 @@ pub fn set_status(
 /// document's heads): the observed generation alone, without a walk over the pods' states.
 /// Otherwise as [`set_status`]. A concurrent value that a walk would settle is left to the
 /// next report that moves a pod: every peer shows the same of the values meanwhile.
+/// Returns the status as a read finds it now if this changed the document.
 pub fn set_status_known(
     doc: &mut AutoCommit,
     observed_generation: i64,
     pods: &[PodState],
     known: Option<&StatusSide>,
-) -> Result<bool, ModelError> {
+) -> Result<Option<StatusSide>, ModelError> {
     let written = StatusSide::written(observed_generation, pods);
-    match known {
-        Some(known) if *known == written => Ok(false),
+    let changed = match known {
+        Some(known) if *known == written => false,
         Some(known) if known.pod_states == written.pod_states => {
-            write_status(doc, observed_generation, None)
+            write_status(doc, observed_generation, None)?
         }
-        _ => write_status(doc, observed_generation, Some(pods)),
-    }
+        _ => write_status(doc, observed_generation, Some(pods))?,
+    };
+    Ok(changed.then_some(written))
 }
 
 /// Writes the observed generation and, if given, the pods' states (a walk over those held),

@@ -743,9 +743,9 @@ impl Docs {
         // The status as last read or written here, if nothing moved it since: a report that
         // moves no pod's state writes the observed generation alone.
         let known = entry.known_status(&before).cloned();
-        if model::set_status_known(entry.doc(), observed, pods, known.as_ref())? {
+        if let Some(written) = model::set_status_known(entry.doc(), observed, pods, known.as_ref())?
+        {
             let after = entry.heads();
-            let written = model::StatusSide::written(observed, pods);
             entry.status_moved(&before, &after, Some(written));
             self.persist(key, &mut entry, Vec::new(), Origin::Local, Moved::STATUS)
                 .await?;
