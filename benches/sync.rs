@@ -513,6 +513,20 @@ fn raise_file_limit() {
     let _ = setrlimit(Resource::Nofile, limit);
 }
 
+/// Gives this process a futex hash for the threads of `edges` edges (each has a database
+/// thread, and the blocking pool writes their manifests). Linux (6.16 on) sizes a process's own
+/// futex hash by its CPUs, not its threads: 16 slots on these two vCPUs, so with a thousand
+/// edges' threads waiting each wake-up walked a list of some hundred waiters (`futex_wake` was
+/// 6 % of a host's thread). An `edgesync edge` process has a handful of threads, for which the
+/// default is right. Older kernels have one global hash and refuse the call, which is fine.
+fn size_futex_hash(edges: usize) {
+    const PR_FUTEX_HASH: libc::c_int = 78;
+    const PR_FUTEX_HASH_SET_SLOTS: libc::c_ulong = 1;
+    let slots = (4 * 2 * edges).next_power_of_two() as libc::c_ulong;
+    // SAFETY: prctl with integer arguments only; it reads and writes no memory of ours.
+    let _ = unsafe { libc::prctl(PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) };
+}
+
 /// Edges one process hosts, on its one thread: eight processes for 10,000 edges keep the two
 /// cores busy while some wait on an `fsync`. Each edge holds six open files, well within the
 /// hard limit of 20,000 these machines set (which root cannot raise here: no
@@ -627,6 +641,7 @@ async fn host_edges(args: &[String]) {
     let head: SocketAddr = head.parse().unwrap();
     let dir = Path::new(dir);
     let mine: Vec<usize> = (host..fleet).step_by(hosts).collect();
+    size_futex_hash(mine.len());
     let mut edges = Vec::with_capacity(mine.len());
     for chunk in mine.chunks(50) {
         let starts = chunk.iter().map(|&i| {
