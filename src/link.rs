@@ -325,10 +325,10 @@ async fn handle_incoming(
                         .all(|c| c.is_ascii_alphanumeric() || ".+-_".contains(c)))
                 .then_some(version),
             };
-            let compact = transport::Dialect::of(&conn).compact;
+            let dialect = transport::Dialect::of(&conn);
             let stopping = shutdown.clone();
             let result =
-                run_session(node, peer.clone(), address, recv, send, compact, shutdown).await;
+                run_session(node, peer.clone(), address, recv, send, dialect, shutdown).await;
             log_end(&peer, &result, conn.close_reason());
             // A stopping node closes every link at once, with when to come back.
             if !stopping.is_cancelled() {
@@ -561,7 +561,7 @@ async fn run_link(
                 address,
                 recv,
                 send,
-                dialect.compact,
+                dialect,
                 shutdown,
             )
             .await;

@@ -6,12 +6,23 @@
 //! spec:       { pods: { <pod name>: <v1 Pod as JSON> } }
 //! deleted:    bool                      tombstone, so a resync never resurrects
 //! generation: counter                   +1 per spec edit, merges additively
+//! generations: { <writer's actor>: int } a writer's spec edits since the document moved to
+//!                                         counts per writer; the generation is the counter
+//!                                         plus their sum
 //! policy:     { privileged: bool }      written by the head from its policy
 //! status:     { observedGeneration, pods: { <name>: { state, reason, cause } } }   written by the edge
 //! ```
 //! Every document starts with the same deterministic genesis change, so two sides that
 //! create it independently (head by `apply`, edge by an offline `apply`) share the
 //! top-level maps instead of producing conflicting ones.
+//!
+//! Why counts per writer: every increment of the counter is a successor of its one
+//! operation, and Automerge, rebuilding a change that holds one (to store it, to send it),
+//! visits them all, so a spec edit cost more the more edits the document ever had. A writer's
+//! count is a plain value it alone overwrites, whatever the history. Concurrent edits still
+//! add up (each writer counts its own), and the counter keeps what was counted before. A
+//! head moves a document to counts per writer ([`count_per_writer`]) only once every peer
+//! that reads it reads them; peers of earlier releases read the counter alone.
 
 use crate::crd::PodState;
 use crate::input::DesiredNode;
@@ -127,7 +138,7 @@ pub fn set_spec(
     );
     reconcile(doc, &spec, "pods".into(), &pods)?;
     reconcile(doc, &ROOT, "deleted".into(), &Value::Bool(false))?;
-    Ok(finish_spec_edit(doc)?)
+    finish_spec_edit(doc)
 }
 
 /// Marks the document deleted and empties its pods. Returns whether anything changed.
@@ -136,17 +147,76 @@ pub fn mark_deleted(doc: &mut AutoCommit) -> Result<bool, ModelError> {
     let spec = map_at(doc, &ROOT, "spec")?;
     reconcile(doc, &spec, "pods".into(), &Value::Object(Map::new()))?;
     reconcile(doc, &ROOT, "deleted".into(), &Value::Bool(true))?;
-    Ok(finish_spec_edit(doc)?)
+    finish_spec_edit(doc)
 }
 
 /// Commits a spec edit as one change together with its generation bump; no ops, no change.
-fn finish_spec_edit(doc: &mut AutoCommit) -> Result<bool, automerge::AutomergeError> {
+/// The bump goes to this writer's count if the document has counts per writer and its
+/// counter is above 0 (so that peers reading the counter alone see the EdgeNode created),
+/// else to the counter.
+fn finish_spec_edit(doc: &mut AutoCommit) -> Result<bool, ModelError> {
     if doc.pending_ops() == 0 {
         return Ok(false);
     }
-    doc.increment(ROOT, "generation", 1)?;
+    match counts_map(doc)? {
+        Some(counts) if scalar_int(doc, &ROOT, "generation")?.unwrap_or(0) > 0 => {
+            let me = doc.get_actor().to_hex_string();
+            let mine = scalar_int(doc, &counts, &me)?.unwrap_or(0);
+            doc.put(&counts, me, mine + 1)?;
+        }
+        _ => doc.increment(ROOT, "generation", 1)?,
+    }
     doc.commit();
     Ok(true)
+}
+
+/// The map of counts per writer, if the document has one.
+fn counts_map(doc: &AutoCommit) -> Result<Option<ObjId>, ModelError> {
+    Ok(match doc.get(ROOT, COUNTS)? {
+        Some((AmValue::Object(ObjType::Map), id)) => Some(id),
+        _ => None,
+    })
+}
+
+/// Where a document keeps its counts per writer.
+const COUNTS: &str = "generations";
+
+/// Moves document `key` to counts per writer, unless it has them: the map comes in a change
+/// every side makes the same (as the genesis change is, after which it comes), so two sides
+/// that do it independently share one map. Returns whether it was added. Only for a document
+/// every peer reading it reads the counts: one of an earlier release reads the counter
+/// alone, which then stops at what it was.
+pub fn count_per_writer(doc: &mut AutoCommit, key: &str) -> Result<bool, ModelError> {
+    if counts_map(doc)?.is_some() {
+        return Ok(false);
+    }
+    let seed: [u8; 32] = Sha256::digest(format!("edgesync generation counts v1 {key}")).into();
+    let mut made = genesis(key, &ActorId::from(&seed[..16]));
+    made.put_object(ROOT, COUNTS, ObjType::Map)?;
+    made.commit_with(CommitOptions::default().with_time(0));
+    let change = made
+        .get_last_local_change()
+        .expect("a change was just committed");
+    doc.apply_changes([change])?;
+    Ok(counts_map(doc)?.is_some())
+}
+
+/// A document's generation: its counter plus the counts per writer.
+fn generation(doc: &AutoCommit) -> Result<i64, ModelError> {
+    let counter = scalar_int(doc, &ROOT, "generation")?.unwrap_or(0);
+    let counts = counts_map(doc)?.map_or(0, |counts| sum_counts(doc, &counts));
+    Ok(counter.saturating_add(counts))
+}
+
+/// The sum of the counts per writer in map `counts`.
+fn sum_counts(doc: &AutoCommit, counts: &ObjId) -> i64 {
+    let values = doc
+        .map_range(counts, ..)
+        .filter_map(|item| match &item.value {
+            ValueRef::Scalar(s) => int(s),
+            _ => None,
+        });
+    values.fold(0i64, i64::saturating_add)
 }
 
 /// Sets the head's policy flag. Returns whether it changed.
@@ -229,8 +299,7 @@ fn write_status(
 /// Whether the document holds a live EdgeNode: it was created (generation above 0) and is not
 /// deleted. Reads two fields, not the whole document.
 pub fn is_live(doc: &AutoCommit) -> Result<bool, ModelError> {
-    Ok(scalar_int(doc, &ROOT, "generation")?.unwrap_or(0) > 0
-        && !scalar_bool(doc, &ROOT, "deleted")?)
+    Ok(generation(doc)? > 0 && !scalar_bool(doc, &ROOT, "deleted")?)
 }
 
 fn scalar_int(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Result<Option<i64>, ModelError> {
@@ -421,16 +490,18 @@ fn read_spec_side(
     clean: bool,
 ) -> Result<(SpecSide, Option<ObjId>), ModelError> {
     let mut side = SpecSide::default();
-    let (mut spec, mut status) = (None, None);
+    let (mut spec, mut status, mut counts, mut counter) = (None, None, None, 0);
     for item in doc.map_range(&ROOT, ..) {
         match (&*item.key, &item.value) {
             ("spec", ValueRef::Object(ObjType::Map)) => spec = Some(item.id()),
             ("status", ValueRef::Object(ObjType::Map)) => status = Some(item.id()),
             ("deleted", ValueRef::Scalar(s)) => side.deleted = is_true(s),
-            ("generation", ValueRef::Scalar(s)) => side.generation = int(s).unwrap_or(0),
+            ("generation", ValueRef::Scalar(s)) => counter = int(s).unwrap_or(0),
+            (COUNTS, ValueRef::Object(ObjType::Map)) => counts = Some(item.id()),
             _ => {}
         }
     }
+    side.generation = counter.saturating_add(counts.map_or(0, |c| sum_counts(doc, &c)));
     let spec = spec.ok_or_else(|| malformed(key, "spec missing"))?;
     if !clean {
         // The spec's conflicts are found in a pass over all of it, reading no value but theirs.
@@ -505,7 +576,12 @@ pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
         labels,
         pods,
         deleted: json["deleted"].as_bool().unwrap_or(false),
-        generation: json["generation"].as_i64().unwrap_or(0),
+        generation: json["generation"].as_i64().unwrap_or(0).saturating_add(
+            json[COUNTS].as_object().map_or(0, |counts| {
+                let counts = counts.values().filter_map(Value::as_i64);
+                counts.fold(0i64, i64::saturating_add)
+            }),
+        ),
         privileged: json["policy"]["privileged"].as_bool().unwrap_or(false),
         observed_generation: status["observedGeneration"].as_i64(),
         pod_states,
@@ -1050,6 +1126,88 @@ pub(crate) mod tests {
         assert!(h.pods.contains_key("redis"));
         assert_eq!(h.generation, 3, "concurrent generation bumps add up");
         assert!(h.conflicts.is_empty(), "{:?}", h.conflicts);
+    }
+
+    /// The operations of `doc`'s last change, as (action, key) in its encoding.
+    fn last_ops(doc: &mut AutoCommit) -> Vec<String> {
+        let change = doc.get_last_local_change().unwrap();
+        let ops = change.decode().operations;
+        ops.iter()
+            .map(|op| format!("{:?} {:?}", op.action, op.key))
+            .collect()
+    }
+
+    #[test]
+    fn counts_per_writer_keep_the_generation_and_bump_a_plain_value() {
+        let key = "default/edge01";
+        let mut head = genesis(key, &ActorId::random());
+        set_spec(&mut head, &desired("nginx"), "t").unwrap();
+        set_spec(&mut head, &desired("nginx:2"), "t").unwrap();
+        assert!(
+            last_ops(&mut head)
+                .iter()
+                .any(|op| op.contains("Increment"))
+        );
+        let mut edge = genesis(key, &ActorId::random());
+        merge(&mut head, &mut edge);
+        // Both sides move to counts per writer on their own, and share one map.
+        assert!(count_per_writer(&mut head, key).unwrap());
+        assert!(!count_per_writer(&mut head, key).unwrap(), "once");
+        assert!(count_per_writer(&mut edge, key).unwrap());
+        assert_eq!(head.get_heads(), edge.get_heads(), "the same change");
+        assert_eq!(
+            read(&head, key).unwrap().generation,
+            2,
+            "nothing counted anew"
+        );
+        set_spec(&mut head, &desired("nginx:3"), "t").unwrap();
+        let ops = last_ops(&mut head);
+        assert!(
+            ops.iter().all(|op| !op.contains("Increment")),
+            "a plain value, not an increment: {ops:?}"
+        );
+        assert_eq!(read(&head, key).unwrap().generation, 3);
+        assert_eq!(
+            scalar_int(&head, &ROOT, "generation").unwrap(),
+            Some(2),
+            "the counter, all that peers of earlier releases read, stays"
+        );
+        // Concurrent edits add up: two writers' counts, and an increment of the counter by a
+        // peer that does not know them.
+        let mut old = genesis(key, &ActorId::random());
+        merge(&mut head, &mut old);
+        merge(&mut head, &mut edge);
+        set_spec(&mut head, &desired("nginx:4"), "t").unwrap();
+        set_spec(&mut edge, &desired("nginx:edge"), "t").unwrap();
+        old.increment(ROOT, "generation", 1).unwrap();
+        old.commit();
+        merge(&mut head, &mut edge);
+        merge(&mut head, &mut old);
+        merge(&mut head, &mut edge);
+        for doc in [&head, &edge] {
+            assert_eq!(read(doc, key).unwrap().generation, 6);
+            status_read_agrees(doc, key);
+        }
+        assert_eq!(generation(&head).unwrap(), 6);
+    }
+
+    #[test]
+    fn an_edgenode_created_with_counts_per_writer_is_live_for_older_peers() {
+        let key = "default/edge01";
+        let mut head = genesis(key, &ActorId::random());
+        assert!(count_per_writer(&mut head, key).unwrap());
+        assert!(!is_live(&head).unwrap());
+        set_spec(&mut head, &desired("nginx"), "t").unwrap();
+        // Its first bump goes to the counter, which an older peer reads.
+        assert_eq!(scalar_int(&head, &ROOT, "generation").unwrap(), Some(1));
+        set_spec(&mut head, &desired("nginx:2"), "t").unwrap();
+        assert_eq!(scalar_int(&head, &ROOT, "generation").unwrap(), Some(1));
+        let view = read(&head, key).unwrap();
+        assert_eq!(view.generation, 2);
+        assert!(is_live(&head).unwrap());
+        mark_deleted(&mut head).unwrap();
+        assert_eq!(read(&head, key).unwrap().generation, 3);
+        assert!(!is_live(&head).unwrap());
     }
 
     #[test]

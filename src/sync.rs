@@ -11,6 +11,7 @@ pub mod wire;
 
 use crate::clock::now;
 use crate::node::{Node, PeerAddress};
+use crate::transport::Dialect;
 use crate::transport::tls::{Identity, Role};
 use session::{Event, Incoming, Session, Transmit};
 use std::time::Duration;
@@ -32,8 +33,8 @@ type Read = Box<Result<Frame, WireError>>;
 
 /// Runs the sync protocol with `peer` over one stream until it closes, the peer misbehaves or
 /// `shutdown` fires. The first frame (Hello) is already consumed by the caller on the accepting
-/// side; the dialing side sends its own Hello before calling this. `compact`: the connection
-/// negotiated the compact encoding of sync messages.
+/// side; the dialing side sends its own Hello before calling this. `dialect`: what the
+/// connection negotiated (the compact encoding of sync messages, counts per writer).
 ///
 /// Reading, deciding and writing are separate tasks joined by queues: the session never blocks
 /// on a write, so two peers pushing many documents at each other cannot deadlock. The outgoing
@@ -44,7 +45,7 @@ pub async fn run_session<R, W>(
     address: PeerAddress,
     recv: R,
     send: W,
-    compact: bool,
+    dialect: Dialect,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError>
 where
@@ -56,6 +57,7 @@ where
     let (out, out_rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(write_frames(send, out_rx, node.clone()));
     node.peers().connected(&peer, &address);
+    node.docs().session_reads(&peer, dialect.counts, true);
     // The steps before and after the loop are boxed, like the loop's own: a session's task
     // then keeps room for what waits in the loop only, for the session's whole life.
     let stored = match Box::pin(node.store().sync_states(&peer.name)).await {
@@ -67,7 +69,7 @@ where
     };
     let mut link = Link {
         node: node.clone(),
-        session: Session::new(peer.clone(), stored).compact(compact),
+        session: Session::new(peer.clone(), stored).compact(dialect.compact),
         out,
     };
     let (frames_tx, mut frames) = mpsc::channel(READ_AHEAD);
@@ -109,6 +111,7 @@ where
     let states = link.session.states();
     drop(link);
     Box::pin(end(&node, &peer, states, writer)).await;
+    node.docs().session_reads(&peer, dialect.counts, false);
     result
 }
 
@@ -436,7 +439,7 @@ mod tests {
                 address,
                 recv,
                 send,
-                false,
+                Dialect::default(),
                 shutdown.clone(),
             ));
             let (mut rx, mut tx) = tokio::io::split(theirs);

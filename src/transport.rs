@@ -298,12 +298,14 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<Identity> {
 
 /// What a connection's peers agreed to speak (its ALPN protocol), which decides the frames
 /// they may send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Dialect {
     /// The dialer's Hello says its version.
     pub hello_version: bool,
     /// Sync messages may go in the compact encoding.
     pub compact: bool,
+    /// The peer reads a document's generation with its counts per writer.
+    pub counts: bool,
 }
 
 impl Dialect {
@@ -313,10 +315,12 @@ impl Dialect {
             .handshake_data()
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol);
-        let compact = protocol.as_deref() == Some(tls::ALPN_COMPACT);
+        let counts = protocol.as_deref() == Some(tls::ALPN_COUNTS);
+        let compact = counts || protocol.as_deref() == Some(tls::ALPN_COMPACT);
         Dialect {
             hello_version: compact || protocol.as_deref() == Some(tls::ALPN_HELLO_VERSION),
             compact,
+            counts,
         }
     }
 }
@@ -435,7 +439,7 @@ mod alpn_tests {
 
     #[tokio::test]
     async fn a_peer_of_the_first_release_gets_the_hello_it_knows() {
-        // This build offers all three and prefers the compact encoding.
+        // This build offers all four and prefers the counts per writer.
         let ours = tls::client_config(
             &tls::Ca::generate().unwrap().cert,
             &tls::Ca::generate().unwrap().issue_head("x").unwrap(),
@@ -444,6 +448,16 @@ mod alpn_tests {
         .alpn_protocols;
         assert_eq!(
             negotiated(ours.clone(), None).await.as_deref(),
+            Some(tls::ALPN_COUNTS)
+        );
+        // Builds before them offer and accept the compact encoding at most.
+        let compact = tls::alpn_protocols()[1..].to_vec();
+        assert_eq!(
+            negotiated(compact.clone(), None).await.as_deref(),
+            Some(tls::ALPN_COMPACT)
+        );
+        assert_eq!(
+            negotiated(ours.clone(), Some(compact)).await.as_deref(),
             Some(tls::ALPN_COMPACT)
         );
         // Builds before the compact encoding offer and accept the Hello with a version.

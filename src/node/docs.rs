@@ -87,6 +87,18 @@ pub struct Docs {
     /// The registry as last read, and the heads it was read at.
     registry_read: Mutex<Option<(Vec<ChangeHash>, Arc<Registry>)>>,
     loads: Arc<Loads>,
+    readers: Mutex<Readers>,
+}
+
+/// Which peers connected now read a document's generation with its counts per writer
+/// ([`model::count_per_writer`]): a head moves an EdgeNode's document to them only when its
+/// edge does and no head connected here does not.
+#[derive(Default)]
+struct Readers {
+    /// Sessions with each edge that read them.
+    edges: HashMap<String, u32>,
+    /// Sessions with heads that do not.
+    older_heads: u32,
 }
 
 /// How long a head keeps an EdgeNode document loaded that nothing uses (about 15 KiB for a
@@ -226,6 +238,7 @@ impl Docs {
             shared: Mutex::new(shared),
             registry_read: Mutex::new(None),
             loads,
+            readers: Mutex::new(Readers::default()),
         })
     }
 
@@ -641,6 +654,12 @@ impl Docs {
                 .contains(&desired.namespace);
             changed |= model::set_privileged(doc, privileged)?;
         }
+        // Moved to counts per writer with a change that is stored anyway: their edits after
+        // it cost the same whatever the document's history.
+        let key = desired.key().to_string();
+        if changed && self.counts_read(&key) {
+            model::count_per_writer(doc, &key)?;
+        }
         Ok((existed, changed))
     }
 
@@ -861,6 +880,35 @@ impl Docs {
     pub fn forget_peer(&self, name: &str) {
         lock(&self.shared).retain(|(peer, _), _| peer != name);
     }
+
+    /// Records that a session with `peer` started (or, with `started` false, ended), and
+    /// whether it reads a document's generation with its counts per writer.
+    pub fn session_reads(&self, peer: &Identity, counts: bool, started: bool) {
+        let mut readers = lock(&self.readers);
+        let sessions = match (peer.role, counts) {
+            (Role::Edge, true) => readers.edges.entry(peer.name.clone()).or_default(),
+            (Role::Head, false) => &mut readers.older_heads,
+            _ => return,
+        };
+        *sessions = match started {
+            true => *sessions + 1,
+            false => sessions.saturating_sub(1),
+        };
+        if peer.role == Role::Edge && *sessions == 0 {
+            readers.edges.remove(&peer.name);
+        }
+    }
+
+    /// Whether every peer reading EdgeNode `key` reads its generation's counts per writer: on
+    /// a head, when its edge is connected with a session that does, and no head is connected
+    /// with one that does not.
+    fn counts_read(&self, key: &str) -> bool {
+        let Some(edge) = crate::key::edge_of(key) else {
+            return false;
+        };
+        let readers = lock(&self.readers);
+        self.scope == Scope::All && readers.older_heads == 0 && readers.edges.contains_key(edge)
+    }
 }
 
 #[cfg(test)]
@@ -896,6 +944,54 @@ mod tests {
             state: state.into(),
             ..PodState::default()
         }]
+    }
+
+    #[tokio::test]
+    async fn a_head_moves_a_document_to_counts_per_writer_once_all_its_readers_read_them() {
+        let key = "default/edge01";
+        let dir = tempfile::tempdir().unwrap();
+        let docs = head_docs(dir.path()).await;
+        let peer = |role, name: &str| Identity {
+            role,
+            name: name.into(),
+            key: Vec::new(),
+        };
+        let (edge, other_edge) = (peer(Role::Edge, "edge01"), peer(Role::Edge, "edge02"));
+        let older_head = peer(Role::Head, "head-b");
+        let edit = |image: &str| EXAMPLE.replace("image: nginx", &format!("image: {image}"));
+        let counts = async |docs: &Docs| {
+            let entry = docs.entry(key).unwrap();
+            let mut entry = entry.lock().await;
+            let doc = entry.doc();
+            let counts = automerge::ReadDoc::get(doc, automerge::ROOT, "generations").unwrap();
+            (counts.is_some(), doc.get_heads())
+        };
+        docs.apply_text(EXAMPLE, "default").await.unwrap();
+        // Not while its edge is not known to read them, nor while a head that does not is
+        // connected.
+        docs.session_reads(&other_edge, true, true);
+        docs.session_reads(&edge, false, true);
+        docs.apply_text(&edit("nginx:2"), "default").await.unwrap();
+        assert!(!counts(&docs).await.0);
+        docs.session_reads(&edge, true, true);
+        docs.session_reads(&older_head, false, true);
+        docs.apply_text(&edit("nginx:3"), "default").await.unwrap();
+        assert!(!counts(&docs).await.0);
+        // Nor with an apply that changes nothing.
+        docs.session_reads(&older_head, false, false);
+        let (_, heads) = counts(&docs).await;
+        docs.apply_text(&edit("nginx:3"), "default").await.unwrap();
+        assert_eq!(counts(&docs).await, (false, heads));
+        docs.apply_text(&edit("nginx:4"), "default").await.unwrap();
+        assert!(counts(&docs).await.0);
+        let (view, _) = docs.view(key).await.unwrap().unwrap();
+        assert_eq!(view.generation, 4);
+        // Stored with the edit: a restart reads them back.
+        drop(docs);
+        let docs = head_docs(dir.path()).await;
+        assert!(counts(&docs).await.0);
+        docs.apply_text(&edit("nginx:5"), "default").await.unwrap();
+        assert_eq!(docs.view(key).await.unwrap().unwrap().0.generation, 5);
     }
 
     #[tokio::test]

@@ -25,10 +25,15 @@ pub const ALPN_HELLO_VERSION: &[u8] = b"edgesync/1.1";
 /// The protocol of [`ALPN_HELLO_VERSION`], where sync messages may also go in the compact
 /// encoding ([`crate::sync::compact`]).
 pub const ALPN_COMPACT: &[u8] = b"edgesync/1.2";
+/// The protocol of [`ALPN_COMPACT`], spoken by builds that read a document's generation with
+/// its counts per writer ([`crate::model::count_per_writer`]): a head moves an EdgeNode's
+/// document to them only once its edge speaks this.
+pub const ALPN_COUNTS: &[u8] = b"edgesync/1.3";
 
 /// The protocols offered and accepted, the preferred first.
 pub fn alpn_protocols() -> Vec<Vec<u8>> {
     vec![
+        ALPN_COUNTS.to_vec(),
         ALPN_COMPACT.to_vec(),
         ALPN_HELLO_VERSION.to_vec(),
         ALPN.to_vec(),

@@ -110,7 +110,7 @@ fn version_completion_and_log_level_work_as_documented() {
         "edgesync ",
         "commit:",
         "build date:",
-        "wire:       version 1 (ALPN edgesync/1.2, edgesync/1.1, edgesync/1)",
+        "wire:       version 1 (ALPN edgesync/1.3, edgesync/1.2, edgesync/1.1, edgesync/1)",
     ] {
         assert!(text.contains(line), "{line:?} missing from:\n{text}");
     }

@@ -29,6 +29,13 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
         let token = std::fs::read_to_string(dir.path().join("head/state/join-token")).unwrap();
         let edge_config = EdgeConfig::for_test(&dir.path().join("edge"), "edge01", head.local_addr(), Some(token.trim().into()));
         let edge = Edge::start(edge_config.clone()).await.unwrap();
+        // Connected before the EdgeNodes are created, so that they count their edits per
+        // writer from the start (a document created before moves with its next edit, which
+        // carries the change that moves it).
+        wait_for("the edge connected", Duration::from_secs(20), || {
+            futures_lite(traffic(head.node(), "edge01")).filter(|t| t.2)
+        })
+        .await;
 
         let namespaces: Vec<String> = (0..20).map(|i| format!("ns{i}")).collect();
         let pods = [("web", "nginx"), ("db", "redis"), ("cache", "memcached"), ("queue", "rabbitmq"), ("api", "api:1")];
@@ -84,6 +91,102 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
             resync_bytes * 2 < full_copy as u64,
             "resync of 1 changed document in 20 sent {resync_bytes} B, a full copy is {full_copy} B"
         );
+        edge.shutdown().await;
+        head.shutdown().await;
+    })
+    .await;
+}
+
+/// Whether `node`'s document `key` has counts per writer, and its generation's counter.
+async fn counts_and_counter(node: &Node, key: &str) -> (bool, i64) {
+    use automerge::{ROOT, ReadDoc, ScalarValue, Value};
+    let entry = node.docs().sync_doc(key).unwrap();
+    let mut entry = entry.lock().await;
+    let doc = entry.doc();
+    let counts = doc.get(ROOT, "generations").unwrap().is_some();
+    let counter = match doc.get(ROOT, "generation").unwrap() {
+        Some((Value::Scalar(s), _)) => match s.as_ref() {
+            ScalarValue::Counter(c) => i64::from(c),
+            _ => -1,
+        },
+        _ => -1,
+    };
+    (counts, counter)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_count_per_writer_once_the_edge_reads_them_and_still_add_up() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let head = Head::start(HeadConfig::for_test(&dir.path().join("head")))
+            .await
+            .unwrap();
+        let token = std::fs::read_to_string(dir.path().join("head/state/join-token")).unwrap();
+        let edge_config = EdgeConfig::for_test(
+            &dir.path().join("edge"),
+            "edge01",
+            head.local_addr(),
+            Some(token.trim().into()),
+        );
+        let edge = Edge::start(edge_config.clone()).await.unwrap();
+        let key = "default/edge01";
+        wait_for("the edge connected", Duration::from_secs(20), || {
+            futures_lite(traffic(head.node(), "edge01")).filter(|t| t.2)
+        })
+        .await;
+        let apply = |node: &Node, image: &str| {
+            let text = edgenode("default", "edge01", &[("web", image)]);
+            let node = node.clone();
+            async move { node.docs().apply_text(&text, "default").await.unwrap() }
+        };
+        // Created on the head with its edge connected: moved to counts per writer at once.
+        apply(head.node(), "nginx:1").await;
+        wait_image(edge.node(), key, "nginx:1").await;
+        wait_reported(head.node(), key).await;
+        for image in ["nginx:2", "nginx:3"] {
+            apply(head.node(), image).await;
+            wait_image(edge.node(), key, image).await;
+            wait_reported(head.node(), key).await;
+        }
+        for node in [head.node(), edge.node()] {
+            assert_eq!(
+                counts_and_counter(node, key).await,
+                (true, 1),
+                "the counter bumped once, at creation"
+            );
+            assert_eq!(
+                node.docs().view(key).await.unwrap().unwrap().0.generation,
+                3
+            );
+        }
+        // An edit on the offline edge and one on the head add up when it is back.
+        edge.shutdown().await;
+        wait_for("head sees the edge gone", Duration::from_secs(30), || {
+            futures_lite(traffic(head.node(), "edge01")).filter(|t| !t.2)
+        })
+        .await;
+        apply(head.node(), "nginx:head").await;
+        let edge = Edge::start(EdgeConfig {
+            heads: Vec::new(),
+            ..edge_config.clone()
+        })
+        .await
+        .unwrap();
+        let offline = edgenode("default", "edge01", &[("web", "nginx:3"), ("db", "redis")]);
+        edge.node()
+            .docs()
+            .apply_text(&offline, "default")
+            .await
+            .unwrap();
+        edge.shutdown().await;
+        let edge = Edge::start(edge_config).await.unwrap();
+        wait_image(edge.node(), key, "nginx:head").await;
+        wait_reported(head.node(), key).await;
+        for node in [head.node(), edge.node()] {
+            let (view, _) = node.docs().view(key).await.unwrap().unwrap();
+            assert_eq!(view.generation, 5, "both edits counted");
+            assert!(view.pods.contains_key("db"), "the edge's edit kept");
+        }
         edge.shutdown().await;
         head.shutdown().await;
     })
