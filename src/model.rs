@@ -162,7 +162,7 @@ fn finish_spec_edit(doc: &mut AutoCommit) -> Result<bool, ModelError> {
         Some(counts) if scalar_int(doc, &ROOT, "generation")?.unwrap_or(0) > 0 => {
             let me = doc.get_actor().to_hex_string();
             let mine = scalar_int(doc, &counts, &me)?.unwrap_or(0);
-            doc.put(&counts, me, mine + 1)?;
+            doc.put(&counts, me, mine.saturating_add(1))?;
         }
         _ => doc.increment(ROOT, "generation", 1)?,
     }
@@ -297,7 +297,7 @@ fn write_status(
 }
 
 /// Whether the document holds a live EdgeNode: it was created (generation above 0) and is not
-/// deleted. Reads two fields, not the whole document.
+/// deleted. Reads its generation and tombstone, not the whole document.
 pub fn is_live(doc: &AutoCommit) -> Result<bool, ModelError> {
     Ok(generation(doc)? > 0 && !scalar_bool(doc, &ROOT, "deleted")?)
 }

@@ -90,14 +90,14 @@ pub struct Docs {
     readers: Mutex<Readers>,
 }
 
-/// Which peers connected now read a document's generation with its counts per writer
+/// Which peers read a document's generation with its counts per writer
 /// ([`model::count_per_writer`]): a head moves an EdgeNode's document to them only when its
 /// edge does and no head connected here does not.
 #[derive(Default)]
 struct Readers {
-    /// Sessions with each edge that read them.
-    edges: HashMap<String, u32>,
-    /// Sessions with heads that do not.
+    /// Edges whose last session here read them.
+    edges: BTreeSet<String>,
+    /// Sessions connected now with heads that do not.
     older_heads: u32,
 }
 
@@ -885,29 +885,28 @@ impl Docs {
     /// whether it reads a document's generation with its counts per writer.
     pub fn session_reads(&self, peer: &Identity, counts: bool, started: bool) {
         let mut readers = lock(&self.readers);
-        let sessions = match (peer.role, counts) {
-            (Role::Edge, true) => readers.edges.entry(peer.name.clone()).or_default(),
-            (Role::Head, false) => &mut readers.older_heads,
-            _ => return,
-        };
-        *sessions = match started {
-            true => *sessions + 1,
-            false => sessions.saturating_sub(1),
-        };
-        if peer.role == Role::Edge && *sessions == 0 {
-            readers.edges.remove(&peer.name);
+        match peer.role {
+            Role::Edge if started && counts => {
+                readers.edges.insert(peer.name.clone());
+            }
+            Role::Edge if started => {
+                readers.edges.remove(&peer.name);
+            }
+            Role::Head if !counts && started => readers.older_heads += 1,
+            Role::Head if !counts => readers.older_heads = readers.older_heads.saturating_sub(1),
+            _ => {}
         }
     }
 
     /// Whether every peer reading EdgeNode `key` reads its generation's counts per writer: on
-    /// a head, when its edge is connected with a session that does, and no head is connected
-    /// with one that does not.
+    /// a head, when its edge's last session here did, and no head is connected with one that
+    /// does not.
     fn counts_read(&self, key: &str) -> bool {
         let Some(edge) = crate::key::edge_of(key) else {
             return false;
         };
         let readers = lock(&self.readers);
-        self.scope == Scope::All && readers.older_heads == 0 && readers.edges.contains_key(edge)
+        self.scope == Scope::All && readers.older_heads == 0 && readers.edges.contains(edge)
     }
 }
 
