@@ -159,7 +159,7 @@ fn finish_spec_edit(doc: &mut AutoCommit) -> Result<bool, ModelError> {
         return Ok(false);
     }
     match counts_map(doc)? {
-        Some(counts) if scalar_int(doc, &ROOT, "generation")?.unwrap_or(0) > 0 => {
+        Some(counts) if counter(doc)? > 0 => {
             let me = doc.get_actor().to_hex_string();
             let mine = scalar_int(doc, &counts, &me)?.unwrap_or(0);
             doc.put(&counts, me, mine.saturating_add(1))?;
@@ -180,6 +180,18 @@ fn counts_map(doc: &AutoCommit) -> Result<Option<ObjId>, ModelError> {
 
 /// Where a document keeps its counts per writer.
 const COUNTS: &str = "generations";
+
+/// How many increments a document's counter has before it moves to counts per writer: up to
+/// here the increments cost Automerge little (a few µs per edit), while the move is a change
+/// more in the document, which cost a head 2 to 3 KiB of memory per idle edge when every
+/// EdgeNode of a fleet of 10,000 moved at its creation (2026-12-06, BENCHMARKS.md).
+pub const COUNTS_AFTER: i64 = 32;
+
+/// The document's generation counter: all of its generation that peers of earlier releases
+/// read.
+pub fn counter(doc: &AutoCommit) -> Result<i64, ModelError> {
+    Ok(scalar_int(doc, &ROOT, "generation")?.unwrap_or(0))
+}
 
 /// Moves document `key` to counts per writer, unless it has them: the map comes in a change
 /// every side makes the same (as the genesis change is, after which it comes), so two sides
@@ -203,9 +215,8 @@ pub fn count_per_writer(doc: &mut AutoCommit, key: &str) -> Result<bool, ModelEr
 
 /// A document's generation: its counter plus the counts per writer.
 fn generation(doc: &AutoCommit) -> Result<i64, ModelError> {
-    let counter = scalar_int(doc, &ROOT, "generation")?.unwrap_or(0);
     let counts = counts_map(doc)?.map_or(0, |counts| sum_counts(doc, &counts));
-    Ok(counter.saturating_add(counts))
+    Ok(counter(doc)?.saturating_add(counts))
 }
 
 /// The sum of the counts per writer in map `counts`.

@@ -654,10 +654,10 @@ impl Docs {
                 .contains(&desired.namespace);
             changed |= model::set_privileged(doc, privileged)?;
         }
-        // Moved to counts per writer with a change that is stored anyway: their edits after
-        // it cost the same whatever the document's history.
+        // Moved to counts per writer with a change that is stored anyway, once its counter
+        // has had enough increments: edits after it cost the same whatever its history.
         let key = desired.key().to_string();
-        if changed && self.counts_read(&key) {
+        if changed && model::counter(doc)? >= model::COUNTS_AFTER && self.counts_read(&key) {
             model::count_per_writer(doc, &key)?;
         }
         Ok((existed, changed))
@@ -965,32 +965,40 @@ mod tests {
             let counts = automerge::ReadDoc::get(doc, automerge::ROOT, "generations").unwrap();
             (counts.is_some(), doc.get_heads())
         };
-        docs.apply_text(EXAMPLE, "default").await.unwrap();
-        // Not while its edge is not known to read them, nor while a head that does not is
-        // connected.
+        let generation = async |docs: &Docs| docs.view(key).await.unwrap().unwrap().0.generation;
+        // Not while its counter has had few increments.
         docs.session_reads(&other_edge, true, true);
+        docs.session_reads(&edge, true, true);
+        docs.apply_text(EXAMPLE, "default").await.unwrap();
+        for i in 2..model::COUNTS_AFTER {
+            docs.apply_text(&edit(&format!("nginx:{i}")), "default")
+                .await
+                .unwrap();
+        }
+        assert!(!counts(&docs).await.0);
+        // Nor while its edge is not known to read them, nor while a head that does not is
+        // connected.
         docs.session_reads(&edge, false, true);
-        docs.apply_text(&edit("nginx:2"), "default").await.unwrap();
+        docs.apply_text(&edit("nginx:a"), "default").await.unwrap();
         assert!(!counts(&docs).await.0);
         docs.session_reads(&edge, true, true);
         docs.session_reads(&older_head, false, true);
-        docs.apply_text(&edit("nginx:3"), "default").await.unwrap();
+        docs.apply_text(&edit("nginx:b"), "default").await.unwrap();
         assert!(!counts(&docs).await.0);
         // Nor with an apply that changes nothing.
         docs.session_reads(&older_head, false, false);
         let (_, heads) = counts(&docs).await;
-        docs.apply_text(&edit("nginx:3"), "default").await.unwrap();
+        docs.apply_text(&edit("nginx:b"), "default").await.unwrap();
         assert_eq!(counts(&docs).await, (false, heads));
-        docs.apply_text(&edit("nginx:4"), "default").await.unwrap();
+        docs.apply_text(&edit("nginx:c"), "default").await.unwrap();
         assert!(counts(&docs).await.0);
-        let (view, _) = docs.view(key).await.unwrap().unwrap();
-        assert_eq!(view.generation, 4);
+        assert_eq!(generation(&docs).await, model::COUNTS_AFTER + 2);
         // Stored with the edit: a restart reads them back.
         drop(docs);
         let docs = head_docs(dir.path()).await;
         assert!(counts(&docs).await.0);
-        docs.apply_text(&edit("nginx:5"), "default").await.unwrap();
-        assert_eq!(docs.view(key).await.unwrap().unwrap().0.generation, 5);
+        docs.apply_text(&edit("nginx:d"), "default").await.unwrap();
+        assert_eq!(generation(&docs).await, model::COUNTS_AFTER + 3);
     }
 
     #[tokio::test]

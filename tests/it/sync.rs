@@ -4,6 +4,7 @@ use crate::harness::{edgenode, wait_for, within};
 use edgesync::config::{EdgeConfig, HeadConfig};
 use edgesync::edge::Edge;
 use edgesync::head::Head;
+use edgesync::model::COUNTS_AFTER;
 use edgesync::node::Node;
 use std::time::Duration;
 
@@ -29,13 +30,6 @@ async fn reconnect_sends_only_what_changed_and_a_one_field_edit_is_small() {
         let token = std::fs::read_to_string(dir.path().join("head/state/join-token")).unwrap();
         let edge_config = EdgeConfig::for_test(&dir.path().join("edge"), "edge01", head.local_addr(), Some(token.trim().into()));
         let edge = Edge::start(edge_config.clone()).await.unwrap();
-        // Connected before the EdgeNodes are created, so that they count their edits per
-        // writer from the start (a document created before moves with its next edit, which
-        // carries the change that moves it).
-        wait_for("the edge connected", Duration::from_secs(20), || {
-            futures_lite(traffic(head.node(), "edge01")).filter(|t| t.2)
-        })
-        .await;
 
         let namespaces: Vec<String> = (0..20).map(|i| format!("ns{i}")).collect();
         let pods = [("web", "nginx"), ("db", "redis"), ("cache", "memcached"), ("queue", "rabbitmq"), ("api", "api:1")];
@@ -139,24 +133,19 @@ async fn edits_count_per_writer_once_the_edge_reads_them_and_still_add_up() {
             let node = node.clone();
             async move { node.docs().apply_text(&text, "default").await.unwrap() }
         };
-        // Created on the head with its edge connected: moved to counts per writer at once.
-        apply(head.node(), "nginx:1").await;
-        wait_image(edge.node(), key, "nginx:1").await;
-        wait_reported(head.node(), key).await;
-        for image in ["nginx:2", "nginx:3"] {
-            apply(head.node(), image).await;
-            wait_image(edge.node(), key, image).await;
-            wait_reported(head.node(), key).await;
+        // Edited on the head with its edge connected: moved to counts per writer once its
+        // counter has had enough increments.
+        let edits = COUNTS_AFTER + 1;
+        for i in 1..=edits {
+            apply(head.node(), &format!("nginx:{i}")).await;
         }
+        wait_image(edge.node(), key, &format!("nginx:{edits}")).await;
+        wait_reported(head.node(), key).await;
         for node in [head.node(), edge.node()] {
-            assert_eq!(
-                counts_and_counter(node, key).await,
-                (true, 1),
-                "the counter bumped once, at creation"
-            );
+            assert_eq!(counts_and_counter(node, key).await, (true, COUNTS_AFTER));
             assert_eq!(
                 node.docs().view(key).await.unwrap().unwrap().0.generation,
-                3
+                edits
             );
         }
         // An edit on the offline edge and one on the head add up when it is back.
@@ -172,7 +161,8 @@ async fn edits_count_per_writer_once_the_edge_reads_them_and_still_add_up() {
         })
         .await
         .unwrap();
-        let offline = edgenode("default", "edge01", &[("web", "nginx:3"), ("db", "redis")]);
+        let current = format!("nginx:{edits}");
+        let offline = edgenode("default", "edge01", &[("web", &current), ("db", "redis")]);
         edge.node()
             .docs()
             .apply_text(&offline, "default")
@@ -184,7 +174,7 @@ async fn edits_count_per_writer_once_the_edge_reads_them_and_still_add_up() {
         wait_reported(head.node(), key).await;
         for node in [head.node(), edge.node()] {
             let (view, _) = node.docs().view(key).await.unwrap().unwrap();
-            assert_eq!(view.generation, 5, "both edits counted");
+            assert_eq!(view.generation, edits + 2, "both edits counted");
             assert!(view.pods.contains_key("db"), "the edge's edit kept");
         }
         edge.shutdown().await;
