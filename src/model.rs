@@ -587,12 +587,7 @@ pub fn read(doc: &AutoCommit, key: &str) -> Result<DocView, ModelError> {
         labels,
         pods,
         deleted: json["deleted"].as_bool().unwrap_or(false),
-        generation: json["generation"].as_i64().unwrap_or(0).saturating_add(
-            json[COUNTS].as_object().map_or(0, |counts| {
-                let counts = counts.values().filter_map(Value::as_i64);
-                counts.fold(0i64, i64::saturating_add)
-            }),
-        ),
+        generation: generation(doc)?,
         privileged: json["policy"]["privileged"].as_bool().unwrap_or(false),
         observed_generation: status["observedGeneration"].as_i64(),
         pod_states,

@@ -656,9 +656,11 @@ impl Docs {
         }
         // Moved to counts per writer with a change that is stored anyway, once its counter
         // has had enough increments: edits after it cost the same whatever its history.
-        let key = desired.key().to_string();
-        if changed && model::counter(doc)? >= model::COUNTS_AFTER && self.counts_read(&key) {
-            model::count_per_writer(doc, &key)?;
+        if changed && model::counter(doc)? >= model::COUNTS_AFTER {
+            let key = desired.key().to_string();
+            if self.counts_read(&key) {
+                model::count_per_writer(doc, &key)?;
+            }
         }
         Ok((existed, changed))
     }
