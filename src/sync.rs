@@ -405,6 +405,43 @@ mod tests {
             .unwrap()
     }
 
+    /// A running session, the token that ends it, and the halves of the stream the test plays
+    /// its peer over.
+    type TestSession = (
+        tokio::task::JoinHandle<Result<(), SessionError>>,
+        CancellationToken,
+        tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    );
+
+    /// A session of `here` with a head "head-b" that the test plays.
+    fn session_with_test_peer(here: &Node) -> TestSession {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let (recv, send) = tokio::io::split(ours);
+        let peer = Identity {
+            role: Role::Head,
+            name: "head-b".into(),
+            key: Vec::new(),
+        };
+        let address = PeerAddress {
+            seen: "test".into(),
+            reachable: [127, 0, 0, 1].into(),
+            version: None,
+        };
+        let shutdown = CancellationToken::new();
+        let session = tokio::spawn(run_session(
+            here.clone(),
+            peer,
+            address,
+            recv,
+            send,
+            Dialect::default(),
+            shutdown.clone(),
+        ));
+        let (rx, tx) = tokio::io::split(theirs);
+        (session, shutdown, rx, tx)
+    }
+
     /// A session with `here`, the test playing the peer from `source`'s documents: every sync
     /// message the session sends for a document of `source` is answered from `source`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,29 +457,7 @@ mod tests {
                     .await
                     .unwrap();
             }
-            let (ours, theirs) = tokio::io::duplex(1 << 16);
-            let (recv, send) = tokio::io::split(ours);
-            let peer = Identity {
-                role: Role::Head,
-                name: "head-b".into(),
-                key: Vec::new(),
-            };
-            let address = PeerAddress {
-                seen: "test".into(),
-                reachable: [127, 0, 0, 1].into(),
-                version: None,
-            };
-            let shutdown = CancellationToken::new();
-            let session = tokio::spawn(run_session(
-                here.clone(),
-                peer,
-                address,
-                recv,
-                send,
-                Dialect::default(),
-                shutdown.clone(),
-            ));
-            let (mut rx, mut tx) = tokio::io::split(theirs);
+            let (session, shutdown, mut rx, mut tx) = session_with_test_peer(&here);
             let mut states: HashMap<String, sync::State> = HashMap::new();
 
             // An undecodable message, a message claimed larger than any allowed, a good start.
@@ -539,29 +554,7 @@ mod tests {
                 .apply_text(&edgenode("slow"), "default")
                 .await
                 .unwrap();
-            let (ours, theirs) = tokio::io::duplex(1 << 16);
-            let (recv, send) = tokio::io::split(ours);
-            let peer = Identity {
-                role: Role::Head,
-                name: "head-b".into(),
-                key: Vec::new(),
-            };
-            let address = PeerAddress {
-                seen: "test".into(),
-                reachable: [127, 0, 0, 1].into(),
-                version: None,
-            };
-            let shutdown = CancellationToken::new();
-            let session = tokio::spawn(run_session(
-                here.clone(),
-                peer,
-                address,
-                recv,
-                send,
-                Dialect::default(),
-                shutdown.clone(),
-            ));
-            let (mut rx, mut tx) = tokio::io::split(theirs);
+            let (session, shutdown, mut rx, mut tx) = session_with_test_peer(&here);
             // What the session sends is read and dropped, so its writer never waits.
             tokio::spawn(
                 async move { while let Ok(Some(_)) = read_frame(&mut rx, MAX_FRAME).await {} },
