@@ -570,13 +570,13 @@ mod tests {
                 .sync()
                 .generate_sync_message(&mut theirs)
                 .unwrap();
-            let mut sync = empty.sync();
-            sync.receive_sync_message(&mut empty_state, first).unwrap();
-            let asked = sync.generate_sync_message(&mut empty_state).unwrap();
+            let mut asker = empty.sync();
+            asker.receive_sync_message(&mut empty_state, first).unwrap();
+            let asked = asker.generate_sync_message(&mut empty_state).unwrap();
             let message = {
-                let mut sync = entry.doc().sync();
-                sync.receive_sync_message(&mut theirs, asked).unwrap();
-                sync.generate_sync_message(&mut theirs).unwrap()
+                let mut answerer = entry.doc().sync();
+                answerer.receive_sync_message(&mut theirs, asked).unwrap();
+                answerer.generate_sync_message(&mut theirs).unwrap()
             };
             drop(entry);
             let frame = Frame::Sync {
