@@ -24,21 +24,16 @@ use wire::{Frame, WireError, read_frame};
 
 pub use session::SessionError;
 
-/// Frames read ahead of the session (each at most [`wire::MAX_FRAME`] bytes).
-const READ_AHEAD: usize = 4;
-
-/// A frame read, or why none could be. Queues hold them boxed: a queue keeps a block of 32
-/// slots for as long as it lives, in every session of a fleet.
-type Read = Box<Result<Frame, WireError>>;
-
 /// Runs the sync protocol with `peer` over one stream until it closes, the peer misbehaves or
 /// `shutdown` fires. The first frame (Hello) is already consumed by the caller on the accepting
 /// side; the dialing side sends its own Hello before calling this. `dialect`: what the
 /// connection negotiated (the compact encoding of sync messages, counts per writer).
 ///
-/// Reading, deciding and writing are separate tasks joined by queues: the session never blocks
-/// on a write, so two peers pushing many documents at each other cannot deadlock. The outgoing
-/// queue stays bounded by the protocol (at most one message in flight per document).
+/// Writing is a task of its own, fed by a queue: the session never blocks on a write, so two
+/// peers pushing many documents at each other cannot deadlock. The outgoing queue stays bounded
+/// by the protocol (at most one message in flight per document). The session reads the next
+/// frame itself, between its steps (QUIC holds what arrives meanwhile, within its flow control
+/// window): a reader task and its queue cost every connection of a fleet about a kilobyte.
 pub async fn run_session<R, W>(
     node: Node,
     peer: Identity,
@@ -72,8 +67,8 @@ where
         session: Session::new(peer.clone(), stored).compact(dialect.compact),
         out,
     };
-    let (frames_tx, mut frames) = mpsc::channel(READ_AHEAD);
-    let reader = tokio::spawn(read_frames(recv, frames_tx));
+    // The read under way, kept across the loop's turns (a frame half read is never lost).
+    let mut reading = Box::pin(next_frame(recv));
     let result = async {
         Box::pin(link.start()).await?;
         loop {
@@ -90,12 +85,15 @@ where
                     Ok(Err(e)) => Err(e.into()),
                     _ => Ok(()),
                 },
-                frame = frames.recv() => match frame.map(|read| *read) {
-                    None => return Ok(()),
-                    Some(Err(e)) => return Err(e.into()),
-                    // Boxed, like the other steps below: the session's task then keeps only
-                    // what waits between frames, not the largest step, for its whole life.
-                    Some(Ok(frame)) => Box::pin(link.on_frame(frame)).await?,
+                (recv, frame) = &mut reading => match frame {
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                    Ok(Some(frame)) => {
+                        reading.set(next_frame(recv));
+                        // Boxed, like the other steps below: the session's task then keeps
+                        // only what waits between frames, not the largest step, for its life.
+                        Box::pin(link.on_frame(frame)).await?
+                    }
                 },
                 keys = changes.next() => {
                     for key in keys {
@@ -107,7 +105,7 @@ where
         }
     }
     .await;
-    reader.abort();
+    drop(reading);
     let states = link.session.states();
     drop(link);
     Box::pin(end(&node, &peer, states, writer)).await;
@@ -133,19 +131,10 @@ async fn end(
     node.peers().disconnected(peer);
 }
 
-async fn read_frames<R: AsyncRead + Unpin>(mut recv: R, out: mpsc::Sender<Read>) {
-    loop {
-        let frame = read_frame(&mut recv, wire::MAX_FRAME).await;
-        let end = !matches!(frame, Ok(Some(_)));
-        let item = match frame {
-            Ok(Some(f)) => Ok(f),
-            Ok(None) => break,
-            Err(e) => Err(e),
-        };
-        if out.send(Box::new(item)).await.is_err() || end {
-            break;
-        }
-    }
+/// The next frame `recv` brings (None at its end), with `recv` back for the one after.
+async fn next_frame<R: AsyncRead + Unpin>(mut recv: R) -> (R, Result<Option<Frame>, WireError>) {
+    let frame = read_frame(&mut recv, wire::MAX_FRAME).await;
+    (recv, frame)
 }
 
 async fn write_frames<W: AsyncWrite + Unpin>(
@@ -542,7 +531,7 @@ mod tests {
     }
 
     /// A frame that arrives a byte at a time, while the session's other work (pushes of local
-    /// edits) goes on, is read whole.
+    /// edits) takes turns with its read, is read whole: the read under way is kept across turns.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_frame_read_across_other_work_arrives_whole() {
         tokio::time::timeout(Duration::from_secs(30), async {
