@@ -527,6 +527,15 @@ fn size_futex_hash(edges: usize) {
     let _ = unsafe { libc::prctl(PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) };
 }
 
+/// Has this process (and the threads it starts) run as `SCHED_BATCH`, as the edge's systemd
+/// unit runs `edgesync edge` (`CPUSchedulingPolicy=batch`): a thread woken does not preempt a
+/// running one. Where the call is refused the host runs as before.
+fn run_as_batch() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call, which only reads it.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+}
+
 /// Edges one process hosts, on its one thread: eight processes for 10,000 edges keep the two
 /// cores busy while some wait on an `fsync`. Each edge holds six open files, well within the
 /// hard limit of 20,000 these machines set (which root cannot raise here: no
@@ -1179,6 +1188,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // A host of edges runs them on one thread, as `edgesync edge` runs its one.
     let host = args.first().is_some_and(|a| a == "--host-edges");
+    if host {
+        run_as_batch();
+    }
     let mut runtime = match host {
         true => tokio::runtime::Builder::new_current_thread(),
         false => {
