@@ -531,6 +531,12 @@ fn size_futex_hash(edges: usize) {
 /// unit runs `edgesync edge` (`CPUSchedulingPolicy=batch`): a thread woken does not preempt a
 /// running one. Where the call is refused the host runs as before.
 fn run_as_batch() {
+    let unit = include_str!("../systemd/edgesync-edge.service");
+    assert!(
+        unit.lines()
+            .any(|l| l.trim() == "CPUSchedulingPolicy=batch"),
+        "the edge's unit no longer runs it as batch work: the fleet's hosts must run as it does"
+    );
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call, which only reads it.
     let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
